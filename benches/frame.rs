@@ -1,0 +1,2 @@
+//! Placeholder: the frame benches land with the load-test issue.
+fn main() {}

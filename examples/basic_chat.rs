@@ -1,0 +1,315 @@
+//! A chat server: rooms `general` and `random`, plus a private topic per user.
+//!
+//! ```sh
+//! cargo run --release --example basic_chat
+//! ```
+//!
+//! Environment: `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (unset: in-process broker,
+//! one instance; set: instances share rooms through Redis), `SHARDS` (default: available
+//! parallelism), `RUST_LOG`.
+//!
+//! Protocol:
+//! - `GET /ws/{topic}?token=<uuid>:<name>` (or `Authorization: Bearer <uuid>:<name>`): 401 without
+//!   a valid token; topics `general`, `random` and `private-user-<own uuid>`; someone else's private
+//!   topic is 403, anything else 404.
+//! - `{"SendMessage":{"room":R,"text":T}}` → every subscriber of `R` receives
+//!   `{"NewMessage":{"room":R,"username":<name>,"text":T}}`; `R` must be the connection's topic.
+//! - `"Ping"` → `"Pong"` to the sender alone. Errors: `{"type":"error","message":…}`.
+//! - `GET /health` → `OK`; `GET /ready` → 200 while the broker is live, else 503.
+//! - SIGTERM or Ctrl-C: every client gets close 1001, then the process exits 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum_realtime_kit::prelude::*;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The user a token names: `<uuid>:<name>`.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Stable id; the private topic is `private-user-<id>`.
+    pub id: Uuid,
+    /// Display name, shown as `username` in messages.
+    pub name: String,
+}
+
+/// What clients send.
+#[derive(Debug, Deserialize)]
+pub enum ClientMessage {
+    /// Post `text` to `room` (the connection's topic).
+    SendMessage {
+        /// Target room; must equal the connection's topic.
+        room: String,
+        /// Message text.
+        text: String,
+    },
+    /// Answered with `"Pong"` to the sender alone.
+    Ping,
+}
+
+/// What the server sends.
+#[derive(Debug, Serialize)]
+pub enum ServerEvent {
+    /// A chat message, broadcast to the room.
+    NewMessage {
+        /// The room it was posted to.
+        room: String,
+        /// The sender's name.
+        username: String,
+        /// The text.
+        text: String,
+    },
+    /// The answer to `Ping`.
+    Pong,
+}
+
+/// Application state: token checks. A real application would keep its database pool here.
+#[derive(Debug, Clone, Default)]
+pub struct AppState;
+
+/// Why a token was refused.
+#[derive(Debug)]
+pub struct AuthError(&'static str);
+
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for AuthError {}
+
+#[async_trait]
+impl TokenValidator for AppState {
+    type User = User;
+    type Error = AuthError;
+
+    async fn validate_token(&self, token: &str) -> Result<User, AuthError> {
+        let (id, name) = token
+            .split_once(':')
+            .ok_or(AuthError("token must be <uuid>:<name>"))?;
+        let id = Uuid::parse_str(id).map_err(|_| AuthError("token id is not a UUID"))?;
+        if name.is_empty() {
+            return Err(AuthError("token has an empty name"));
+        }
+        Ok(User {
+            id,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The chat logic.
+#[derive(Debug)]
+pub struct ChatHandler;
+
+#[async_trait]
+impl MessageHandler for ChatHandler {
+    type ClientMessage = ClientMessage;
+    type ServerEvent = ServerEvent;
+    type AppState = AppState;
+    type UserId = User;
+
+    async fn handle_direct_message(
+        &self,
+        msg: &ClientMessage,
+        _ctx: &ConnectionContext<AppState, User>,
+    ) -> Result<Option<serde_json::Value>, HandlerError> {
+        match msg {
+            ClientMessage::Ping => Ok(Some(serde_json::to_value(ServerEvent::Pong)?)),
+            ClientMessage::SendMessage { .. } => Ok(None),
+        }
+    }
+
+    async fn handle_broadcast_message(
+        &self,
+        msg: ClientMessage,
+        ctx: &ConnectionContext<AppState, User>,
+    ) -> Result<Option<ServerEvent>, HandlerError> {
+        match msg {
+            ClientMessage::SendMessage { room, text } => {
+                if room != ctx.topic {
+                    return Err(HandlerError::Custom(
+                        StatusCode::BAD_REQUEST,
+                        Some(format!(
+                            "Cannot send to room '{room}' from topic '{}'",
+                            ctx.topic
+                        )),
+                    ));
+                }
+                Ok(Some(ServerEvent::NewMessage {
+                    room,
+                    username: ctx.user_id.name.clone(),
+                    text,
+                }))
+            }
+            ClientMessage::Ping => Ok(None),
+        }
+    }
+}
+
+/// Who may open which topic.
+async fn validate_topic(
+    _state: Arc<AppState>,
+    user: User,
+    topic: String,
+) -> Result<(), StatusCode> {
+    if topic == "general" || topic == "random" {
+        return Ok(());
+    }
+    if let Some(owner) = topic.strip_prefix("private-user-") {
+        return if owner == user.id.to_string() {
+            Ok(())
+        } else {
+            Err(StatusCode::FORBIDDEN)
+        };
+    }
+    Err(StatusCode::NOT_FOUND)
+}
+
+/// The router's state: the token check and the service.
+#[derive(Debug, Clone)]
+pub struct ServerState {
+    app_state: Arc<AppState>,
+    service: Arc<WebsocketService<ChatHandler>>,
+}
+
+#[async_trait]
+impl TokenValidator for ServerState {
+    type User = User;
+    type Error = AuthError;
+
+    async fn validate_token(&self, token: &str) -> Result<User, AuthError> {
+        self.app_state.validate_token(token).await
+    }
+}
+
+/// Builds the chat service: the in-process broker without `redis_url`.
+pub fn chat_service(
+    redis_url: Option<String>,
+    shards: Option<usize>,
+) -> Arc<WebsocketService<ChatHandler>> {
+    let mut builder =
+        WebsocketService::builder(ChatHandler, Arc::new(AppState)).redis_url(redis_url);
+    if let Some(n) = shards {
+        builder = builder.shards(n);
+    }
+    builder.build()
+}
+
+/// The chat routes.
+pub fn chat_router(service: Arc<WebsocketService<ChatHandler>>) -> Router {
+    let state = ServerState {
+        app_state: service.app_state().clone(),
+        service,
+    };
+    Router::new()
+        .route("/ws/{topic}", get(ws_route))
+        .route("/health", get(|| async { "OK" }))
+        .route("/ready", get(ready))
+        .with_state(state)
+}
+
+async fn ws_route(
+    ws: WebSocketUpgrade,
+    State(state): State<ServerState>,
+    Path(topic): Path<String>,
+    WsAuth(user): WsAuth<User>,
+) -> axum::response::Response {
+    upgrade_handler(ws, State(state.service), user, topic, validate_topic).await
+}
+
+async fn ready(State(state): State<ServerState>) -> impl IntoResponse {
+    if state.service.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "basic_chat=info,axum_realtime_kit=info".into()),
+        )
+        .init();
+
+    let addr: SocketAddr = match std::env::var("BIND_ADDR") {
+        Ok(a) => a.parse().unwrap_or_else(|e| {
+            eprintln!("BIND_ADDR={a:?} is not an address: {e}");
+            std::process::exit(2);
+        }),
+        Err(_) => SocketAddr::from(([127, 0, 0, 1], 3000)),
+    };
+    let shards = match std::env::var("SHARDS") {
+        Ok(s) => match s.parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                eprintln!("SHARDS={s:?} must be a positive integer");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => None,
+    };
+    let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
+    if redis_url.is_none() {
+        tracing::info!("REDIS_URL not set: using the in-process broker (single instance)");
+    }
+
+    let service = chat_service(redis_url, shards);
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot bind {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    tracing::info!(%addr, shards = service.shard_count(), "basic_chat listening");
+
+    let for_shutdown = service.clone();
+    let served = axum::serve(listener, chat_router(service))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: closing every connection with 1001");
+            for_shutdown.shutdown().await;
+        })
+        .await;
+    if let Err(e) = served {
+        eprintln!("server error: {e}");
+        std::process::exit(1);
+    }
+}

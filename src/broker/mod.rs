@@ -1,0 +1,89 @@
+//! The broker seam: where published messages go, and where delivered ones come from.
+//!
+//! A broker has two jobs. `publish` hands one payload for one topic to every instance (this one
+//! included). Delivery flows the other way: the broker feeds each message it receives, in its own
+//! order, into the instance's [`Dispatcher`](crate::shard::Dispatcher) channel. Which topics an
+//! instance needs is told to the broker through [`TopicInterest`](crate::shard::TopicInterest)
+//! when a topic gains its first or loses its last local subscriber.
+//!
+//! [`BrokerHandle`] is an enum rather than a trait object: there are few kinds, and the publish
+//! path then needs no boxing.
+
+pub(crate) mod local;
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::shard::TopicInterest;
+
+/// Why a publish failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The event could not be serialized to JSON.
+    Serialize(serde_json::Error),
+    /// The broker is unreachable or refused the message.
+    Unavailable(String),
+    /// The broker did not confirm within the publish timeout.
+    Timeout,
+    /// The service is shutting down.
+    Closed,
+}
+
+impl PublishError {
+    /// Whether the failure is transient (broker down, slow or restarting), so a retry may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Timeout)
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Serialize(e) => write!(f, "event serialization failed: {e}"),
+            Self::Unavailable(e) => write!(f, "broker unavailable: {e}"),
+            Self::Timeout => f.write_str("broker did not confirm the publish in time"),
+            Self::Closed => f.write_str("service is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Serialize(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The broker an instance runs with.
+#[derive(Debug, Clone)]
+pub(crate) enum BrokerHandle {
+    Local(local::LocalBroker),
+}
+
+impl BrokerHandle {
+    /// Publishes `payload` verbatim on `topic`.
+    pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+        match self {
+            Self::Local(b) => b.publish(topic, payload).await,
+        }
+    }
+
+    /// Whether the broker connection is up (always true in-process).
+    pub(crate) fn is_live(&self) -> bool {
+        match self {
+            Self::Local(_) => true,
+        }
+    }
+
+    /// The hook the shards call when a topic appears or disappears locally.
+    pub(crate) fn interest(&self) -> Arc<dyn TopicInterest> {
+        match self {
+            Self::Local(_) => Arc::new(local::NoInterest),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! One connection's life: subscribe, `on_connect`, read and dispatch messages, close, clean up,
+//! `on_disconnect`.
+//!
+//! Two tasks serve a connection. This one reads: it parses frames, answers pings, runs the
+//! handler, and owns the lifecycle. The writer ([`outbound::run_writer`]) owns the socket's write
+//! half and drains the outbound queue. They share only the [`Conn`].
+//!
+//! Whatever ends the connection — the client's close, a dropped TCP connection, a protocol
+//! violation, the slow-consumer policy, shutdown, a panicking handler — the same tail runs once:
+//! leave the shard, stop the writer, call `on_disconnect`.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWrite, ReadHalf};
+use tokio::net::tcp::OwnedReadHalf;
+use tracing::Instrument;
+
+use crate::frame::{self, FrameParser, Message, MessageAssembler, OpCode, close_code};
+use crate::outbound::{self, Conn};
+use crate::sink::WsSink;
+use crate::ws::handler::{ConnectionContext, MessageHandler};
+use crate::ws::service::WebsocketService;
+
+/// Size of one read when the buffer is empty.
+const READ_CHUNK: usize = 4096;
+
+/// The read half of an upgraded connection.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A TCP stream (the usual case under `axum::serve`).
+    Tcp(OwnedReadHalf),
+    /// Any other IO hyper upgraded.
+    Other(ReadHalf<TokioIo<Upgraded>>),
+}
+
+impl Inbound {
+    /// Reads what is available into `buf`; `Ok(0)` is end of stream.
+    ///
+    /// For TCP the buffer is only allocated once the socket is readable, so an idle connection
+    /// holds no read buffer at all.
+    async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(r) => loop {
+                r.readable().await?;
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                match r.try_read_buf(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            },
+            Self::Other(r) => {
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                r.read_buf(buf).await
+            }
+        }
+    }
+}
+
+/// Why the read loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client sent a close frame; ours is queued in reply.
+    ClientClosed,
+    /// The TCP stream ended or failed.
+    Eof,
+    /// We queued a close (violation, slow consumer, shutdown, sink close): wait for the reply.
+    ServerClosed,
+}
+
+/// Runs the connection to its end. Spawned once per upgraded connection.
+pub(crate) async fn run<H, W>(
+    service: Arc<WebsocketService<H>>,
+    mut inbound: Inbound,
+    pre_read: Bytes,
+    write: W,
+    topic: String,
+    user_id: H::UserId,
+) where
+    H: MessageHandler,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let rt = &service.runtime;
+    let conn = rt.new_conn();
+    let span = tracing::debug_span!("ws", conn_id = %conn.id, topic = %topic);
+    rt.connection_opened();
+    let writer = tokio::spawn(outbound::run_writer(
+        conn.clone(),
+        write,
+        rt.config.write_delay,
+    ));
+
+    async {
+        let ctx = ConnectionContext {
+            conn_id: conn.id,
+            user_id,
+            topic,
+            app_state: service.app_state.clone(),
+            sink: WsSink::new(conn.clone()),
+        };
+        let subscribed = rt.subscribe(&conn, Arc::from(ctx.topic.as_str())).await;
+        if !subscribed || rt.is_shutting_down() {
+            conn.close(close_code::GOING_AWAY, "server shutting down", true);
+        }
+        // Invariant 6: on_connect runs after the subscription is in place.
+        if AssertUnwindSafe(service.handler.on_connect(&ctx))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!("on_connect panicked");
+            conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+        }
+
+        let mut buf = BytesMut::from(&pre_read[..]);
+        let end = read_loop(&service, &conn, &ctx, &mut inbound, &mut buf).await;
+        tracing::debug!(?end, "connection ending");
+
+        match end {
+            End::ServerClosed => {
+                // Read until the client's close or EOF so unread input does not turn our close
+                // into a reset, but no longer than the close timeout.
+                let _ = tokio::time::timeout(
+                    rt.config.close_timeout,
+                    drain_until_close(&mut inbound, &mut buf),
+                )
+                .await;
+            }
+            End::Eof => conn.fail(),
+            End::ClientClosed => {}
+        }
+        drop(inbound);
+        let mut writer = writer;
+        if tokio::time::timeout(rt.config.close_timeout, &mut writer)
+            .await
+            .is_err()
+        {
+            // The client stopped reading: its close cannot be delivered. Drop the socket.
+            writer.abort();
+        }
+        rt.remove(&conn).await;
+        // Invariant 6: on_disconnect runs exactly once, here, whatever ended the connection.
+        if AssertUnwindSafe(service.handler.on_disconnect(&ctx))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!("on_disconnect panicked");
+        }
+    }
+    .instrument(span)
+    .await;
+    rt.connection_closed();
+}
+
+/// Reads and handles frames until the connection must end.
+async fn read_loop<H: MessageHandler>(
+    service: &WebsocketService<H>,
+    conn: &Conn,
+    ctx: &ConnectionContext<H::AppState, H::UserId>,
+    inbound: &mut Inbound,
+    buf: &mut BytesMut,
+) -> End {
+    let max = service.runtime.config.max_message_size;
+    let parser = FrameParser::new(max);
+    let mut assembler = MessageAssembler::new(max);
+    loop {
+        let frame = match parser.parse(buf) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                if buf.is_empty() {
+                    // Nothing pending: give the buffer back while we wait.
+                    *buf = BytesMut::new();
+                }
+                tokio::select! {
+                    biased;
+                    _ = conn.ended() => return End::ServerClosed,
+                    read = inbound.read_some(buf) => match read {
+                        Ok(0) | Err(_) => return End::Eof,
+                        Ok(_) => continue,
+                    },
+                }
+            }
+            Err(e) => return violation(service, conn, e),
+        };
+        match frame.opcode {
+            OpCode::Ping => conn.push_control(frame::encode(OpCode::Pong, &frame.payload)),
+            OpCode::Pong => {}
+            OpCode::Close => {
+                return match frame::parse_close_payload(&frame.payload) {
+                    Ok(code) => {
+                        conn.close(code.unwrap_or(close_code::NORMAL), "", true);
+                        End::ClientClosed
+                    }
+                    Err(e) => violation(service, conn, e),
+                };
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => match assembler.push(frame) {
+                Ok(None) => {}
+                Ok(Some(Message::Text(mut text))) => {
+                    service.runtime.metrics.message_in();
+                    let handled = AssertUnwindSafe(handle_text(service, ctx, &mut text))
+                        .catch_unwind()
+                        .await;
+                    if handled.is_err() {
+                        tracing::error!("message handler panicked");
+                        conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+                        return End::ServerClosed;
+                    }
+                }
+                Ok(Some(Message::Binary)) => {
+                    service.runtime.metrics.message_in();
+                    send_error(ctx, "Binary messages are not supported; send JSON text");
+                }
+                Err(e) => return violation(service, conn, e),
+            },
+        }
+        if conn.is_ending() {
+            return End::ServerClosed;
+        }
+    }
+}
+
+fn violation<H: MessageHandler>(
+    service: &WebsocketService<H>,
+    conn: &Conn,
+    e: frame::ProtocolError,
+) -> End {
+    tracing::debug!(code = e.code, reason = e.reason, "protocol violation");
+    service.runtime.metrics.protocol_error();
+    conn.close(e.code, e.reason, false);
+    End::ServerClosed
+}
+
+/// Parses one text message and routes it: direct handler first, broadcast on `Ok(None)`.
+async fn handle_text<H: MessageHandler>(
+    service: &WebsocketService<H>,
+    ctx: &ConnectionContext<H::AppState, H::UserId>,
+    text: &mut [u8],
+) {
+    // simd-json parses in place: the message buffer is ours and is dropped afterwards.
+    let msg: H::ClientMessage = match simd_json::serde::from_slice(text) {
+        Ok(msg) => msg,
+        Err(e) => {
+            send_error(ctx, &format!("Invalid message format: {e}"));
+            return;
+        }
+    };
+    let handler = &service.handler;
+    match handler.handle_direct_message(&msg, ctx).await {
+        Ok(Some(reply)) => {
+            let _ = ctx.sink.send_json(&reply);
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            send_error(ctx, &e.client_message());
+            return;
+        }
+    }
+    match handler.handle_broadcast_message(msg, ctx).await {
+        Ok(Some(event)) => {
+            let published = match serde_json::to_vec(&event) {
+                Ok(json) => service.runtime.publish(&ctx.topic, Bytes::from(json)).await,
+                Err(e) => Err(crate::broker::PublishError::Serialize(e)),
+            };
+            if let Err(e) = published {
+                tracing::warn!(error = %e, "publish failed");
+                send_error(ctx, &format!("Failed to broadcast event: {e}"));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => send_error(ctx, &e.client_message()),
+    }
+}
+
+/// Sends `{"type":"error","message":…}` to this connection alone.
+fn send_error<S: Send + Sync, U: Send + Sync>(ctx: &ConnectionContext<S, U>, message: &str) {
+    let _ = ctx.sink.send_json(&serde_json::json!({
+        "type": "error",
+        "message": message,
+    }));
+}
+
+/// After we sent a close: skip input, frame by frame and without buffering payloads, until the
+/// client's close frame or EOF. Reading it all keeps unread input from turning our close into a
+/// TCP reset that could destroy the close frame before the client reads it.
+async fn drain_until_close(inbound: &mut Inbound, buf: &mut BytesMut) {
+    let mut skip: u64 = 0;
+    loop {
+        if skip > 0 {
+            let n = skip.min(buf.len() as u64) as usize;
+            buf.advance(n);
+            skip -= n as u64;
+        }
+        if skip == 0 {
+            match frame::peek_extent(buf) {
+                Some((0x8, _)) => return,
+                Some((_, total)) => {
+                    skip = total;
+                    continue;
+                }
+                None => {}
+            }
+        }
+        if buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        match inbound.read_some(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! The WebSocket frame codec (RFC 6455 §5), server side.
+//!
+//! Outbound frames are encoded **once** into a single [`Bytes`] holding header and payload, so the
+//! same buffer can be handed to every subscriber of a topic (a refcount bump each, never a copy).
+//! Server frames are never masked.
+//!
+//! Inbound frames are parsed by [`FrameParser`], which enforces what fastwebsockets 0.10 does not:
+//! client frames must be masked, control frames must be final and at most 125 bytes, reserved bits
+//! and opcodes are rejected, and a frame larger than the configured limit is refused from its
+//! header alone, before any of its payload is buffered.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Frame opcodes (RFC 6455 §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpCode {
+    Continuation,
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+}
+
+impl OpCode {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0x0 => Self::Continuation,
+            0x1 => Self::Text,
+            0x2 => Self::Binary,
+            0x8 => Self::Close,
+            0x9 => Self::Ping,
+            0xA => Self::Pong,
+            _ => return None,
+        })
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Self::Continuation => 0x0,
+            Self::Text => 0x1,
+            Self::Binary => 0x2,
+            Self::Close => 0x8,
+            Self::Ping => 0x9,
+            Self::Pong => 0xA,
+        }
+    }
+
+    pub(crate) fn is_control(self) -> bool {
+        matches!(self, Self::Close | Self::Ping | Self::Pong)
+    }
+}
+
+/// Close status codes used by the server (RFC 6455 §7.4.1).
+pub(crate) mod close_code {
+    pub(crate) const NORMAL: u16 = 1000;
+    pub(crate) const GOING_AWAY: u16 = 1001;
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
+    pub(crate) const INVALID_PAYLOAD: u16 = 1007;
+    pub(crate) const POLICY_VIOLATION: u16 = 1008;
+    pub(crate) const TOO_BIG: u16 = 1009;
+    pub(crate) const INTERNAL_ERROR: u16 = 1011;
+}
+
+/// Largest header a server frame needs: 2 bytes + 8 bytes of extended length.
+const MAX_HEADER: usize = 10;
+
+/// Writes the header of an unmasked, final frame of `len` payload bytes.
+fn put_header(buf: &mut BytesMut, opcode: OpCode, len: usize) {
+    buf.put_u8(0x80 | opcode.as_u8());
+    if len < 126 {
+        buf.put_u8(len as u8);
+    } else if len <= u16::MAX as usize {
+        buf.put_u8(126);
+        buf.put_u16(len as u16);
+    } else {
+        buf.put_u8(127);
+        buf.put_u64(len as u64);
+    }
+}
+
+/// Encodes one complete, final, unmasked frame: header and payload in one contiguous buffer.
+pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(MAX_HEADER + payload.len());
+    put_header(&mut buf, opcode, payload.len());
+    buf.extend_from_slice(payload);
+    buf.freeze()
+}
+
+/// Encodes a text frame. The caller guarantees `payload` is UTF-8 (JSON text, a Redis payload the
+/// application published as text).
+pub(crate) fn encode_text(payload: &[u8]) -> Bytes {
+    encode(OpCode::Text, payload)
+}
+
+/// Encodes a close frame with a status code and a reason, cut to fit the 125-byte control limit
+/// on a character boundary.
+pub(crate) fn encode_close(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    encode(OpCode::Close, &payload)
+}
+
+/// XORs `data` with the 4-byte masking key, eight bytes at a time.
+pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes(chunk.try_into().expect("chunk of 8")) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    // The tail starts at a multiple of 8, so its key phase is 0 again.
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i & 3];
+    }
+}
+
+/// A protocol failure, carrying the close code the server answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProtocolError {
+    pub(crate) code: u16,
+    pub(crate) reason: &'static str,
+}
+
+impl ProtocolError {
+    const fn new(code: u16, reason: &'static str) -> Self {
+        Self { code, reason }
+    }
+}
+
+/// One parsed, unmasked frame.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub(crate) fin: bool,
+    pub(crate) opcode: OpCode,
+    pub(crate) payload: BytesMut,
+}
+
+/// Parses client frames out of a read buffer.
+#[derive(Debug)]
+pub(crate) struct FrameParser {
+    /// Largest payload accepted in one frame.
+    max_frame: usize,
+}
+
+impl FrameParser {
+    pub(crate) fn new(max_frame: usize) -> Self {
+        Self { max_frame }
+    }
+
+    /// Takes one complete frame off the front of `buf`.
+    ///
+    /// `Ok(None)` means more bytes are needed; nothing is consumed until a whole frame is there.
+    /// Errors are decided from the header alone, so an oversized or malformed frame is refused
+    /// without buffering its payload.
+    pub(crate) fn parse(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        if buf.len() < 2 {
+            return Ok(None);
+        }
+        let b0 = buf[0];
+        let b1 = buf[1];
+        let fin = b0 & 0x80 != 0;
+        if b0 & 0x70 != 0 {
+            return Err(ProtocolError::new(
+                close_code::PROTOCOL_ERROR,
+                "reserved bits set without a negotiated extension",
+            ));
+        }
+        let opcode = OpCode::from_u8(b0 & 0x0F).ok_or(ProtocolError::new(
+            close_code::PROTOCOL_ERROR,
+            "reserved opcode",
+        ))?;
+        if b1 & 0x80 == 0 {
+            return Err(ProtocolError::new(
+                close_code::PROTOCOL_ERROR,
+                "client frames must be masked",
+            ));
+        }
+        let (len, len_bytes) = match b1 & 0x7F {
+            126 => {
+                if buf.len() < 4 {
+                    return Ok(None);
+                }
+                (u16::from_be_bytes([buf[2], buf[3]]) as u64, 2)
+            }
+            127 => {
+                if buf.len() < 10 {
+                    return Ok(None);
+                }
+                let len = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+                if len >> 63 != 0 {
+                    return Err(ProtocolError::new(
+                        close_code::PROTOCOL_ERROR,
+                        "payload length has its top bit set",
+                    ));
+                }
+                (len, 8)
+            }
+            n => (n as u64, 0),
+        };
+        if opcode.is_control() {
+            if !fin {
+                return Err(ProtocolError::new(
+                    close_code::PROTOCOL_ERROR,
+                    "fragmented control frame",
+                ));
+            }
+            if len > 125 {
+                return Err(ProtocolError::new(
+                    close_code::PROTOCOL_ERROR,
+                    "control frame payload over 125 bytes",
+                ));
+            }
+        }
+        if len > self.max_frame as u64 {
+            return Err(ProtocolError::new(close_code::TOO_BIG, "message too big"));
+        }
+        let len = len as usize;
+        let header = 2 + len_bytes + 4;
+        if buf.len() < header + len {
+            // Reserve room for the rest of this frame plus the next header, so the next read can
+            // complete it in one syscall.
+            buf.reserve(header + len - buf.len() + MAX_HEADER);
+            return Ok(None);
+        }
+        let key: [u8; 4] = buf[header - 4..header].try_into().expect("4 bytes");
+        buf.advance(header);
+        let mut payload = buf.split_to(len);
+        apply_mask(&mut payload, key);
+        Ok(Some(Frame {
+            fin,
+            opcode,
+            payload,
+        }))
+    }
+}
+
+/// The opcode bits and total size (header + payload) of the frame starting `buf`, from its header
+/// alone and without any validation; `None` until the header is complete. Used to skip input
+/// after the server has closed.
+pub(crate) fn peek_extent(buf: &[u8]) -> Option<(u8, u64)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
+    let (len, ext) = match buf[1] & 0x7F {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64,
+            2,
+        ),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
+        n => (n as u64, 0),
+    };
+    Some((buf[0] & 0x0F, (2 + ext + mask) as u64 + len))
+}
+
+/// Validates a received close payload and returns the status code to echo.
+///
+/// RFC 6455 §5.5.1 and §7.4: a body of one byte, a code that may not be sent on the wire, or a reason
+/// that is not UTF-8 are protocol failures.
+pub(crate) fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, ProtocolError> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(ProtocolError::new(
+            close_code::PROTOCOL_ERROR,
+            "close frame with a one-byte body",
+        )),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            if !valid {
+                return Err(ProtocolError::new(
+                    close_code::PROTOCOL_ERROR,
+                    "invalid close code",
+                ));
+            }
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                return Err(ProtocolError::new(
+                    close_code::INVALID_PAYLOAD,
+                    "close reason is not UTF-8",
+                ));
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// Reassembles fragmented messages under a total size cap.
+#[derive(Debug)]
+pub(crate) struct MessageAssembler {
+    max_message: usize,
+    /// Opcode and collected payload of the message in progress, if any.
+    partial: Option<(OpCode, BytesMut)>,
+}
+
+/// A complete data message.
+#[derive(Debug)]
+pub(crate) enum Message {
+    /// Text, already checked to be UTF-8.
+    Text(BytesMut),
+    /// Binary data: not parsed by the runtime, so only its arrival is reported.
+    Binary,
+}
+
+impl MessageAssembler {
+    pub(crate) fn new(max_message: usize) -> Self {
+        Self {
+            max_message,
+            partial: None,
+        }
+    }
+
+    /// Feeds one data frame (text, binary or continuation). Returns a message once it is complete.
+    pub(crate) fn push(&mut self, frame: Frame) -> Result<Option<Message>, ProtocolError> {
+        let Frame {
+            fin,
+            opcode,
+            payload,
+        } = frame;
+        let (kind, data) = match (opcode, self.partial.take()) {
+            (OpCode::Continuation, None) => {
+                return Err(ProtocolError::new(
+                    close_code::PROTOCOL_ERROR,
+                    "continuation frame without a message to continue",
+                ));
+            }
+            (OpCode::Continuation, Some((kind, mut data))) => {
+                if data.len() + payload.len() > self.max_message {
+                    return Err(ProtocolError::new(
+                        close_code::TOO_BIG,
+                        "fragmented message too big",
+                    ));
+                }
+                data.extend_from_slice(&payload);
+                (kind, data)
+            }
+            (_, Some(_)) => {
+                return Err(ProtocolError::new(
+                    close_code::PROTOCOL_ERROR,
+                    "new data frame inside a fragmented message",
+                ));
+            }
+            (kind, None) => (kind, payload),
+        };
+        if !fin {
+            self.partial = Some((kind, data));
+            return Ok(None);
+        }
+        match kind {
+            OpCode::Text => {
+                if std::str::from_utf8(&data).is_ok() {
+                    Ok(Some(Message::Text(data)))
+                } else {
+                    Err(ProtocolError::new(
+                        close_code::INVALID_PAYLOAD,
+                        "text message is not valid UTF-8",
+                    ))
+                }
+            }
+            _ => Ok(Some(Message::Binary)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u8(if fin { 0x80 } else { 0 } | opcode);
+        let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+        if payload.len() < 126 {
+            buf.put_u8(mask_bit | payload.len() as u8);
+        } else if payload.len() <= 0xFFFF {
+            buf.put_u8(mask_bit | 126);
+            buf.put_u16(payload.len() as u16);
+        } else {
+            buf.put_u8(mask_bit | 127);
+            buf.put_u64(payload.len() as u64);
+        }
+        let mut body = payload.to_vec();
+        if let Some(key) = mask {
+            buf.put_slice(&key);
+            apply_mask(&mut body, key);
+        }
+        buf.put_slice(&body);
+        buf
+    }
+
+    #[test]
+    fn encode_picks_the_shortest_length_form() {
+        assert_eq!(&encode_text(b"hi")[..], b"\x81\x02hi");
+        let f = encode_text(&[b'a'; 126]);
+        assert_eq!(&f[..4], &[0x81, 126, 0, 126]);
+        let f = encode_text(&vec![b'a'; 70_000]);
+        assert_eq!(&f[..2], &[0x81, 127]);
+        assert_eq!(u64::from_be_bytes(f[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(f.len(), 10 + 70_000);
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let f = encode_close(1001, &"é".repeat(100));
+        assert!(f.len() <= 2 + 125);
+        assert!(std::str::from_utf8(&f[4..]).is_ok());
+    }
+
+    #[test]
+    fn mask_round_trips_for_every_length() {
+        for len in 0..40 {
+            let orig: Vec<u8> = (0..len as u8).collect();
+            let mut data = orig.clone();
+            apply_mask(&mut data, [1, 2, 3, 4]);
+            for (i, (a, b)) in data.iter().zip(&orig).enumerate() {
+                assert_eq!(*a, b ^ [1, 2, 3, 4][i % 4]);
+            }
+            apply_mask(&mut data, [1, 2, 3, 4]);
+            assert_eq!(data, orig);
+        }
+    }
+
+    #[test]
+    fn parser_waits_for_whole_frames_and_unmasks() {
+        let p = FrameParser::new(1 << 20);
+        let full = client_frame(true, 1, b"hello world", Some([9, 8, 7, 6]));
+        for cut in 0..full.len() {
+            let mut buf = BytesMut::from(&full[..cut]);
+            assert!(p.parse(&mut buf).unwrap().is_none(), "cut at {cut}");
+        }
+        let mut buf = full.clone();
+        buf.extend_from_slice(&client_frame(true, 9, b"", Some([1, 1, 1, 1])));
+        let f = p.parse(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            (f.fin, f.opcode, &f.payload[..]),
+            (true, OpCode::Text, &b"hello world"[..])
+        );
+        let f = p.parse(&mut buf).unwrap().unwrap();
+        assert_eq!(f.opcode, OpCode::Ping);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn parser_rejects_protocol_violations() {
+        let p = FrameParser::new(1000);
+        let cases: Vec<(BytesMut, u16)> = vec![
+            (client_frame(true, 1, b"x", None), 1002),
+            (client_frame(true, 0xA, &[0; 126], Some([0; 4])), 1002),
+            (client_frame(true, 0x8, &[0; 126], Some([0; 4])), 1002),
+            (client_frame(false, 0x9, b"", Some([0; 4])), 1002),
+            (client_frame(true, 0x3, b"", Some([0; 4])), 1002),
+            (client_frame(true, 0x1 | 0x40, b"", Some([0; 4])), 1002),
+            (client_frame(true, 1, &[b'a'; 1001], Some([0; 4])), 1009),
+        ];
+        for (mut buf, code) in cases {
+            assert_eq!(p.parse(&mut buf).unwrap_err().code, code);
+        }
+        // An oversized frame is refused from its header, before its payload arrives.
+        let mut header_only = client_frame(true, 2, &vec![0; 100_000], Some([0; 4]));
+        header_only.truncate(14);
+        assert_eq!(p.parse(&mut header_only).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn assembler_joins_fragments_and_enforces_rules() {
+        let frame = |fin, opcode, payload: &[u8]| Frame {
+            fin,
+            opcode,
+            payload: BytesMut::from(payload),
+        };
+        let mut a = MessageAssembler::new(10);
+        assert!(a.push(frame(false, OpCode::Text, b"ab")).unwrap().is_none());
+        assert!(
+            a.push(frame(false, OpCode::Continuation, b"cd"))
+                .unwrap()
+                .is_none()
+        );
+        match a.push(frame(true, OpCode::Continuation, b"e")).unwrap() {
+            Some(Message::Text(t)) => assert_eq!(&t[..], b"abcde"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            a.push(frame(true, OpCode::Continuation, b"x"))
+                .unwrap_err()
+                .code,
+            1002
+        );
+        a.push(frame(false, OpCode::Text, b"ab")).unwrap();
+        assert_eq!(
+            a.push(frame(true, OpCode::Text, b"x")).unwrap_err().code,
+            1002
+        );
+        let mut a = MessageAssembler::new(4);
+        a.push(frame(false, OpCode::Binary, b"abc")).unwrap();
+        assert_eq!(
+            a.push(frame(true, OpCode::Continuation, b"de"))
+                .unwrap_err()
+                .code,
+            1009
+        );
+        let mut a = MessageAssembler::new(10);
+        assert_eq!(
+            a.push(frame(true, OpCode::Text, b"\xff")).unwrap_err().code,
+            1007
+        );
+    }
+
+    #[test]
+    fn close_payload_validation() {
+        assert_eq!(parse_close_payload(b"").unwrap(), None);
+        assert_eq!(parse_close_payload(&[3, 232]).unwrap(), Some(1000));
+        assert_eq!(parse_close_payload(&[3]).unwrap_err().code, 1002);
+        assert_eq!(parse_close_payload(&[3, 236]).unwrap_err().code, 1002); // 1004
+        assert_eq!(parse_close_payload(&[3, 232, 0xff]).unwrap_err().code, 1007);
+    }
+}

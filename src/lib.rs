@@ -1,0 +1,66 @@
+//! # axum-realtime-kit
+//!
+//! Push real-time data from an [axum] application to many thousands of WebSocket clients, and
+//! scale out across instances through Redis Pub/Sub.
+//!
+//! You implement [`MessageHandler`](ws::handler::MessageHandler) (what clients send, what gets
+//! broadcast) and, with the default `auth` feature, [`TokenValidator`](auth::TokenValidator);
+//! [`upgrade_handler`](ws::upgrade::upgrade_handler) does the rest. The public API is the one of
+//! 0.1.0; see `ws::upgrade` for the one-line migration.
+//!
+//! # Layout
+//! - [`auth`]: `TokenValidator` and the `WsAuth` extractor (feature `auth`).
+//! - [`ws`]: the public facade at 0.1.0's paths — `handler`, `service`, `upgrade`, `types`.
+//! - `connection`: one connection's life: read, parse, run the handler, close, clean up.
+//! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
+//! - `outbound`: each connection's byte-bounded queue and the writer that drains it in
+//!   vectored writes.
+//! - `shard`: topic maps, each owned by one task; the dispatcher that frames each published
+//!   message once and hands it to every shard.
+//! - `broker`: where publishes go and deliveries come from (in-process; Redis with `REDIS_URL`).
+//! - `runtime`: wires shards, dispatcher and broker together; connection accounting; shutdown.
+//! - `config`, `metrics`: settings and counters.
+//!
+//! # Data path
+//! ```text
+//! client ─GET /ws/{topic}─► WsAuth ─► validator ─► upgrade ─► connection (shard = id % N)
+//!   reader: frames ─► simd-json ─► MessageHandler ─┬─ direct reply ─► this connection's queue
+//!                                                  └─ ServerEvent ─► serialize once ─► broker
+//! broker ─► dispatcher: encode ONE frame (Bytes) ─► every shard
+//! shard: for each local subscriber of the topic ─► push the same Bytes (refcount) ─► writer
+//! writer: everything queued ─► one vectored write
+//! ```
+//!
+//! # Feature flags
+//! | feature | default | what |
+//! |---|---|---|
+//! | `auth` | yes | [`auth::WsAuth`] and [`auth::TokenValidator`] |
+//! | `coalescing` | no | `CoalescingService`: single-flight for expensive async operations |
+
+#[cfg(feature = "auth")]
+pub mod auth;
+pub mod ws;
+
+mod broker;
+mod config;
+mod connection;
+mod frame;
+mod metrics;
+mod outbound;
+mod runtime;
+mod shard;
+mod sink;
+
+pub use broker::PublishError;
+pub use metrics::MetricsSnapshot;
+pub use ws::service::{BuildError, WebsocketServiceBuilder};
+
+/// The common names: `use axum_realtime_kit::prelude::*;`.
+pub mod prelude {
+    #[cfg(feature = "auth")]
+    pub use crate::auth::{TokenValidator, WsAuth};
+    pub use crate::ws::handler::{ConnectionContext, HandlerError, MessageHandler};
+    pub use crate::ws::service::WebsocketService;
+    pub use crate::ws::types::WsSink;
+    pub use crate::ws::upgrade::{WebSocketUpgrade, upgrade_handler};
+}

@@ -1,0 +1,323 @@
+//! Each connection's outbound queue and the writer task that drains it.
+//!
+//! The queue holds complete, pre-encoded frames ([`Bytes`]): a broadcast frame is shared by every
+//! subscriber, so queuing it costs a refcount and a slot, never a copy. The queue is bounded in
+//! **bytes**; a push that would pass the bound triggers the slow-consumer policy instead of growing.
+//!
+//! # Guards
+//! `Conn::state` is a `std::sync::Mutex`: it is only held to push or to swap the queue out, never
+//! across an `.await`, and it is contended by at most one shard and the connection's own tasks —
+//! never by two shards, because a connection belongs to exactly one shard.
+//!
+//! # Batching
+//! The writer wakes when the queue goes from empty to non-empty, optionally waits `write_delay`
+//! for more frames to collect, then takes **everything** queued and sends it in vectored writes.
+//! Under load the writer wakes less often than frames arrive, so batches form by themselves.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::frame;
+
+/// What happened to a frame handed to [`Conn::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// Queued for the writer.
+    Queued,
+    /// The connection is closing or gone; the frame was dropped.
+    Closed,
+    /// The frame would pass the queue's byte bound: the queue was cleared and the connection is
+    /// being closed with 1008 (slow-consumer policy `Close`).
+    Overflow,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Data frames, in delivery order.
+    data: VecDeque<Bytes>,
+    /// Sum of `data` lengths.
+    data_bytes: usize,
+    /// Control frames (pongs) the writer sends before queued data.
+    control: Vec<Bytes>,
+    /// Close frame to send once `data` is written; after it nothing else is accepted.
+    close: Option<Bytes>,
+}
+
+/// The shared part of one connection: its outbound queue and the signals between its tasks.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: Uuid,
+    /// Index of the shard that owns this connection.
+    pub(crate) shard: usize,
+    max_queue_bytes: usize,
+    state: Mutex<State>,
+    /// Wakes the writer. `notify_one` keeps a permit, so a push between the writer's drain and
+    /// its next wait is never missed.
+    writer_wake: Notify,
+    /// Set once the connection must end (close queued, or the socket failed); wakes the reader.
+    ending: AtomicBool,
+    reader_wake: Notify,
+}
+
+impl Conn {
+    pub(crate) fn new(id: Uuid, shard: usize, max_queue_bytes: usize) -> Self {
+        Self {
+            id,
+            shard,
+            max_queue_bytes,
+            state: Mutex::new(State::default()),
+            writer_wake: Notify::new(),
+            ending: AtomicBool::new(false),
+            reader_wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the guard is held cannot leave `State` inconsistent (every update is a
+        // single push or swap), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a data frame. Never blocks and never awaits: safe on the dispatch path.
+    pub(crate) fn push(&self, frame: Bytes) -> Push {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return Push::Closed;
+        }
+        if st.data_bytes + frame.len() > self.max_queue_bytes {
+            st.data.clear();
+            st.data_bytes = 0;
+            st.close = Some(frame::encode_close(
+                frame::close_code::POLICY_VIOLATION,
+                "slow consumer: outbound queue full",
+            ));
+            drop(st);
+            self.wake_all();
+            return Push::Overflow;
+        }
+        let was_empty = st.data.is_empty() && st.control.is_empty();
+        st.data_bytes += frame.len();
+        st.data.push_back(frame);
+        drop(st);
+        if was_empty {
+            self.writer_wake.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Queues a control frame (a pong) ahead of any queued data.
+    pub(crate) fn push_control(&self, frame: Bytes) {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return;
+        }
+        st.control.push(frame);
+        drop(st);
+        self.writer_wake.notify_one();
+    }
+
+    /// Starts the closing handshake. With `flush`, queued data is written first (shutdown, an
+    /// answer to the client's close); without, it is dropped (protocol error, slow consumer).
+    /// Only the first close counts.
+    pub(crate) fn close(&self, code: u16, reason: &str, flush: bool) {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return;
+        }
+        if !flush {
+            st.data.clear();
+            st.data_bytes = 0;
+        }
+        st.close = Some(frame::encode_close(code, reason));
+        drop(st);
+        self.wake_all();
+    }
+
+    /// Whether a close has been queued or the socket has failed.
+    pub(crate) fn is_ending(&self) -> bool {
+        // Acquire pairs with the Release in `wake_all`: whoever sees the flag also sees the
+        // close that was queued before it.
+        self.ending.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection must end.
+    pub(crate) async fn ended(&self) {
+        loop {
+            let notified = self.reader_wake.notified();
+            if self.is_ending() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn wake_all(&self) {
+        self.ending.store(true, Ordering::Release);
+        self.writer_wake.notify_one();
+        self.reader_wake.notify_one();
+    }
+
+    /// Takes everything queued into `batch` (control frames first). Returns whether the batch
+    /// ends with the close frame.
+    fn take(&self, batch: &mut Vec<Bytes>) -> bool {
+        let mut st = self.lock();
+        batch.append(&mut st.control);
+        batch.extend(st.data.drain(..));
+        st.data_bytes = 0;
+        match &st.close {
+            Some(close) => {
+                batch.push(close.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Marks the socket as failed: further frames are dropped and the reader is woken.
+    pub(crate) fn fail(&self) {
+        let mut st = self.lock();
+        st.data.clear();
+        st.data_bytes = 0;
+        st.control.clear();
+        if st.close.is_none() {
+            st.close = Some(Bytes::new());
+        }
+        drop(st);
+        self.wake_all();
+    }
+}
+
+/// Drains `conn`'s queue into `io` until the close frame is written or the socket fails.
+pub(crate) async fn run_writer<W>(conn: Arc<Conn>, mut io: W, write_delay: Duration)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        conn.writer_wake.notified().await;
+        if !write_delay.is_zero() && !conn.is_ending() {
+            tokio::time::sleep(write_delay).await;
+        }
+        let closing = conn.take(&mut batch);
+        if let Err(e) = write_frames(&mut io, &batch).await {
+            tracing::debug!(conn_id = %conn.id, error = %e, "write failed");
+            conn.fail();
+            return;
+        }
+        batch.clear();
+        if closing {
+            let _ = io.shutdown().await;
+            return;
+        }
+        if batch.capacity() > 1024 {
+            // A burst is over: give the memory back rather than keep it per idle connection.
+            batch = Vec::new();
+        }
+    }
+}
+
+/// Most slices handed to one `writev`. The array lives on the stack only inside `poll`, so it
+/// does not enlarge the writer task.
+const MAX_IOV: usize = 128;
+
+/// Writes `frames` in order with as few syscalls as the socket allows.
+pub(crate) async fn write_frames<W>(io: &mut W, frames: &[Bytes]) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let (mut idx, mut offset) = (0usize, 0usize);
+    while idx < frames.len() {
+        if idx + 1 == frames.len() {
+            return io.write_all(&frames[idx][offset..]).await;
+        }
+        let written = poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (k, f) in frames[idx..].iter().take(MAX_IOV).enumerate() {
+                slices[k] = IoSlice::new(if k == 0 { &f[offset..] } else { &f[..] });
+                n += 1;
+            }
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut left = written;
+        while left > 0 {
+            let rest = frames[idx].len() - offset;
+            if left >= rest {
+                left -= rest;
+                idx += 1;
+                offset = 0;
+            } else {
+                offset += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_is_bounded_in_bytes() {
+        let conn = Conn::new(Uuid::nil(), 0, 10);
+        assert_eq!(conn.push(Bytes::from_static(b"12345")), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"12345")), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"1")), Push::Overflow);
+        assert!(conn.is_ending());
+        assert_eq!(conn.push(Bytes::from_static(b"1")), Push::Closed);
+        let mut batch = Vec::new();
+        assert!(conn.take(&mut batch));
+        // Only the 1008 close frame is left.
+        assert_eq!(batch.len(), 1);
+        assert_eq!(&batch[0][2..4], &1008u16.to_be_bytes());
+    }
+
+    #[test]
+    fn close_with_flush_keeps_queued_data_first() {
+        let conn = Conn::new(Uuid::nil(), 0, 100);
+        conn.push(Bytes::from_static(b"a"));
+        conn.push_control(Bytes::from_static(b"p"));
+        conn.close(1001, "bye", true);
+        let mut batch = Vec::new();
+        assert!(conn.take(&mut batch));
+        assert_eq!(&batch[0][..], b"p");
+        assert_eq!(&batch[1][..], b"a");
+        assert_eq!(&batch[2][2..4], &1001u16.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn write_frames_survives_partial_writes() {
+        // A duplex pipe with a tiny buffer forces many partial writes.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let frames: Vec<Bytes> = (0..50u8)
+            .map(|i| Bytes::from(vec![i; (i as usize % 13) + 1]))
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut out)
+                .await
+                .unwrap();
+            out
+        });
+        write_frames(&mut a, &frames).await.unwrap();
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expected);
+    }
+}

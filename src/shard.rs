@@ -1,0 +1,224 @@
+//! Shards: who is subscribed to what, and the fan-out of one frame to those subscribers.
+//!
+//! # Contention design
+//! A connection is assigned to one shard for its whole life (`id % shards`, where ids come from a
+//! counter, so shards fill evenly). Each shard is a task that **owns** its topic map outright: the
+//! map is a plain `HashMap` with no lock, mutated only by that task, and reached only through the
+//! shard's bounded command channel. Subscribing, unsubscribing and delivering are all commands, so
+//! they are applied in one order per shard, and a delivery never waits for a lock another shard or
+//! a connection task could hold.
+//!
+//! Delivering a frame to a subscriber is [`Conn::push`]: a refcount bump on the shared [`Bytes`]
+//! and a push onto that connection's queue under its own short lock. Nothing on this path awaits,
+//! so a slow client can never stall a shard — it meets the slow-consumer policy instead.
+//!
+//! # Ordering
+//! The [`Dispatcher`] is a single task that receives every published message in the order the
+//! broker delivered it and forwards it to every shard over FIFO channels; each shard pushes onto
+//! FIFO queues. So all subscribers of a topic on this instance see that topic's messages in the
+//! broker's order (invariant 2).
+
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::frame;
+use crate::metrics::Metrics;
+use crate::outbound::{Conn, Push};
+
+/// Commands a shard applies in arrival order.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Add `conn` to `topic`; `done` fires once the subscription is in the map.
+    Subscribe {
+        conn: Arc<Conn>,
+        topic: Arc<str>,
+        done: oneshot::Sender<()>,
+    },
+    /// Remove the connection from every topic it joined.
+    Remove { conn_id: Uuid },
+    /// Push an encoded frame to every local subscriber of `topic`.
+    Deliver { topic: Arc<str>, frame: Bytes },
+    /// Queue a close frame (after pending data) for every connection; `done` fires when queued.
+    CloseAll {
+        code: u16,
+        reason: &'static str,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Told when a topic gains its first or loses its last subscriber *in one shard*, so the broker
+/// can keep one subscription per instance. Called off the dispatch path only.
+pub(crate) trait TopicInterest: Send + Sync + 'static {
+    fn first_in_shard(&self, topic: &Arc<str>);
+    fn last_in_shard(&self, topic: &Arc<str>);
+}
+
+struct Shard {
+    /// Subscribers per topic. Owned by the shard task: no lock.
+    topics: AHashMap<Arc<str>, Vec<Arc<Conn>>>,
+    /// Every connection that joined a topic here, with the topics it joined.
+    conns: AHashMap<Uuid, (Arc<Conn>, Vec<Arc<str>>)>,
+    interest: Arc<dyn TopicInterest>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shard {
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Deliver { topic, frame } => self.deliver(&topic, &frame),
+            Command::Subscribe { conn, topic, done } => {
+                self.subscribe(conn, topic);
+                let _ = done.send(());
+            }
+            Command::Remove { conn_id } => {
+                if let Some((_, joined)) = self.conns.remove(&conn_id) {
+                    for topic in joined {
+                        self.unsubscribe(conn_id, &topic);
+                    }
+                }
+            }
+            Command::CloseAll { code, reason, done } => {
+                for (conn, _) in self.conns.values() {
+                    conn.close(code, reason, true);
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn subscribe(&mut self, conn: Arc<Conn>, topic: Arc<str>) {
+        let entry = self
+            .conns
+            .entry(conn.id)
+            .or_insert_with(|| (conn.clone(), Vec::new()));
+        if entry.1.contains(&topic) {
+            return;
+        }
+        entry.1.push(topic.clone());
+        let subs = self.topics.entry(topic.clone()).or_default();
+        subs.push(conn);
+        if subs.len() == 1 {
+            self.interest.first_in_shard(&topic);
+        }
+    }
+
+    fn unsubscribe(&mut self, conn_id: Uuid, topic: &Arc<str>) {
+        let Some(subs) = self.topics.get_mut(topic) else {
+            return;
+        };
+        if let Some(pos) = subs.iter().position(|c| c.id == conn_id) {
+            subs.swap_remove(pos);
+        }
+        if subs.is_empty() {
+            self.topics.remove(topic);
+            self.interest.last_in_shard(topic);
+        }
+    }
+
+    /// The hot path: one refcount and one queue push per subscriber, no await, no allocation.
+    fn deliver(&mut self, topic: &str, frame: &Bytes) {
+        let Some(subs) = self.topics.get(topic) else {
+            return;
+        };
+        let mut delivered = 0u64;
+        let mut overflowed = 0u64;
+        for conn in subs {
+            match conn.push(frame.clone()) {
+                Push::Queued => delivered += 1,
+                Push::Overflow => overflowed += 1,
+                Push::Closed => {}
+            }
+        }
+        self.metrics
+            .add_deliveries(delivered, delivered * frame.len() as u64);
+        if overflowed > 0 {
+            self.metrics.add_slow_consumers(overflowed);
+        }
+    }
+}
+
+/// Starts one shard task and returns the sender of its command channel.
+pub(crate) fn spawn_shard(
+    capacity: usize,
+    interest: Arc<dyn TopicInterest>,
+    metrics: Arc<Metrics>,
+) -> mpsc::Sender<Command> {
+    let (tx, mut rx) = mpsc::channel::<Command>(capacity);
+    let mut shard = Shard {
+        topics: AHashMap::new(),
+        conns: AHashMap::new(),
+        interest,
+        metrics,
+    };
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(256);
+        // Commands are taken in batches so one wake-up serves many deliveries.
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            for cmd in batch.drain(..) {
+                shard.apply(cmd);
+            }
+        }
+    });
+    tx
+}
+
+/// One message as the broker delivered it: the topic and the payload to send verbatim.
+#[derive(Debug)]
+pub(crate) struct Published {
+    pub(crate) topic: Arc<str>,
+    pub(crate) payload: Bytes,
+}
+
+/// Encodes each published payload once and hands the frame to every shard.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    shards: Arc<[mpsc::Sender<Command>]>,
+    /// The previous payload and its frame: an identical payload published again (to the same or
+    /// another topic) reuses the frame instead of encoding it again.
+    last: Option<(Bytes, Bytes)>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(shards: Arc<[mpsc::Sender<Command>]>) -> Self {
+        Self { shards, last: None }
+    }
+
+    /// Frames `payload` once (or reuses the frame of an identical previous payload).
+    pub(crate) fn frame_for(&mut self, payload: &Bytes) -> Bytes {
+        if let Some((prev, frame)) = &self.last {
+            if prev == payload {
+                return frame.clone();
+            }
+        }
+        let frame = frame::encode_text(payload);
+        self.last = Some((payload.clone(), frame.clone()));
+        frame
+    }
+
+    /// Sends one message to every shard, in order. Waits only when a shard's channel is full.
+    pub(crate) async fn dispatch(&mut self, msg: Published) {
+        let frame = self.frame_for(&msg.payload);
+        for shard in self.shards.iter() {
+            let _ = shard
+                .send(Command::Deliver {
+                    topic: msg.topic.clone(),
+                    frame: frame.clone(),
+                })
+                .await;
+        }
+    }
+
+    /// Runs until every sender of `rx` is gone.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Published>) {
+        let mut batch = Vec::with_capacity(64);
+        while rx.recv_many(&mut batch, 64).await > 0 {
+            for msg in batch.drain(..) {
+                self.dispatch(msg).await;
+            }
+        }
+    }
+}

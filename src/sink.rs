@@ -1,0 +1,92 @@
+//! [`WsSink`]: the handle a handler uses to send to one connection.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::frame;
+use crate::outbound::{Conn, Push};
+
+/// A cheap, cloneable handle that queues frames for one connection.
+///
+/// It replaces 0.1.0's `Arc<Mutex<SplitSink<…>>>`: nothing here locks a socket or awaits. A send
+/// encodes the frame and pushes it onto the connection's bounded outbound queue; the connection's
+/// writer sends it, in order with everything else queued for that client.
+#[derive(Clone)]
+pub struct WsSink {
+    conn: Arc<Conn>,
+}
+
+/// Why a frame could not be queued.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The connection is closing or closed.
+    Closed,
+    /// The connection's outbound queue was full; the slow-consumer policy closed it.
+    QueueFull,
+    /// The value could not be serialized to JSON.
+    Serialize(serde_json::Error),
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed => f.write_str("connection is closed"),
+            Self::QueueFull => f.write_str("outbound queue full (slow consumer)"),
+            Self::Serialize(e) => write!(f, "serialization failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+impl fmt::Debug for WsSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsSink")
+            .field("conn_id", &self.conn.id)
+            .finish()
+    }
+}
+
+impl WsSink {
+    pub(crate) fn new(conn: Arc<Conn>) -> Self {
+        Self { conn }
+    }
+
+    /// Queues a text frame.
+    pub fn send_text(&self, text: impl AsRef<str>) -> Result<(), SendError> {
+        self.send_frame(frame::encode_text(text.as_ref().as_bytes()))
+    }
+
+    /// Serializes `value` to JSON and queues it as a text frame.
+    pub fn send_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), SendError> {
+        let json = serde_json::to_vec(value).map_err(SendError::Serialize)?;
+        self.send_frame(frame::encode_text(&json))
+    }
+
+    /// Queues a binary frame.
+    pub fn send_binary(&self, data: impl AsRef<[u8]>) -> Result<(), SendError> {
+        self.send_frame(frame::encode(frame::OpCode::Binary, data.as_ref()))
+    }
+
+    pub(crate) fn send_frame(&self, frame: Bytes) -> Result<(), SendError> {
+        match self.conn.push(frame) {
+            Push::Queued => Ok(()),
+            Push::Closed => Err(SendError::Closed),
+            Push::Overflow => Err(SendError::QueueFull),
+        }
+    }
+
+    /// Closes the connection with `code` and `reason` after what is already queued is sent.
+    pub fn close(&self, code: u16, reason: &str) {
+        self.conn.close(code, reason, true);
+    }
+
+    /// Whether the connection is closing or closed.
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_ending()
+    }
+}

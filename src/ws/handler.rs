@@ -1,0 +1,124 @@
+//! [`MessageHandler`]: the trait that holds your application's logic.
+//!
+//! The service calls it for every connection: [`on_connect`](MessageHandler::on_connect) once the
+//! connection is subscribed to its topic, then for each parsed client message first
+//! [`handle_direct_message`](MessageHandler::handle_direct_message) and — only when that returns
+//! `Ok(None)` — [`handle_broadcast_message`](MessageHandler::handle_broadcast_message), and finally
+//! [`on_disconnect`](MessageHandler::on_disconnect), exactly once, however the connection ended.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::http::StatusCode;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::ws::types::{ConnectionId, Topic, WsSink};
+
+/// Everything a handler method knows about one connection.
+#[derive(Debug)]
+pub struct ConnectionContext<S, U>
+where
+    S: Send + Sync + 'static,
+    U: Send + Sync + 'static,
+{
+    /// Unique id of this connection.
+    pub conn_id: ConnectionId,
+    /// The authenticated user, as given to [`upgrade_handler`](crate::ws::upgrade::upgrade_handler).
+    pub user_id: U,
+    /// The topic the connection subscribed to when it opened.
+    pub topic: Topic,
+    /// The application state the service was built with.
+    pub app_state: Arc<S>,
+    /// Queues frames for this connection alone.
+    pub sink: WsSink,
+}
+
+/// An error a handler returns; its text reaches the sender alone as
+/// `{"type":"error","message":…}` and the connection stays open.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// A status and an optional message. Without a message, the status text is sent.
+    Custom(StatusCode, Option<String>),
+    /// A response could not be serialized.
+    Serialization(serde_json::Error),
+}
+
+impl HandlerError {
+    /// The text sent to the client.
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::Custom(_, Some(msg)) => msg.clone(),
+            Self::Custom(code, None) => code.to_string(),
+            Self::Serialization(e) => format!("Response serialization error: {e}"),
+        }
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.client_message())
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<(StatusCode, Option<String>)> for HandlerError {
+    fn from((code, msg): (StatusCode, Option<String>)) -> Self {
+        Self::Custom(code, msg)
+    }
+}
+
+impl From<serde_json::Error> for HandlerError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Serialization(e)
+    }
+}
+
+/// Your application's side of a WebSocket connection.
+#[async_trait]
+pub trait MessageHandler: Send + Sync + 'static {
+    /// What clients send, parsed from each text message as JSON.
+    type ClientMessage: DeserializeOwned + Send + Debug;
+
+    /// What is broadcast to a topic's subscribers, serialized once as JSON per publish.
+    type ServerEvent: Serialize + Send + Sync + Debug;
+
+    /// Shared application state (database pools, configuration…).
+    type AppState: Send + Sync + 'static;
+
+    /// How users are identified: `i64`, `Uuid`, a small struct…
+    type UserId: Send + Sync + Clone + Debug + 'static;
+
+    /// Called once, after the connection is subscribed to its topic. Does nothing by default.
+    async fn on_connect(&self, _context: &ConnectionContext<Self::AppState, Self::UserId>) {}
+
+    /// Answers a message to its sender alone.
+    ///
+    /// `Ok(Some(value))` is serialized and sent to the sender, and the message is done.
+    /// `Ok(None)` passes the message on to [`handle_broadcast_message`](Self::handle_broadcast_message).
+    /// An error is sent to the sender. The default passes every message on.
+    async fn handle_direct_message(
+        &self,
+        _msg: &Self::ClientMessage,
+        _context: &ConnectionContext<Self::AppState, Self::UserId>,
+    ) -> Result<Option<Value>, HandlerError> {
+        Ok(None)
+    }
+
+    /// Turns a message into an event for every subscriber of the connection's topic.
+    ///
+    /// `Ok(Some(event))` is serialized once and published through the broker to every
+    /// subscriber of the topic on every instance, the sender included. `Ok(None)` publishes
+    /// nothing.
+    async fn handle_broadcast_message(
+        &self,
+        msg: Self::ClientMessage,
+        context: &ConnectionContext<Self::AppState, Self::UserId>,
+    ) -> Result<Option<Self::ServerEvent>, HandlerError>;
+
+    /// Called exactly once when the connection has ended, however it ended. Does nothing by
+    /// default.
+    async fn on_disconnect(&self, _context: &ConnectionContext<Self::AppState, Self::UserId>) {}
+}

@@ -1,0 +1,236 @@
+//! [`WebsocketService`]: the handle to one instance of the runtime.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::broker::PublishError;
+use crate::config::Config;
+use crate::metrics::MetricsSnapshot;
+use crate::runtime::Runtime;
+use crate::ws::handler::MessageHandler;
+
+/// Manages every WebSocket connection of this instance for one [`MessageHandler`].
+///
+/// Create one at start-up (it spawns its shard and dispatcher tasks, so a tokio runtime must be
+/// running), keep the `Arc` in your axum state, and route upgrades to it with
+/// [`upgrade_handler`](crate::ws::upgrade::upgrade_handler).
+pub struct WebsocketService<H: MessageHandler> {
+    pub(crate) runtime: Runtime,
+    pub(crate) handler: H,
+    pub(crate) app_state: Arc<H::AppState>,
+}
+
+impl<H: MessageHandler> std::fmt::Debug for WebsocketService<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebsocketService")
+            .field("shards", &self.runtime.shard_count())
+            .field("broker", &self.runtime.broker)
+            .field("metrics", &self.metrics())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: MessageHandler> WebsocketService<H> {
+    /// Creates a service with default settings, as in 0.1.0.
+    ///
+    /// An empty `redis_url` selects the in-process broker (one instance, nothing to run beside
+    /// it).
+    ///
+    /// # Panics
+    /// If `redis_url` is not empty and not a valid Redis URL. Use [`builder`](Self::builder) and
+    /// [`WebsocketServiceBuilder::try_build`] to handle that as an error.
+    pub fn new(redis_url: &str, handler: H, app_state: Arc<H::AppState>) -> Arc<Self> {
+        let url = (!redis_url.is_empty()).then_some(redis_url);
+        Self::builder(handler, app_state).redis_url(url).build()
+    }
+
+    /// Starts a builder for the shard count, broker choice and limits.
+    pub fn builder(handler: H, app_state: Arc<H::AppState>) -> WebsocketServiceBuilder<H> {
+        WebsocketServiceBuilder {
+            handler,
+            app_state,
+            config: Config::default(),
+            redis_url: None,
+        }
+    }
+
+    /// The application state the service was built with.
+    pub fn app_state(&self) -> &Arc<H::AppState> {
+        &self.app_state
+    }
+
+    /// The handler the service was built with.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Serializes `event` once and publishes it to every subscriber of `topic` on every instance.
+    /// Callable from any route or task.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        event: &T,
+    ) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(event).map_err(PublishError::Serialize)?;
+        self.runtime.publish(topic, Bytes::from(payload)).await
+    }
+
+    /// Publishes `payload` verbatim (it is sent as a text frame, so it must be UTF-8).
+    pub async fn publish_raw(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), PublishError> {
+        self.runtime.publish(topic, payload.into()).await
+    }
+
+    /// Whether the broker connection is live (always true for the in-process broker). Serve it
+    /// as a readiness probe.
+    pub fn is_ready(&self) -> bool {
+        !self.runtime.is_shutting_down() && self.runtime.broker.is_live()
+    }
+
+    /// Number of shards connections are spread over.
+    pub fn shard_count(&self) -> usize {
+        self.runtime.shard_count()
+    }
+
+    /// A copy of the service's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.runtime.metrics.snapshot()
+    }
+
+    /// Graceful shutdown: refuses new connections (503), sends close 1001 to every client after
+    /// what is queued for it, and waits — up to the shutdown timeout — until every connection has
+    /// ended and run `on_disconnect`.
+    pub async fn shutdown(&self) {
+        self.runtime.shutdown().await;
+    }
+}
+
+/// Builds a [`WebsocketService`] with non-default settings.
+///
+/// ```no_run
+/// # use axum_realtime_kit::ws::service::WebsocketService;
+/// # fn demo<H: axum_realtime_kit::ws::handler::MessageHandler>(h: H, s: std::sync::Arc<H::AppState>) {
+/// let service = WebsocketService::builder(h, s)
+///     .shards(4)
+///     .redis_url(std::env::var("REDIS_URL").ok())
+///     .max_message_size(16 * 1024)
+///     .build();
+/// # }
+/// ```
+#[derive(Debug)]
+#[must_use]
+pub struct WebsocketServiceBuilder<H: MessageHandler> {
+    handler: H,
+    app_state: Arc<H::AppState>,
+    config: Config,
+    redis_url: Option<String>,
+}
+
+/// Why a service could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The Redis URL could not be parsed.
+    InvalidRedisUrl(String),
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InvalidRedisUrl(e) => write!(f, "invalid Redis URL: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+impl<H: MessageHandler> WebsocketServiceBuilder<H> {
+    /// Number of shards. Default: the available parallelism. Each shard is a task owning its part
+    /// of the topic map; more shards spread one publish's fan-out over more cores.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.config.shards = n.max(1);
+        self
+    }
+
+    /// The Redis URL to scale out with; `None` (the default) selects the in-process broker.
+    pub fn redis_url(mut self, url: Option<impl Into<String>>) -> Self {
+        self.redis_url = url.map(Into::into);
+        self
+    }
+
+    /// Largest inbound message, in bytes: a single frame, or all fragments of one message together.
+    /// A client that sends more is closed with 1009. Default: 64 KiB.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config.max_message_size = bytes;
+        self
+    }
+
+    /// Bound of each connection's outbound queue, in bytes. A client whose queue would pass it is
+    /// a slow consumer: its queue is dropped and it is closed with 1008. Default: 1 MiB.
+    pub fn outbound_queue_bytes(mut self, bytes: usize) -> Self {
+        self.config.outbound_queue_bytes = bytes;
+        self
+    }
+
+    /// How long a connection's writer waits, after being woken, for more frames to share one
+    /// write. `ZERO` (the default) writes at once and lets batches form only under load; a few
+    /// milliseconds trade that much latency for fewer syscalls per delivered message.
+    pub fn write_delay(mut self, delay: Duration) -> Self {
+        self.config.write_delay = delay;
+        self
+    }
+
+    /// How long a closing connection waits for the client's close frame. Default: 2 s.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
+        self
+    }
+
+    /// How long [`WebsocketService::shutdown`] waits for connections to end. Default: 5 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Builds and starts the service.
+    pub fn try_build(self) -> Result<Arc<WebsocketService<H>>, BuildError> {
+        if let Some(url) = &self.redis_url {
+            return Err(BuildError::InvalidRedisUrl(format!(
+                "{}: the Redis broker is not available in this build",
+                redact(url)
+            )));
+        }
+        Ok(Arc::new(WebsocketService {
+            runtime: Runtime::start(self.config),
+            handler: self.handler,
+            app_state: self.app_state,
+        }))
+    }
+
+    /// Builds and starts the service.
+    ///
+    /// # Panics
+    /// Where [`try_build`](Self::try_build) returns an error.
+    pub fn build(self) -> Arc<WebsocketService<H>> {
+        match self.try_build() {
+            Ok(s) => s,
+            Err(e) => panic!("axum-realtime-kit: {e}"),
+        }
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}

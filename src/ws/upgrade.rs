@@ -1,0 +1,159 @@
+//! The axum side of a connection: the upgrade extractor and [`upgrade_handler`].
+//!
+//! # Migrating from 0.1.0
+//! The upgrade extractor is now this crate's [`WebSocketUpgrade`] (built on fastwebsockets'
+//! handshake) instead of axum's. One import changes; the handler body stays the same:
+//!
+//! ```diff
+//! -use axum::extract::WebSocketUpgrade;
+//! +use axum_realtime_kit::ws::upgrade::WebSocketUpgrade;
+//! ```
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, State};
+use axum::http::{StatusCode, request::Parts};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use fastwebsockets::upgrade::{IncomingUpgrade, UpgradeFut};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::connection::{self, Inbound};
+use crate::ws::handler::MessageHandler;
+use crate::ws::service::WebsocketService;
+
+/// Extracts a WebSocket upgrade request.
+///
+/// Extraction never fails, so authentication and topic checks that come after it still decide
+/// the status (401, 403, 404…). A request that is not a valid WebSocket upgrade is refused by
+/// [`upgrade_handler`] with `400 Bad Request` once those checks have passed.
+pub struct WebSocketUpgrade {
+    inner: Result<IncomingUpgrade, StatusCode>,
+}
+
+impl std::fmt::Debug for WebSocketUpgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebSocketUpgrade")
+            .field("valid", &self.inner.is_ok())
+            .finish()
+    }
+}
+
+impl WebSocketUpgrade {
+    /// Whether the request is a valid WebSocket upgrade.
+    pub fn is_valid(&self) -> bool {
+        self.inner.is_ok()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Infallible> {
+        let is_upgrade =
+            header_has(parts, "upgrade", "websocket") && header_has(parts, "connection", "upgrade");
+        let inner = if is_upgrade {
+            IncomingUpgrade::from_request_parts(parts, state).await
+        } else {
+            Err(StatusCode::BAD_REQUEST)
+        };
+        Ok(Self { inner })
+    }
+}
+
+fn header_has(parts: &Parts, name: &str, token: &str) -> bool {
+    parts.headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Authorizes and upgrades one connection, then hands it to `service`.
+///
+/// In order: refuses with 503 while the service shuts down; runs `validator` (your topic check,
+/// e.g. 403 for someone else's private topic, 404 for an unknown one); refuses a request that
+/// is not a WebSocket upgrade with 400; then answers `101 Switching Protocols` and runs the
+/// connection in a task of its own.
+pub async fn upgrade_handler<H, V, F>(
+    ws: WebSocketUpgrade,
+    State(service): State<Arc<WebsocketService<H>>>,
+    user_id: H::UserId,
+    topic: String,
+    validator: V,
+) -> Response
+where
+    H: MessageHandler,
+    V: FnOnce(Arc<H::AppState>, H::UserId, String) -> F,
+    F: Future<Output = Result<(), StatusCode>>,
+{
+    if service.runtime.is_shutting_down() {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if let Err(status) = validator(service.app_state.clone(), user_id.clone(), topic.clone()).await
+    {
+        tracing::debug!(%status, %topic, "upgrade refused by validator");
+        return status.into_response();
+    }
+    let upgrade = match ws.inner {
+        Ok(upgrade) => upgrade,
+        Err(status) => return (status, "expected a WebSocket upgrade request").into_response(),
+    };
+    let (response, fut) = match upgrade.upgrade() {
+        Ok(pair) => pair,
+        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    tokio::spawn(accept(service, fut, topic, user_id));
+    response.map(Body::new)
+}
+
+/// Waits for the HTTP upgrade to complete, recovers the TCP stream and runs the connection.
+async fn accept<H: MessageHandler>(
+    service: Arc<WebsocketService<H>>,
+    fut: UpgradeFut,
+    topic: String,
+    user_id: H::UserId,
+) {
+    let upgraded = match fut.await {
+        Ok(ws) => ws.into_inner().into_inner(),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    // axum::serve hands hyper a `TokioIo<TcpStream>`; recovering it lets the reader and the
+    // writer own separate halves (no lock between them) and write pre-encoded frames directly.
+    match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
+        Ok(parts) => {
+            let tcp = parts.io.into_inner();
+            let _ = tcp.set_nodelay(true);
+            let (read, write) = tcp.into_split();
+            connection::run(
+                service,
+                Inbound::Tcp(read),
+                parts.read_buf,
+                write,
+                topic,
+                user_id,
+            )
+            .await;
+        }
+        Err(upgraded) => {
+            // Another IO (TLS, a custom listener): fall back to a generic split.
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            connection::run(
+                service,
+                Inbound::Other(read),
+                Bytes::new(),
+                write,
+                topic,
+                user_id,
+            )
+            .await;
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Shared fixtures: a raw WebSocket client that can also break the protocol on purpose, and the
+//! `basic_chat` example's router served on a free loopback port.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+#[allow(dead_code, missing_docs)]
+#[path = "../../examples/basic_chat.rs"]
+pub mod chat;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_realtime_kit::ws::service::WebsocketService;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Upper bound on any single wait in a test, so a broken server fails the test instead of
+/// hanging it. Never used to assert speed.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub const ALICE: &str = "a1a2a3a4-b1b2-c1c2-d1d2-d3d4d5d6d7d8:alice";
+pub const BOB: &str = "b1b2b3b4-a1a2-b1b2-c1c2-c3c4c5c6c7c8:bob";
+pub const ALICE_ID: &str = "a1a2a3a4-b1b2-c1c2-d1d2-d3d4d5d6d7d8";
+
+/// A running chat server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub service: Arc<WebsocketService<chat::ChatHandler>>,
+}
+
+/// Serves the example's router with `shards` shards and the in-process broker.
+pub async fn chat_server(shards: usize) -> Server {
+    let service = chat::chat_service(None, Some(shards));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = chat::chat_router(service.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Server { addr, service }
+}
+
+/// One received frame.
+#[derive(Debug)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+pub struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// The HTTP status of an upgrade attempt, and the client when it was 101.
+pub async fn try_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<Client>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("upgrade response timed out")
+            .unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    if status != 101 {
+        return (status, None);
+    }
+    assert!(
+        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "wrong Sec-WebSocket-Accept in {head}"
+    );
+    buf.drain(..head_end);
+    (status, Some(Client { stream, buf }))
+}
+
+/// Connects to `/ws/{topic}?token=…` and expects 101.
+pub async fn connect(addr: SocketAddr, topic: &str, token: &str) -> Client {
+    let (status, client) = try_connect(addr, &format!("/ws/{topic}?token={token}"), &[]).await;
+    assert_eq!(status, 101, "upgrade to {topic} refused");
+    client.unwrap()
+}
+
+pub fn send_message(room: &str, text: &str) -> String {
+    serde_json::json!({"SendMessage": {"room": room, "text": text}}).to_string()
+}
+
+impl Client {
+    /// Sends one frame; `mask: false` breaks RFC 6455 on purpose.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], mask: bool) {
+        let bytes = encode_client_frame(fin, opcode, payload, mask);
+        self.stream.write_all(&bytes).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(true, 0x1, text.as_bytes(), true).await;
+    }
+
+    /// Next frame, or `None` at end of stream.
+    pub async fn recv_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out waiting for a frame")
+            {
+                Ok(n) => n,
+                Err(_) => return None,
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Next text frame as JSON (pings and pongs are skipped).
+    pub async fn recv_json(&mut self) -> Value {
+        loop {
+            let f = self.recv_frame().await.expect("stream ended");
+            match f.opcode {
+                0x1 => return serde_json::from_slice(&f.payload).expect("server sent JSON"),
+                0x9 | 0xA => continue,
+                op => panic!("expected text, got opcode {op:#x}: {:?}", f.payload),
+            }
+        }
+    }
+
+    /// Expects a close frame (data before it is skipped) and returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.recv_frame().await {
+                Some(f) if f.opcode == 0x8 => {
+                    assert!(f.payload.len() >= 2, "close without a code");
+                    return u16::from_be_bytes([f.payload[0], f.payload[1]]);
+                }
+                Some(_) => continue,
+                None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+
+    /// Answers the server's close and waits for the TCP stream to end.
+    pub async fn finish_close(&mut self) {
+        self.send_frame(true, 0x8, &1000u16.to_be_bytes(), true)
+            .await;
+        while self.recv_frame().await.is_some() {}
+    }
+
+    /// Proves nothing is queued ahead: sends `"Ping"` and expects `"Pong"` as the very next text.
+    pub async fn assert_nothing_pending(&mut self) {
+        self.send_text("\"Ping\"").await;
+        assert_eq!(self.recv_json().await, Value::from("Pong"));
+    }
+
+    /// Drops the TCP connection without a close frame.
+    pub fn abort(self) {
+        let std = self.stream.into_std().unwrap();
+        // SO_LINGER 0 would reset; a plain drop sends FIN, which is the common "tab closed" case.
+        drop(std);
+    }
+}
+
+pub fn encode_client_frame(fin: bool, opcode: u8, payload: &[u8], mask: bool) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    let mask_bit = if mask { 0x80 } else { 0 };
+    let len = payload.len();
+    if len < 126 {
+        out.push(mask_bit | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(mask_bit | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(mask_bit | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    if mask {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
+    let (len, mut pos) = match buf[1] & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            (
+                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                10,
+            )
+        }
+        n => (n as usize, 2),
+    };
+    if buf.len() < pos + len {
+        return None;
+    }
+    let payload = buf[pos..pos + len].to_vec();
+    pos += len;
+    Some((
+        Frame {
+            fin: buf[0] & 0x80 != 0,
+            opcode: buf[0] & 0x0F,
+            payload,
+        },
+        pos,
+    ))
+}
