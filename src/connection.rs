@@ -104,9 +104,9 @@ pub(crate) async fn run<H, W>(
             user_id,
             topic,
             app_state: service.app_state.clone(),
-            sink: WsSink::new(conn.clone()),
+            sink: WsSink::new(conn.clone(), rt.hub.clone()),
         };
-        let subscribed = rt.subscribe(&conn, Arc::from(ctx.topic.as_str())).await;
+        let subscribed = rt.hub.join(&conn, &ctx.topic).await;
         if !subscribed || rt.is_shutting_down() {
             conn.close(close_code::GOING_AWAY, "server shutting down", true);
         }
@@ -146,7 +146,7 @@ pub(crate) async fn run<H, W>(
             // The client stopped reading: its close cannot be delivered. Drop the socket.
             writer.abort();
         }
-        rt.remove(&conn).await;
+        rt.hub.remove(&conn).await;
         // Invariant 6: on_disconnect runs exactly once, here, whatever ended the connection.
         if AssertUnwindSafe(service.handler.on_disconnect(&ctx))
             .catch_unwind()

@@ -17,6 +17,7 @@ pub(crate) struct Metrics {
     messages_in: AtomicU64,
     publishes: AtomicU64,
     publish_errors: AtomicU64,
+    broker_reconnects: AtomicU64,
 }
 
 /// A copy of the service's counters at one moment.
@@ -41,6 +42,8 @@ pub struct MetricsSnapshot {
     pub publishes: u64,
     /// Publishes that failed.
     pub publish_errors: u64,
+    /// Times the broker's subscriber connection was lost and rebuilt.
+    pub broker_reconnects: u64,
 }
 
 impl Metrics {
@@ -73,6 +76,9 @@ impl Metrics {
             self.publish_errors.fetch_add(1, Relaxed);
         }
     }
+    pub(crate) fn broker_reconnect(&self) {
+        self.broker_reconnects.fetch_add(1, Relaxed);
+    }
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             connections_opened: self.connections_opened.load(Relaxed),
@@ -84,6 +90,7 @@ impl Metrics {
             messages_in: self.messages_in.load(Relaxed),
             publishes: self.publishes.load(Relaxed),
             publish_errors: self.publish_errors.load(Relaxed),
+            broker_reconnects: self.broker_reconnects.load(Relaxed),
         }
     }
 }

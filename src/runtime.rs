@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::broker::{BrokerHandle, PublishError, local::LocalBroker};
+use crate::broker::{BrokerHandle, PublishError, local::LocalBroker, redis::RedisBroker};
 use crate::config::Config;
 use crate::frame::close_code;
 use crate::metrics::Metrics;
@@ -18,11 +18,52 @@ use crate::shard::{self, Command, Dispatcher, Published};
 /// Capacity of the channel between the broker and the dispatcher.
 const DISPATCH_CHANNEL: usize = 8192;
 
+/// What a connection needs to join and leave topics: the shards and the broker. Shared (in an
+/// `Arc`) by the runtime and every [`WsSink`](crate::ws::types::WsSink).
+#[derive(Debug)]
+pub(crate) struct Hub {
+    shards: Arc<[mpsc::Sender<Command>]>,
+    pub(crate) broker: BrokerHandle,
+}
+
+impl Hub {
+    /// Subscribes `conn` to `topic` in its shard, then waits until the broker delivers the topic
+    /// to this instance. `false` if the runtime is gone.
+    pub(crate) async fn join(&self, conn: &Arc<Conn>, topic: &str) -> bool {
+        let (done, wait) = oneshot::channel();
+        let cmd = Command::Subscribe {
+            conn: conn.clone(),
+            topic: Arc::from(topic),
+            done,
+        };
+        let subscribed = self.shards[conn.shard].send(cmd).await.is_ok() && wait.await.is_ok();
+        if subscribed {
+            self.broker.wait_subscribed(topic).await;
+        }
+        subscribed
+    }
+
+    /// Removes `conn` from `topic`.
+    pub(crate) async fn leave(&self, conn: &Conn, topic: &str) {
+        let cmd = Command::Unsubscribe {
+            conn_id: conn.id,
+            topic: Arc::from(topic),
+        };
+        let _ = self.shards[conn.shard].send(cmd).await;
+    }
+
+    /// Removes `conn` from every topic it joined.
+    pub(crate) async fn remove(&self, conn: &Conn) {
+        let _ = self.shards[conn.shard]
+            .send(Command::Remove { conn_id: conn.id })
+            .await;
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Runtime {
     pub(crate) config: Config,
-    shards: Arc<[mpsc::Sender<Command>]>,
-    pub(crate) broker: BrokerHandle,
+    pub(crate) hub: Arc<Hub>,
     pub(crate) metrics: Arc<Metrics>,
     /// Random per instance, so connection ids are unique across instances.
     instance: u64,
@@ -34,35 +75,48 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     /// Starts shards, dispatcher and broker. Must be called inside a tokio runtime.
-    pub(crate) fn start(config: Config) -> Self {
+    pub(crate) fn start(config: Config, redis: Option<(&str, String)>) -> Result<Self, String> {
         let metrics = Arc::new(Metrics::default());
+        let instance = rand_u64();
         let (pub_tx, pub_rx) = mpsc::channel::<Published>(DISPATCH_CHANNEL);
-        let broker = BrokerHandle::Local(LocalBroker::new(pub_tx));
+        let broker = match redis {
+            None => BrokerHandle::Local(LocalBroker::new(pub_tx)),
+            Some((url, prefix)) => BrokerHandle::Redis(RedisBroker::start(
+                url,
+                prefix,
+                instance,
+                pub_tx,
+                metrics.clone(),
+            )?),
+        };
         let interest = broker.interest();
         let shards: Arc<[_]> = (0..config.shards.max(1))
             .map(|_| shard::spawn_shard(config.shard_channel, interest.clone(), metrics.clone()))
             .collect();
         tokio::spawn(Dispatcher::new(shards.clone()).run(pub_rx));
-        Self {
+        Ok(Self {
             config,
-            shards,
-            broker,
+            hub: Arc::new(Hub { shards, broker }),
             metrics,
-            instance: rand_u64(),
+            instance,
             next_conn: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             conn_ended: Notify::new(),
-        }
+        })
     }
 
     pub(crate) fn shard_count(&self) -> usize {
-        self.shards.len()
+        self.hub.shards.len()
+    }
+
+    pub(crate) fn broker(&self) -> &BrokerHandle {
+        &self.hub.broker
     }
 
     /// A new connection, assigned round-robin to a shard.
     pub(crate) fn new_conn(&self) -> Arc<Conn> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let shard = (n % self.shards.len() as u64) as usize;
+        let shard = (n % self.hub.shards.len() as u64) as usize;
         Arc::new(Conn::new(
             Uuid::from_u64_pair(self.instance, n),
             shard,
@@ -70,29 +124,11 @@ impl Runtime {
         ))
     }
 
-    /// Subscribes `conn` to `topic` in its shard; resolves once the subscription is in place.
-    pub(crate) async fn subscribe(&self, conn: &Arc<Conn>, topic: Arc<str>) -> bool {
-        let (done, wait) = oneshot::channel();
-        let cmd = Command::Subscribe {
-            conn: conn.clone(),
-            topic,
-            done,
-        };
-        self.shards[conn.shard].send(cmd).await.is_ok() && wait.await.is_ok()
-    }
-
-    /// Removes `conn` from every topic it joined.
-    pub(crate) async fn remove(&self, conn: &Conn) {
-        let _ = self.shards[conn.shard]
-            .send(Command::Remove { conn_id: conn.id })
-            .await;
-    }
-
     pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
         if self.is_shutting_down() {
             return Err(PublishError::Closed);
         }
-        let res = self.broker.publish(topic, payload).await;
+        let res = self.hub.broker.publish(topic, payload).await;
         self.metrics.published(res.is_ok());
         res
     }
@@ -114,7 +150,7 @@ impl Runtime {
     /// waits (up to the shutdown timeout) until every connection has run `on_disconnect`.
     pub(crate) async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        for shard in self.shards.iter() {
+        for shard in self.hub.shards.iter() {
             let (done, wait) = oneshot::channel();
             let cmd = Command::CloseAll {
                 code: close_code::GOING_AWAY,
@@ -143,6 +179,12 @@ impl Runtime {
                 "shutdown timeout: connections still open"
             );
         }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.hub.broker.stop();
     }
 }
 

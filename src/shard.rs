@@ -38,6 +38,8 @@ pub(crate) enum Command {
         topic: Arc<str>,
         done: oneshot::Sender<()>,
     },
+    /// Remove the connection from one topic.
+    Unsubscribe { conn_id: Uuid, topic: Arc<str> },
     /// Remove the connection from every topic it joined.
     Remove { conn_id: Uuid },
     /// Push an encoded frame to every local subscriber of `topic`.
@@ -74,6 +76,14 @@ impl Shard {
                 self.subscribe(conn, topic);
                 let _ = done.send(());
             }
+            Command::Unsubscribe { conn_id, topic } => {
+                if let Some((_, joined)) = self.conns.get_mut(&conn_id) {
+                    if let Some(pos) = joined.iter().position(|t| *t == topic) {
+                        joined.swap_remove(pos);
+                        self.unsubscribe(conn_id, &topic);
+                    }
+                }
+            }
             Command::Remove { conn_id } => {
                 if let Some((_, joined)) = self.conns.remove(&conn_id) {
                     for topic in joined {
@@ -91,6 +101,10 @@ impl Shard {
     }
 
     fn subscribe(&mut self, conn: Arc<Conn>, topic: Arc<str>) {
+        if conn.is_ending() {
+            // Its `Remove` may already have been applied: adding it now would leak the entry.
+            return;
+        }
         let entry = self
             .conns
             .entry(conn.id)

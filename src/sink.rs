@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::frame;
 use crate::outbound::{Conn, Push};
+use crate::runtime::Hub;
 
 /// A cheap, cloneable handle that queues frames for one connection.
 ///
@@ -17,6 +18,7 @@ use crate::outbound::{Conn, Push};
 #[derive(Clone)]
 pub struct WsSink {
     conn: Arc<Conn>,
+    hub: Arc<Hub>,
 }
 
 /// Why a frame could not be queued.
@@ -52,8 +54,25 @@ impl fmt::Debug for WsSink {
 }
 
 impl WsSink {
-    pub(crate) fn new(conn: Arc<Conn>) -> Self {
-        Self { conn }
+    pub(crate) fn new(conn: Arc<Conn>, hub: Arc<Hub>) -> Self {
+        Self { conn, hub }
+    }
+
+    /// Subscribes this connection to one more topic; resolves once the topic's messages reach
+    /// it (with Redis: once Redis confirmed the subscription, or after 2 s if Redis is down).
+    ///
+    /// The runtime does not authorize topics: check the user's access (as your upgrade
+    /// validator does) before calling it. Joining a topic twice is a no-op.
+    pub async fn join(&self, topic: &str) -> Result<(), SendError> {
+        if self.conn.is_ending() || !self.hub.join(&self.conn, topic).await {
+            return Err(SendError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes this connection from `topic` (the one it opened with included).
+    pub async fn leave(&self, topic: &str) {
+        self.hub.leave(&self.conn, topic).await;
     }
 
     /// Queues a text frame.

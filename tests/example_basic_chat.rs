@@ -6,6 +6,7 @@ mod support;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+use support::redis_server::start_redis;
 use support::*;
 
 /// The example binary `cargo test` built next to this test (built on demand otherwise).
@@ -24,14 +25,6 @@ fn example_binary() -> PathBuf {
     bin
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Running(Child);
 
 impl Drop for Running {
@@ -42,10 +35,18 @@ impl Drop for Running {
 }
 
 async fn start_example(port: u16) -> Running {
-    let child = Command::new(example_binary())
-        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+    start_example_with(port, None).await
+}
+
+async fn start_example_with(port: u16, redis_url: Option<&str>) -> Running {
+    let mut cmd = Command::new(example_binary());
+    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("SHARDS", "2")
-        .env_remove("REDIS_URL")
+        .env_remove("REDIS_URL");
+    if let Some(url) = redis_url {
+        cmd.env("REDIS_URL", url);
+    }
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -92,4 +93,64 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+async fn http_status(port: u16, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_rooms_through_redis() {
+    let Some(redis) = start_redis("two_processes_share_rooms_through_redis") else {
+        return;
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let _a = start_example_with(pa, Some(&redis.url())).await;
+    let _b = start_example_with(pb, Some(&redis.url())).await;
+    for port in [pa, pb] {
+        let ok = tokio::time::timeout(WAIT, async {
+            while http_status(port, "/ready").await != 200 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(ok.is_ok(), "instance on {port} never became ready");
+    }
+    let mut alice = connect(format!("127.0.0.1:{pa}").parse().unwrap(), "general", ALICE).await;
+    let mut bob = connect(format!("127.0.0.1:{pb}").parse().unwrap(), "general", BOB).await;
+    bob.send_text(&send_message("general", "from b")).await;
+    for c in [&mut alice, &mut bob] {
+        let m = c.recv_json().await;
+        assert_eq!(m["NewMessage"]["username"], "bob");
+        assert_eq!(m["NewMessage"]["text"], "from b");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_reachable_redis_health_is_ok_and_ready_is_503() {
+    // Nothing listens on this port.
+    let dead = format!("redis://127.0.0.1:{}/", free_port());
+    let port = free_port();
+    let _server = start_example_with(port, Some(&dead)).await;
+    assert_eq!(http_status(port, "/health").await, 200);
+    assert_eq!(http_status(port, "/ready").await, 503);
+    // A chat message cannot be broadcast: the sender is told, and the connection stays open.
+    let mut alice = connect(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "general",
+        ALICE,
+    )
+    .await;
+    alice.send_text(&send_message("general", "anyone?")).await;
+    let err = alice.recv_json().await;
+    assert_eq!(err["type"], "error", "{err}");
+    alice.assert_nothing_pending().await;
 }

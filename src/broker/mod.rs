@@ -10,6 +10,8 @@
 //! path then needs no boxing.
 
 pub(crate) mod local;
+pub(crate) mod redis;
+mod resp;
 
 use std::fmt;
 use std::sync::Arc;
@@ -63,6 +65,7 @@ impl std::error::Error for PublishError {
 #[derive(Debug, Clone)]
 pub(crate) enum BrokerHandle {
     Local(local::LocalBroker),
+    Redis(redis::RedisBroker),
 }
 
 impl BrokerHandle {
@@ -70,6 +73,7 @@ impl BrokerHandle {
     pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
         match self {
             Self::Local(b) => b.publish(topic, payload).await,
+            Self::Redis(b) => b.publish(topic, payload).await,
         }
     }
 
@@ -77,6 +81,7 @@ impl BrokerHandle {
     pub(crate) fn is_live(&self) -> bool {
         match self {
             Self::Local(_) => true,
+            Self::Redis(b) => b.is_live(),
         }
     }
 
@@ -84,6 +89,21 @@ impl BrokerHandle {
     pub(crate) fn interest(&self) -> Arc<dyn TopicInterest> {
         match self {
             Self::Local(_) => Arc::new(local::NoInterest),
+            Self::Redis(b) => b.interest(),
+        }
+    }
+
+    /// Resolves once the broker delivers `topic` to this instance (at once in-process).
+    pub(crate) async fn wait_subscribed(&self, topic: &str) {
+        if let Self::Redis(b) = self {
+            b.wait_subscribed(topic).await;
+        }
+    }
+
+    /// Stops background tasks (the service is being dropped).
+    pub(crate) fn stop(&self) {
+        if let Self::Redis(b) = self {
+            b.stop();
         }
     }
 }

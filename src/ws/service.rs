@@ -27,7 +27,7 @@ impl<H: MessageHandler> std::fmt::Debug for WebsocketService<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebsocketService")
             .field("shards", &self.runtime.shard_count())
-            .field("broker", &self.runtime.broker)
+            .field("broker", self.runtime.broker())
             .field("metrics", &self.metrics())
             .finish_non_exhaustive()
     }
@@ -54,6 +54,7 @@ impl<H: MessageHandler> WebsocketService<H> {
             app_state,
             config: Config::default(),
             redis_url: None,
+            channel_prefix: String::new(),
         }
     }
 
@@ -90,7 +91,7 @@ impl<H: MessageHandler> WebsocketService<H> {
     /// Whether the broker connection is live (always true for the in-process broker). Serve it
     /// as a readiness probe.
     pub fn is_ready(&self) -> bool {
-        !self.runtime.is_shutting_down() && self.runtime.broker.is_live()
+        !self.runtime.is_shutting_down() && self.runtime.broker().is_live()
     }
 
     /// Number of shards connections are spread over.
@@ -130,6 +131,7 @@ pub struct WebsocketServiceBuilder<H: MessageHandler> {
     app_state: Arc<H::AppState>,
     config: Config,
     redis_url: Option<String>,
+    channel_prefix: String,
 }
 
 /// Why a service could not be built.
@@ -161,6 +163,13 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// The Redis URL to scale out with; `None` (the default) selects the in-process broker.
     pub fn redis_url(mut self, url: Option<impl Into<String>>) -> Self {
         self.redis_url = url.map(Into::into);
+        self
+    }
+
+    /// A prefix for Redis channel names: topic `general` is channel `<prefix>general`. Default:
+    /// none, so any program can `PUBLISH general …` to reach the topic's subscribers.
+    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.channel_prefix = prefix.into();
         self
     }
 
@@ -200,14 +209,16 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
 
     /// Builds and starts the service.
     pub fn try_build(self) -> Result<Arc<WebsocketService<H>>, BuildError> {
-        if let Some(url) = &self.redis_url {
-            return Err(BuildError::InvalidRedisUrl(format!(
-                "{}: the Redis broker is not available in this build",
-                redact(url)
-            )));
-        }
+        let redis = self
+            .redis_url
+            .as_deref()
+            .map(|url| (url, self.channel_prefix.clone()));
+        let runtime = Runtime::start(self.config, redis).map_err(|e| {
+            let url = self.redis_url.as_deref().unwrap_or_default();
+            BuildError::InvalidRedisUrl(format!("{}: {e}", redact(url)))
+        })?;
         Ok(Arc::new(WebsocketService {
-            runtime: Runtime::start(self.config),
+            runtime,
             handler: self.handler,
             app_state: self.app_state,
         }))

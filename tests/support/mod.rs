@@ -5,6 +5,8 @@
 #[allow(dead_code, missing_docs)]
 #[path = "../../examples/basic_chat.rs"]
 pub mod chat;
+pub mod proxy;
+pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,12 +33,38 @@ pub struct Server {
 
 /// Serves the example's router with `shards` shards and the in-process broker.
 pub async fn chat_server(shards: usize) -> Server {
-    let service = chat::chat_service(None, Some(shards));
+    chat_server_with(None, shards).await
+}
+
+/// Serves the example's router; with `redis_url`, waits until the instance is ready.
+pub async fn chat_server_with(redis_url: Option<String>, shards: usize) -> Server {
+    let service = chat::chat_service(redis_url, Some(shards));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = chat::chat_router(service.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
+    let ready = service.clone();
+    wait_until("instance ready", move || ready.is_ready()).await;
     Server { addr, service }
+}
+
+/// Polls `cond` every 10 ms until it holds; fails the test after [`WAIT`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let ok = tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "timed out waiting for: {what}");
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One received frame.

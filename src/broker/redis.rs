@@ -1,0 +1,717 @@
+//! The Redis broker: instances share topics through Redis Pub/Sub.
+//!
+//! # Publishing
+//! One long-lived multiplexed connection (redis-rs `ConnectionManager`): concurrent publishes are
+//! pipelined on it, and it reconnects by itself. Every publish is bounded by
+//! [`PUBLISH_TIMEOUT`], so while Redis is unreachable a caller gets an error within a second
+//! instead of waiting or queuing.
+//!
+//! # Subscribing
+//! One subscriber connection per instance, driven by our own small RESP2 reader so that
+//! - it reads continuously into one buffer (Redis never drops it for a full output buffer while
+//!   the dispatcher keeps up), and hands payloads on as `Bytes` slices of that buffer;
+//! - its hand-off to the dispatcher is a bounded channel (redis-rs's pub/sub stream is unbounded);
+//! - subscriptions are reference-counted per instance: a topic is SUBSCRIBEd when its first shard
+//!   gains a subscriber and UNSUBSCRIBEd when its last shard loses one, changes coalesced into
+//!   batched commands of at most [`BATCH`] channels;
+//! - after a reconnect (capped exponential backoff with jitter) every live topic is re-subscribed
+//!   in one pipelined write, and no client has to reconnect;
+//! - a probe published on an instance-private channel every [`PROBE_INTERVAL`] must come back
+//!   within [`PROBE_TIMEOUT`], or the connection is rebuilt: this catches a connection that is
+//!   open but no longer delivering. The broker counts as live (readiness) only while probes come
+//!   back, which proves the whole path: publisher → Redis → subscriber.
+//!
+//! After a publish fails, further publishes fail at once (no queuing, no waiting on reconnect
+//! attempts) until a probe publish succeeds again, which is tried every [`PROBE_RETRY`].
+//!
+//! Delivery is at-most-once across an outage, like Redis Pub/Sub itself.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ahash::{AHashMap, AHashSet};
+use bytes::{Bytes, BytesMut};
+use redis::ConnectionAddr;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::PublishError;
+use super::resp::{self, Value};
+use crate::metrics::Metrics;
+use crate::shard::{Published, TopicInterest};
+
+/// Longest a publish may take before the caller gets [`PublishError::Timeout`].
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most channels in one SUBSCRIBE or UNSUBSCRIBE command.
+pub(crate) const BATCH: usize = 512;
+/// How often the subscriber's liveness probe is sent.
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// How soon a probe whose publish failed is tried again.
+const PROBE_RETRY: Duration = Duration::from_millis(100);
+/// How long a probe may take to come back before the connection is rebuilt.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for a new subscription's confirmation before a connection proceeds anyway.
+pub(crate) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Where and how to connect, taken from the URL.
+#[derive(Debug, Clone)]
+struct Target {
+    host: String,
+    port: u16,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// Subscription bookkeeping shared by the shards (through [`TopicInterest`]), the connections
+/// waiting for confirmation, and the subscriber task.
+#[derive(Debug, Default)]
+struct Interest {
+    /// Topic → number of shards with at least one local subscriber. The keys are the topics this
+    /// instance wants.
+    counts: AHashMap<Arc<str>, usize>,
+    /// Topics whose wanted state changed since the subscriber last looked.
+    dirty: AHashSet<Arc<str>>,
+    /// Topics Redis confirmed on the current subscriber connection.
+    confirmed: AHashSet<Arc<str>>,
+    /// Connections waiting for a topic's confirmation.
+    waiters: AHashMap<Arc<str>, Vec<oneshot::Sender<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Guarded by a std mutex: held for map updates only, never across an await.
+    interest: Mutex<Interest>,
+    /// Wakes the subscriber task when `dirty` gains a topic.
+    wake: Notify,
+    /// True while the last probe came back: publish → Redis → our subscriber connection works.
+    live: AtomicBool,
+    /// False after a publish failed, until a probe publish succeeds again. While false, publishes
+    /// fail at once instead of each waiting for a reconnect attempt.
+    publisher_ok: AtomicBool,
+    /// `<prefix>` prepended to every topic to form the channel name.
+    prefix: String,
+    /// Set when the service is dropped; the subscriber task then ends.
+    stopped: AtomicBool,
+    stop: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Interest> {
+        self.interest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl TopicInterest for Shared {
+    fn first_in_shard(&self, topic: &Arc<str>) {
+        let mut st = self.lock();
+        let n = st.counts.entry(topic.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            st.dirty.insert(topic.clone());
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    fn last_in_shard(&self, topic: &Arc<str>) {
+        let mut st = self.lock();
+        let Some(n) = st.counts.get_mut(topic) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            st.counts.remove(topic);
+            st.dirty.insert(topic.clone());
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The publishing connection: a redis-rs `ConnectionManager`, which reconnects by itself when
+/// the connection breaks, replaced outright when a publish times out — a connection that went
+/// silent is not "broken" to redis-rs and would otherwise time out forever.
+struct Publisher {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Generation and connection. A std mutex held only to clone or swap, never across an await.
+    current: Mutex<(u64, ConnectionManager)>,
+}
+
+impl Publisher {
+    fn new(client: redis::Client) -> Result<Self, String> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(PUBLISH_TIMEOUT))
+            .set_response_timeout(Some(PUBLISH_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            config,
+            current: Mutex::new((0, conn)),
+        })
+    }
+
+    fn get(&self) -> (u64, ConnectionManager) {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces connection `generation` (if still current) with a fresh, lazily connected one.
+    fn replace(&self, generation: u64) {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.0 != generation {
+            return;
+        }
+        if let Ok(conn) =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+        {
+            *cur = (generation + 1, conn);
+        }
+    }
+
+    /// Publishes once, within [`PUBLISH_TIMEOUT`].
+    async fn publish(&self, channel: &[u8], payload: &[u8]) -> Result<(), PublishError> {
+        let (generation, mut conn) = self.get();
+        let cmd = redis::cmd("PUBLISH").arg(channel).arg(payload).to_owned();
+        let attempt = async {
+            match cmd.query_async::<i64>(&mut conn).await {
+                // The connection was found dead (Redis restarted, say): the manager reconnects,
+                // and the publish is tried once more on the new connection. A retry can
+                // duplicate only a message the old server processed but never acknowledged
+                // before it went away.
+                Err(e) if e.is_connection_dropped() => cmd.query_async::<i64>(&mut conn).await,
+                other => other,
+            }
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, attempt).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                if e.is_timeout() {
+                    self.replace(generation);
+                }
+                Err(PublishError::Unavailable(e.to_string()))
+            }
+            Err(_) => {
+                self.replace(generation);
+                Err(PublishError::Timeout)
+            }
+        }
+    }
+}
+
+/// The Redis side of one instance.
+#[derive(Clone)]
+pub(crate) struct RedisBroker {
+    publisher: Arc<Publisher>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("live", &self.shared.live.load(Ordering::Relaxed))
+            .field("prefix", &self.shared.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Validates the URL, creates the (lazy) publisher and spawns the subscriber task. Nothing
+    /// here waits for Redis: an instance starts, unready, while Redis is down.
+    pub(crate) fn start(
+        url: &str,
+        prefix: String,
+        instance: u64,
+        dispatch: mpsc::Sender<Published>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let info = client.get_connection_info();
+        let (host, port) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+            _ => return Err("only redis:// URLs over TCP are supported".into()),
+        };
+        let settings = info.redis_settings();
+        let target = Target {
+            host,
+            port,
+            username: settings.username().map(str::to_owned),
+            password: settings.password().map(str::to_owned),
+        };
+        let publisher = Arc::new(Publisher::new(client)?);
+        let shared = Arc::new(Shared {
+            interest: Mutex::new(Interest::default()),
+            wake: Notify::new(),
+            live: AtomicBool::new(false),
+            publisher_ok: AtomicBool::new(true),
+            prefix,
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+        });
+        let probe_channel = format!("{}__rtk_probe:{instance:016x}", shared.prefix);
+        let task = Subscriber {
+            shared: shared.clone(),
+            target,
+            publisher: publisher.clone(),
+            dispatch,
+            probe_channel: Bytes::from(probe_channel),
+            actual: AHashSet::new(),
+            pending_acks: AHashMap::new(),
+            metrics,
+        };
+        tokio::spawn(task.run());
+        Ok(Self { publisher, shared })
+    }
+
+    pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+        if !self.shared.publisher_ok.load(Ordering::Acquire) {
+            return Err(PublishError::Unavailable(
+                "Redis unreachable; reconnecting".into(),
+            ));
+        }
+        let mut channel = String::with_capacity(self.shared.prefix.len() + topic.len());
+        channel.push_str(&self.shared.prefix);
+        channel.push_str(topic);
+        let res = self.publisher.publish(channel.as_bytes(), &payload).await;
+        if res.is_err() {
+            self.shared.publisher_ok.store(false, Ordering::Release);
+        }
+        res
+    }
+
+    /// Ends the subscriber task (the service is going away).
+    pub(crate) fn stop(&self) {
+        self.shared.stopped.store(true, Ordering::Release);
+        self.shared.stop.notify_one();
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.shared.live.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn interest(&self) -> Arc<dyn TopicInterest> {
+        self.shared.clone()
+    }
+
+    /// Resolves once Redis confirmed `topic` on the subscriber connection, or after
+    /// [`SUBSCRIBE_WAIT`] (Redis down: the connection proceeds and is covered by the
+    /// re-subscription once Redis is back).
+    pub(crate) async fn wait_subscribed(&self, topic: &str) {
+        let rx = {
+            let mut st = self.shared.lock();
+            if st.confirmed.contains(topic) {
+                return;
+            }
+            let Some((key, _)) = st.counts.get_key_value(topic) else {
+                return;
+            };
+            let key = key.clone();
+            let (tx, rx) = oneshot::channel();
+            st.waiters.entry(key).or_default().push(tx);
+            rx
+        };
+        let _ = tokio::time::timeout(SUBSCRIBE_WAIT, rx).await;
+    }
+}
+
+/// Why a subscriber connection was given up.
+#[derive(Debug)]
+enum Lost {
+    Io(std::io::Error),
+    Protocol(String),
+    ProbeTimeout,
+    Shutdown,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "i/o: {e}"),
+            Self::Protocol(e) => write!(f, "protocol: {e}"),
+            Self::ProbeTimeout => {
+                write!(f, "liveness probe not delivered within {PROBE_TIMEOUT:?}")
+            }
+            Self::Shutdown => f.write_str("shutdown"),
+        }
+    }
+}
+
+struct Subscriber {
+    shared: Arc<Shared>,
+    target: Target,
+    publisher: Arc<Publisher>,
+    dispatch: mpsc::Sender<Published>,
+    probe_channel: Bytes,
+    /// Topics subscribed (or being subscribed) on the current connection.
+    actual: AHashSet<Arc<str>>,
+    /// SUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet.
+    pending_acks: AHashMap<Arc<str>, u32>,
+    metrics: Arc<Metrics>,
+}
+
+impl Subscriber {
+    async fn run(mut self) {
+        let mut failures: u32 = 0;
+        loop {
+            if self.shared.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let lost = match self.connect().await {
+                Ok(stream) => {
+                    let lost = self.serve(stream, &mut failures).await;
+                    if matches!(lost, Lost::Shutdown) {
+                        return;
+                    }
+                    lost
+                }
+                Err(e) => Lost::Io(e),
+            };
+            self.shared.live.store(false, Ordering::Release);
+            self.metrics.broker_reconnect();
+            self.actual.clear();
+            self.pending_acks.clear();
+            self.shared.lock().confirmed.clear();
+            failures = failures.saturating_add(1);
+            let delay = backoff(failures);
+            tracing::warn!(error = %lost, retry_in = ?delay, "redis subscriber connection lost");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shared.stop.notified() => return,
+            }
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        let t = &self.target;
+        let connect = TcpStream::connect((t.host.as_str(), t.port));
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let _ = stream.set_nodelay(true);
+        if let Some(password) = &t.password {
+            let mut cmd = Vec::new();
+            match &t.username {
+                Some(user) => resp::encode_command(
+                    &mut cmd,
+                    [&b"AUTH"[..], user.as_bytes(), password.as_bytes()].into_iter(),
+                ),
+                None => {
+                    resp::encode_command(&mut cmd, [&b"AUTH"[..], password.as_bytes()].into_iter())
+                }
+            }
+            stream.write_all(&cmd).await?;
+            let mut buf = BytesMut::with_capacity(256);
+            let reply = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                loop {
+                    if let Some(v) = resp::parse(&mut buf).map_err(std::io::Error::other)? {
+                        return Ok::<_, std::io::Error>(v);
+                    }
+                    if stream.read_buf(&mut buf).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+            })
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            if let Value::Error(e) = reply {
+                return Err(std::io::Error::other(format!(
+                    "AUTH refused: {}",
+                    String::from_utf8_lossy(&e)
+                )));
+            }
+        }
+        Ok(stream)
+    }
+
+    /// Runs one connection until it is lost.
+    async fn serve(&mut self, mut stream: TcpStream, failures: &mut u32) -> Lost {
+        // Re-subscribe everything wanted, the probe channel first, in one pipelined write.
+        let wanted: Vec<Arc<str>> = {
+            let mut st = self.shared.lock();
+            st.dirty.clear();
+            st.counts.keys().cloned().collect()
+        };
+        let mut out = Vec::new();
+        resp::encode_command(
+            &mut out,
+            [&b"SUBSCRIBE"[..], &self.probe_channel].into_iter(),
+        );
+        self.subscribe_cmds(&mut out, wanted);
+        if let Err(e) = stream.write_all(&out).await {
+            return Lost::Io(e);
+        }
+
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut probe = Probe::new();
+        let (probe_tx, mut probe_failed) = mpsc::channel::<()>(4);
+        let mut tick = tokio::time::interval(PROBE_RETRY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Everything complete in the buffer first.
+            loop {
+                match resp::parse(&mut buf) {
+                    Ok(Some(v)) => {
+                        if let Err(lost) = self.handle(v, &mut probe, failures).await {
+                            return lost;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Lost::Protocol(e.to_string()),
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(64 * 1024);
+            }
+            tokio::select! {
+                read = stream.read_buf(&mut buf) => match read {
+                    Ok(0) => return Lost::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => {}
+                    Err(e) => return Lost::Io(e),
+                },
+                _ = self.shared.wake.notified() => {
+                    let mut out = Vec::new();
+                    self.reconcile(&mut out);
+                    if !out.is_empty() {
+                        if let Err(e) = stream.write_all(&out).await {
+                            return Lost::Io(e);
+                        }
+                    }
+                }
+                Some(()) = probe_failed.recv() => {
+                    probe.in_flight = false;
+                    probe.next_at = Instant::now() + PROBE_RETRY;
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if probe.unanswered_since.is_some_and(|t| now - t > PROBE_TIMEOUT) {
+                        return Lost::ProbeTimeout;
+                    }
+                    if !probe.in_flight && now >= probe.next_at {
+                        probe.in_flight = true;
+                        probe.unanswered_since.get_or_insert(now);
+                        self.send_probe(probe_tx.clone());
+                    }
+                }
+                _ = self.dispatch.closed() => return Lost::Shutdown,
+                _ = self.shared.stop.notified() => return Lost::Shutdown,
+            }
+        }
+    }
+
+    /// Publishes one probe in the background; a failure is reported on `failed`.
+    fn send_probe(&self, failed: mpsc::Sender<()>) {
+        let publisher = self.publisher.clone();
+        let channel = self.probe_channel.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            match publisher.publish(&channel, b"probe").await {
+                Ok(()) => shared.publisher_ok.store(true, Ordering::Release),
+                Err(_) => {
+                    shared.publisher_ok.store(false, Ordering::Release);
+                    let _ = failed.send(()).await;
+                }
+            }
+        });
+    }
+
+    /// Appends SUBSCRIBE commands (at most [`BATCH`] channels each) for `topics`.
+    fn subscribe_cmds(&mut self, out: &mut Vec<u8>, topics: Vec<Arc<str>>) {
+        for t in &topics {
+            self.actual.insert(t.clone());
+            *self.pending_acks.entry(t.clone()).or_insert(0) += 1;
+        }
+        self.channel_cmds(out, b"SUBSCRIBE", &topics);
+    }
+
+    fn channel_cmds(&self, out: &mut Vec<u8>, verb: &[u8], topics: &[Arc<str>]) {
+        let prefix = self.shared.prefix.as_bytes();
+        for chunk in topics.chunks(BATCH) {
+            let channels: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|t| [prefix, t.as_bytes()].concat())
+                .collect();
+            let parts = std::iter::once(verb).chain(channels.iter().map(Vec::as_slice));
+            resp::encode_command(out, parts.collect::<Vec<_>>().into_iter());
+        }
+    }
+
+    /// Brings the connection's subscriptions in line with what the shards want, for the topics
+    /// that changed since last time.
+    fn reconcile(&mut self, out: &mut Vec<u8>) {
+        let (subscribe, unsubscribe) = {
+            let mut st = self.shared.lock();
+            let mut sub = Vec::new();
+            let mut unsub = Vec::new();
+            for t in std::mem::take(&mut st.dirty) {
+                let wanted = st.counts.contains_key(&t);
+                let have = self.actual.contains(&t);
+                if wanted && !have {
+                    sub.push(t);
+                } else if !wanted && have {
+                    st.confirmed.remove(&t);
+                    st.waiters.remove(&t);
+                    unsub.push(t);
+                }
+            }
+            (sub, unsub)
+        };
+        for t in &unsubscribe {
+            self.actual.remove(t);
+        }
+        if !subscribe.is_empty() {
+            self.subscribe_cmds(out, subscribe);
+        }
+        if !unsubscribe.is_empty() {
+            self.channel_cmds(out, b"UNSUBSCRIBE", &unsubscribe);
+        }
+    }
+
+    /// Handles one value from the subscriber connection.
+    async fn handle(
+        &mut self,
+        v: Value,
+        probe: &mut Probe,
+        failures: &mut u32,
+    ) -> Result<(), Lost> {
+        let items = match v {
+            Value::Array(Some(items)) => items,
+            Value::Error(e) => {
+                return Err(Lost::Protocol(String::from_utf8_lossy(&e).into_owned()));
+            }
+            _ => return Ok(()),
+        };
+        let mut it = items.into_iter();
+        let (Some(Value::Bulk(Some(kind))), Some(second)) = (it.next(), it.next()) else {
+            return Ok(());
+        };
+        let channel = match second {
+            Value::Bulk(Some(c)) => c,
+            _ => return Ok(()),
+        };
+        match &kind[..] {
+            b"message" => {
+                let Some(Value::Bulk(Some(payload))) = it.next() else {
+                    return Ok(());
+                };
+                if channel == self.probe_channel {
+                    probe.answered();
+                    if !self.shared.live.swap(true, Ordering::AcqRel) {
+                        tracing::info!("redis broker live");
+                    }
+                    *failures = 0;
+                    return Ok(());
+                }
+                let Some(topic) = self.topic_of(&channel) else {
+                    return Ok(());
+                };
+                if self
+                    .dispatch
+                    .send(Published { topic, payload })
+                    .await
+                    .is_err()
+                {
+                    return Err(Lost::Shutdown);
+                }
+            }
+            b"subscribe" => {
+                if channel == self.probe_channel {
+                    return Ok(());
+                }
+                let Some(topic) = self.topic_of(&channel) else {
+                    return Ok(());
+                };
+                let done = match self.pending_acks.get_mut(&topic) {
+                    Some(n) => {
+                        *n -= 1;
+                        *n == 0
+                    }
+                    None => false,
+                };
+                if done {
+                    self.pending_acks.remove(&topic);
+                    let mut st = self.shared.lock();
+                    st.confirmed.insert(topic.clone());
+                    for w in st.waiters.remove(&topic).unwrap_or_default() {
+                        let _ = w.send(());
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The interned topic of a channel this connection subscribed to (no allocation).
+    fn topic_of(&self, channel: &[u8]) -> Option<Arc<str>> {
+        let name = channel.strip_prefix(self.shared.prefix.as_bytes())?;
+        let name = std::str::from_utf8(name).ok()?;
+        self.actual.get(name).cloned()
+    }
+}
+
+/// The liveness probe of one subscriber connection: a message published on the instance's probe
+/// channel must come back on this connection.
+#[derive(Debug)]
+struct Probe {
+    /// A probe publish is under way or published and not yet received.
+    in_flight: bool,
+    /// When the oldest unanswered probe was sent; past [`PROBE_TIMEOUT`] the connection is
+    /// rebuilt.
+    unanswered_since: Option<Instant>,
+    /// When to send the next probe.
+    next_at: Instant,
+}
+
+impl Probe {
+    fn new() -> Self {
+        Self {
+            in_flight: false,
+            unanswered_since: None,
+            next_at: Instant::now(),
+        }
+    }
+
+    fn answered(&mut self) {
+        self.in_flight = false;
+        self.unanswered_since = None;
+        self.next_at = Instant::now() + PROBE_INTERVAL;
+    }
+}
+
+/// Capped exponential backoff with ±50 % jitter.
+fn backoff(failures: u32) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(1u32 << failures.min(10).saturating_sub(1))
+        .min(BACKOFF_MAX);
+    let jitter = (uuid::Uuid::new_v4().as_u64_pair().0 % 1000) as f64 / 1000.0; // 0..1
+    base.mul_f64(0.5 + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for f in 1..40 {
+            let d = backoff(f);
+            assert!(
+                d >= BACKOFF_MIN / 2 && d <= BACKOFF_MAX.mul_f64(1.5),
+                "{f}: {d:?}"
+            );
+        }
+        assert!(backoff(1) < Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,101 @@
+//! A private `redis-server` per test, on a free port, stopped by PID when dropped. Never 6379.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+/// Starts a private Redis, or returns `None` (after saying so loudly) when `redis-server` is not
+/// installed. With `RTK_REQUIRE_REDIS=1` (set by `.ci/run`) a missing server fails the test.
+pub fn start_redis(test: &str) -> Option<RedisServer> {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        if std::env::var("RTK_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+            panic!("{test}: redis-server not found and RTK_REQUIRE_REDIS=1");
+        }
+        // Straight to the stderr handle: the test harness captures `eprintln!` of passing tests,
+        // and a skip must be seen.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED {test}: redis-server is not installed. \
+             Install it (Debian: apt-get install redis-server) to run the Redis tests. ***\n"
+        );
+        return None;
+    }
+    let port = super::free_port();
+    let mut server = RedisServer { port, child: None };
+    server.spawn();
+    Some(server)
+}
+
+impl RedisServer {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn spawn(&mut self) {
+        assert_ne!(self.port, 6379);
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + super::WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the server (SIGKILL, by PID) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
