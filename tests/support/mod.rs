@@ -37,7 +37,14 @@ pub async fn chat_server(shards: usize) -> Server {
 }
 
 /// Serves the example's router; with `redis_url`, waits until the instance is ready.
+///
+/// `RTK_TEST_SHARDS` overrides the shard count of every test server, to run the whole suite with
+/// one layout: `RTK_TEST_SHARDS=1 cargo test`, `RTK_TEST_SHARDS=4 cargo test`.
 pub async fn chat_server_with(redis_url: Option<String>, shards: usize) -> Server {
+    let shards = std::env::var("RTK_TEST_SHARDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(shards);
     let service = chat::chat_service(redis_url, Some(shards));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
