@@ -21,6 +21,19 @@ pub(crate) struct Config {
     pub(crate) close_timeout: Duration,
     /// How long [`shutdown`](crate::ws::service::WebsocketService::shutdown) waits for clients.
     pub(crate) shutdown_timeout: Duration,
+    /// How often the server pings an otherwise quiet client; `ZERO` disables heartbeats.
+    pub(crate) ping_interval: Duration,
+    /// How long a client may stay silent (no frame at all, pongs included) after a ping.
+    pub(crate) pong_timeout: Duration,
+    /// Longest topic name accepted before the upgrade.
+    pub(crate) max_topic_len: usize,
+    /// Most open connections; further upgrades get 503.
+    pub(crate) max_connections: usize,
+    /// Data messages a connection may send per second on average (token bucket), and the
+    /// bucket's size. `None` disables the limit.
+    pub(crate) rate_limit: Option<(u32, u32)>,
+    /// How long a connection may keep exceeding the rate limit before it is closed with 1008.
+    pub(crate) rate_limit_grace: Duration,
 }
 
 impl Default for Config {
@@ -33,6 +46,12 @@ impl Default for Config {
             write_delay: Duration::ZERO,
             close_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(30),
+            max_topic_len: 256,
+            max_connections: 100_000,
+            rate_limit: Some((1_000, 20_000)),
+            rate_limit_grace: Duration::from_secs(3),
         }
     }
 }

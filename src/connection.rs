@@ -11,6 +11,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -18,6 +19,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWrite, ReadHalf};
 use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::frame::{self, FrameParser, Message, MessageAssembler, OpCode, close_code};
@@ -169,9 +171,14 @@ async fn read_loop<H: MessageHandler>(
     inbound: &mut Inbound,
     buf: &mut BytesMut,
 ) -> End {
-    let max = service.runtime.config.max_message_size;
+    let config = &service.runtime.config;
+    let max = config.max_message_size;
     let parser = FrameParser::new(max);
     let mut assembler = MessageAssembler::new(max);
+    let mut heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout);
+    let mut limiter = config
+        .rate_limit
+        .map(|(rate, burst)| RateLimiter::new(rate, burst, config.rate_limit_grace));
     loop {
         let frame = match parser.parse(buf) {
             Ok(Some(frame)) => frame,
@@ -180,13 +187,32 @@ async fn read_loop<H: MessageHandler>(
                     // Nothing pending: give the buffer back while we wait.
                     *buf = BytesMut::new();
                 }
+                let beat = async {
+                    match heartbeat.deadline() {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     biased;
                     _ = conn.ended() => return End::ServerClosed,
                     read = inbound.read_some(buf) => match read {
                         Ok(0) | Err(_) => return End::Eof,
-                        Ok(_) => continue,
+                        Ok(_) => {
+                            heartbeat.heard();
+                            continue;
+                        }
                     },
+                    _ = beat => {
+                        if heartbeat.timed_out() {
+                            tracing::debug!("heartbeat timeout");
+                            conn.close(close_code::GOING_AWAY, "ping timeout", false);
+                            return End::ServerClosed;
+                        }
+                        conn.push_control(frame::encode(OpCode::Ping, b""));
+                        heartbeat.pinged();
+                        continue;
+                    }
                 }
             }
             Err(e) => return violation(service, conn, e),
@@ -203,28 +229,154 @@ async fn read_loop<H: MessageHandler>(
                     Err(e) => violation(service, conn, e),
                 };
             }
-            OpCode::Text | OpCode::Binary | OpCode::Continuation => match assembler.push(frame) {
-                Ok(None) => {}
-                Ok(Some(Message::Text(mut text))) => {
-                    service.runtime.metrics.message_in();
-                    let handled = AssertUnwindSafe(handle_text(service, ctx, &mut text))
-                        .catch_unwind()
-                        .await;
-                    if handled.is_err() {
-                        tracing::error!("message handler panicked");
-                        conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                let message = match assembler.push(frame) {
+                    Ok(None) => continue,
+                    Ok(Some(message)) => message,
+                    Err(e) => return violation(service, conn, e),
+                };
+                service.runtime.metrics.message_in();
+                match limiter.as_mut().map_or(Admit::Yes, RateLimiter::admit) {
+                    Admit::Yes => {}
+                    Admit::DropAndTell => {
+                        send_error(ctx, "Rate limit exceeded: message dropped");
+                        continue;
+                    }
+                    Admit::Drop => continue,
+                    Admit::Close => {
+                        conn.close(close_code::POLICY_VIOLATION, "rate limit exceeded", false);
                         return End::ServerClosed;
                     }
                 }
-                Ok(Some(Message::Binary)) => {
-                    service.runtime.metrics.message_in();
-                    send_error(ctx, "Binary messages are not supported; send JSON text");
+                match message {
+                    Message::Text(mut text) => {
+                        let handled = AssertUnwindSafe(handle_text(service, ctx, &mut text))
+                            .catch_unwind()
+                            .await;
+                        if handled.is_err() {
+                            tracing::error!("message handler panicked");
+                            conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+                            return End::ServerClosed;
+                        }
+                    }
+                    Message::Binary => {
+                        send_error(ctx, "Binary messages are not supported; send JSON text");
+                    }
                 }
-                Err(e) => return violation(service, conn, e),
-            },
+            }
         }
         if conn.is_ending() {
             return End::ServerClosed;
+        }
+    }
+}
+
+/// Server-side heartbeat: ping a connection that has been quiet for `interval`, and give up on
+/// it when it then stays silent for `timeout`.
+#[derive(Debug)]
+struct Heartbeat {
+    interval: Duration,
+    timeout: Duration,
+    last_heard: Instant,
+    pinged_at: Option<Instant>,
+}
+
+impl Heartbeat {
+    fn new(interval: Duration, timeout: Duration) -> Self {
+        Self {
+            interval,
+            timeout,
+            last_heard: Instant::now(),
+            pinged_at: None,
+        }
+    }
+
+    /// When the next ping is due or the pong timeout expires; `None` when disabled.
+    fn deadline(&self) -> Option<Instant> {
+        if self.interval.is_zero() {
+            return None;
+        }
+        Some(match self.pinged_at {
+            Some(at) => at + self.timeout,
+            None => self.last_heard + self.interval,
+        })
+    }
+
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.pinged_at = None;
+    }
+
+    fn pinged(&mut self) {
+        self.pinged_at = Some(Instant::now());
+    }
+
+    fn timed_out(&self) -> bool {
+        self.pinged_at.is_some()
+    }
+}
+
+/// What to do with one inbound message under the rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    Yes,
+    /// Drop it and tell the client (first drop of a streak).
+    DropAndTell,
+    Drop,
+    /// Over the limit for longer than the grace period.
+    Close,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+    grace: Duration,
+    /// When the current run of over-limit traffic began, and the last drop in it. A run ends
+    /// once a second passes without a drop; a run longer than `grace` closes the connection.
+    dropping_since: Option<Instant>,
+    last_drop: Option<Instant>,
+}
+
+impl RateLimiter {
+    fn new(rate: u32, burst: u32, grace: Duration) -> Self {
+        Self {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            refilled: Instant::now(),
+            grace,
+            dropping_since: None,
+            last_drop: None,
+        }
+    }
+
+    fn admit(&mut self) -> Admit {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            if self
+                .last_drop
+                .is_some_and(|t| now.duration_since(t) > Duration::from_secs(1))
+            {
+                self.dropping_since = None;
+            }
+            return Admit::Yes;
+        }
+        self.last_drop = Some(now);
+        match self.dropping_since {
+            None => {
+                self.dropping_since = Some(now);
+                Admit::DropAndTell
+            }
+            Some(since) if now.duration_since(since) > self.grace => Admit::Close,
+            Some(_) => Admit::Drop,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! of the application's handler type: shards, dispatcher, broker, connection accounting, shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -69,6 +69,8 @@ pub(crate) struct Runtime {
     instance: u64,
     next_conn: AtomicU64,
     shutting_down: AtomicBool,
+    /// Connections admitted (upgrade accepted, connection not yet ended).
+    admitted: Arc<AtomicUsize>,
     /// Signalled whenever a connection ends, for `shutdown` to re-check the active count.
     conn_ended: Notify,
 }
@@ -101,6 +103,7 @@ impl Runtime {
             instance,
             next_conn: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            admitted: Arc::new(AtomicUsize::new(0)),
             conn_ended: Notify::new(),
         })
     }
@@ -131,6 +134,18 @@ impl Runtime {
         let res = self.hub.broker.publish(topic, payload).await;
         self.metrics.published(res.is_ok());
         res
+    }
+
+    /// Reserves a connection slot, or `None` at `max_connections`. The slot is released when the
+    /// returned guard is dropped (the connection ended, or the upgrade never completed).
+    pub(crate) fn try_admit(&self) -> Option<Admission> {
+        let max = self.config.max_connections;
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Admission(self.admitted.clone()))
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -179,6 +194,16 @@ impl Runtime {
                 "shutdown timeout: connections still open"
             );
         }
+    }
+}
+
+/// One admitted connection's slot; see [`Runtime::try_admit`].
+#[derive(Debug)]
+pub(crate) struct Admission(Arc<AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

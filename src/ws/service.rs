@@ -207,6 +207,39 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         self
     }
 
+    /// Heartbeats: a client that sent nothing for `interval` is pinged, and closed if it then
+    /// stays silent (no frame at all, pongs included) for `timeout` — a half-open TCP connection
+    /// is found within `interval + timeout`. Default: 30 s and 30 s. `Duration::ZERO` as the
+    /// interval disables heartbeats. Pings are control frames, sent ahead of queued data.
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.config.ping_interval = interval;
+        self.config.pong_timeout = timeout;
+        self
+    }
+
+    /// Longest topic name, in bytes; a longer one is refused with 400 before the upgrade.
+    /// Default: 256. (Characters are always checked: printable ASCII without space, `"`, `\`,
+    /// `*`, `?`, `[` or `]`.)
+    pub fn max_topic_len(mut self, bytes: usize) -> Self {
+        self.config.max_topic_len = bytes;
+        self
+    }
+
+    /// Most connections open at once; further upgrades are refused with 503. Default: 100 000.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n;
+        self
+    }
+
+    /// Per-connection inbound rate limit: `per_second` data messages on average, bursts up to
+    /// `burst`. A message over the limit is dropped and the client gets one
+    /// `{"type":"error",…}` per burst of drops; a client still over the limit after the grace
+    /// period (3 s) is closed with 1008. Default: 1 000/s, bursts of 20 000. `None` disables it.
+    pub fn rate_limit(mut self, limit: Option<(u32, u32)>) -> Self {
+        self.config.rate_limit = limit.map(|(rate, burst)| (rate.max(1), burst.max(1)));
+        self
+    }
+
     /// Builds and starts the service.
     pub fn try_build(self) -> Result<Arc<WebsocketService<H>>, BuildError> {
         let redis = self
