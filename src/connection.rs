@@ -259,8 +259,20 @@ async fn read_loop<H: MessageHandler>(
                             return End::ServerClosed;
                         }
                     }
-                    Message::Binary => {
-                        send_error(ctx, "Binary messages are not supported; send JSON text");
+                    Message::Binary(data) => {
+                        let handled =
+                            AssertUnwindSafe(service.handler.handle_binary_message(&data, ctx))
+                                .catch_unwind()
+                                .await;
+                        match handled {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => send_error(ctx, &e.client_message()),
+                            Err(_) => {
+                                tracing::error!("binary message handler panicked");
+                                conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+                                return End::ServerClosed;
+                            }
+                        }
                     }
                 }
             }
@@ -388,7 +400,8 @@ fn violation<H: MessageHandler>(
 ) -> End {
     tracing::debug!(code = e.code, reason = e.reason, "protocol violation");
     service.runtime.metrics.protocol_error();
-    conn.close(e.code, e.reason, false);
+    // What was already queued (echoes of earlier messages) still goes out, then the close.
+    conn.close(e.code, e.reason, true);
     End::ServerClosed
 }
 
@@ -398,15 +411,16 @@ async fn handle_text<H: MessageHandler>(
     ctx: &ConnectionContext<H::AppState, H::UserId>,
     text: &mut [u8],
 ) {
-    // simd-json parses in place: the message buffer is ours and is dropped afterwards.
-    let msg: H::ClientMessage = match simd_json::serde::from_slice(text) {
+    let handler = &service.handler;
+    // The default decoder is simd-json, in place: the message buffer is ours and is dropped
+    // afterwards.
+    let msg = match handler.decode(text) {
         Ok(msg) => msg,
         Err(e) => {
-            send_error(ctx, &format!("Invalid message format: {e}"));
+            send_error(ctx, &e);
             return;
         }
     };
-    let handler = &service.handler;
     match handler.handle_direct_message(&msg, ctx).await {
         Ok(Some(reply)) => {
             let _ = ctx.sink.send_json(&reply);

@@ -297,7 +297,9 @@ pub(crate) fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, Protoco
 pub(crate) struct MessageAssembler {
     max_message: usize,
     /// Opcode and collected payload of the message in progress, if any.
-    partial: Option<(OpCode, BytesMut)>,
+    /// Opcode, collected payload, and how much of it is known to be valid UTF-8, of the
+    /// message in progress.
+    partial: Option<(OpCode, BytesMut, usize)>,
 }
 
 /// A complete data message.
@@ -305,8 +307,7 @@ pub(crate) struct MessageAssembler {
 pub(crate) enum Message {
     /// Text, already checked to be UTF-8.
     Text(BytesMut),
-    /// Binary data: not parsed by the runtime, so only its arrival is reported.
-    Binary,
+    Binary(BytesMut),
 }
 
 impl MessageAssembler {
@@ -324,14 +325,14 @@ impl MessageAssembler {
             opcode,
             payload,
         } = frame;
-        let (kind, data) = match (opcode, self.partial.take()) {
+        let (kind, data, checked) = match (opcode, self.partial.take()) {
             (OpCode::Continuation, None) => {
                 return Err(ProtocolError::new(
                     close_code::PROTOCOL_ERROR,
                     "continuation frame without a message to continue",
                 ));
             }
-            (OpCode::Continuation, Some((kind, mut data))) => {
+            (OpCode::Continuation, Some((kind, mut data, checked))) => {
                 if data.len() + payload.len() > self.max_message {
                     return Err(ProtocolError::new(
                         close_code::TOO_BIG,
@@ -339,7 +340,7 @@ impl MessageAssembler {
                     ));
                 }
                 data.extend_from_slice(&payload);
-                (kind, data)
+                (kind, data, checked)
             }
             (_, Some(_)) => {
                 return Err(ProtocolError::new(
@@ -347,24 +348,38 @@ impl MessageAssembler {
                     "new data frame inside a fragmented message",
                 ));
             }
-            (kind, None) => (kind, payload),
+            (kind, None) => (kind, payload, 0),
+        };
+        let invalid = || {
+            ProtocolError::new(
+                close_code::INVALID_PAYLOAD,
+                "text message is not valid UTF-8",
+            )
         };
         if !fin {
-            self.partial = Some((kind, data));
+            // Fail fast: a fragment may end inside a character, but never with bytes that no
+            // continuation could make valid. Only the new bytes are checked.
+            let checked = if kind == OpCode::Text {
+                match std::str::from_utf8(&data[checked..]) {
+                    Ok(_) => data.len(),
+                    Err(e) if e.error_len().is_none() => checked + e.valid_up_to(),
+                    Err(_) => return Err(invalid()),
+                }
+            } else {
+                0
+            };
+            self.partial = Some((kind, data, checked));
             return Ok(None);
         }
         match kind {
             OpCode::Text => {
-                if std::str::from_utf8(&data).is_ok() {
+                if std::str::from_utf8(&data[checked..]).is_ok() {
                     Ok(Some(Message::Text(data)))
                 } else {
-                    Err(ProtocolError::new(
-                        close_code::INVALID_PAYLOAD,
-                        "text message is not valid UTF-8",
-                    ))
+                    Err(invalid())
                 }
             }
-            _ => Ok(Some(Message::Binary)),
+            _ => Ok(Some(Message::Binary(data))),
         }
     }
 }

@@ -94,6 +94,28 @@ pub trait MessageHandler: Send + Sync + 'static {
     /// Called once, after the connection is subscribed to its topic. Does nothing by default.
     async fn on_connect(&self, _context: &ConnectionContext<Self::AppState, Self::UserId>) {}
 
+    /// Turns one text message (valid UTF-8, owned by the runtime and free to be modified in
+    /// place) into a [`ClientMessage`](Self::ClientMessage). An error's text is sent to the
+    /// sender as `{"type":"error","message":…}`.
+    ///
+    /// The default parses JSON with simd-json, in place. Override it for another format.
+    fn decode(&self, text: &mut [u8]) -> Result<Self::ClientMessage, String> {
+        simd_json::serde::from_slice(text).map_err(|e| format!("Invalid message format: {e}"))
+    }
+
+    /// Handles a binary message. The default answers the sender with an error, since clients
+    /// are expected to speak JSON text; the connection stays open.
+    async fn handle_binary_message(
+        &self,
+        _data: &[u8],
+        _context: &ConnectionContext<Self::AppState, Self::UserId>,
+    ) -> Result<(), HandlerError> {
+        Err(HandlerError::Custom(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Some("Binary messages are not supported; send JSON text".into()),
+        ))
+    }
+
     /// Answers a message to its sender alone.
     ///
     /// `Ok(Some(value))` is serialized and sent to the sender, and the message is done.
