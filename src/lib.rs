@@ -41,6 +41,10 @@
 pub mod auth;
 pub mod ws;
 
+// Exists for the criterion benches in `benches/`; not a stable API.
+#[doc(hidden)]
+pub mod bench_api;
+
 mod broker;
 mod config;
 mod connection;

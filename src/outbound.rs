@@ -169,7 +169,7 @@ impl Conn {
 
     /// Takes everything queued into `batch` (control frames first). Returns whether the batch
     /// ends with the close frame.
-    fn take(&self, batch: &mut Vec<Bytes>) -> bool {
+    pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> bool {
         let mut st = self.lock();
         batch.append(&mut st.control);
         batch.extend(st.data.drain(..));

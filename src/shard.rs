@@ -59,7 +59,7 @@ pub(crate) trait TopicInterest: Send + Sync + 'static {
     fn last_in_shard(&self, topic: &Arc<str>);
 }
 
-struct Shard {
+pub(crate) struct Shard {
     /// Subscribers per topic. Owned by the shard task: no lock.
     topics: AHashMap<Arc<str>, Vec<Arc<Conn>>>,
     /// Every connection that joined a topic here, with the topics it joined.
@@ -69,7 +69,27 @@ struct Shard {
 }
 
 impl Shard {
-    fn apply(&mut self, cmd: Command) {
+    /// A shard with an empty map and no task or channel, for driving directly (`bench_api`).
+    pub(crate) fn detached(interest: Arc<dyn TopicInterest>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            topics: AHashMap::new(),
+            conns: AHashMap::new(),
+            interest,
+            metrics,
+        }
+    }
+
+    /// The local subscribers of `topic`: the lookup `deliver` starts with.
+    pub(crate) fn subscribers(&self, topic: &str) -> Option<&[Arc<Conn>]> {
+        self.topics.get(topic).map(Vec::as_slice)
+    }
+
+    /// How many topics have at least one subscriber here.
+    pub(crate) fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    pub(crate) fn apply(&mut self, cmd: Command) {
         match cmd {
             Command::Deliver { topic, frame } => self.deliver(&topic, &frame),
             Command::Subscribe { conn, topic, done } => {
@@ -100,7 +120,7 @@ impl Shard {
         }
     }
 
-    fn subscribe(&mut self, conn: Arc<Conn>, topic: Arc<str>) {
+    pub(crate) fn subscribe(&mut self, conn: Arc<Conn>, topic: Arc<str>) {
         if conn.is_ending() {
             // Its `Remove` may already have been applied: adding it now would leak the entry.
             return;
@@ -134,7 +154,7 @@ impl Shard {
     }
 
     /// The hot path: one refcount and one queue push per subscriber, no await, no allocation.
-    fn deliver(&mut self, topic: &str, frame: &Bytes) {
+    pub(crate) fn deliver(&mut self, topic: &str, frame: &Bytes) {
         let Some(subs) = self.topics.get(topic) else {
             return;
         };
