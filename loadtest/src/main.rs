@@ -1,9 +1,604 @@
-//! The load-test harness (work in progress: the scenarios land with the load-test issue).
+//! The load-test harness of axum-realtime-kit.
 //!
-//! It will drive `examples/basic_chat` and its peers over loopback with a lean client and report
-//! deliveries/s, latency percentiles and server resources side by side.
+//! It drives `examples/basic_chat` and the peers in `loadtest/peers` (the 0.1.0 crate, a
+//! hand-written axum + broadcast server, and a *limit* server that only writes pre-encoded frames)
+//! with one lean client, over loopback only, bounded in count and time.
+//!
+//! ```sh
+//! cargo run --release -p loadtest -- compare --scenario fanout --reps 3 --pin
+//! cargo run --release -p loadtest -- fanout --addr 127.0.0.1:3000 --redis 127.0.0.1:6379 --server-pid 1234
+//! ```
+
+mod client;
+mod publish;
+mod scenario;
+mod system;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use scenario::{ChatArgs, ConnectArgs, FanoutArgs, SlowArgs, Target};
+use system::{StartOpts, System};
+
+#[derive(Debug, Parser)]
+#[command(about = "Load tests for axum-realtime-kit and its peers (loopback only, bounded).")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Write the result as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Write the result as a Markdown table to this file (it is printed to stdout too).
+    #[arg(long, global = true)]
+    markdown: Option<PathBuf>,
+    /// Client worker threads.
+    #[arg(long, global = true, default_value_t = 1)]
+    client_threads: usize,
+}
+
+/// An existing server to drive.
+#[derive(Debug, Clone, clap::Args)]
+struct External {
+    /// The server's address (loopback).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    addr: SocketAddr,
+    /// The Redis it uses, for publishing straight to Redis.
+    #[arg(long)]
+    redis: Option<SocketAddr>,
+    /// The server's PID, to report its CPU time and RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// S subscribers over T topics; publish at stepped rates; find the maximum sustainable rate.
+    Fanout {
+        #[command(flatten)]
+        ext: External,
+        #[command(flatten)]
+        args: FanoutArgs,
+    },
+    /// C clients each sending SendMessage at a rate; the full path through the server.
+    Chat {
+        #[command(flatten)]
+        ext: External,
+        #[command(flatten)]
+        args: ChatArgs,
+    },
+    /// Open K connections as fast as possible, hold them idle, report server RSS per connection.
+    Connect {
+        #[command(flatten)]
+        ext: External,
+        #[command(flatten)]
+        args: ConnectArgs,
+    },
+    /// One client that stops reading among fast ones.
+    Slow {
+        #[command(flatten)]
+        ext: External,
+        #[command(flatten)]
+        args: SlowArgs,
+    },
+    /// Run one scenario against several systems in the same invocation, interleaved.
+    Compare(CompareArgs),
+}
+
+/// The scenario a comparison runs, with its own arguments.
+#[derive(Debug, Clone, Subcommand)]
+enum CompareScenario {
+    /// The fan-out sweep (see `fanout --help`).
+    Fanout(FanoutArgs),
+    /// The chat path (see `chat --help`).
+    Chat(ChatArgs),
+    /// Connection set-up and idle memory (see `connect --help`).
+    Connect(ConnectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CompareArgs {
+    /// The scenario to run on every system, and its arguments.
+    #[command(subcommand)]
+    scenario: CompareScenario,
+    /// Systems, in the order they are interleaved (A B C A B C …).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![System::Ours, System::Reference, System::Axum, System::LimitBatch])]
+    systems: Vec<System>,
+    /// Repetitions of each system.
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Pin each server to CPU 0 and this harness to CPU 1.
+    #[arg(long)]
+    pin: bool,
+    /// SHARDS for our server.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Use the binaries already built in target/release.
+    #[arg(long)]
+    no_build: bool,
+    /// Extra KEY=VALUE environment for our server.
+    #[arg(long = "ours-env", value_delimiter = ',')]
+    ours_env: Vec<String>,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
 
 fn main() {
-    eprintln!("loadtest: no scenario is implemented yet; see PERF.md");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.client_threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let outcome = rt.block_on(run(&cli));
+    match outcome {
+        Ok((json, markdown)) => {
+            println!("{markdown}");
+            if let Some(p) = &cli.json {
+                if let Err(e) = std::fs::write(p, json) {
+                    eprintln!("cannot write {}: {e}", p.display());
+                }
+            }
+            if let Some(p) = &cli.markdown {
+                if let Err(e) = std::fs::write(p, &markdown) {
+                    eprintln!("cannot write {}: {e}", p.display());
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            std::process::exit(1);
+        }
+    }
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+}
+
+fn target(ext: &External) -> Result<Target, String> {
+    if !ext.addr.ip().is_loopback() {
+        return Err(format!("{} is not a loopback address", ext.addr));
+    }
+    if let Some(r) = ext.redis {
+        if !r.ip().is_loopback() {
+            return Err(format!("{r} is not a loopback address"));
+        }
+    }
+    Ok(Target {
+        addr: ext.addr,
+        pid: ext.server_pid,
+        redis: ext.redis,
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+async fn run(cli: &Cli) -> Result<(String, String), String> {
+    let io = |e: std::io::Error| e.to_string();
+    match &cli.command {
+        Command::Fanout { ext, args } => {
+            let r = scenario::fanout(&target(ext)?, args).await.map_err(io)?;
+            let md = report::fanout_steps("fanout", &r);
+            Ok((to_json(&r), md))
+        }
+        Command::Chat { ext, args } => {
+            let r = scenario::chat(&target(ext)?, args).await.map_err(io)?;
+            Ok((to_json(&r), report::chat_steps(&r)))
+        }
+        Command::Connect { ext, args } => {
+            let r = scenario::connect(&target(ext)?, args).await.map_err(io)?;
+            Ok((to_json(&r), report::connect_one(&r)))
+        }
+        Command::Slow { ext, args } => {
+            let r = scenario::slow(&target(ext)?, args).await.map_err(io)?;
+            Ok((to_json(&r), report::slow(&r)))
+        }
+        Command::Compare(args) => compare(args).await,
+    }
+}
+
+/// One run of one system in a comparison.
+#[derive(Debug, Serialize)]
+#[serde(tag = "scenario", rename_all = "kebab-case")]
+enum RunResult {
+    Fanout(scenario::FanoutResult),
+    Chat(scenario::ChatResult),
+    Connect(scenario::ConnectResult),
+}
+
+#[derive(Debug, Serialize)]
+struct CompareRun {
+    system: System,
+    rep: usize,
+    result: Result<RunResult, String>,
+}
+
+async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
+    let root = workspace_root();
+    if !args.no_build {
+        system::build_all(&root).map_err(|e| e.to_string())?;
+    }
+    let target_dir = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+        .join("release");
+    if args.pin {
+        let me = std::process::id().to_string();
+        let _ = std::process::Command::new("taskset")
+            .args(["-a", "-cp", "1", &me])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+    let redis = system::start_redis().map_err(|e| e.to_string())?;
+    let redis_url = format!("redis://{}/", redis.addr);
+    let mut runs = Vec::new();
+    for rep in 0..args.reps.max(1) {
+        for &sys in &args.systems {
+            eprintln!("== {} (rep {}/{})", sys.name(), rep + 1, args.reps.max(1));
+            let mut env = Vec::new();
+            if sys == System::Ours {
+                for kv in &args.ours_env {
+                    if let Some((k, v)) = kv.split_once('=') {
+                        env.push((k.to_string(), v.to_string()));
+                    }
+                }
+            }
+            let opts = StartOpts {
+                redis_url: Some(redis_url.clone()),
+                shards: if sys == System::Ours {
+                    args.shards
+                } else {
+                    None
+                },
+                cpus: args.pin.then(|| "0".to_string()),
+                env,
+            };
+            let result = async {
+                let mut server =
+                    system::start_system(sys, &target_dir, &opts).map_err(|e| e.to_string())?;
+                let t = Target {
+                    addr: server.addr,
+                    pid: Some(server.pid()),
+                    redis: Some(redis.addr),
+                };
+                let r = match &args.scenario {
+                    CompareScenario::Fanout(a) => {
+                        scenario::fanout(&t, a).await.map(RunResult::Fanout)
+                    }
+                    CompareScenario::Chat(a) => scenario::chat(&t, a).await.map(RunResult::Chat),
+                    CompareScenario::Connect(a) => {
+                        scenario::connect(&t, a).await.map(RunResult::Connect)
+                    }
+                };
+                server.stop();
+                r.map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = &result {
+                eprintln!("  {} failed: {e}", sys.name());
+            }
+            runs.push(CompareRun {
+                system: sys,
+                rep,
+                result,
+            });
+            // Let sockets in TIME_WAIT and the server's exit settle between systems.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+    let md = report::compare(args, &runs);
+    Ok((to_json(&runs), md))
+}
+
+mod report {
+    //! Markdown tables.
+
+    use std::fmt::Write;
+
+    use super::{CompareArgs, CompareRun, CompareScenario, RunResult};
+    use crate::scenario::{ChatResult, ConnectResult, FanoutResult, SlowResult};
+    use crate::system::System;
+
+    fn opt(v: Option<f64>, digits: usize) -> String {
+        v.map(|v| format!("{v:.digits$}"))
+            .unwrap_or_else(|| "–".into())
+    }
+
+    pub(super) fn fanout_steps(title: &str, r: &FanoutResult) -> String {
+        let mut s = format!(
+            "### {title}: {} subscribers, {} topic(s), {} B payloads\n\n\
+             | pub/s | deliveries/s | delivered | subs with loss | reorders | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | server CPU µs/delivery | peak RSS MiB | pass |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|\n",
+            r.args.subscribers, r.args.topics, r.args.payload
+        );
+        for st in &r.steps {
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.4} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+                st.publishes_per_s,
+                st.deliveries_per_s,
+                st.delivered_fraction,
+                st.subscribers_with_loss,
+                st.reorders,
+                st.latency.p50_ms,
+                st.latency.p90_ms,
+                st.latency.p99_ms,
+                st.latency.p999_ms,
+                st.latency.max_ms,
+                opt(st.server_cpu_us_per_delivery, 2),
+                opt(st.server_peak_rss_mib, 1),
+                if st.pass { "yes" } else { "no" }
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nMaximum sustainable: {} deliveries/s (≥ {} delivered, p99 ≤ {} ms); {} connect failures.",
+            opt(r.max_sustainable_per_s, 0),
+            r.args.min_delivered,
+            r.args.p99_bound_ms,
+            r.connect_failures
+        );
+        s
+    }
+
+    pub(super) fn chat_steps(r: &ChatResult) -> String {
+        let mut s = format!(
+            "### chat: {} clients in {} rooms\n\n\
+             | sent/s | handled/s | deliveries/s | delivered | p50 ms | p99 ms | send blocked | server CPU s |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            r.args.clients, r.args.topics
+        );
+        for st in &r.steps {
+            let _ = writeln!(
+                s,
+                "| {:.0} | {:.0} | {:.0} | {:.4} | {:.2} | {:.2} | {} | {} |",
+                st.sent_per_s,
+                st.handled_per_s,
+                st.deliveries_per_s,
+                st.delivered_fraction,
+                st.latency.p50_ms,
+                st.latency.p99_ms,
+                st.send_blocked,
+                opt(st.server_cpu_s, 2)
+            );
+        }
+        s
+    }
+
+    pub(super) fn connect_one(r: &ConnectResult) -> String {
+        format!(
+            "| connections | failures | seconds | handshakes/s | server KiB/connection |\n|---:|---:|---:|---:|---:|\n| {} | {} | {:.3} | {:.0} | {} |\n",
+            r.opened,
+            r.failures,
+            r.seconds,
+            r.handshakes_per_s,
+            opt(r.server_kib_per_connection, 2)
+        )
+    }
+
+    pub(super) fn slow(r: &SlowResult) -> String {
+        let row = |name: &str, st: &crate::scenario::FanoutStep| {
+            format!(
+                "| {name} | {:.4} | {:.2} | {:.2} | {} |\n",
+                st.delivered_fraction,
+                st.latency.p50_ms,
+                st.latency.p99_ms,
+                opt(st.server_peak_rss_mib, 1)
+            )
+        };
+        format!(
+            "### slow consumer: {} fast subscribers, {} pub/s of {} B\n\n\
+             | phase | fast delivered | p50 ms | p99 ms | peak RSS MiB |\n|---|---:|---:|---:|---:|\n{}{}\n\
+             Server RSS (MiB) each second with the stalled client: {:?}\n",
+            r.args.fast,
+            r.args.rate,
+            r.args.payload,
+            row("without stalled client", &r.without_stalled),
+            row("with stalled client", &r.with_stalled),
+            r.rss_timeline_mib
+                .iter()
+                .map(|v| (v * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        )
+    }
+
+    fn median(mut v: Vec<f64>) -> Option<f64> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+
+    /// Side-by-side medians per system, with ratios to ours.
+    pub(super) fn compare(args: &CompareArgs, runs: &[CompareRun]) -> String {
+        let mut s = String::new();
+        let cmdline: Vec<String> = std::env::args().skip(1).collect();
+        let _ = writeln!(
+            s,
+            "Command: `cargo run --release -p loadtest -- {}`\n",
+            cmdline.join(" ")
+        );
+        let metric = |sys: System, f: &dyn Fn(&RunResult) -> Option<f64>| -> Option<f64> {
+            median(
+                runs.iter()
+                    .filter(|r| r.system == sys)
+                    .filter_map(|r| r.result.as_ref().ok())
+                    .filter_map(f)
+                    .collect(),
+            )
+        };
+        let mut systems = args.systems.clone();
+        systems.dedup();
+        match &args.scenario {
+            CompareScenario::Fanout(f) => {
+                let _ = writeln!(
+                    s,
+                    "Fan-out: {} subscribers, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s).\n",
+                    f.subscribers, f.topics, f.payload, f.via, f.step_secs, f.rates, args.reps
+                );
+                let max = |r: &RunResult| match r {
+                    RunResult::Fanout(f) => f.max_sustainable_per_s,
+                    _ => None,
+                };
+                let best_step = |r: &RunResult| -> Option<crate::scenario::FanoutStep> {
+                    match r {
+                        RunResult::Fanout(f) => f
+                            .steps
+                            .iter()
+                            .filter(|s| s.pass)
+                            .max_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s))
+                            .cloned(),
+                        _ => None,
+                    }
+                };
+                let ours = metric(System::Ours, &max);
+                let ceiling = systems
+                    .iter()
+                    .filter(|s| s.is_limit())
+                    .filter_map(|s| metric(*s, &max))
+                    .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+                let _ = writeln!(
+                    s,
+                    "| system | max sustainable deliveries/s | × ours | p50 ms | p99 ms | server CPU µs/delivery | peak RSS MiB | reorders | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---|"
+                );
+                for sys in systems {
+                    let m = metric(sys, &max);
+                    let p50 = metric(sys, &|r| best_step(r).map(|s| s.latency.p50_ms));
+                    let p99 = metric(sys, &|r| best_step(r).map(|s| s.latency.p99_ms));
+                    let cpu = metric(sys, &|r| {
+                        best_step(r).and_then(|s| s.server_cpu_us_per_delivery)
+                    });
+                    let rss = metric(sys, &|r| best_step(r).and_then(|s| s.server_peak_rss_mib));
+                    let reorders = metric(sys, &|r| match r {
+                        RunResult::Fanout(f) => {
+                            Some(f.steps.iter().map(|s| s.reorders).sum::<u64>() as f64)
+                        }
+                        _ => None,
+                    });
+                    let ratio = match (m, ours) {
+                        (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
+                        _ => "–".into(),
+                    };
+                    let highest =
+                        f.rates.iter().cloned().fold(0.0, f64::max) * f.subscribers as f64;
+                    let mut notes = Vec::new();
+                    if m.is_some_and(|m| m >= 0.999 * highest) {
+                        notes.push("passed every step: the true maximum is higher");
+                    }
+                    if let (Some(m), Some(c)) = (m, ceiling) {
+                        if !sys.is_limit() && m >= 0.8 * c {
+                            notes.push(
+                                "client-bound: ≥ 80% of the limit server (the client's ceiling)",
+                            );
+                        }
+                    }
+                    if m.is_none() {
+                        notes.push("no step passed");
+                    }
+                    let note = notes.join("; ");
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        sys.name(),
+                        opt(m, 0),
+                        ratio,
+                        opt(p50, 2),
+                        opt(p99, 2),
+                        opt(cpu, 2),
+                        opt(rss, 1),
+                        opt(reorders, 0),
+                        note
+                    );
+                }
+            }
+            CompareScenario::Chat(c) => {
+                let _ = writeln!(
+                    s,
+                    "Chat: {} clients in {} rooms, {:?} messages/s per client, steps of {} s; median of {} rep(s).\n",
+                    c.clients, c.topics, c.rates, c.step_secs, args.reps
+                );
+                let max = |r: &RunResult| match r {
+                    RunResult::Chat(c) => Some(c.max_handled_per_s),
+                    _ => None,
+                };
+                let ours = metric(System::Ours, &max);
+                let _ = writeln!(
+                    s,
+                    "| system | handled SendMessage/s (≥ 99.9% delivered) | × ours |\n|---|---:|---:|"
+                );
+                for sys in systems {
+                    let m = metric(sys, &max);
+                    let ratio = match (m, ours) {
+                        (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
+                        _ => "–".into(),
+                    };
+                    let _ = writeln!(s, "| {} | {} | {} |", sys.name(), opt(m, 0), ratio);
+                }
+            }
+            CompareScenario::Connect(c) => {
+                let _ = writeln!(
+                    s,
+                    "Connect: {} connections, {} handshakes in flight, held {} s; median of {} rep(s).\n",
+                    c.connections, c.parallel, c.hold_secs, args.reps
+                );
+                let _ = writeln!(
+                    s,
+                    "| system | seconds to open all | handshakes/s | failures | server KiB/connection |\n|---|---:|---:|---:|---:|"
+                );
+                for sys in systems {
+                    let secs = metric(sys, &|r| match r {
+                        RunResult::Connect(c) => Some(c.seconds),
+                        _ => None,
+                    });
+                    let rate = metric(sys, &|r| match r {
+                        RunResult::Connect(c) => Some(c.handshakes_per_s),
+                        _ => None,
+                    });
+                    let fails = metric(sys, &|r| match r {
+                        RunResult::Connect(c) => Some(c.failures as f64),
+                        _ => None,
+                    });
+                    let kib = metric(sys, &|r| match r {
+                        RunResult::Connect(c) => c.server_kib_per_connection,
+                        _ => None,
+                    });
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} |",
+                        sys.name(),
+                        opt(secs, 3),
+                        opt(rate, 0),
+                        opt(fails, 0),
+                        opt(kib, 2)
+                    );
+                }
+            }
+        }
+        let failed: Vec<String> = runs
+            .iter()
+            .filter_map(|r| {
+                r.result
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{} rep {}: {e}", r.system.name(), r.rep + 1))
+            })
+            .collect();
+        if !failed.is_empty() {
+            let _ = writeln!(s, "\nFailed runs: {}", failed.join("; "));
+        }
+        s
+    }
 }

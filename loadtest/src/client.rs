@@ -1,0 +1,291 @@
+//! The lean WebSocket client: a raw TCP handshake, then a read loop that parses server frames
+//! with a minimal reader and pulls only a marker (`~s<seq>~t<micros>~`) out of each text frame.
+//!
+//! Thousands of connections run as tasks on one or two threads; per read, the clock is read once
+//! and latency samples go to a shared histogram under one short lock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Microseconds since the Unix epoch (the publisher stamps messages with the same clock).
+pub(crate) fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Builds a payload marker; the rest of the payload is padding.
+pub(crate) fn marker(seq: u64, micros: u64) -> String {
+    format!("~s{seq}~t{micros}~")
+}
+
+/// Finds `~s<seq>~t<micros>~` in a frame.
+pub(crate) fn parse_marker(payload: &[u8]) -> Option<(u64, u64)> {
+    let start = payload.windows(2).position(|w| w == b"~s")? + 2;
+    let mut i = start;
+    let mut seq = 0u64;
+    while i < payload.len() && payload[i].is_ascii_digit() {
+        seq = seq * 10 + (payload[i] - b'0') as u64;
+        i += 1;
+    }
+    if payload.get(i..i + 2)? != b"~t" {
+        return None;
+    }
+    i += 2;
+    let mut t = 0u64;
+    while i < payload.len() && payload[i].is_ascii_digit() {
+        t = t * 10 + (payload[i] - b'0') as u64;
+        i += 1;
+    }
+    Some((seq, t))
+}
+
+/// Counters shared by every connection of a run.
+#[derive(Debug)]
+pub(crate) struct Stats {
+    pub(crate) frames: AtomicU64,
+    pub(crate) reorders: AtomicU64,
+    pub(crate) closes: AtomicU64,
+    /// Per connection: marked frames received.
+    pub(crate) per_conn: Vec<AtomicU64>,
+    pub(crate) latency: Mutex<Histogram<u64>>,
+}
+
+impl Stats {
+    pub(crate) fn new(conns: usize) -> Arc<Self> {
+        Arc::new(Self {
+            frames: AtomicU64::new(0),
+            reorders: AtomicU64::new(0),
+            closes: AtomicU64::new(0),
+            per_conn: (0..conns).map(|_| AtomicU64::new(0)).collect(),
+            latency: Mutex::new(new_histogram()),
+        })
+    }
+
+    /// Swaps the latency histogram for an empty one and returns the old one.
+    pub(crate) fn take_latency(&self) -> Histogram<u64> {
+        std::mem::replace(&mut *self.latency.lock().unwrap(), new_histogram())
+    }
+
+    pub(crate) fn per_conn_snapshot(&self) -> Vec<u64> {
+        self.per_conn.iter().map(|c| c.load(Relaxed)).collect()
+    }
+}
+
+/// Latency in microseconds, 1 µs to 100 s, 3 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid bounds")
+}
+
+/// `~s` sequence checking: per connection, sequences must increase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SeqCheck {
+    /// One publisher per topic: every frame's seq must be larger than the previous one.
+    Increasing,
+    /// Many publishers per topic: no ordering check.
+    None,
+}
+
+/// Opens a WebSocket connection; returns the HTTP status and, on 101, the stream.
+pub(crate) async fn handshake(
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, Option<(TcpStream, Vec<u8>)>)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(512);
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let status = std::str::from_utf8(&buf[..end])
+        .ok()
+        .and_then(|h| h.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if status != 101 {
+        return Ok((status, None));
+    }
+    let rest = buf[end..].to_vec();
+    Ok((status, Some((stream, rest))))
+}
+
+/// A masked client text frame with a zero key (valid, and leaves the payload as it is).
+pub(crate) fn client_text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(0x81);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads frames until the stream ends, recording every marked frame.
+pub(crate) async fn read_loop(
+    mut read: OwnedReadHalf,
+    mut buf: Vec<u8>,
+    idx: usize,
+    stats: Arc<Stats>,
+    check: SeqCheck,
+) {
+    buf.reserve(16 * 1024);
+    let mut last_seq: Option<u64> = None;
+    let mut samples: Vec<u64> = Vec::with_capacity(64);
+    loop {
+        let mut pos = 0;
+        let now = now_micros();
+        let mut frames = 0u64;
+        let mut marked = 0u64;
+        let mut reorders = 0u64;
+        loop {
+            let b = &buf[pos..];
+            if b.len() < 2 {
+                break;
+            }
+            let (len, hdr) = match b[1] & 0x7F {
+                126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                127 if b.len() >= 10 => (
+                    u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if b.len() < hdr + len {
+                break;
+            }
+            let opcode = b[0] & 0x0F;
+            let payload = &b[hdr..hdr + len];
+            if opcode == 0x8 {
+                stats.closes.fetch_add(1, Relaxed);
+                return;
+            }
+            if opcode == 0x1 {
+                frames += 1;
+                if let Some((seq, t)) = parse_marker(payload) {
+                    marked += 1;
+                    samples.push(now.saturating_sub(t).max(1));
+                    if check == SeqCheck::Increasing {
+                        if let Some(prev) = last_seq {
+                            if seq <= prev {
+                                reorders += 1;
+                            }
+                        }
+                        last_seq = Some(seq);
+                    }
+                }
+            }
+            pos += hdr + len;
+        }
+        buf.drain(..pos);
+        if frames > 0 {
+            stats.frames.fetch_add(frames, Relaxed);
+        }
+        if marked > 0 {
+            stats.per_conn[idx].fetch_add(marked, Relaxed);
+            let mut h = stats.latency.lock().unwrap();
+            for s in samples.drain(..) {
+                let _ = h.record(s);
+            }
+        }
+        if reorders > 0 {
+            stats.reorders.fetch_add(reorders, Relaxed);
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// One open client connection: its write half, for senders.
+pub(crate) type Writer = OwnedWriteHalf;
+
+/// Opens `n` connections with at most `parallel` handshakes in flight; each runs
+/// [`read_loop`]. Returns the write halves (in index order) and the number of failures.
+pub(crate) async fn open_many(
+    addr: SocketAddr,
+    paths: Vec<String>,
+    parallel: usize,
+    stats: Arc<Stats>,
+    check: SeqCheck,
+) -> (Vec<Option<Writer>>, u64) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+    let mut handles = Vec::with_capacity(paths.len());
+    for (idx, path) in paths.into_iter().enumerate() {
+        let sem = sem.clone();
+        let stats = stats.clone();
+        handles.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.ok()?;
+            let res = tokio::time::timeout(Duration::from_secs(10), handshake(addr, &path)).await;
+            match res {
+                Ok(Ok((101, Some((stream, rest))))) => {
+                    let (r, w) = stream.into_split();
+                    tokio::spawn(read_loop(r, rest, idx, stats, check));
+                    Some(w)
+                }
+                _ => None,
+            }
+        }));
+    }
+    let mut writers = Vec::with_capacity(handles.len());
+    let mut failures = 0;
+    for h in handles {
+        let w = h.await.ok().flatten();
+        if w.is_none() {
+            failures += 1;
+        }
+        writers.push(w);
+    }
+    (writers, failures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_inside_json() {
+        let m = marker(42, 1_700_000_000_123_456);
+        let json =
+            format!(r#"{{"NewMessage":{{"room":"general","username":"x","text":"{m}pad"}}}}"#);
+        assert_eq!(
+            parse_marker(json.as_bytes()),
+            Some((42, 1_700_000_000_123_456))
+        );
+        assert_eq!(parse_marker(b"no marker"), None);
+    }
+}

@@ -1,0 +1,171 @@
+//! Publishers that send marked messages at a fixed rate: straight to Redis (pipelined PUBLISH
+//! commands on one connection) or through the server itself (`SendMessage` over WebSocket).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::client::{self, marker, now_micros};
+
+/// Where published messages enter.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// PUBLISH on Redis; replies are read and dropped by a background task.
+    Redis(OwnedWriteHalf),
+    /// One WebSocket connection per topic, sending `SendMessage`.
+    Ws(Vec<OwnedWriteHalf>),
+}
+
+/// Sends marked messages round-robin over `topics`, keeping a sequence number per topic.
+#[derive(Debug)]
+pub(crate) struct Publisher {
+    sink: Sink,
+    topics: Vec<String>,
+    /// Next sequence number per topic (never reset, so ordering holds across steps).
+    seq: Vec<u64>,
+    payload_size: usize,
+}
+
+impl Publisher {
+    pub(crate) async fn redis(
+        redis: SocketAddr,
+        topics: Vec<String>,
+        payload_size: usize,
+    ) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(redis).await?;
+        stream.set_nodelay(true)?;
+        let (mut r, w) = stream.into_split();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let seq = vec![0; topics.len()];
+        Ok(Self {
+            sink: Sink::Redis(w),
+            topics,
+            seq,
+            payload_size,
+        })
+    }
+
+    /// One publishing connection per topic, authenticated with `token_for(topic index)`.
+    pub(crate) async fn websocket(
+        server: SocketAddr,
+        topics: Vec<String>,
+        tokens: Vec<String>,
+        payload_size: usize,
+    ) -> std::io::Result<Self> {
+        let mut writers = Vec::new();
+        for (topic, token) in topics.iter().zip(&tokens) {
+            let path = format!("/ws/{topic}?token={token}");
+            let (status, conn) = client::handshake(server, &path).await?;
+            let Some((stream, _)) = conn else {
+                return Err(std::io::Error::other(format!(
+                    "publisher upgrade to {topic} refused: {status}"
+                )));
+            };
+            let (mut r, w) = stream.into_split();
+            // Its own echoes are not measured: drain them.
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+            writers.push(w);
+        }
+        let seq = vec![0; topics.len()];
+        Ok(Self {
+            sink: Sink::Ws(writers),
+            topics,
+            seq,
+            payload_size,
+        })
+    }
+
+    fn padded(&self, mark: &str, overhead: usize) -> String {
+        let pad = self.payload_size.saturating_sub(mark.len() + overhead);
+        let mut s = String::with_capacity(mark.len() + pad);
+        s.push_str(mark);
+        s.extend(std::iter::repeat_n('x', pad));
+        s
+    }
+
+    /// Appends message `k` (round-robin topic) to `out`; returns its topic index.
+    fn encode(&mut self, k: u64, out: &mut Vec<u8>, ws_batches: &mut [Vec<u8>]) -> usize {
+        let t = (k % self.topics.len() as u64) as usize;
+        self.seq[t] += 1;
+        let mark = marker(self.seq[t], now_micros());
+        match &self.sink {
+            Sink::Redis(_) => {
+                // {"m":"<marker+pad>"}: 8 bytes of JSON around the text.
+                let body = format!("{{\"m\":\"{}\"}}", self.padded(&mark, 8));
+                let topic = &self.topics[t];
+                out.extend_from_slice(
+                    format!(
+                        "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{}\r\n${}\r\n",
+                        topic.len(),
+                        topic,
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                out.extend_from_slice(body.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Sink::Ws(_) => {
+                let topic = &self.topics[t];
+                let text = self.padded(&mark, 40 + topic.len());
+                let msg = format!(r#"{{"SendMessage":{{"room":"{topic}","text":"{text}"}}}}"#);
+                ws_batches[t].extend_from_slice(&client::client_text_frame(msg.as_bytes()));
+            }
+        }
+        t
+    }
+
+    /// Publishes `rate` messages per second for `duration`, in 1 ms ticks. Returns how many
+    /// went to each topic.
+    pub(crate) async fn run(&mut self, rate: f64, duration: Duration) -> std::io::Result<Vec<u64>> {
+        let mut counts = vec![0u64; self.topics.len()];
+        let start = Instant::now();
+        let mut sent: u64 = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = Vec::new();
+        let mut ws_batches = vec![Vec::new(); self.topics.len()];
+        loop {
+            tick.tick().await;
+            let elapsed = start.elapsed();
+            let target = if elapsed >= duration {
+                (rate * duration.as_secs_f64()) as u64
+            } else {
+                (rate * elapsed.as_secs_f64()) as u64
+            };
+            out.clear();
+            while sent < target {
+                let t = self.encode(sent, &mut out, &mut ws_batches);
+                counts[t] += 1;
+                sent += 1;
+            }
+            match &mut self.sink {
+                Sink::Redis(w) => {
+                    if !out.is_empty() {
+                        w.write_all(&out).await?;
+                    }
+                }
+                Sink::Ws(writers) => {
+                    for (w, batch) in writers.iter_mut().zip(ws_batches.iter_mut()) {
+                        if !batch.is_empty() {
+                            w.write_all(batch).await?;
+                            batch.clear();
+                        }
+                    }
+                }
+            }
+            if elapsed >= duration {
+                return Ok(counts);
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The systems under test, a private Redis, and what /proc says about a server process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+/// A server the harness can start. All speak the basic_chat protocol (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum System {
+    /// This crate's `examples/basic_chat`.
+    Ours,
+    /// axum-realtime-kit 0.1.0 from crates.io (`loadtest/peers`, `peer_reference`).
+    Reference,
+    /// axum's built-in WebSocket + a tokio broadcast channel per topic + redis-rs.
+    Axum,
+    /// The limit server writing each frame at once (one write per delivery).
+    LimitSingle,
+    /// The limit server flushing each connection every 2 ms (many frames per write).
+    LimitBatch,
+}
+
+impl System {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Ours => "ours",
+            Self::Reference => "reference 0.1.0",
+            Self::Axum => "axum + broadcast",
+            Self::LimitSingle => "limit (single)",
+            Self::LimitBatch => "limit (batch)",
+        }
+    }
+
+    fn binary(self, target: &Path) -> PathBuf {
+        match self {
+            Self::Ours => target.join("examples/basic_chat"),
+            Self::Reference => target.join("peer_reference"),
+            Self::Axum => target.join("peer_axum"),
+            Self::LimitSingle | Self::LimitBatch => target.join("peer_limit"),
+        }
+    }
+
+    pub(crate) fn is_limit(self) -> bool {
+        matches!(self, Self::LimitSingle | Self::LimitBatch)
+    }
+}
+
+/// Builds every system in release mode (prints cargo's output).
+pub(crate) fn build_all(workspace: &Path) -> std::io::Result<()> {
+    for args in [
+        &[
+            "build",
+            "--release",
+            "-p",
+            "axum-realtime-kit",
+            "--example",
+            "basic_chat",
+        ][..],
+        &["build", "--release", "-p", "rtk-peers"][..],
+    ] {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(workspace)
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other(format!("cargo {args:?} failed")));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub(crate) struct Proc {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Proc {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn stop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// Starts a private `redis-server` on a free loopback port (never 6379).
+pub(crate) fn start_redis() -> std::io::Result<Proc> {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args([
+            "--appendonly",
+            "no",
+            "--client-output-buffer-limit",
+            "pubsub 256mb 128mb 60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            std::io::Error::other(format!("redis-server: {e} (apt-get install redis-server)"))
+        })?;
+    let proc = Proc {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    if !wait_port(port, Duration::from_secs(10)) {
+        return Err(std::io::Error::other("redis-server did not start"));
+    }
+    Ok(proc)
+}
+
+/// Options for starting a system.
+#[derive(Debug, Clone)]
+pub(crate) struct StartOpts {
+    pub(crate) redis_url: Option<String>,
+    pub(crate) shards: Option<usize>,
+    /// Run the server under `taskset -c <cpus>`.
+    pub(crate) cpus: Option<String>,
+    /// Extra environment, e.g. `WRITE_DELAY_MS`.
+    pub(crate) env: Vec<(String, String)>,
+}
+
+pub(crate) fn start_system(
+    system: System,
+    target: &Path,
+    opts: &StartOpts,
+) -> std::io::Result<Proc> {
+    let port = free_port();
+    let bin = system.binary(target);
+    if !bin.exists() {
+        return Err(std::io::Error::other(format!(
+            "{} is not built (run without --no-build)",
+            bin.display()
+        )));
+    }
+    let mut cmd = match &opts.cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .env_remove("REDIS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(url) = &opts.redis_url {
+        cmd.env("REDIS_URL", url);
+    }
+    if let Some(n) = opts.shards {
+        cmd.env("SHARDS", n.to_string());
+    }
+    match system {
+        System::LimitSingle => {
+            cmd.env("LIMIT_MODE", "single");
+        }
+        System::LimitBatch => {
+            cmd.env("LIMIT_MODE", "batch");
+        }
+        _ => {}
+    }
+    for (k, v) in &opts.env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn()?;
+    let proc = Proc {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    if !wait_port(port, Duration::from_secs(20)) {
+        return Err(std::io::Error::other(format!(
+            "{} did not start",
+            system.name()
+        )));
+    }
+    // Give a Redis-backed server a moment to connect its subscriber.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(proc)
+}
+
+/// CPU seconds (user + system) a process has used.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that closes the command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// (current RSS, peak RSS) in KiB.
+pub(crate) fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
