@@ -15,14 +15,21 @@ enum ClientMessage {
     Ping,
 }
 
-fn inputs() -> [(&'static str, Vec<u8>); 2] {
+fn inputs() -> [(&'static str, Vec<u8>); 4] {
     let text = "Hello everyone! The release build is green again; benchmarks are next, then the \
                 load test on two cores.";
     assert!((95..=110).contains(&text.len()));
     let send = format!(r#"{{"SendMessage":{{"room":"general","text":"{text}"}}}}"#);
+    // Larger messages, where simd-json's vectorised scanning has room to pay off.
+    let long = |n: usize| {
+        let words = "lorem ipsum dolor sit amet, \\\"quoted\\\" and escaped ".repeat(n);
+        format!(r#"{{"SendMessage":{{"room":"general","text":"{words}"}}}}"#).into_bytes()
+    };
     [
         ("send_message", send.into_bytes()),
         ("ping", br#""Ping""#.to_vec()),
+        ("send_message_4k", long(4096 / 40)),
+        ("send_message_32k", long(32768 / 40)),
     ]
 }
 

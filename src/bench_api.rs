@@ -72,7 +72,12 @@ pub struct Subscriber(Arc<Conn>);
 impl Subscriber {
     /// A connection with id `id` whose queue holds at most `max_queue_bytes` of frames.
     pub fn new(id: u128, max_queue_bytes: usize) -> Self {
-        Self(Arc::new(Conn::new(Uuid::from_u128(id), 0, max_queue_bytes)))
+        Self(Arc::new(Conn::new(
+            Uuid::from_u128(id),
+            0,
+            max_queue_bytes,
+            crate::outbound::SlowConsumerPolicy::Close,
+        )))
     }
 
     /// Does what the writer does with one wake-up, minus the write: takes everything queued into

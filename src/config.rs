@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::outbound::SlowConsumerPolicy;
+
 /// The runtime's settings. Every field has a default chosen for a small server; see the builder
 /// methods for what each one trades.
 #[derive(Debug, Clone)]
@@ -15,6 +17,10 @@ pub(crate) struct Config {
     pub(crate) max_message_size: usize,
     /// Bound of each connection's outbound queue, in bytes.
     pub(crate) outbound_queue_bytes: usize,
+    /// What a connection past that bound gets.
+    pub(crate) slow_consumer: SlowConsumerPolicy,
+    /// A write that makes no progress for this long closes the connection.
+    pub(crate) write_timeout: Duration,
     /// How long a writer waits, once woken, for more frames to share one write.
     pub(crate) write_delay: Duration,
     /// How long a closing connection waits for the client's close frame.
@@ -43,6 +49,8 @@ impl Default for Config {
             shard_channel: 8192,
             max_message_size: 64 * 1024,
             outbound_queue_bytes: 1024 * 1024,
+            slow_consumer: SlowConsumerPolicy::Close,
+            write_timeout: Duration::from_secs(10),
             write_delay: Duration::ZERO,
             close_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(5),

@@ -98,6 +98,7 @@ pub(crate) async fn run<H, W>(
         conn.clone(),
         write,
         rt.config.write_delay,
+        rt.config.write_timeout,
     ));
 
     async {

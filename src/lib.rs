@@ -57,6 +57,7 @@ mod sink;
 
 pub use broker::PublishError;
 pub use metrics::MetricsSnapshot;
+pub use outbound::SlowConsumerPolicy;
 pub use ws::service::{BuildError, WebsocketServiceBuilder};
 
 /// The common names: `use axum_realtime_kit::prelude::*;`.

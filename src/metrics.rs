@@ -18,6 +18,7 @@ pub(crate) struct Metrics {
     publishes: AtomicU64,
     publish_errors: AtomicU64,
     broker_reconnects: AtomicU64,
+    slow_consumer_drops: AtomicU64,
 }
 
 /// A copy of the service's counters at one moment.
@@ -44,6 +45,8 @@ pub struct MetricsSnapshot {
     pub publish_errors: u64,
     /// Times the broker's subscriber connection was lost and rebuilt.
     pub broker_reconnects: u64,
+    /// Queued messages dropped by the `DropOldest` and `LatestPerTopic` slow-consumer policies.
+    pub slow_consumer_drops: u64,
 }
 
 impl Metrics {
@@ -62,6 +65,9 @@ impl Metrics {
     }
     pub(crate) fn add_slow_consumers(&self, n: u64) {
         self.slow_consumer_closes.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn add_slow_consumer_drops(&self, n: u64) {
+        self.slow_consumer_drops.fetch_add(n, Relaxed);
     }
     pub(crate) fn protocol_error(&self) {
         self.protocol_errors.fetch_add(1, Relaxed);
@@ -91,6 +97,7 @@ impl Metrics {
             publishes: self.publishes.load(Relaxed),
             publish_errors: self.publish_errors.load(Relaxed),
             broker_reconnects: self.broker_reconnects.load(Relaxed),
+            slow_consumer_drops: self.slow_consumer_drops.load(Relaxed),
         }
     }
 }

@@ -29,11 +29,45 @@ use uuid::Uuid;
 
 use crate::frame;
 
+/// What a connection whose client reads too slowly gets, once its outbound queue would pass its
+/// byte bound ([`outbound_queue_bytes`](crate::WebsocketServiceBuilder::outbound_queue_bytes)).
+///
+/// ## Lagging
+/// A client that reads slower than messages arrive falls behind; its queue grows until the
+/// bound. What happens then is decided per connection, and never slows other clients or the
+/// shard delivering to it:
+/// - [`Close`](Self::Close) (default): everything queued is dropped and the client receives a
+///   close frame with code 1008 (`"slow consumer: outbound queue full"`). Counted in
+///   `slow_consumer_closes`. The client knows it missed messages and can reconnect and resync.
+/// - [`DropOldest`](Self::DropOldest): the oldest queued messages are dropped until the new one
+///   fits; the connection stays open. The client silently misses a run of messages (a gap), then
+///   continues with the newest ones. Counted in `slow_consumer_drops`.
+/// - [`LatestPerTopic`](Self::LatestPerTopic): conflation. When the queue is full, it is
+///   compacted to the newest message of each topic (direct replies are kept), the incoming
+///   message replacing its topic's; only if that is still too big are the oldest dropped, like
+///   `DropOldest`. A client that keeps up gets every message; a lagging dashboard gets the
+///   latest value of every topic instead of a backlog. Counted in `slow_consumer_drops`.
+///
+/// Independently, a write that makes no progress for the write timeout closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SlowConsumerPolicy {
+    /// Close with 1008 and drop what was queued.
+    #[default]
+    Close,
+    /// Drop the oldest queued messages; keep the connection.
+    DropOldest,
+    /// Keep only the newest queued message of each topic; keep the connection.
+    LatestPerTopic,
+}
+
 /// What happened to a frame handed to [`Conn::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Push {
     /// Queued for the writer.
     Queued,
+    /// Queued, after dropping this many older frames (policies `DropOldest`, `LatestPerTopic`).
+    QueuedDropping(u64),
     /// The connection is closing or gone; the frame was dropped.
     Closed,
     /// The frame would pass the queue's byte bound: the queue was cleared and the connection is
@@ -41,10 +75,15 @@ pub(crate) enum Push {
     Overflow,
 }
 
+/// A queued frame's topic, for conflation: the address of the shard's interned topic name, or
+/// [`NO_TOPIC`] for direct frames. Only compared, never dereferenced.
+pub(crate) type TopicKey = usize;
+pub(crate) const NO_TOPIC: TopicKey = 0;
+
 #[derive(Debug, Default)]
 struct State {
-    /// Data frames, in delivery order.
-    data: VecDeque<Bytes>,
+    /// Data frames with their topic, in delivery order.
+    data: VecDeque<(TopicKey, Bytes)>,
     /// Sum of `data` lengths.
     data_bytes: usize,
     /// Control frames (pongs) the writer sends before queued data.
@@ -60,6 +99,7 @@ pub(crate) struct Conn {
     /// Index of the shard that owns this connection.
     pub(crate) shard: usize,
     max_queue_bytes: usize,
+    policy: SlowConsumerPolicy,
     state: Mutex<State>,
     /// Wakes the writer. `notify_one` keeps a permit, so a push between the writer's drain and
     /// its next wait is never missed.
@@ -70,11 +110,17 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(id: Uuid, shard: usize, max_queue_bytes: usize) -> Self {
+    pub(crate) fn new(
+        id: Uuid,
+        shard: usize,
+        max_queue_bytes: usize,
+        policy: SlowConsumerPolicy,
+    ) -> Self {
         Self {
             id,
             shard,
             max_queue_bytes,
+            policy,
             state: Mutex::new(State::default()),
             writer_wake: Notify::new(),
             ending: AtomicBool::new(false),
@@ -88,31 +134,58 @@ impl Conn {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a data frame. Never blocks and never awaits: safe on the dispatch path.
-    pub(crate) fn push(&self, frame: Bytes) -> Push {
+    /// Queues a data frame of `topic` (or [`NO_TOPIC`]). Never blocks and never awaits: safe on
+    /// the dispatch path. Past the byte bound, the slow-consumer policy decides.
+    pub(crate) fn push(&self, frame: Bytes, topic: TopicKey) -> Push {
         let mut st = self.lock();
         if st.close.is_some() {
             return Push::Closed;
         }
+        let mut dropped = 0u64;
+        if st.data_bytes + frame.len() > self.max_queue_bytes
+            && self.policy == SlowConsumerPolicy::LatestPerTopic
+        {
+            dropped += conflate(&mut st, topic);
+        }
         if st.data_bytes + frame.len() > self.max_queue_bytes {
-            st.data.clear();
-            st.data_bytes = 0;
-            st.close = Some(frame::encode_close(
-                frame::close_code::POLICY_VIOLATION,
-                "slow consumer: outbound queue full",
-            ));
-            drop(st);
-            self.wake_all();
-            return Push::Overflow;
+            match self.policy {
+                SlowConsumerPolicy::Close => {
+                    st.data.clear();
+                    st.data_bytes = 0;
+                    st.close = Some(frame::encode_close(
+                        frame::close_code::POLICY_VIOLATION,
+                        "slow consumer: outbound queue full",
+                    ));
+                    drop(st);
+                    self.wake_all();
+                    return Push::Overflow;
+                }
+                SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::LatestPerTopic => {
+                    while st.data_bytes + frame.len() > self.max_queue_bytes {
+                        match st.data.pop_front() {
+                            Some((_, old)) => {
+                                st.data_bytes -= old.len();
+                                dropped += 1;
+                            }
+                            // The frame alone is larger than the bound: it is the one dropped.
+                            None => return Push::QueuedDropping(dropped + 1),
+                        }
+                    }
+                }
+            }
         }
         let was_empty = st.data.is_empty() && st.control.is_empty();
         st.data_bytes += frame.len();
-        st.data.push_back(frame);
+        st.data.push_back((topic, frame));
         drop(st);
         if was_empty {
             self.writer_wake.notify_one();
         }
-        Push::Queued
+        if dropped > 0 {
+            Push::QueuedDropping(dropped)
+        } else {
+            Push::Queued
+        }
     }
 
     /// Queues a control frame (a pong) ahead of any queued data.
@@ -172,7 +245,7 @@ impl Conn {
     pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> bool {
         let mut st = self.lock();
         batch.append(&mut st.control);
-        batch.extend(st.data.drain(..));
+        batch.extend(st.data.drain(..).map(|(_, frame)| frame));
         st.data_bytes = 0;
         match &st.close {
             Some(close) => {
@@ -197,9 +270,33 @@ impl Conn {
     }
 }
 
+/// Keeps, of each topic's queued frames, only the newest — and none of `incoming`'s topic, whose
+/// newer frame is about to be queued. Direct frames stay. Returns how many frames were dropped.
+fn conflate(st: &mut State, incoming: TopicKey) -> u64 {
+    let mut seen = ahash::AHashSet::new();
+    if incoming != NO_TOPIC {
+        seen.insert(incoming);
+    }
+    let before = st.data.len();
+    let mut kept = VecDeque::with_capacity(before);
+    for (topic, frame) in st.data.drain(..).rev() {
+        if topic == NO_TOPIC || seen.insert(topic) {
+            kept.push_front((topic, frame));
+        } else {
+            st.data_bytes -= frame.len();
+        }
+    }
+    st.data = kept;
+    (before - st.data.len()) as u64
+}
+
 /// Drains `conn`'s queue into `io` until the close frame is written or the socket fails.
-pub(crate) async fn run_writer<W>(conn: Arc<Conn>, mut io: W, write_delay: Duration)
-where
+pub(crate) async fn run_writer<W>(
+    conn: Arc<Conn>,
+    mut io: W,
+    write_delay: Duration,
+    write_timeout: Duration,
+) where
     W: AsyncWrite + Unpin,
 {
     let mut batch: Vec<Bytes> = Vec::new();
@@ -209,7 +306,7 @@ where
             tokio::time::sleep(write_delay).await;
         }
         let closing = conn.take(&mut batch);
-        if let Err(e) = write_frames(&mut io, &batch).await {
+        if let Err(e) = write_frames(&mut io, &batch, write_timeout).await {
             tracing::debug!(conn_id = %conn.id, error = %e, "write failed");
             conn.fail();
             return;
@@ -230,17 +327,26 @@ where
 /// does not enlarge the writer task.
 const MAX_IOV: usize = 128;
 
-/// Writes `frames` in order with as few syscalls as the socket allows.
-pub(crate) async fn write_frames<W>(io: &mut W, frames: &[Bytes]) -> io::Result<()>
+/// Writes `frames` in order with as few syscalls as the socket allows. A write that makes no
+/// progress for `timeout` fails with `TimedOut`.
+pub(crate) async fn write_frames<W>(
+    io: &mut W,
+    frames: &[Bytes],
+    timeout: Duration,
+) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
+    let timed_out = || io::Error::from(io::ErrorKind::TimedOut);
     let (mut idx, mut offset) = (0usize, 0usize);
     while idx < frames.len() {
         if idx + 1 == frames.len() {
-            return io.write_all(&frames[idx][offset..]).await;
+            let last = &frames[idx][offset..];
+            return tokio::time::timeout(timeout, io.write_all(last))
+                .await
+                .map_err(|_| timed_out())?;
         }
-        let written = poll_fn(|cx| {
+        let write = poll_fn(|cx| {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for (k, f) in frames[idx..].iter().take(MAX_IOV).enumerate() {
@@ -248,8 +354,10 @@ where
                 n += 1;
             }
             Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
-        })
-        .await?;
+        });
+        let written = tokio::time::timeout(timeout, write)
+            .await
+            .map_err(|_| timed_out())??;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -275,12 +383,21 @@ mod tests {
 
     #[test]
     fn queue_is_bounded_in_bytes() {
-        let conn = Conn::new(Uuid::nil(), 0, 10);
-        assert_eq!(conn.push(Bytes::from_static(b"12345")), Push::Queued);
-        assert_eq!(conn.push(Bytes::from_static(b"12345")), Push::Queued);
-        assert_eq!(conn.push(Bytes::from_static(b"1")), Push::Overflow);
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close);
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345"), NO_TOPIC),
+            Push::Queued
+        );
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345"), NO_TOPIC),
+            Push::Queued
+        );
+        assert_eq!(
+            conn.push(Bytes::from_static(b"1"), NO_TOPIC),
+            Push::Overflow
+        );
         assert!(conn.is_ending());
-        assert_eq!(conn.push(Bytes::from_static(b"1")), Push::Closed);
+        assert_eq!(conn.push(Bytes::from_static(b"1"), NO_TOPIC), Push::Closed);
         let mut batch = Vec::new();
         assert!(conn.take(&mut batch));
         // Only the 1008 close frame is left.
@@ -290,8 +407,8 @@ mod tests {
 
     #[test]
     fn close_with_flush_keeps_queued_data_first() {
-        let conn = Conn::new(Uuid::nil(), 0, 100);
-        conn.push(Bytes::from_static(b"a"));
+        let conn = Conn::new(Uuid::nil(), 0, 100, SlowConsumerPolicy::Close);
+        conn.push(Bytes::from_static(b"a"), NO_TOPIC);
         conn.push_control(Bytes::from_static(b"p"));
         conn.close(1001, "bye", true);
         let mut batch = Vec::new();
@@ -299,6 +416,43 @@ mod tests {
         assert_eq!(&batch[0][..], b"p");
         assert_eq!(&batch[1][..], b"a");
         assert_eq!(&batch[2][2..4], &1001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_the_connection() {
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::DropOldest);
+        for f in [&b"aaaa"[..], b"bbbb", b"cccc"] {
+            conn.push(Bytes::from_static(f), NO_TOPIC);
+        }
+        assert!(!conn.is_ending());
+        let mut batch = Vec::new();
+        assert!(!conn.take(&mut batch));
+        assert_eq!(batch, vec![&b"bbbb"[..], b"cccc"]);
+        // A frame larger than the whole bound is the one dropped.
+        assert_eq!(
+            conn.push(Bytes::from(vec![0; 11]), NO_TOPIC),
+            Push::QueuedDropping(1)
+        );
+    }
+
+    #[test]
+    fn latest_per_topic_conflates_when_full() {
+        let conn = Conn::new(Uuid::nil(), 0, 12, SlowConsumerPolicy::LatestPerTopic);
+        // Under the bound nothing is replaced.
+        assert_eq!(conn.push(Bytes::from_static(b"a1"), 1), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"b1"), 2), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"a2"), 1), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"d1"), NO_TOPIC), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"b2"), 2), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"a3"), 1), Push::Queued);
+        // Full: compacted to the newest of each topic, the incoming one replacing a3.
+        assert_eq!(
+            conn.push(Bytes::from_static(b"a4"), 1),
+            Push::QueuedDropping(4)
+        );
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch, vec![&b"d1"[..], b"b2", b"a4"]);
     }
 
     #[tokio::test]
@@ -316,7 +470,9 @@ mod tests {
                 .unwrap();
             out
         });
-        write_frames(&mut a, &frames).await.unwrap();
+        write_frames(&mut a, &frames, Duration::from_secs(10))
+            .await
+            .unwrap();
         drop(a);
         assert_eq!(reader.await.unwrap(), expected);
     }

@@ -124,6 +124,7 @@ impl Runtime {
             Uuid::from_u64_pair(self.instance, n),
             shard,
             self.config.outbound_queue_bytes,
+            self.config.slow_consumer,
         ))
     }
 

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbound::{Conn, Push};
+use crate::outbound::{Conn, Push, TopicKey};
 
 /// Commands a shard applies in arrival order.
 #[derive(Debug)]
@@ -155,14 +155,21 @@ impl Shard {
 
     /// The hot path: one refcount and one queue push per subscriber, no await, no allocation.
     pub(crate) fn deliver(&mut self, topic: &str, frame: &Bytes) {
-        let Some(subs) = self.topics.get(topic) else {
+        let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return;
         };
+        // The interned name's address identifies the topic for conflation.
+        let topic_key = Arc::as_ptr(key) as *const u8 as TopicKey;
         let mut delivered = 0u64;
         let mut overflowed = 0u64;
+        let mut dropped = 0u64;
         for conn in subs {
-            match conn.push(frame.clone()) {
+            match conn.push(frame.clone(), topic_key) {
                 Push::Queued => delivered += 1,
+                Push::QueuedDropping(n) => {
+                    delivered += 1;
+                    dropped += n;
+                }
                 Push::Overflow => overflowed += 1,
                 Push::Closed => {}
             }
@@ -171,6 +178,9 @@ impl Shard {
             .add_deliveries(delivered, delivered * frame.len() as u64);
         if overflowed > 0 {
             self.metrics.add_slow_consumers(overflowed);
+        }
+        if dropped > 0 {
+            self.metrics.add_slow_consumer_drops(dropped);
         }
     }
 }

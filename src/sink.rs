@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::frame;
-use crate::outbound::{Conn, Push};
+use crate::outbound::{Conn, NO_TOPIC, Push};
 use crate::runtime::Hub;
 
 /// A cheap, cloneable handle that queues frames for one connection.
@@ -92,8 +92,8 @@ impl WsSink {
     }
 
     pub(crate) fn send_frame(&self, frame: Bytes) -> Result<(), SendError> {
-        match self.conn.push(frame) {
-            Push::Queued => Ok(()),
+        match self.conn.push(frame, NO_TOPIC) {
+            Push::Queued | Push::QueuedDropping(_) => Ok(()),
             Push::Closed => Err(SendError::Closed),
             Push::Overflow => Err(SendError::QueueFull),
         }

@@ -76,6 +76,24 @@ impl From<serde_json::Error> for HandlerError {
     }
 }
 
+/// Messages at least this long are parsed with simd-json, shorter ones with serde_json.
+const SIMD_JSON_FROM: usize = 2 * 1024;
+
+/// Parses one JSON message the way the default [`MessageHandler::decode`] does.
+///
+/// Measured with `cargo bench --bench json`: on a chat-sized message (~150 B) simd-json's
+/// `from_slice` took 408 ns against serde_json's 149 ns, since it sets up scratch buffers per
+/// call; at 4 KiB and 32 KiB simd-json was faster (5.1 µs vs 6.9 µs, 38 µs vs 55 µs). The switch
+/// sits between the sizes measured.
+pub fn decode_json<T: DeserializeOwned>(text: &mut [u8]) -> Result<T, String> {
+    let parsed = if text.len() >= SIMD_JSON_FROM {
+        simd_json::serde::from_slice(text).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice(text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| format!("Invalid message format: {e}"))
+}
+
 /// Your application's side of a WebSocket connection.
 #[async_trait]
 pub trait MessageHandler: Send + Sync + 'static {
@@ -98,9 +116,10 @@ pub trait MessageHandler: Send + Sync + 'static {
     /// place) into a [`ClientMessage`](Self::ClientMessage). An error's text is sent to the
     /// sender as `{"type":"error","message":…}`.
     ///
-    /// The default parses JSON with simd-json, in place. Override it for another format.
+    /// The default parses JSON: with serde_json below 2 KiB and with simd-json, in place, from
+    /// there on (see [`decode_json`]). Override it for another format.
     fn decode(&self, text: &mut [u8]) -> Result<Self::ClientMessage, String> {
-        simd_json::serde::from_slice(text).map_err(|e| format!("Invalid message format: {e}"))
+        decode_json(text)
     }
 
     /// Handles a binary message. The default answers the sender with an error, since clients

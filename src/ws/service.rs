@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::broker::PublishError;
 use crate::config::Config;
 use crate::metrics::MetricsSnapshot;
+pub use crate::outbound::SlowConsumerPolicy;
 use crate::runtime::Runtime;
 use crate::ws::handler::MessageHandler;
 
@@ -184,6 +185,21 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// a slow consumer: its queue is dropped and it is closed with 1008. Default: 1 MiB.
     pub fn outbound_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.outbound_queue_bytes = bytes;
+        self
+    }
+
+    /// What a client that reads too slowly gets once its queue is full; see
+    /// [`SlowConsumerPolicy`] (its `## Lagging` section says exactly what the client observes).
+    /// Default: [`SlowConsumerPolicy::Close`].
+    pub fn slow_consumer_policy(mut self, policy: SlowConsumerPolicy) -> Self {
+        self.config.slow_consumer = policy;
+        self
+    }
+
+    /// A write to a client that makes no progress for this long closes the connection (a
+    /// client that stopped reading with its TCP window shut). Default: 10 s.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
         self
     }
 
