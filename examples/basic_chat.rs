@@ -16,6 +16,10 @@
 //!   `{"NewMessage":{"room":R,"username":<name>,"text":T}}`; `R` must be the connection's topic.
 //! - `"Ping"` → `"Pong"` to the sender alone. Errors: `{"type":"error","message":…}`.
 //! - `GET /health` → `OK`; `GET /ready` → 200 while the broker is live, else 503.
+//! - `GET /` → a chat page (`examples/static/chat.html`): open <http://127.0.0.1:3000/>.
+//! - `POST /broadcast/{topic}` with a JSON body, authorized like `/ws/{topic}` (token: 401; topic:
+//!   403/404): the body goes verbatim to every subscriber of the topic on every instance. 202 when
+//!   published, 400 when the body is not JSON, 503 when the broker refused it.
 //! - SIGTERM or Ctrl-C: every client gets close 1001, then the process exits 0.
 
 use std::net::SocketAddr;
@@ -23,10 +27,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
 use axum_realtime_kit::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -214,7 +219,9 @@ pub fn chat_router(service: Arc<WebsocketService<ChatHandler>>) -> Router {
         service,
     };
     Router::new()
+        .route("/", get(chat_page))
         .route("/ws/{topic}", get(ws_route))
+        .route("/broadcast/{topic}", post(broadcast))
         .route("/health", get(|| async { "OK" }))
         .route("/ready", get(ready))
         .with_state(state)
@@ -225,8 +232,41 @@ async fn ws_route(
     State(state): State<ServerState>,
     Path(topic): Path<String>,
     WsAuth(user): WsAuth<User>,
-) -> axum::response::Response {
+) -> Response {
     upgrade_handler(ws, State(state.service), user, topic, validate_topic).await
+}
+
+/// The browser client: plain HTML and JavaScript, compiled into the binary.
+const CHAT_PAGE: &str = include_str!("static/chat.html");
+
+async fn chat_page() -> Html<&'static str> {
+    Html(CHAT_PAGE)
+}
+
+/// Publishes the request body, verbatim, to every subscriber of `topic` on every instance.
+/// The token and topic are checked exactly as for `/ws/{topic}`.
+async fn broadcast(
+    State(state): State<ServerState>,
+    WsAuth(user): WsAuth<User>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(status) = validate_topic(state.app_state.clone(), user, topic.clone()).await {
+        return status.into_response();
+    }
+    let is_json = std::str::from_utf8(&body)
+        .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+    if !is_json {
+        return (StatusCode::BAD_REQUEST, "the body must be UTF-8 JSON").into_response();
+    }
+    match state.service.publish_raw(&topic, body).await {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not publish: {e}"),
+        )
+            .into_response(),
+    }
 }
 
 async fn ready(State(state): State<ServerState>) -> impl IntoResponse {

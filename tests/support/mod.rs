@@ -2,6 +2,7 @@
 //! `basic_chat` example's router served on a free loopback port.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod browser;
 #[allow(dead_code, missing_docs)]
 #[path = "../../examples/basic_chat.rs"]
 pub mod chat;
