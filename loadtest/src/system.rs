@@ -52,14 +52,8 @@ impl System {
 /// Builds every system in release mode (prints cargo's output).
 pub(crate) fn build_all(workspace: &Path) -> std::io::Result<()> {
     for args in [
-        &[
-            "build",
-            "--release",
-            "-p",
-            "axum-realtime-kit",
-            "--example",
-            "basic_chat",
-        ][..],
+        // No `-p`: the root package is the only default member with that example.
+        &["build", "--release", "--example", "basic_chat"][..],
         &["build", "--release", "-p", "rtk-peers"][..],
     ] {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
