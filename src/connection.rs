@@ -82,7 +82,7 @@ enum End {
 pub(crate) async fn run<H, W>(
     service: Arc<WebsocketService<H>>,
     mut inbound: Inbound,
-    pre_read: Bytes,
+    pre_read: BytesMut,
     write: W,
     topic: String,
     user_id: H::UserId,
@@ -123,7 +123,7 @@ pub(crate) async fn run<H, W>(
             conn.close(close_code::INTERNAL_ERROR, "internal error", false);
         }
 
-        let mut buf = BytesMut::from(&pre_read[..]);
+        let mut buf = pre_read;
         let end = read_loop(&service, &conn, &ctx, &mut inbound, &mut buf).await;
         tracing::debug!(?end, "connection ending");
 

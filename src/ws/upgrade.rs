@@ -17,7 +17,7 @@ use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
 use axum::http::{StatusCode, request::Parts};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::BytesMut;
 use fastwebsockets::upgrade::{IncomingUpgrade, UpgradeFut};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -157,15 +157,11 @@ async fn accept<H: MessageHandler>(
             let tcp = parts.io.into_inner();
             let _ = tcp.set_nodelay(true);
             let (read, write) = tcp.into_split();
-            connection::run(
-                service,
-                Inbound::Tcp(read),
-                parts.read_buf,
-                write,
-                topic,
-                user_id,
-            )
-            .await;
+            // Copy what the client sent early and let hyper's read buffer go: a `Bytes` slice of
+            // it, even an empty one, would keep its whole allocation alive for the connection.
+            let pre_read = BytesMut::from(&parts.read_buf[..]);
+            drop(parts.read_buf);
+            connection::run(service, Inbound::Tcp(read), pre_read, write, topic, user_id).await;
         }
         Err(upgraded) => {
             // Another IO (TLS, a custom listener): fall back to a generic split.
@@ -173,7 +169,7 @@ async fn accept<H: MessageHandler>(
             connection::run(
                 service,
                 Inbound::Other(read),
-                Bytes::new(),
+                BytesMut::new(),
                 write,
                 topic,
                 user_id,
