@@ -78,9 +78,13 @@ enum End {
     ServerClosed,
 }
 
-/// Runs the connection to its end. Spawned once per upgraded connection.
+/// Runs the connection to its end. Spawned once per upgraded connection; `conn` was already
+/// subscribed to `topic` (`subscribed` says whether that worked) before the 101 was sent.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<H, W>(
     service: Arc<WebsocketService<H>>,
+    conn: Arc<Conn>,
+    subscribed: bool,
     mut inbound: Inbound,
     pre_read: BytesMut,
     write: W,
@@ -91,7 +95,6 @@ pub(crate) async fn run<H, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let rt = &service.runtime;
-    let conn = rt.new_conn();
     let span = tracing::debug_span!("ws", conn_id = %conn.id, topic = %topic);
     rt.connection_opened();
     let writer = tokio::spawn(outbound::run_writer(
@@ -109,7 +112,6 @@ pub(crate) async fn run<H, W>(
             app_state: service.app_state.clone(),
             sink: WsSink::new(conn.clone(), rt.hub.clone()),
         };
-        let subscribed = rt.hub.join(&conn, &ctx.topic).await;
         if !subscribed || rt.is_shutting_down() {
             conn.close(close_code::GOING_AWAY, "server shutting down", true);
         }

@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::connection::{self, Inbound};
+use crate::outbound::Conn;
 use crate::ws::handler::MessageHandler;
 use crate::ws::service::WebsocketService;
 
@@ -113,8 +114,13 @@ where
         Ok(pair) => pair,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };
+    // Subscribe before answering 101, so a client that saw the upgrade succeed receives
+    // everything published from then on (with Redis: once Redis confirmed the subscription).
+    // What arrives before the writer starts waits in the connection's bounded queue.
+    let conn = service.runtime.new_conn();
+    let subscribed = service.runtime.hub.join(&conn, &topic).await;
     tokio::spawn(async move {
-        accept(service, fut, topic, user_id).await;
+        accept(service, conn, subscribed, fut, topic, user_id).await;
         drop(admission);
     });
     response.map(Body::new)
@@ -139,6 +145,8 @@ fn check_topic(topic: &str, max: usize) -> Result<(), &'static str> {
 /// Waits for the HTTP upgrade to complete, recovers the TCP stream and runs the connection.
 async fn accept<H: MessageHandler>(
     service: Arc<WebsocketService<H>>,
+    conn: Arc<Conn>,
+    subscribed: bool,
     fut: UpgradeFut,
     topic: String,
     user_id: H::UserId,
@@ -147,6 +155,8 @@ async fn accept<H: MessageHandler>(
         Ok(ws) => ws.into_inner().into_inner(),
         Err(e) => {
             tracing::debug!(error = %e, "upgrade did not complete");
+            conn.fail();
+            service.runtime.hub.remove(&conn).await;
             return;
         }
     };
@@ -161,13 +171,25 @@ async fn accept<H: MessageHandler>(
             // it, even an empty one, would keep its whole allocation alive for the connection.
             let pre_read = BytesMut::from(&parts.read_buf[..]);
             drop(parts.read_buf);
-            connection::run(service, Inbound::Tcp(read), pre_read, write, topic, user_id).await;
+            connection::run(
+                service,
+                conn,
+                subscribed,
+                Inbound::Tcp(read),
+                pre_read,
+                write,
+                topic,
+                user_id,
+            )
+            .await;
         }
         Err(upgraded) => {
             // Another IO (TLS, a custom listener): fall back to a generic split.
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
             connection::run(
                 service,
+                conn,
+                subscribed,
                 Inbound::Other(read),
                 BytesMut::new(),
                 write,
