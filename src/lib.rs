@@ -39,6 +39,8 @@
 
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(feature = "coalescing")]
+pub mod coalescing;
 pub mod ws;
 
 // Exists for the criterion benches in `benches/`; not a stable API.
@@ -64,6 +66,8 @@ pub use ws::service::{BuildError, WebsocketServiceBuilder};
 pub mod prelude {
     #[cfg(feature = "auth")]
     pub use crate::auth::{TokenValidator, WsAuth};
+    #[cfg(feature = "coalescing")]
+    pub use crate::coalescing::CoalescingService;
     pub use crate::ws::handler::{ConnectionContext, HandlerError, MessageHandler};
     pub use crate::ws::service::WebsocketService;
     pub use crate::ws::types::WsSink;
