@@ -86,7 +86,8 @@ struct State {
     data: VecDeque<(TopicKey, Bytes)>,
     /// Sum of `data` lengths.
     data_bytes: usize,
-    /// Control frames (pongs) the writer sends before queued data.
+    /// Control frames (pongs, heartbeat pings) the writer sends before queued data: at most one
+    /// of each kind, the newest, so a ping flood cannot grow it.
     control: Vec<Bytes>,
     /// Close frame to send once `data` is written; after it nothing else is accepted.
     close: Option<Bytes>,
@@ -188,13 +189,17 @@ impl Conn {
         }
     }
 
-    /// Queues a control frame (a pong) ahead of any queued data.
+    /// Queues a control frame (a pong, a ping) ahead of any queued data. A pending frame of the
+    /// same kind is replaced: RFC 6455 §5.5.3 lets a pong answer only the most recent ping.
     pub(crate) fn push_control(&self, frame: Bytes) {
         let mut st = self.lock();
         if st.close.is_some() {
             return;
         }
-        st.control.push(frame);
+        match st.control.iter_mut().find(|f| f.first() == frame.first()) {
+            Some(pending) => *pending = frame,
+            None => st.control.push(frame),
+        }
         drop(st);
         self.writer_wake.notify_one();
     }
@@ -416,6 +421,19 @@ mod tests {
         assert_eq!(&batch[0][..], b"p");
         assert_eq!(&batch[1][..], b"a");
         assert_eq!(&batch[2][2..4], &1001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn control_frames_keep_only_the_newest_of_each_kind() {
+        let conn = Conn::new(Uuid::nil(), 0, 100, SlowConsumerPolicy::Close);
+        for i in 0..1000u16 {
+            conn.push_control(frame::encode(frame::OpCode::Pong, &i.to_be_bytes()));
+        }
+        conn.push_control(frame::encode(frame::OpCode::Ping, b""));
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(&batch[0][2..], &999u16.to_be_bytes());
     }
 
     #[test]

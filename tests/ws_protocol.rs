@@ -98,3 +98,31 @@ async fn pings_are_answered_with_the_same_payload() {
         (0xA, &b"are you there"[..])
     );
 }
+
+#[tokio::test]
+async fn a_ping_flood_from_a_client_that_does_not_read_costs_nothing_lasting() {
+    let server = chat_server(1).await;
+    let mut c = connect(server.addr, "general", ALICE).await;
+    let mut bystander = connect(server.addr, "general", BOB).await;
+    // 21 MB of pings, sent without reading a single pong: far more than socket buffers hold.
+    let ping = encode_client_frame(true, 0x9, &[7u8; 100], true);
+    for _ in 0..200 {
+        c.send_raw(&ping.repeat(1000)).await;
+    }
+    c.send_text("\"Ping\"").await;
+    // Pongs answer only the newest pending ping, so far fewer than 200 000 arrive.
+    let mut pongs = 0;
+    loop {
+        let f = c.recv_frame().await.expect("connection stays open");
+        match f.opcode {
+            0xA => pongs += 1,
+            0x1 => {
+                assert_eq!(f.payload, b"\"Pong\"");
+                break;
+            }
+            op => panic!("unexpected opcode {op:#x}"),
+        }
+    }
+    assert!(pongs < 200_000, "{pongs} pongs");
+    bystander.assert_nothing_pending().await;
+}
