@@ -5,7 +5,8 @@
 //! ```
 //!
 //! Environment: `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (unset: in-process broker,
-//! one instance; set: instances share rooms through Redis), `SHARDS` (default: available
+//! one instance; set: instances share rooms through Redis), `WRITE_DELAY_MS` (default 0: see
+//! `write_delay` in the builder), `SHARDS` (default: available
 //! parallelism), `RUST_LOG`.
 //!
 //! Protocol:
@@ -208,6 +209,13 @@ pub fn chat_service(
         WebsocketService::builder(ChatHandler, Arc::new(AppState)).redis_url(redis_url);
     if let Some(n) = shards {
         builder = builder.shards(n);
+    }
+    // Tuning knob for the load tests (PERF.md): how long a writer lets frames collect.
+    if let Some(ms) = std::env::var("WRITE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        builder = builder.write_delay(std::time::Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
     builder.build()
 }
