@@ -465,9 +465,11 @@ mod report {
                     }
                 };
                 let ours = metric(System::Ours, &max);
+                // The client's ceiling is what it received from the batching limit server, the
+                // fastest thing it can be pointed at.
                 let ceiling = systems
                     .iter()
-                    .filter(|s| s.is_limit())
+                    .filter(|s| **s == System::LimitBatch)
                     .filter_map(|s| metric(*s, &max))
                     .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
                 let _ = writeln!(

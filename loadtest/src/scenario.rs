@@ -182,7 +182,7 @@ pub(crate) struct FanoutArgs {
     #[arg(long, value_delimiter = ',', default_values_t = vec![20.0, 50.0, 100.0, 200.0, 500.0, 1000.0])]
     pub(crate) rates: Vec<f64>,
     /// Seconds each step publishes.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub(crate) step_secs: f64,
     /// A step passes with at least this fraction delivered…
     #[arg(long, default_value_t = 0.999)]
@@ -379,7 +379,7 @@ pub(crate) struct ChatArgs {
     #[arg(long, value_delimiter = ',', default_values_t = vec![1.0, 5.0, 10.0, 20.0])]
     pub(crate) rates: Vec<f64>,
     /// Seconds each step sends.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub(crate) step_secs: f64,
     /// Text size in bytes.
     #[arg(long, default_value_t = 64)]
