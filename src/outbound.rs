@@ -75,6 +75,9 @@ pub(crate) enum Push {
     Overflow,
 }
 
+/// Most control frames of one kind (pong, ping) waiting to be written.
+const MAX_PENDING_CONTROL: usize = 16;
+
 /// A queued frame's topic, for conflation: the address of the shard's interned topic name, or
 /// [`NO_TOPIC`] for direct frames. Only compared, never dereferenced.
 pub(crate) type TopicKey = usize;
@@ -86,8 +89,8 @@ struct State {
     data: VecDeque<(TopicKey, Bytes)>,
     /// Sum of `data` lengths.
     data_bytes: usize,
-    /// Control frames (pongs, heartbeat pings) the writer sends before queued data: at most one
-    /// of each kind, the newest, so a ping flood cannot grow it.
+    /// Control frames (pongs, heartbeat pings) the writer sends before queued data: at most
+    /// [`MAX_PENDING_CONTROL`] of each kind, the newest, so a ping flood cannot grow it.
     control: Vec<Bytes>,
     /// Close frame to send once `data` is written; after it nothing else is accepted.
     close: Option<Bytes>,
@@ -189,17 +192,26 @@ impl Conn {
         }
     }
 
-    /// Queues a control frame (a pong, a ping) ahead of any queued data. A pending frame of the
-    /// same kind is replaced: RFC 6455 §5.5.3 lets a pong answer only the most recent ping.
+    /// Queues a control frame (a pong, a ping) ahead of any queued data. Past
+    /// [`MAX_PENDING_CONTROL`] pending frames of its kind, the oldest is dropped: RFC 6455 §5.5.3
+    /// lets a pong answer only the most recent ping, and a client that pings without reading must
+    /// not grow the queue. (Autobahn 2.10/2.11 expect every one of 10 pings answered.)
     pub(crate) fn push_control(&self, frame: Bytes) {
         let mut st = self.lock();
         if st.close.is_some() {
             return;
         }
-        match st.control.iter_mut().find(|f| f.first() == frame.first()) {
-            Some(pending) => *pending = frame,
-            None => st.control.push(frame),
+        let same_kind = st
+            .control
+            .iter()
+            .filter(|f| f.first() == frame.first())
+            .count();
+        if same_kind >= MAX_PENDING_CONTROL {
+            if let Some(oldest) = st.control.iter().position(|f| f.first() == frame.first()) {
+                st.control.remove(oldest);
+            }
         }
+        st.control.push(frame);
         drop(st);
         self.writer_wake.notify_one();
     }
@@ -424,7 +436,7 @@ mod tests {
     }
 
     #[test]
-    fn control_frames_keep_only_the_newest_of_each_kind() {
+    fn control_frames_keep_only_the_newest_few_of_each_kind() {
         let conn = Conn::new(Uuid::nil(), 0, 100, SlowConsumerPolicy::Close);
         for i in 0..1000u16 {
             conn.push_control(frame::encode(frame::OpCode::Pong, &i.to_be_bytes()));
@@ -432,8 +444,12 @@ mod tests {
         conn.push_control(frame::encode(frame::OpCode::Ping, b""));
         let mut batch = Vec::new();
         conn.take(&mut batch);
-        assert_eq!(batch.len(), 2);
-        assert_eq!(&batch[0][2..], &999u16.to_be_bytes());
+        assert_eq!(batch.len(), MAX_PENDING_CONTROL + 1);
+        assert_eq!(
+            &batch[0][2..],
+            &(1000 - MAX_PENDING_CONTROL as u16).to_be_bytes()
+        );
+        assert_eq!(&batch[MAX_PENDING_CONTROL - 1][2..], &999u16.to_be_bytes());
     }
 
     #[test]
