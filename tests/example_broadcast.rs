@@ -181,10 +181,7 @@ async fn a_failed_publish_is_503_with_the_reason() {
     // Nothing listens on this port: every publish fails.
     let dead = format!("redis://127.0.0.1:{}/", free_port());
     let service = chat::chat_service(Some(dead), Some(1));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = chat::chat_router(service.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let addr = serve_chat(service).await.addr;
 
     let (status, text) = post(
         addr,

@@ -270,9 +270,7 @@ async fn joiner_server(redis_url: String) -> (std::net::SocketAddr, Arc<Websocke
             ),
         )
         .with_state(service.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let addr = support::serve(router).await;
     let ready = service.clone();
     wait_until("joiner ready", move || ready.is_ready()).await;
     (addr, service)

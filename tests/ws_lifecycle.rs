@@ -67,9 +67,7 @@ async fn hooks_server(shards: usize) -> (std::net::SocketAddr, Arc<WebsocketServ
             ),
         )
         .with_state(service.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let addr = support::serve(router).await;
     (addr, service)
 }
 

@@ -13,11 +13,7 @@ async fn serve(
     configure: impl FnOnce(WebsocketServiceBuilder<ChatHandler>) -> WebsocketServiceBuilder<ChatHandler>,
 ) -> Server {
     let service = configure(WebsocketService::builder(ChatHandler, Arc::new(AppState))).build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = chat::chat_router(service.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    Server { addr, service }
+    serve_chat(service).await
 }
 
 #[tokio::test]

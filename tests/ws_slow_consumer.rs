@@ -20,11 +20,7 @@ async fn serve(policy: SlowConsumerPolicy) -> Server {
         .outbound_queue_bytes(512 * 1024)
         .slow_consumer_policy(policy)
         .build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = chat::chat_router(service.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    Server { addr, service }
+    serve_chat(service).await
 }
 
 fn payload(i: usize) -> String {

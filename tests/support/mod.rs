@@ -47,12 +47,23 @@ pub async fn chat_server_with(redis_url: Option<String>, shards: usize) -> Serve
         .and_then(|s| s.parse().ok())
         .unwrap_or(shards);
     let service = chat::chat_service(redis_url, Some(shards));
+    let server = serve_chat(service).await;
+    let ready = server.service.clone();
+    wait_until("instance ready", move || ready.is_ready()).await;
+    server
+}
+
+/// Serves `router` on a free loopback port; returns the address.
+pub async fn serve(router: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = chat::chat_router(service.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    let ready = service.clone();
-    wait_until("instance ready", move || ready.is_ready()).await;
+    addr
+}
+
+/// Serves the example's router for an already built `service`.
+pub async fn serve_chat(service: Arc<WebsocketService<chat::ChatHandler>>) -> Server {
+    let addr = serve(chat::chat_router(service.clone())).await;
     Server { addr, service }
 }
 
