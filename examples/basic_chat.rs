@@ -5,9 +5,8 @@
 //! ```
 //!
 //! Environment: `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (unset: in-process broker,
-//! one instance; set: instances share rooms through Redis), `WRITE_DELAY_MS` (default 0: see
-//! `write_delay` in the builder), `SHARDS` (default: available
-//! parallelism), `RUST_LOG`.
+//! one instance; set: instances share rooms through Redis), `WRITE_DELAY_MS` (default: the
+//! builder's `write_delay`, 2 ms), `SHARDS` (default: available parallelism), `RUST_LOG`.
 //!
 //! Protocol:
 //! - `GET /ws/{topic}?token=<uuid>:<name>` (or `Authorization: Bearer <uuid>:<name>`): 401 without
@@ -17,6 +16,7 @@
 //!   `{"NewMessage":{"room":R,"username":<name>,"text":T}}`; `R` must be the connection's topic.
 //! - `"Ping"` → `"Pong"` to the sender alone. Errors: `{"type":"error","message":…}`.
 //! - `GET /health` → `OK`; `GET /ready` → 200 while the broker is live, else 503.
+//! - `GET /metrics` → the runtime's counters and gauges in Prometheus' text format.
 //! - `GET /` → a chat page (`examples/static/chat.html`): open <http://127.0.0.1:3000/>.
 //! - `POST /broadcast/{topic}` with a JSON body, authorized like `/ws/{topic}` (token: 401; topic:
 //!   403/404): the body goes verbatim to every subscriber of the topic on every instance. 202 when
@@ -34,6 +34,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_realtime_kit::prelude::*;
+use axum_realtime_kit::prometheus::Prometheus;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -222,17 +223,22 @@ pub fn chat_service(
 
 /// The chat routes.
 pub fn chat_router(service: Arc<WebsocketService<ChatHandler>>) -> Router {
-    let state = ServerState {
-        app_state: service.app_state().clone(),
-        service,
-    };
-    Router::new()
+    let mut router = Router::new()
         .route("/", get(chat_page))
         .route("/ws/{topic}", get(ws_route))
         .route("/broadcast/{topic}", post(broadcast))
         .route("/health", get(|| async { "OK" }))
-        .route("/ready", get(ready))
-        .with_state(state)
+        .route("/ready", get(ready));
+    // Prometheus scrapes `/metrics` (the `rtk_*` series; see the crate docs' "Metrics").
+    match Prometheus::install() {
+        Ok(prometheus) => router = router.route("/metrics", prometheus.handler(service.clone())),
+        Err(e) => tracing::warn!(error = %e, "no /metrics route"),
+    }
+    let state = ServerState {
+        app_state: service.app_state().clone(),
+        service,
+    };
+    router.with_state(state)
 }
 
 async fn ws_route(

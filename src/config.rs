@@ -40,6 +40,10 @@ pub(crate) struct Config {
     pub(crate) rate_limit: Option<(u32, u32)>,
     /// How long a connection may keep exceeding the rate limit before it is closed with 1008.
     pub(crate) rate_limit_grace: Duration,
+    /// How often the counters are reported to the `metrics` facade; `ZERO` disables the task.
+    pub(crate) metrics_interval: Duration,
+    /// Labels added to every reported metric.
+    pub(crate) metrics_labels: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -63,6 +67,8 @@ impl Default for Config {
             max_connections: 100_000,
             rate_limit: Some((1_000, 20_000)),
             rate_limit_grace: Duration::from_secs(3),
+            metrics_interval: Duration::from_secs(1),
+            metrics_labels: Vec::new(),
         }
     }
 }

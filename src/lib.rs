@@ -36,11 +36,40 @@
 //! |---|---|---|
 //! | `auth` | yes | [`auth::WsAuth`] and [`auth::TokenValidator`] |
 //! | `coalescing` | no | `CoalescingService`: single-flight for expensive async operations |
+//! | `prometheus` | no | `prometheus::Prometheus`: these metrics at a `/metrics` route |
+//!
+//! # Metrics
+//! Every second (see `WebsocketServiceBuilder::metrics_interval`) the service reports to the
+//! process's [`metrics`] recorder, whichever exporter the application installed. Nothing calls
+//! the recorder on the per-message path: it counts in plain atomics, and the report copies them.
+//! [`WebsocketService::metrics`](ws::service::WebsocketService::metrics) returns the same
+//! values as a struct.
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `rtk_connections_opened_total` | counter | WebSocket connections accepted |
+//! | `rtk_connections` | gauge | connections open now |
+//! | `rtk_subscriptions` | gauge | topic memberships (connection × topic) now |
+//! | `rtk_deliveries_total` | counter | frames queued to subscribers, one per subscriber per message |
+//! | `rtk_bytes_queued_total` | counter | bytes of those frames |
+//! | `rtk_bytes_written_total` | counter | bytes written to client sockets |
+//! | `rtk_messages_in_total` | counter | data messages received from clients |
+//! | `rtk_publishes_total` | counter | messages published through the broker |
+//! | `rtk_publish_errors_total` | counter | publishes that failed |
+//! | `rtk_slow_consumer_closes_total` | counter | connections closed by the slow-consumer policy |
+//! | `rtk_slow_consumer_drops_total` | counter | queued messages dropped by `DropOldest` / `LatestPerTopic` |
+//! | `rtk_protocol_errors_total` | counter | connections closed for a WebSocket protocol violation |
+//! | `rtk_broker_reconnects_total` | counter | times the broker's subscriber connection was rebuilt |
+//! | `rtk_broker_live` | gauge | 1 while the broker connection is live, else 0 |
+//! | `rtk_dispatch_lag_seconds` | gauge | longest time from the broker handing a message over to a shard finishing its fan-out, over the last report interval |
+//! | `rtk_runtime_alive_tasks` | gauge | tasks alive in the tokio runtime the service runs on |
 
 #[cfg(feature = "auth")]
 pub mod auth;
 #[cfg(feature = "coalescing")]
 pub mod coalescing;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 pub mod ws;
 
 // Exists for the criterion benches in `benches/`; not a stable API.

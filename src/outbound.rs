@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::frame;
+use crate::metrics::Metrics;
 
 /// What a connection whose client reads too slowly gets, once its outbound queue would pass its
 /// byte bound ([`outbound_queue_bytes`](crate::WebsocketServiceBuilder::outbound_queue_bytes)).
@@ -313,6 +314,7 @@ pub(crate) async fn run_writer<W>(
     mut io: W,
     write_delay: Duration,
     write_timeout: Duration,
+    metrics: Arc<Metrics>,
 ) where
     W: AsyncWrite + Unpin,
 {
@@ -328,6 +330,7 @@ pub(crate) async fn run_writer<W>(
             conn.fail();
             return;
         }
+        metrics.add_bytes_written(batch.iter().map(|f| f.len() as u64).sum());
         batch.clear();
         if closing {
             let _ = io.shutdown().await;

@@ -24,6 +24,8 @@ const DISPATCH_CHANNEL: usize = 8192;
 pub(crate) struct Hub {
     shards: Arc<[mpsc::Sender<Command>]>,
     pub(crate) broker: BrokerHandle,
+    /// Longest topic name a connection may join.
+    pub(crate) max_topic_len: usize,
 }
 
 impl Hub {
@@ -65,6 +67,8 @@ pub(crate) struct Runtime {
     pub(crate) config: Config,
     pub(crate) hub: Arc<Hub>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Labels on every metric this service reports.
+    metric_labels: Arc<[metrics::Label]>,
     /// Random per instance, so connection ids are unique across instances.
     instance: u64,
     next_conn: AtomicU64,
@@ -96,9 +100,28 @@ impl Runtime {
             .map(|_| shard::spawn_shard(config.shard_channel, interest.clone(), metrics.clone()))
             .collect();
         tokio::spawn(Dispatcher::new(shards.clone()).run(pub_rx));
+        let hub = Arc::new(Hub {
+            shards,
+            broker,
+            max_topic_len: config.max_topic_len,
+        });
+        let metric_labels: Arc<[metrics::Label]> = config
+            .metrics_labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(k.clone(), v.clone()))
+            .collect();
+        if !config.metrics_interval.is_zero() {
+            tokio::spawn(export_periodically(
+                Arc::downgrade(&hub),
+                metrics.clone(),
+                metric_labels.clone(),
+                config.metrics_interval,
+            ));
+        }
         Ok(Self {
             config,
-            hub: Arc::new(Hub { shards, broker }),
+            hub,
+            metric_labels,
             metrics,
             instance,
             next_conn: AtomicU64::new(0),
@@ -149,6 +172,15 @@ impl Runtime {
         Some(Admission(self.admitted.clone()))
     }
 
+    /// Reports the current values to the `metrics` facade now.
+    pub(crate) fn export_metrics(&self) {
+        crate::metrics::export(
+            &self.metrics,
+            &self.metric_labels,
+            self.hub.broker.is_live(),
+        );
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
@@ -195,6 +227,22 @@ impl Runtime {
                 "shutdown timeout: connections still open"
             );
         }
+    }
+}
+
+/// Reports the counters every `every` until the service (its hub) is gone.
+async fn export_periodically(
+    hub: std::sync::Weak<Hub>,
+    metrics: Arc<Metrics>,
+    labels: Arc<[metrics::Label]>,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let Some(hub) = hub.upgrade() else { return };
+        crate::metrics::export(&metrics, &labels, hub.broker.is_live());
     }
 }
 

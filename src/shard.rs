@@ -19,6 +19,7 @@
 //! broker's order (invariant 2).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use ahash::AHashMap;
 use bytes::Bytes;
@@ -43,7 +44,12 @@ pub(crate) enum Command {
     /// Remove the connection from every topic it joined.
     Remove { conn_id: Uuid },
     /// Push an encoded frame to every local subscriber of `topic`.
-    Deliver { topic: Arc<str>, frame: Bytes },
+    Deliver {
+        topic: Arc<str>,
+        frame: Bytes,
+        /// When the broker handed the message over, for the dispatch-lag gauge.
+        since: Instant,
+    },
     /// Queue a close frame (after pending data) for every connection; `done` fires when queued.
     CloseAll {
         code: u16,
@@ -91,7 +97,14 @@ impl Shard {
 
     pub(crate) fn apply(&mut self, cmd: Command) {
         match cmd {
-            Command::Deliver { topic, frame } => self.deliver(&topic, &frame),
+            Command::Deliver {
+                topic,
+                frame,
+                since,
+            } => {
+                self.deliver(&topic, &frame);
+                self.metrics.dispatch_lag(since.elapsed());
+            }
             Command::Subscribe { conn, topic, done } => {
                 self.subscribe(conn, topic);
                 let _ = done.send(());
@@ -133,6 +146,7 @@ impl Shard {
             return;
         }
         entry.1.push(topic.clone());
+        self.metrics.subscribed();
         let subs = self.topics.entry(topic.clone()).or_default();
         subs.push(conn);
         if subs.len() == 1 {
@@ -146,6 +160,7 @@ impl Shard {
         };
         if let Some(pos) = subs.iter().position(|c| c.id == conn_id) {
             subs.swap_remove(pos);
+            self.metrics.unsubscribed();
         }
         if subs.is_empty() {
             self.topics.remove(topic);
@@ -215,6 +230,8 @@ pub(crate) fn spawn_shard(
 pub(crate) struct Published {
     pub(crate) topic: Arc<str>,
     pub(crate) payload: Bytes,
+    /// When the broker received it.
+    pub(crate) since: Instant,
 }
 
 /// Encodes each published payload once and hands the frame to every shard.
@@ -251,6 +268,7 @@ impl Dispatcher {
                 .send(Command::Deliver {
                     topic: msg.topic.clone(),
                     frame: frame.clone(),
+                    since: msg.since,
                 })
                 .await;
         }

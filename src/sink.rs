@@ -31,6 +31,9 @@ pub enum SendError {
     QueueFull,
     /// The value could not be serialized to JSON.
     Serialize(serde_json::Error),
+    /// The topic name is not allowed (the same rule as for `/ws/{topic}`: 1 to `max_topic_len`
+    /// bytes of printable ASCII without space, `"`, `\`, `*`, `?`, `[` or `]`).
+    InvalidTopic(&'static str),
 }
 
 impl fmt::Display for SendError {
@@ -39,6 +42,7 @@ impl fmt::Display for SendError {
             Self::Closed => f.write_str("connection is closed"),
             Self::QueueFull => f.write_str("outbound queue full (slow consumer)"),
             Self::Serialize(e) => write!(f, "serialization failed: {e}"),
+            Self::InvalidTopic(why) => f.write_str(why),
         }
     }
 }
@@ -62,8 +66,11 @@ impl WsSink {
     /// it (with Redis: once Redis confirmed the subscription, or after 2 s if Redis is down).
     ///
     /// The runtime does not authorize topics: check the user's access (as your upgrade
-    /// validator does) before calling it. Joining a topic twice is a no-op.
+    /// validator does) before calling it. It does check the name, as for `/ws/{topic}`
+    /// ([`SendError::InvalidTopic`]). Joining a topic twice is a no-op.
     pub async fn join(&self, topic: &str) -> Result<(), SendError> {
+        crate::ws::upgrade::check_topic(topic, self.hub.max_topic_len)
+            .map_err(SendError::InvalidTopic)?;
         if self.conn.is_ending() || !self.hub.join(&self.conn, topic).await {
             return Err(SendError::Closed);
         }

@@ -9,20 +9,28 @@ use std::process::{Child, Command, Stdio};
 use support::redis_server::start_redis;
 use support::*;
 
-/// The example binary `cargo test` built next to this test (built on demand otherwise).
+/// The example binary, built for this test's profile. `cargo test` builds examples, but
+/// `cargo test --test example_basic_chat` does not: building here (a no-op when up to date)
+/// keeps a stale binary from being tested.
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("examples").join("basic_chat");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", "basic_chat"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let dir = exe.parent().unwrap().parent().unwrap();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--example", "basic_chat"]);
+            if dir.file_name().is_some_and(|p| p == "release") {
+                build.arg("--release");
+            }
+            assert!(
+                build.status().unwrap().success(),
+                "building basic_chat failed"
+            );
+            dir.join("examples").join("basic_chat")
+        })
+        .clone()
 }
 
 struct Running(Child);
@@ -96,6 +104,11 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
 }
 
 async fn http_status(port: u16, path: &str) -> u16 {
+    http_get(port, path).await.0
+}
+
+/// The status and body of `GET path`.
+async fn http_get(port: u16, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -104,7 +117,66 @@ async fn http_status(port: u16, path: &str) -> u16 {
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    out.split(' ').nth(1).unwrap().parse().unwrap()
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+/// The value of an unlabelled series in a Prometheus text exposition.
+fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (n, v) = line.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_serves_prometheus_metrics() {
+    let port = free_port();
+    let _server = start_example(port).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut alice = connect(addr, "general", ALICE).await;
+    let mut bob = connect(addr, "general", BOB).await;
+    alice.send_text(&send_message("general", "counted")).await;
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(c.recv_json().await["NewMessage"]["text"], "counted");
+    }
+
+    let (status, body) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(sample(&body, "rtk_connections"), Some(2.0), "{body}");
+    assert_eq!(sample(&body, "rtk_subscriptions"), Some(2.0), "{body}");
+    assert_eq!(sample(&body, "rtk_messages_in_total"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "rtk_publishes_total"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "rtk_deliveries_total"), Some(2.0), "{body}");
+    assert!(
+        sample(&body, "rtk_bytes_written_total").unwrap() > 0.0,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "rtk_broker_live"), Some(1.0), "{body}");
+    assert!(
+        body.contains("# TYPE rtk_deliveries_total counter"),
+        "{body}"
+    );
+
+    // Gauges follow the connections down.
+    drop((alice, bob));
+    let gone = tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, body) = http_get(port, "/metrics").await;
+            if sample(&body, "rtk_connections") == Some(0.0)
+                && sample(&body, "rtk_subscriptions") == Some(0.0)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "connections and subscriptions never fell to 0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,7 +216,9 @@ async fn redis_killed_during_a_burst_gives_errors_not_panics_or_hangs() {
     assert!(a.service.metrics().publish_errors > 0);
 }
 
-// A handler whose clients can join extra topics: `{"join": ["t1", "t2", …]}`.
+// A handler whose clients can join and leave extra topics: `{"join": ["t1", …]}`,
+// `{"leave": [...]}`. Like an application's validator, it lets a user join only its own
+// `user:<id>` topic among the `user:` ones.
 #[derive(Debug)]
 struct Joiner;
 
@@ -232,17 +234,32 @@ impl MessageHandler for Joiner {
         msg: &Value,
         ctx: &ConnectionContext<(), u32>,
     ) -> Result<Option<Value>, HandlerError> {
-        let topics = msg["join"].as_array().cloned().unwrap_or_default();
-        let joins = topics
-            .iter()
-            .map(|t| ctx.sink.join(t.as_str().unwrap_or_default()));
-        // Concurrently: every join then waits on the same batched SUBSCRIBE.
-        let joined = futures_util::future::join_all(joins)
-            .await
+        let names = |key: &str| -> Vec<String> {
+            msg[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|t| t.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let leave = names("leave");
+        for topic in &leave {
+            ctx.sink.leave(topic).await;
+        }
+        let own = format!("user:{}", ctx.user_id);
+        let (allowed, forbidden): (Vec<_>, Vec<_>) = names("join")
             .into_iter()
-            .filter(Result::is_ok)
-            .count();
-        Ok(Some(json!({ "joined": joined })))
+            .partition(|t| !t.starts_with("user:") || *t == own);
+        // Concurrently: every join then waits on the same batched SUBSCRIBE.
+        let joins = allowed.iter().map(|t| ctx.sink.join(t));
+        let results = futures_util::future::join_all(joins).await;
+        let joined = results.iter().filter(|r| r.is_ok()).count();
+        let refused = forbidden.len() + results.len() - joined;
+        Ok(Some(
+            json!({ "joined": joined, "refused": refused, "left": leave.len() }),
+        ))
     }
 
     async fn handle_broadcast_message(
@@ -349,4 +366,50 @@ async fn a_subscriber_connection_that_goes_silent_is_rebuilt() {
     let f = alice.recv_frame().await.unwrap();
     assert_eq!(f.payload, b"after the freeze");
     assert_eq!(a.service.metrics().connections_opened, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_topics_receive_from_another_instance_until_left() {
+    let redis = redis_or_skip!("joined_topics_receive_from_another_instance_until_left");
+    let (a_addr, _a) = joiner_server(redis.url()).await;
+    let (_, b) = joiner_server(redis.url()).await;
+    let (_, client) = try_connect(a_addr, "/ws/lobby", &[]).await;
+    let mut client = client.unwrap();
+
+    // The user's own notification topic and a public one; someone else's and a malformed name
+    // are refused, and the connection stays open.
+    let join = json!({ "join": ["user:1", "news", "user:2", "bad topic*"] });
+    client.send_text(&join.to_string()).await;
+    let reply = client.recv_json().await;
+    assert_eq!(
+        (reply["joined"].as_u64(), reply["refused"].as_u64()),
+        (Some(2), Some(2))
+    );
+    wait_numsub(&redis, "user:1", 1).await;
+    wait_numsub(&redis, "news", 1).await;
+    assert_eq!(numsub(&redis, "user:2").await, 0);
+
+    // Published on the other instance: both joined topics and the opening one deliver.
+    b.publish("user:2", &json!({ "n": "not yours" }))
+        .await
+        .unwrap();
+    b.publish("user:1", &json!({ "n": 1 })).await.unwrap();
+    b.publish("news", &json!({ "n": 2 })).await.unwrap();
+    b.publish("lobby", &json!({ "n": 3 })).await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(client.recv_json().await["n"], n);
+    }
+
+    // After leaving `news` the instance drops its Redis subscription; the rest still deliver.
+    client
+        .send_text(&json!({ "leave": ["news"] }).to_string())
+        .await;
+    assert_eq!(client.recv_json().await["left"], 1);
+    wait_numsub(&redis, "news", 0).await;
+    b.publish("news", &json!({ "n": "left" })).await.unwrap();
+    b.publish("user:1", &json!({ "n": 4 })).await.unwrap();
+    assert_eq!(client.recv_json().await["n"], 4);
+    // Nothing else is queued: the next frame is the reply to this empty request.
+    client.send_text(&json!({ "join": [] }).to_string()).await;
+    assert_eq!(client.recv_json().await["joined"], 0);
 }

@@ -27,6 +27,7 @@ impl LocalBroker {
             .send(Published {
                 topic: Arc::from(topic),
                 payload,
+                since: std::time::Instant::now(),
             })
             .await
             .map_err(|_| PublishError::Closed)

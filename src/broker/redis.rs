@@ -618,7 +618,11 @@ impl Subscriber {
                 };
                 if self
                     .dispatch
-                    .send(Published { topic, payload })
+                    .send(Published {
+                        topic,
+                        payload,
+                        since: std::time::Instant::now(),
+                    })
                     .await
                     .is_err()
                 {

@@ -105,6 +105,16 @@ impl<H: MessageHandler> WebsocketService<H> {
         self.runtime.metrics.snapshot()
     }
 
+    /// Reports the current counters and gauges to the process's [`metrics`] recorder now.
+    ///
+    /// The service already does this every second (see
+    /// [`WebsocketServiceBuilder::metrics_interval`]); call it before rendering a scrape to make
+    /// the values exact. Without an installed recorder it does nothing. The names and meanings
+    /// are listed in the crate docs' `# Metrics` section.
+    pub fn export_metrics(&self) {
+        self.runtime.export_metrics();
+    }
+
     /// Graceful shutdown: refuses new connections (503), sends close 1001 to every client after
     /// what is queued for it, and waits — up to the shutdown timeout — until every connection has
     /// ended and run `on_disconnect`.
@@ -254,6 +264,23 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// period (3 s) is closed with 1008. Default: 1 000/s, bursts of 20 000. `None` disables it.
     pub fn rate_limit(mut self, limit: Option<(u32, u32)>) -> Self {
         self.config.rate_limit = limit.map(|(rate, burst)| (rate.max(1), burst.max(1)));
+        self
+    }
+
+    /// How often the service reports its counters and gauges to the process's [`metrics`]
+    /// recorder (whatever exporter the application installed: Prometheus, StatsD, …). Default:
+    /// 1 s. `Duration::ZERO` stops the periodic report; [`WebsocketService::export_metrics`]
+    /// still reports on demand. The hot path never calls the recorder: it counts in atomics,
+    /// and this report copies them.
+    pub fn metrics_interval(mut self, every: Duration) -> Self {
+        self.config.metrics_interval = every;
+        self
+    }
+
+    /// Adds a label to every metric this service reports, e.g. `("service", "chat")` when one
+    /// process runs several services.
+    pub fn metrics_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.metrics_labels.push((key.into(), value.into()));
         self
     }
 

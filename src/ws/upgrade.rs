@@ -128,7 +128,7 @@ where
 
 /// Topic names: 1 to `max` bytes of printable ASCII, without space, `"`, `\` or the Redis
 /// pattern characters `*`, `?`, `[`, `]` (a topic is used verbatim as a channel name).
-fn check_topic(topic: &str, max: usize) -> Result<(), &'static str> {
+pub(crate) fn check_topic(topic: &str, max: usize) -> Result<(), &'static str> {
     if topic.is_empty() || topic.len() > max {
         return Err("topic name is empty or too long");
     }
