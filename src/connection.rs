@@ -195,6 +195,12 @@ async fn read_loop<H: MessageHandler>(
                 if buf.is_empty() {
                     // Nothing pending: give the buffer back while we wait.
                     *buf = BytesMut::new();
+                } else if let Some((opcode, key, masked)) = frame::incomplete_frame(buf) {
+                    // Invalid UTF-8 inside a text frame still arriving fails now, not once
+                    // the whole frame is in (RFC 6455 §8.1: fail fast).
+                    if let Err(e) = assembler.check_incomplete(opcode, key, masked) {
+                        return violation(service, conn, e);
+                    }
                 }
                 let beat = async {
                     match heartbeat.deadline() {

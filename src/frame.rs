@@ -261,6 +261,27 @@ pub(crate) fn peek_extent(buf: &[u8]) -> Option<(u8, u64)> {
     Some((buf[0] & 0x0F, (2 + ext + mask) as u64 + len))
 }
 
+/// A frame at the front of `buf` whose header has arrived but whose payload has not all arrived:
+/// its opcode, its masking key and the (still masked) payload bytes received so far. `None` if
+/// the header is incomplete or the whole frame is there.
+///
+/// Call it only after [`FrameParser::parse`] returned `Ok(None)`: the header was validated then.
+pub(crate) fn incomplete_frame(buf: &[u8]) -> Option<(OpCode, [u8; 4], &[u8])> {
+    let opcode = OpCode::from_u8(*buf.first()? & 0x0F)?;
+    let (len, ext) = match *buf.get(1)? & 0x7F {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64,
+            2,
+        ),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
+        n => (n as u64, 0),
+    };
+    let header = 2 + ext + 4;
+    let key: [u8; 4] = buf.get(header - 4..header)?.try_into().ok()?;
+    let available = &buf[header.min(buf.len())..];
+    ((available.len() as u64) < len).then_some((opcode, key, available))
+}
+
 /// Validates a received close payload and returns the status code to echo.
 ///
 /// RFC 6455 §5.5.1 and §7.4: a body of one byte, a code that may not be sent on the wire, or a reason
@@ -315,6 +336,37 @@ impl MessageAssembler {
         Self {
             max_message,
             partial: None,
+        }
+    }
+
+    /// Fails fast on a text frame whose payload is still arriving: `masked` is the part received
+    /// so far (from the start of the payload), `key` its masking key. An error means no further
+    /// bytes could make the message valid UTF-8; a character cut off at the end is fine.
+    pub(crate) fn check_incomplete(
+        &self,
+        opcode: OpCode,
+        key: [u8; 4],
+        masked: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let carried: &[u8] = match (opcode, &self.partial) {
+            (OpCode::Text, None) => &[],
+            // The bytes of a character the previous fragment ended inside of.
+            (OpCode::Continuation, Some((OpCode::Text, data, checked))) => &data[*checked..],
+            _ => return Ok(()),
+        };
+        if masked.is_empty() {
+            return Ok(());
+        }
+        let mut text = Vec::with_capacity(carried.len() + masked.len());
+        text.extend_from_slice(carried);
+        text.extend_from_slice(masked);
+        apply_mask(&mut text[carried.len()..], key);
+        match std::str::from_utf8(&text) {
+            Err(e) if e.error_len().is_some() => Err(ProtocolError::new(
+                close_code::INVALID_PAYLOAD,
+                "text message is not valid UTF-8",
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -534,5 +586,63 @@ mod tests {
         assert_eq!(parse_close_payload(&[3]).unwrap_err().code, 1002);
         assert_eq!(parse_close_payload(&[3, 236]).unwrap_err().code, 1002); // 1004
         assert_eq!(parse_close_payload(&[3, 232, 0xff]).unwrap_err().code, 1007);
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_frame_still_arriving_fails_fast() {
+        let key = [1, 2, 3, 4];
+        // "κόσμε" then 0xED 0xA0 0x80 (a surrogate: never valid), then more text.
+        let mut text = "κόσμε".as_bytes().to_vec();
+        text.extend_from_slice(&[0xED, 0xA0, 0x80]);
+        text.extend_from_slice(b"edited");
+        let whole = client_frame(true, 0x1, &text, Some(key));
+        let parser = FrameParser::new(1024);
+        let assembler = MessageAssembler::new(1024);
+        let header = whole.len() - text.len();
+        // Cut inside the first character: nothing wrong yet.
+        let mut buf = BytesMut::from(&whole[..header + 1]);
+        assert!(parser.parse(&mut buf).unwrap().is_none());
+        let (op, k, masked) = incomplete_frame(&buf).unwrap();
+        assert!(assembler.check_incomplete(op, k, masked).is_ok());
+        // Past the surrogate's first two bytes: 0xED 0xA0 can never start a valid character.
+        let cut = "κόσμε".len() + 2;
+        let mut buf = BytesMut::from(&whole[..header + cut]);
+        assert!(parser.parse(&mut buf).unwrap().is_none());
+        let (op, k, masked) = incomplete_frame(&buf).unwrap();
+        assert_eq!(masked.len(), cut);
+        assert_eq!(
+            assembler.check_incomplete(op, k, masked).unwrap_err().code,
+            1007
+        );
+        // A binary frame with the same bytes is not text.
+        let bin = client_frame(true, 0x2, &text, Some(key));
+        let (op, k, masked) = incomplete_frame(&bin[..header + cut]).unwrap();
+        assert!(assembler.check_incomplete(op, k, masked).is_ok());
+        // A complete frame is not "incomplete".
+        assert!(incomplete_frame(&whole).is_none());
+    }
+
+    #[test]
+    fn fail_fast_carries_a_character_split_across_fragments() {
+        let key = [9, 8, 7, 6];
+        let mut assembler = MessageAssembler::new(1024);
+        // The first fragment ends inside "é" (0xC3 0xA9).
+        let first = Frame {
+            fin: false,
+            opcode: OpCode::Text,
+            payload: BytesMut::from(&b"caf\xC3"[..]),
+        };
+        assert!(assembler.push(first).unwrap().is_none());
+        // The continuation's first byte completes it: fine.
+        let ok = client_frame(true, 0x0, b"\xA9 au lait", Some(key));
+        let (op, k, masked) = incomplete_frame(&ok[..ok.len() - 3]).unwrap();
+        assert!(assembler.check_incomplete(op, k, masked).is_ok());
+        // A continuation starting with a non-continuation byte cannot complete it.
+        let bad = client_frame(true, 0x0, b"x more text", Some(key));
+        let (op, k, masked) = incomplete_frame(&bad[..bad.len() - 3]).unwrap();
+        assert_eq!(
+            assembler.check_incomplete(op, k, masked).unwrap_err().code,
+            1007
+        );
     }
 }
