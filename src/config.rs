@@ -56,7 +56,7 @@ impl Default for Config {
             slow_consumer: SlowConsumerPolicy::Close,
             write_timeout: Duration::from_secs(10),
             // Measured (PERF.md, "Write batching"): 2 ms sustains 3 000 000 deliveries/s to 1 000
-            // subscribers on one core where 0 tops out near 2 000 000, for ~5 ms more p50 latency at
+            // subscribers on one core where 0 tops out near 1 500 000, for ~5 ms more p50 latency at
             // low rates.
             write_delay: Duration::from_millis(2),
             close_timeout: Duration::from_secs(2),

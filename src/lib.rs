@@ -6,7 +6,11 @@
 //! You implement [`MessageHandler`](ws::handler::MessageHandler) (what clients send, what gets
 //! broadcast) and, with the default `auth` feature, [`TokenValidator`](auth::TokenValidator);
 //! [`upgrade_handler`](ws::upgrade::upgrade_handler) does the rest. The public API is the one of
-//! 0.1.0; see `ws::upgrade` for the one-line migration.
+//! 0.1.0, with one import changed.
+//!
+//! **Guides:** [scaling out with Redis](guides::scaling_out) ·
+//! [tuning shards, queues and limits](guides::tuning) ·
+//! [migrating from 0.1.0](guides::migrating_from_0_1).
 //!
 //! # Layout
 //! - [`auth`]: `TokenValidator` and the `WsAuth` extractor (feature `auth`).
@@ -20,6 +24,7 @@
 //! - `broker`: where publishes go and deliveries come from (in-process; Redis with `REDIS_URL`).
 //! - `runtime`: wires shards, dispatcher and broker together; connection accounting; shutdown.
 //! - `config`, `metrics`: settings and counters.
+//! - [`guides`]: scaling out, tuning, migrating from 0.1.0 (documentation only).
 //!
 //! # Data path
 //! ```text
@@ -40,8 +45,9 @@
 //!
 //! # Metrics
 //! Every second (see `WebsocketServiceBuilder::metrics_interval`) the service reports to the
-//! process's [`metrics`] recorder, whichever exporter the application installed. Nothing calls
-//! the recorder on the per-message path: it counts in plain atomics, and the report copies them.
+//! process's [`metrics`](::metrics) recorder, whichever exporter the application installed.
+//! Nothing calls the recorder on the per-message path: it counts in plain atomics, and the
+//! report copies them.
 //! [`WebsocketService::metrics`](ws::service::WebsocketService::metrics) returns the same
 //! values as a struct.
 //!
@@ -59,7 +65,7 @@
 //! | `rtk_slow_consumer_closes_total` | counter | connections closed by the slow-consumer policy |
 //! | `rtk_slow_consumer_drops_total` | counter | queued messages dropped by `DropOldest` / `LatestPerTopic` |
 //! | `rtk_protocol_errors_total` | counter | connections closed for a WebSocket protocol violation |
-//! | `rtk_broker_reconnects_total` | counter | times the broker's subscriber connection was rebuilt |
+//! | `rtk_broker_reconnects_total` | counter | times the broker's subscriber connection was lost or a reconnection attempt failed (grows with every retry during an outage) |
 //! | `rtk_broker_live` | gauge | 1 while the broker connection is live, else 0 |
 //! | `rtk_dispatch_lag_seconds` | gauge | longest time from the broker handing a message over to a shard finishing its fan-out, over the last report interval |
 //! | `rtk_runtime_alive_tasks` | gauge | tasks alive in the tokio runtime the service runs on |
@@ -71,6 +77,19 @@ pub mod coalescing;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod ws;
+
+/// Guides: longer documentation that is not about one item. Each is a Markdown file in
+/// `docs/guides/`, shown here and on GitHub alike; their Rust examples are compiled as doc tests.
+pub mod guides {
+    #[doc = include_str!("../docs/guides/scaling-out.md")]
+    pub mod scaling_out {}
+
+    #[doc = include_str!("../docs/guides/tuning.md")]
+    pub mod tuning {}
+
+    #[doc = include_str!("../docs/guides/migrating-from-0.1.md")]
+    pub mod migrating_from_0_1 {}
+}
 
 // Exists for the criterion benches in `benches/`; not a stable API.
 #[doc(hidden)]

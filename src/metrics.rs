@@ -47,7 +47,8 @@ pub struct MetricsSnapshot {
     pub publishes: u64,
     /// Publishes that failed.
     pub publish_errors: u64,
-    /// Times the broker's subscriber connection was lost and rebuilt.
+    /// Times the broker's subscriber connection was lost or a (re)connection attempt failed:
+    /// during an outage it grows with every retry.
     pub broker_reconnects: u64,
     /// Queued messages dropped by the `DropOldest` and `LatestPerTopic` slow-consumer policies.
     pub slow_consumer_drops: u64,
@@ -149,7 +150,7 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
     ("rtk_slow_consumer_closes_total", "counter", "connections closed by the slow-consumer policy"),
     ("rtk_slow_consumer_drops_total", "counter", "queued messages dropped by DropOldest / LatestPerTopic"),
     ("rtk_protocol_errors_total", "counter", "connections closed for a WebSocket protocol violation"),
-    ("rtk_broker_reconnects_total", "counter", "times the broker subscriber connection was rebuilt"),
+    ("rtk_broker_reconnects_total", "counter", "times the broker subscriber connection was lost or a reconnection attempt failed"),
     ("rtk_broker_live", "gauge", "1 while the broker connection is live"),
     ("rtk_dispatch_lag_seconds", "gauge", "longest time from broker receipt to the end of a shard's fan-out, over the last export interval"),
     ("rtk_runtime_alive_tasks", "gauge", "tasks alive in the tokio runtime the service runs on"),
