@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWrite, ReadHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -32,12 +30,12 @@ use crate::ws::service::WebsocketService;
 const READ_CHUNK: usize = 4096;
 
 /// The read half of an upgraded connection.
-#[derive(Debug)]
 pub(crate) enum Inbound {
     /// A TCP stream (the usual case under `axum::serve`).
     Tcp(OwnedReadHalf),
-    /// Any other IO hyper upgraded.
-    Other(ReadHalf<TokioIo<Upgraded>>),
+    /// Any other stream: IO hyper upgraded (TLS, a custom listener), or an in-memory pipe
+    /// (the fuzz targets, through `bench_api`).
+    Other(Box<dyn AsyncRead + Send + Unpin>),
 }
 
 impl Inbound {
@@ -48,7 +46,10 @@ impl Inbound {
     async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match self {
             Self::Tcp(r) => loop {
-                r.readable().await?;
+                // `poll_read_ready`, not `readable()`: it takes the socket's reader waker slot,
+                // where hyper's connection task left its waker when it handed the socket over.
+                // That stale waker kept hyper's finished task (2 KiB) allocated per connection.
+                std::future::poll_fn(|cx| r.as_ref().poll_read_ready(cx)).await?;
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                     buf.reserve(READ_CHUNK);
                 }
@@ -265,9 +266,13 @@ async fn read_loop<H: MessageHandler>(
                 }
                 match message {
                     Message::Text(mut text) => {
-                        let handled = AssertUnwindSafe(handle_text(service, ctx, &mut text))
-                            .catch_unwind()
-                            .await;
+                        // Boxed: the decode-handle-publish future (a Redis publish among it)
+                        // is the largest state of this loop, and a future's size is that of its
+                        // largest state. Inline, every idle connection would carry it.
+                        let handled =
+                            AssertUnwindSafe(Box::pin(handle_text(service, ctx, &mut text)))
+                                .catch_unwind()
+                                .await;
                         if handled.is_err() {
                             tracing::error!("message handler panicked");
                             conn.close(close_code::INTERNAL_ERROR, "internal error", false);

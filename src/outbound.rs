@@ -321,15 +321,27 @@ pub(crate) async fn run_writer<W>(
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         conn.writer_wake.notified().await;
-        if !write_delay.is_zero() && !conn.is_ending() {
-            tokio::time::sleep(write_delay).await;
-        }
-        let closing = conn.take(&mut batch);
-        if let Err(e) = write_frames(&mut io, &batch, write_timeout).await {
-            tracing::debug!(conn_id = %conn.id, error = %e, "write failed");
-            conn.fail();
-            return;
-        }
+        // Boxed: the delay and the write (timers, `writev` state) are this task's largest
+        // states, and a future is as large as its largest state. Boxing them costs one
+        // allocation per batch written, and keeps an idle connection's writer task small.
+        let written = Box::pin(async {
+            if !write_delay.is_zero() && !conn.is_ending() {
+                tokio::time::sleep(write_delay).await;
+            }
+            let closing = conn.take(&mut batch);
+            write_frames(&mut io, &batch, write_timeout)
+                .await
+                .map(|()| closing)
+        })
+        .await;
+        let closing = match written {
+            Ok(closing) => closing,
+            Err(e) => {
+                tracing::debug!(conn_id = %conn.id, error = %e, "write failed");
+                conn.fail();
+                return;
+            }
+        };
         metrics.add_bytes_written(batch.iter().map(|f| f.len() as u64).sum());
         batch.clear();
         if closing {

@@ -186,16 +186,17 @@ async fn accept<H: MessageHandler>(
         Err(upgraded) => {
             // Another IO (TLS, a custom listener): fall back to a generic split.
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-            connection::run(
+            // Boxed, so the TCP case (the usual one) does not carry this variant's size.
+            Box::pin(connection::run(
                 service,
                 conn,
                 subscribed,
-                Inbound::Other(read),
+                Inbound::Other(Box::new(read)),
                 BytesMut::new(),
                 write,
                 topic,
                 user_id,
-            )
+            ))
             .await;
         }
     }
