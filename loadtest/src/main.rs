@@ -12,6 +12,7 @@
 mod client;
 mod publish;
 mod scenario;
+mod soak;
 mod system;
 
 use std::net::SocketAddr;
@@ -85,6 +86,9 @@ enum Command {
     },
     /// Run one scenario against several systems in the same invocation, interleaved.
     Compare(CompareArgs),
+    /// Bounded soak of our server: churn and steady publishes through Redis; checks RSS, leaks
+    /// and loss (starts its own Redis and basic_chat).
+    Soak(soak::SoakArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -201,6 +205,15 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
             Ok((to_json(&r), report::slow(&r)))
         }
         Command::Compare(args) => compare(args).await,
+        Command::Soak(args) => {
+            let r = soak::soak(&workspace_root(), args).await?;
+            let md = soak::report(&r);
+            if !r.ok {
+                println!("{md}");
+                return Err("soak: a check failed (table above)".into());
+            }
+            Ok((to_json(&r), md))
+        }
     }
 }
 

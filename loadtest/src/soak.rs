@@ -1,0 +1,500 @@
+//! `soak`: a bounded run with connection churn and steady publishes through Redis.
+//!
+//! It starts its own Redis and `basic_chat`, connects subscribers that stay for the whole run,
+//! publishes marked messages to their topic through Redis at a steady rate, and meanwhile keeps
+//! a pool of short-lived clients connecting, reading, sending and leaving in every way a client
+//! can leave (close handshake, dropped TCP, half a frame then gone). It checks what a long-lived
+//! server must keep true:
+//! - memory: RSS at the end of the churn is within `--rss-tolerance` of RSS after the warm-up,
+//!   under the same load, and once every client has left it is no higher than that. (Idle RSS at
+//!   the end is above idle RSS before the first client: the allocator and the runtime keep
+//!   what the peak load used for reuse; the report shows both.)
+//! - nothing leaks: once every client is gone, live connections and subscriptions are zero and
+//!   the runtime's alive tasks are back to their count before the first client;
+//! - nothing is lost: every subscriber that stayed received every published message, in order.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::client::{self, SeqCheck, Stats};
+use crate::publish::Publisher;
+use crate::scenario::token_for;
+use crate::system::{self, StartOpts, System};
+
+/// Arguments of `soak`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub(crate) struct SoakArgs {
+    /// Seconds of churn after the warm-up (the whole run stays under 10 minutes).
+    #[arg(long, default_value_t = 300.0)]
+    pub(crate) secs: f64,
+    /// Seconds of warm-up (same load) before the starting RSS is taken.
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) warmup_secs: f64,
+    /// Subscribers that stay connected for the whole run.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) stayers: usize,
+    /// Short-lived clients connected at any moment.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) churners: usize,
+    /// Publishes per second (to the stayers' topic, through Redis).
+    #[arg(long, default_value_t = 200.0)]
+    pub(crate) rate: f64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) payload: usize,
+    /// Allowed growth of RSS from the end of the warm-up to the end of the churn.
+    #[arg(long, default_value_t = 0.10)]
+    pub(crate) rss_tolerance: f64,
+    /// SHARDS for the server.
+    #[arg(long)]
+    pub(crate) shards: Option<usize>,
+    /// Use the binary already built in target/release.
+    #[arg(long)]
+    pub(crate) no_build: bool,
+    /// Extra KEY=VALUE environment for the server.
+    #[arg(long = "server-env", value_delimiter = ',')]
+    pub(crate) server_env: Vec<String>,
+}
+
+/// One sample of the server during the run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sample {
+    pub(crate) at_s: f64,
+    pub(crate) rss_mib: f64,
+    pub(crate) connections: f64,
+    pub(crate) subscriptions: f64,
+    pub(crate) alive_tasks: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SoakResult {
+    pub(crate) args: SoakArgs,
+    pub(crate) wall_s: f64,
+    pub(crate) published: u64,
+    /// Per stayer: messages received; all should equal `published`.
+    pub(crate) stayer_min_received: u64,
+    pub(crate) stayer_max_received: u64,
+    pub(crate) stayers_connected: usize,
+    pub(crate) reorders: u64,
+    pub(crate) churn_connections: u64,
+    pub(crate) churn_refused: u64,
+    pub(crate) churn_close_handshakes: u64,
+    pub(crate) churn_drops: u64,
+    pub(crate) churn_half_frames: u64,
+    pub(crate) churn_messages_sent: u64,
+    pub(crate) rss_idle_start_mib: f64,
+    pub(crate) rss_after_warmup_mib: f64,
+    pub(crate) rss_end_of_churn_mib: f64,
+    pub(crate) rss_idle_end_mib: f64,
+    pub(crate) alive_tasks_idle_start: f64,
+    pub(crate) alive_tasks_idle_end: f64,
+    pub(crate) connections_end: f64,
+    pub(crate) subscriptions_end: f64,
+    pub(crate) timeline: Vec<Sample>,
+    /// Each check with whether it held.
+    pub(crate) checks: Vec<(String, bool)>,
+    pub(crate) ok: bool,
+}
+
+/// Tells the stayers' keep-alive task to hand their writers back.
+static KEEPALIVE_STOP: AtomicBool = AtomicBool::new(false);
+
+/// How a churning client leaves.
+#[derive(Debug, Default)]
+struct Churn {
+    connections: AtomicU64,
+    refused: AtomicU64,
+    close_handshakes: AtomicU64,
+    drops: AtomicU64,
+    half_frames: AtomicU64,
+    messages: AtomicU64,
+}
+
+/// A small xorshift generator: the harness needs variety, not quality.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// GET /metrics and return the values of unlabelled series.
+async fn scrape(addr: SocketAddr) -> Option<std::collections::HashMap<String, f64>> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let body = out.split_once("\r\n\r\n")?.1;
+    Some(
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+async fn sample(addr: SocketAddr, pid: u32, start: Instant) -> Sample {
+    let m = scrape(addr).await.unwrap_or_default();
+    let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    Sample {
+        at_s: start.elapsed().as_secs_f64(),
+        rss_mib: system::rss_kib(pid).map_or(f64::NAN, |(r, _)| r as f64 / 1024.0),
+        connections: get("rtk_connections"),
+        subscriptions: get("rtk_subscriptions"),
+        alive_tasks: get("rtk_runtime_alive_tasks"),
+    }
+}
+
+/// One short-lived client after another until `stop`.
+async fn churner(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>, churn: Arc<Churn>) {
+    let mut rng = Rng(seed | 1);
+    while !stop.load(Relaxed) {
+        // Rooms the stayers are not in, and theirs: joining and leaving a topic that is
+        // being delivered to is the case worth churning.
+        let (path, room) = match rng.below(10) {
+            0..=4 => (format!("/ws/general?token={}", token_for(0, 1)), "general"),
+            5..=7 => (format!("/ws/random?token={}", token_for(0, 1)), "random"),
+            _ => {
+                let t = rng.below(1000) as usize + 1;
+                let topic = crate::scenario::topic_name(t, 1000);
+                (format!("/ws/{topic}?token={}", token_for(t, 1000)), "")
+            }
+        };
+        let Ok(Ok((101, Some((stream, _))))) =
+            tokio::time::timeout(Duration::from_secs(10), client::handshake(addr, &path)).await
+        else {
+            churn.refused.fetch_add(1, Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        churn.connections.fetch_add(1, Relaxed);
+        let (mut read, mut write) = stream.into_split();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let life = Duration::from_millis(200 + rng.below(2800));
+        if !room.is_empty() && rng.below(3) == 0 {
+            let msg = format!(r#"{{"SendMessage":{{"room":"{room}","text":"churn"}}}}"#);
+            if write
+                .write_all(&client::client_text_frame(msg.as_bytes()))
+                .await
+                .is_ok()
+            {
+                churn.messages.fetch_add(1, Relaxed);
+            }
+        }
+        tokio::time::sleep(life).await;
+        match rng.below(3) {
+            0 => {
+                // Close handshake: masked close 1000, then wait for the server to finish.
+                let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
+                let _ = write.write_all(&close).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+                churn.close_handshakes.fetch_add(1, Relaxed);
+            }
+            1 => {
+                // Gone without a word.
+                reader.abort();
+                churn.drops.fetch_add(1, Relaxed);
+            }
+            _ => {
+                // Half of a frame header and payload, then gone.
+                let _ = write.write_all(&[0x81, 0x85, 0, 0, 0, 0, b'h', b'e']).await;
+                reader.abort();
+                churn.half_frames.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, String> {
+    if args.warmup_secs + args.secs > 540.0 {
+        return Err("warm-up plus churn must stay under 9 minutes (the run is bounded)".into());
+    }
+    if !args.no_build {
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--release", "--example", "basic_chat"])
+                .current_dir(root)
+                .status()
+                .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("building basic_chat failed".into());
+        }
+    }
+    let target_dir = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+        .join("release");
+    let started = Instant::now();
+    let redis = system::start_redis().map_err(|e| e.to_string())?;
+    let opts = StartOpts {
+        redis_url: Some(format!("redis://{}/", redis.addr)),
+        shards: args.shards,
+        cpus: None,
+        env: args
+            .server_env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let mut server =
+        system::start_system(System::Ours, &target_dir, &opts).map_err(|e| e.to_string())?;
+    let (addr, pid) = (server.addr, server.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_start = sample(addr, pid, started).await;
+    eprintln!("idle: {idle_start:?}");
+
+    let stats = Stats::new(args.stayers);
+    let paths = vec![format!("/ws/general?token={}", token_for(0, 1)); args.stayers];
+    let (writers, failures) =
+        client::open_many(addr, paths, 64, stats.clone(), SeqCheck::Increasing).await;
+    if failures > 0 {
+        return Err(format!("{failures} stayers could not connect"));
+    }
+    // The stayers only read, and the server closes a client that stays silent through a
+    // heartbeat (interval + timeout): like any client, they must be heard. An unsolicited pong
+    // (RFC 6455 §5.5.3) every 10 s is the lightest way; the harness's reader does not answer
+    // pings itself.
+    let keepalive = tokio::spawn(async move {
+        let mut writers = writers;
+        let pong = [0x8A, 0x80, 0, 0, 0, 0];
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            for w in writers.iter_mut().flatten() {
+                let _ = w.write_all(&pong).await;
+            }
+            if KEEPALIVE_STOP.load(Relaxed) {
+                return writers;
+            }
+        }
+    });
+
+    let total = Duration::from_secs_f64(args.warmup_secs + args.secs);
+    let mut publisher = Publisher::redis(redis.addr, vec!["general".into()], args.payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    let rate = args.rate;
+    let publishing = tokio::spawn(async move { publisher.run(rate, total).await });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = Arc::new(Churn::default());
+    let churners: Vec<_> = (0..args.churners)
+        .map(|i| {
+            tokio::spawn(churner(
+                addr,
+                0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D),
+                stop.clone(),
+                churn.clone(),
+            ))
+        })
+        .collect();
+
+    let mut timeline = Vec::new();
+    let warm_end = Instant::now() + Duration::from_secs_f64(args.warmup_secs);
+    let churn_end = warm_end + Duration::from_secs_f64(args.secs);
+    while Instant::now() < warm_end {
+        tokio::time::sleep(Duration::from_secs(5).min(warm_end - Instant::now())).await;
+        timeline.push(sample(addr, pid, started).await);
+    }
+    let after_warmup = sample(addr, pid, started).await;
+    eprintln!("after warm-up: {after_warmup:?}");
+    while Instant::now() < churn_end {
+        tokio::time::sleep(
+            Duration::from_secs(5).min(churn_end.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        let s = sample(addr, pid, started).await;
+        eprintln!("{s:?}");
+        timeline.push(s);
+    }
+    let end_of_churn = sample(addr, pid, started).await;
+
+    stop.store(true, Relaxed);
+    for c in churners {
+        let _ = tokio::time::timeout(Duration::from_secs(15), c).await;
+    }
+    let published: u64 = publishing
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+        .iter()
+        .sum();
+    // Let the last publishes arrive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && stats.per_conn_snapshot().iter().any(|&n| n < published) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = stats.per_conn_snapshot();
+
+    // Everyone leaves; the server must come back to where it started.
+    KEEPALIVE_STOP.store(true, Relaxed);
+    drop(keepalive.await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut idle_end = sample(addr, pid, started).await;
+    while Instant::now() < deadline
+        && (idle_end.connections != 0.0
+            || idle_end.subscriptions != 0.0
+            || idle_end.alive_tasks > idle_start.alive_tasks)
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        idle_end = sample(addr, pid, started).await;
+    }
+    server.stop();
+
+    let growth = end_of_churn.rss_mib / after_warmup.rss_mib - 1.0;
+    let checks = vec![
+        (
+            format!(
+                "RSS at the end of the churn within {:.0}% of after the warm-up ({:+.1}%)",
+                args.rss_tolerance * 100.0,
+                growth * 100.0
+            ),
+            growth <= args.rss_tolerance,
+        ),
+        (
+            format!(
+                "idle RSS at the end no higher than under load after the warm-up ({:.1} ≤ {:.1} MiB)",
+                idle_end.rss_mib, after_warmup.rss_mib
+            ),
+            idle_end.rss_mib <= after_warmup.rss_mib,
+        ),
+        (
+            "live connections back to 0".into(),
+            idle_end.connections == 0.0,
+        ),
+        (
+            "subscriptions back to 0".into(),
+            idle_end.subscriptions == 0.0,
+        ),
+        (
+            format!(
+                "alive tasks back to the idle count ({} → {})",
+                idle_start.alive_tasks, idle_end.alive_tasks
+            ),
+            idle_end.alive_tasks <= idle_start.alive_tasks,
+        ),
+        (
+            format!("every stayer received all {published} messages"),
+            received.iter().all(|&n| n == published),
+        ),
+        (
+            "no stayer saw a message out of order".into(),
+            stats.reorders.load(Relaxed) == 0,
+        ),
+    ];
+    let ok = checks.iter().all(|(_, held)| *held);
+    Ok(SoakResult {
+        args: args.clone(),
+        wall_s: started.elapsed().as_secs_f64(),
+        published,
+        stayer_min_received: received.iter().copied().min().unwrap_or(0),
+        stayer_max_received: received.iter().copied().max().unwrap_or(0),
+        stayers_connected: args.stayers,
+        reorders: stats.reorders.load(Relaxed),
+        churn_connections: churn.connections.load(Relaxed),
+        churn_refused: churn.refused.load(Relaxed),
+        churn_close_handshakes: churn.close_handshakes.load(Relaxed),
+        churn_drops: churn.drops.load(Relaxed),
+        churn_half_frames: churn.half_frames.load(Relaxed),
+        churn_messages_sent: churn.messages.load(Relaxed),
+        rss_idle_start_mib: idle_start.rss_mib,
+        rss_after_warmup_mib: after_warmup.rss_mib,
+        rss_end_of_churn_mib: end_of_churn.rss_mib,
+        rss_idle_end_mib: idle_end.rss_mib,
+        alive_tasks_idle_start: idle_start.alive_tasks,
+        alive_tasks_idle_end: idle_end.alive_tasks,
+        connections_end: idle_end.connections,
+        subscriptions_end: idle_end.subscriptions,
+        timeline,
+        checks,
+        ok,
+    })
+}
+
+/// The result as Markdown.
+pub(crate) fn report(r: &SoakResult) -> String {
+    let mut md = String::new();
+    md.push_str(&format!(
+        "Soak: {} s churn after {} s warm-up; {} stayers, {} churning clients, {} publishes/s of {} B through Redis.\n\n",
+        r.args.secs, r.args.warmup_secs, r.args.stayers, r.args.churners, r.args.rate, r.args.payload
+    ));
+    md.push_str("| measure | value |\n|---|---|\n");
+    let rows: Vec<(&str, String)> = vec![
+        ("churn connections opened", r.churn_connections.to_string()),
+        (
+            "… left by close handshake / dropped TCP / half a frame",
+            format!(
+                "{} / {} / {}",
+                r.churn_close_handshakes, r.churn_drops, r.churn_half_frames
+            ),
+        ),
+        (
+            "… refused or failed handshakes",
+            r.churn_refused.to_string(),
+        ),
+        (
+            "chat messages sent by churning clients",
+            r.churn_messages_sent.to_string(),
+        ),
+        ("published to the stayers' topic", r.published.to_string()),
+        (
+            "received per stayer (min / max)",
+            format!("{} / {}", r.stayer_min_received, r.stayer_max_received),
+        ),
+        ("reorders", r.reorders.to_string()),
+        (
+            "RSS idle at start / after warm-up / end of churn / idle at end (MiB)",
+            format!(
+                "{:.1} / {:.1} / {:.1} / {:.1}",
+                r.rss_idle_start_mib,
+                r.rss_after_warmup_mib,
+                r.rss_end_of_churn_mib,
+                r.rss_idle_end_mib
+            ),
+        ),
+        (
+            "alive tasks idle at start / idle at end",
+            format!("{} / {}", r.alive_tasks_idle_start, r.alive_tasks_idle_end),
+        ),
+        (
+            "connections / subscriptions at end",
+            format!("{} / {}", r.connections_end, r.subscriptions_end),
+        ),
+        ("wall time (s)", format!("{:.0}", r.wall_s)),
+    ];
+    for (k, v) in rows {
+        md.push_str(&format!("| {k} | {v} |\n"));
+    }
+    md.push_str("\n| check | held |\n|---|---|\n");
+    for (check, held) in &r.checks {
+        md.push_str(&format!(
+            "| {check} | {} |\n",
+            if *held { "yes" } else { "**no**" }
+        ));
+    }
+    md
+}
