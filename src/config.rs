@@ -21,7 +21,7 @@ pub(crate) struct Config {
     pub(crate) slow_consumer: SlowConsumerPolicy,
     /// A write that makes no progress for this long closes the connection.
     pub(crate) write_timeout: Duration,
-    /// How long a writer waits, once woken, for more frames to share one write.
+    /// How long a writer under load waits, once woken, for more frames to share one write.
     pub(crate) write_delay: Duration,
     /// How long a closing connection waits for the client's close frame.
     pub(crate) close_timeout: Duration,

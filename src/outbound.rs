@@ -308,6 +308,9 @@ fn conflate(st: &mut State, incoming: TopicKey) -> u64 {
     (before - st.data.len()) as u64
 }
 
+/// A writer that wrote within this many write delays counts as under load (see `run_writer`).
+const LOADED_WINDOW: u32 = 2;
+
 /// Drains `conn`'s queue into `io` until the close frame is written or the socket fails.
 pub(crate) async fn run_writer<W>(
     conn: Arc<Conn>,
@@ -319,13 +322,22 @@ pub(crate) async fn run_writer<W>(
     W: AsyncWrite + Unpin,
 {
     let mut batch: Vec<Bytes> = Vec::new();
+    // When the previous write finished. The delay is adaptive: a connection that wrote within
+    // the last `LOADED_WINDOW × write_delay` is under load and waits `write_delay` so frames
+    // share one write; one that has been quiet writes at once, so the delay costs nothing at
+    // low rates (a chat message, a dashboard tick).
+    let mut last_write: Option<std::time::Instant> = None;
+    let loaded_within = write_delay * LOADED_WINDOW;
     loop {
         conn.writer_wake.notified().await;
+        let delay = !write_delay.is_zero()
+            && !conn.is_ending()
+            && last_write.is_some_and(|at| at.elapsed() < loaded_within);
         // Boxed: the delay and the write (timers, `writev` state) are this task's largest
         // states, and a future is as large as its largest state. Boxing them costs one
         // allocation per batch written, and keeps an idle connection's writer task small.
         let written = Box::pin(async {
-            if !write_delay.is_zero() && !conn.is_ending() {
+            if delay {
                 tokio::time::sleep(write_delay).await;
             }
             let closing = conn.take(&mut batch);
@@ -342,6 +354,7 @@ pub(crate) async fn run_writer<W>(
                 return;
             }
         };
+        last_write = Some(std::time::Instant::now());
         metrics.add_bytes_written(batch.iter().map(|f| f.len() as u64).sum());
         batch.clear();
         if closing {

@@ -213,10 +213,15 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         self
     }
 
-    /// How long a connection's writer waits, after being woken, for more frames to share one
-    /// write. Default: 2 ms. `ZERO` writes at once and lets batches form only under load (lowest
-    /// latency at low rates); a few milliseconds trade that much latency for far fewer syscalls
-    /// per delivered message under load. PERF.md shows the measured trade-off.
+    /// The longest a connection's writer waits for more frames to share one write. Default:
+    /// 2 ms.
+    ///
+    /// The wait is adaptive: a connection that wrote within the last two delays is under load
+    /// and waits, so frames arriving close together share one `writev`; one that has been quiet
+    /// writes at once, so a chat message or a dashboard tick pays no delay. `ZERO` never waits
+    /// and lets batches form only from what queues up while a write is in progress. Under load
+    /// a few milliseconds trade that much latency for far fewer syscalls per delivered message;
+    /// PERF.md shows the measured trade-off.
     pub fn write_delay(mut self, delay: Duration) -> Self {
         self.config.write_delay = delay;
         self
