@@ -258,7 +258,9 @@ pub(crate) fn peek_extent(buf: &[u8]) -> Option<(u8, u64)> {
         127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
         n => (n as u64, 0),
     };
-    Some((buf[0] & 0x0F, (2 + ext + mask) as u64 + len))
+    // Saturating: the length is the client's, unvalidated, and may be near `u64::MAX`. (A
+    // wrapped sum was once 0, and the skip loop spun without awaiting: found by fuzzing.)
+    Some((buf[0] & 0x0F, ((2 + ext + mask) as u64).saturating_add(len)))
 }
 
 /// A frame at the front of `buf` whose header has arrived but whose payload has not all arrived:
@@ -644,5 +646,15 @@ mod tests {
             assembler.check_incomplete(op, k, masked).unwrap_err().code,
             1007
         );
+    }
+
+    #[test]
+    fn peek_extent_saturates_on_a_hostile_length() {
+        let mut unmasked = vec![0x82, 0x7F];
+        unmasked.extend_from_slice(&(u64::MAX - 9).to_be_bytes());
+        assert_eq!(peek_extent(&unmasked), Some((0x2, u64::MAX)));
+        let mut masked = vec![0x82, 0xFF];
+        masked.extend_from_slice(&(u64::MAX - 13).to_be_bytes());
+        assert_eq!(peek_extent(&masked), Some((0x2, u64::MAX)));
     }
 }

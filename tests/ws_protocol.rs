@@ -126,3 +126,25 @@ async fn a_ping_flood_from_a_client_that_does_not_read_costs_nothing_lasting() {
     assert!(pongs < 200_000, "{pongs} pongs");
     bystander.assert_nothing_pending().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_length_after_the_close_cannot_hang_the_server() {
+    // An unmasked frame (close 1002), then, while the server skips the client's frames until
+    // its close, a frame header whose 64-bit length overflowed the skip arithmetic (found by
+    // fuzzing: the connection spun forever without awaiting, holding a worker thread).
+    let server = chat_server(2).await;
+    let mut c = connect(server.addr, "general", ALICE).await;
+    let mut bytes = vec![0x81, 0x01, b'x', 0x82, 0x7F];
+    bytes.extend_from_slice(&(u64::MAX - 9).to_be_bytes());
+    c.send_raw(&bytes).await;
+    assert_eq!(c.expect_close().await, 1002);
+    // The server gives up on the client's close after its close timeout and lets go.
+    let service = server.service.clone();
+    wait_until("the connection ends", move || {
+        service.metrics().connections_active == 0
+    })
+    .await;
+    // And it still serves.
+    let mut bob = connect(server.addr, "general", BOB).await;
+    bob.assert_nothing_pending().await;
+}
