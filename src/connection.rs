@@ -432,8 +432,7 @@ async fn handle_text<H: MessageHandler>(
     text: &mut [u8],
 ) {
     let handler = &service.handler;
-    // The default decoder is simd-json, in place: the message buffer is ours and is dropped
-    // afterwards.
+    // The message buffer is ours and is dropped afterwards: a decoder may parse in place.
     let msg = match handler.decode(text) {
         Ok(msg) => msg,
         Err(e) => {

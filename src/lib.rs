@@ -29,7 +29,7 @@
 //! # Data path
 //! ```text
 //! client ─GET /ws/{topic}─► WsAuth ─► validator ─► upgrade ─► connection (shard = id % N)
-//!   reader: frames ─► simd-json ─► MessageHandler ─┬─ direct reply ─► this connection's queue
+//!   reader: frames ─► JSON ──────► MessageHandler ─┬─ direct reply ─► this connection's queue
 //!                                                  └─ ServerEvent ─► serialize once ─► broker
 //! broker ─► dispatcher: encode ONE frame (Bytes) ─► every shard
 //! shard: for each local subscriber of the topic ─► push the same Bytes (refcount) ─► writer

@@ -76,22 +76,17 @@ impl From<serde_json::Error> for HandlerError {
     }
 }
 
-/// Messages at least this long are parsed with simd-json, shorter ones with serde_json.
-const SIMD_JSON_FROM: usize = 2 * 1024;
-
-/// Parses one JSON message the way the default [`MessageHandler::decode`] does.
+/// Parses one JSON message the way the default [`MessageHandler::decode`] does: with
+/// serde_json, which accepts exactly RFC 8259 JSON.
 ///
-/// Measured with `cargo bench --bench json`: on a chat-sized message (~150 B) simd-json's
-/// `from_slice` took 408 ns against serde_json's 149 ns, since it sets up scratch buffers per
-/// call; at 4 KiB and 32 KiB simd-json was faster (5.1 µs vs 6.9 µs, 38 µs vs 55 µs). The switch
-/// sits between the sizes measured.
+/// Not simd-json, though it is faster on large messages (`cargo bench --bench json`: 5.1 µs
+/// against 6.9 µs at 4 KiB): fuzzing found simd-json 0.15 accepting input serde_json refuses —
+/// a lone `\ud800` escape became U+0000, a high surrogate followed by `\uE000`–`\uFFFF` became
+/// a wrong character, and bytes after a 19-digit number or a NUL were skipped. A handler must
+/// see the same message whatever its size, so the default parser is the strict one. The buffer
+/// is `&mut` so an override may parse in place.
 pub fn decode_json<T: DeserializeOwned>(text: &mut [u8]) -> Result<T, String> {
-    let parsed = if text.len() >= SIMD_JSON_FROM {
-        simd_json::serde::from_slice(text).map_err(|e| e.to_string())
-    } else {
-        serde_json::from_slice(text).map_err(|e| e.to_string())
-    };
-    parsed.map_err(|e| format!("Invalid message format: {e}"))
+    serde_json::from_slice(text).map_err(|e| format!("Invalid message format: {e}"))
 }
 
 /// Your application's side of a WebSocket connection.
@@ -116,8 +111,8 @@ pub trait MessageHandler: Send + Sync + 'static {
     /// place) into a [`ClientMessage`](Self::ClientMessage). An error's text is sent to the
     /// sender as `{"type":"error","message":…}`.
     ///
-    /// The default parses JSON: with serde_json below 2 KiB and with simd-json, in place, from
-    /// there on (see [`decode_json`]). Override it for another format.
+    /// The default parses JSON with serde_json (see [`decode_json`]). Override it for another
+    /// format.
     fn decode(&self, text: &mut [u8]) -> Result<Self::ClientMessage, String> {
         decode_json(text)
     }
@@ -162,4 +157,25 @@ pub trait MessageHandler: Send + Sync + 'static {
     /// Called exactly once when the connection has ended, however it ended. Does nothing by
     /// default.
     async fn on_disconnect(&self, _context: &ConnectionContext<Self::AppState, Self::UserId>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_json;
+
+    /// What fuzzing found simd-json accepting: every size must refuse it.
+    #[test]
+    fn invalid_json_is_refused_at_every_size() {
+        for bad in [
+            r#"{"s":"\ud800"}"#,
+            r#"{"s":"\ud83d\ued00"}"#,
+            "{\"flag\":true\u{0}xyz}",
+        ] {
+            for pad in [0, 4096] {
+                let mut text = format!("{bad}{}", " ".repeat(pad)).into_bytes();
+                let parsed = decode_json::<serde_json::Value>(&mut text);
+                assert!(parsed.is_err(), "{bad:?} padded by {pad} was accepted");
+            }
+        }
+    }
 }
