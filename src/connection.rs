@@ -96,20 +96,18 @@ pub(crate) async fn run<H, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let rt = &service.runtime;
-    // One span per connection, the writer's task included: every event of this connection
-    // (handler errors, protocol violations, close reasons) carries its id, topic and user.
+    // One span per connection: every event of this connection (handler errors, protocol
+    // violations, close reasons) carries its id, topic and user. The writer's one event names
+    // the connection itself; a span there would cost every idle connection 128 bytes.
     let span = tracing::debug_span!("ws", conn_id = %conn.id, topic = %topic, user = ?user_id);
     rt.connection_opened();
-    let writer = tokio::spawn(
-        outbound::run_writer(
-            conn.clone(),
-            write,
-            rt.config.write_delay,
-            rt.config.write_timeout,
-            rt.metrics.clone(),
-        )
-        .instrument(span.clone()),
-    );
+    let writer = tokio::spawn(outbound::run_writer(
+        conn.clone(),
+        write,
+        rt.config.write_delay,
+        rt.config.write_timeout,
+        rt.metrics.clone(),
+    ));
 
     async {
         let ctx = ConnectionContext {

@@ -327,12 +327,11 @@ pub(crate) async fn run_writer<W>(
     // share one write; one that has been quiet writes at once, so the delay costs nothing at
     // low rates (a chat message, a dashboard tick).
     let mut last_write: Option<std::time::Instant> = None;
-    let loaded_within = write_delay * LOADED_WINDOW;
     loop {
         conn.writer_wake.notified().await;
         let delay = !write_delay.is_zero()
             && !conn.is_ending()
-            && last_write.is_some_and(|at| at.elapsed() < loaded_within);
+            && last_write.is_some_and(|at| at.elapsed() < write_delay * LOADED_WINDOW);
         // Boxed: the delay and the write (timers, `writev` state) are this task's largest
         // states, and a future is as large as its largest state. Boxing them costs one
         // allocation per batch written, and keeps an idle connection's writer task small.
