@@ -1,21 +1,29 @@
-//! Thin public wrappers around crate-private internals, for the criterion benches in `benches/`.
+//! Thin public wrappers around crate-private internals, for the criterion benches in `benches/`
+//! and the fuzz targets in `fuzz/`.
 //!
 //! **Not a stable API**: hidden from the docs, outside semver, and free to change with the
 //! internals it wraps. Each wrapper calls the code the runtime itself runs — the frame codec, a
 //! shard's topic map and deliver path, a connection's outbound queue, the dispatcher's
 //! frame-once step — with no task or channel in between, so a bench measures that code alone.
+//! [`spawn_connection`] is the exception: it runs a whole connection, reader and writer tasks
+//! included, over any byte stream, for the fuzz targets.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::{JoinError, JoinHandle};
 use uuid::Uuid;
 
 use crate::broker::local::NoInterest;
+use crate::connection::{self, Inbound};
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
 use crate::shard::{Command, Dispatcher, Shard};
+use crate::ws::handler::MessageHandler;
+use crate::ws::service::WebsocketService;
 
 /// Encodes a final, unmasked text frame (header and payload in one buffer), as the dispatcher
 /// does once per published message.
@@ -63,6 +71,174 @@ impl FrameParser {
             Err(e) => Err(e.code),
         }
     }
+
+    /// Like [`parse`](Self::parse), but returns the whole frame (final bit, opcode, payload),
+    /// ready for a [`MessageAssembler`].
+    pub fn parse_frame(&self, buf: &mut BytesMut) -> Result<Option<Frame>, u16> {
+        match self.0.parse(buf) {
+            Ok(frame) => Ok(frame.map(Frame)),
+            Err(e) => Err(e.code),
+        }
+    }
+}
+
+/// One parsed and unmasked client frame.
+#[derive(Debug)]
+pub struct Frame(frame::Frame);
+
+impl Frame {
+    /// Whether the frame's FIN bit is set.
+    pub fn fin(&self) -> bool {
+        self.0.fin
+    }
+
+    /// The opcode, as on the wire (`0x0` continuation … `0xA` pong).
+    pub fn opcode(&self) -> u8 {
+        match self.0.opcode {
+            frame::OpCode::Continuation => 0x0,
+            frame::OpCode::Text => 0x1,
+            frame::OpCode::Binary => 0x2,
+            frame::OpCode::Close => 0x8,
+            frame::OpCode::Ping => 0x9,
+            frame::OpCode::Pong => 0xA,
+        }
+    }
+
+    /// Whether it is a control frame (close, ping, pong), which the reader handles itself
+    /// instead of passing it to the [`MessageAssembler`].
+    pub fn is_control(&self) -> bool {
+        self.0.opcode.is_control()
+    }
+
+    /// The unmasked payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.0.payload
+    }
+}
+
+/// The opcode bits and total size (header and payload) of the frame at the start of `buf`, from
+/// its header alone and unvalidated; `None` until the header is complete. The reader uses it to
+/// skip input after the server closed.
+pub fn peek_extent(buf: &[u8]) -> Option<(u8, u64)> {
+    frame::peek_extent(buf)
+}
+
+/// Checks a received close frame's payload as the reader does: `Ok(code)` to echo (`None` for
+/// an empty body), `Err(close_code)` for a protocol violation.
+pub fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, u16> {
+    frame::parse_close_payload(payload).map_err(|e| e.code)
+}
+
+/// A complete data message out of a [`MessageAssembler`].
+#[derive(Debug)]
+pub enum Message {
+    /// A text message, checked to be UTF-8.
+    Text(BytesMut),
+    /// A binary message.
+    Binary(BytesMut),
+}
+
+/// The connection reader's message assembler: joins fragments under a total size cap and checks
+/// that text is UTF-8.
+#[derive(Debug)]
+pub struct MessageAssembler(frame::MessageAssembler);
+
+impl MessageAssembler {
+    /// An assembler refusing messages larger than `max_message` bytes in total.
+    pub fn new(max_message: usize) -> Self {
+        Self(frame::MessageAssembler::new(max_message))
+    }
+
+    /// Feeds one data frame (text, binary or continuation): `Ok(Some(message))` once a message
+    /// is complete, `Ok(None)` while one is in progress, `Err(close_code)` for a violation.
+    ///
+    /// # Panics
+    /// If `frame` is a control frame: the reader never passes one here.
+    pub fn push(&mut self, frame: Frame) -> Result<Option<Message>, u16> {
+        assert!(!frame.is_control(), "control frames are not assembled");
+        match self.0.push(frame.0) {
+            Ok(None) => Ok(None),
+            Ok(Some(frame::Message::Text(t))) => Ok(Some(Message::Text(t))),
+            Ok(Some(frame::Message::Binary(b))) => Ok(Some(Message::Binary(b))),
+            Err(e) => Err(e.code),
+        }
+    }
+}
+
+/// A connection started by [`spawn_connection`].
+#[derive(Debug)]
+pub struct ConnectionTask {
+    task: JoinHandle<()>,
+    conn: Weak<Conn>,
+}
+
+impl ConnectionTask {
+    /// Waits until the connection has ended: its reader task returned, after `on_disconnect`.
+    /// Cancel-safe: it can be raced against a timeout and awaited again.
+    pub async fn finished(&mut self) -> Result<(), JoinError> {
+        (&mut self.task).await
+    }
+
+    /// Whether the connection task has returned.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Whether every reference to the connection's shared state (its outbound queue, held by
+    /// its tasks, its sinks and its shard's topic map) is gone. After the connection ended, this
+    /// turns true once its shard has processed the removal; if it never does, the connection
+    /// leaked.
+    pub fn is_released(&self) -> bool {
+        self.conn.strong_count() == 0
+    }
+}
+
+/// Runs one connection of `service` over `read` and `write` as if it had just been upgraded:
+/// admits it, subscribes it to `topic`, and spawns `connection::run` — the task the server
+/// runs for every upgraded connection — with `pre_read` as the bytes the client sent along with
+/// the upgrade request. `None` (nothing spawned) while the service is shutting down or at its
+/// connection limit.
+///
+/// Must be called inside the tokio runtime the service was built in.
+pub async fn spawn_connection<H, R, W>(
+    service: &Arc<WebsocketService<H>>,
+    topic: &str,
+    user_id: H::UserId,
+    pre_read: &[u8],
+    read: R,
+    write: W,
+) -> Option<ConnectionTask>
+where
+    H: MessageHandler,
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let runtime = &service.runtime;
+    if runtime.is_shutting_down() {
+        return None;
+    }
+    let admission = runtime.try_admit()?;
+    // As `upgrade_handler` does: subscribe first, then run the connection in its own task.
+    let conn = runtime.new_conn();
+    let subscribed = runtime.hub.join(&conn, topic).await;
+    let weak = Arc::downgrade(&conn);
+    let (service, pre_read, topic) = (service.clone(), BytesMut::from(pre_read), topic.to_owned());
+    // The slot is held until the connection ended, as `upgrade_handler`'s task holds it.
+    let task = tokio::spawn(async move {
+        connection::run(
+            service,
+            conn,
+            subscribed,
+            Inbound::Other(Box::new(read)),
+            pre_read,
+            write,
+            topic,
+            user_id,
+        )
+        .await;
+        drop(admission);
+    });
+    Some(ConnectionTask { task, conn: weak })
 }
 
 /// One in-memory connection: its byte-bounded outbound queue, with no socket or writer task.
