@@ -238,10 +238,7 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
     if !args.no_build {
         system::build_all(&root).map_err(|e| e.to_string())?;
     }
-    let target_dir = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"))
-        .join("release");
+    let target_dir = system::release_dir(&root);
     if args.pin {
         let me = std::process::id().to_string();
         let _ = std::process::Command::new("taskset")
@@ -255,14 +252,11 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
     for rep in 0..args.reps.max(1) {
         for &sys in &args.systems {
             eprintln!("== {} (rep {}/{})", sys.name(), rep + 1, args.reps.max(1));
-            let mut env = Vec::new();
-            if sys == System::Ours {
-                for kv in &args.ours_env {
-                    if let Some((k, v)) = kv.split_once('=') {
-                        env.push((k.to_string(), v.to_string()));
-                    }
-                }
-            }
+            let env = if sys == System::Ours {
+                system::env_pairs(&args.ours_env)
+            } else {
+                Vec::new()
+            };
             let opts = StartOpts {
                 redis_url: Some(redis_url.clone()),
                 shards: if sys == System::Ours {

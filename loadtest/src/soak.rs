@@ -234,32 +234,16 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
         return Err("warm-up plus churn must stay under 9 minutes (the run is bounded)".into());
     }
     if !args.no_build {
-        let status =
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--release", "--example", "basic_chat"])
-                .current_dir(root)
-                .status()
-                .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err("building basic_chat failed".into());
-        }
+        system::build_ours(root).map_err(|e| e.to_string())?;
     }
-    let target_dir = std::env::var("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"))
-        .join("release");
+    let target_dir = system::release_dir(root);
     let started = Instant::now();
     let redis = system::start_redis().map_err(|e| e.to_string())?;
     let opts = StartOpts {
         redis_url: Some(format!("redis://{}/", redis.addr)),
         shards: args.shards,
         cpus: None,
-        env: args
-            .server_env
-            .iter()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: system::env_pairs(&args.server_env),
     };
     let mut server =
         system::start_system(System::Ours, &target_dir, &opts).map_err(|e| e.to_string())?;

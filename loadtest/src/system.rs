@@ -51,20 +51,44 @@ impl System {
 
 /// Builds every system in release mode (prints cargo's output).
 pub(crate) fn build_all(workspace: &Path) -> std::io::Result<()> {
-    for args in [
-        // No `-p`: the root package is the only default member with that example.
-        &["build", "--release", "--example", "basic_chat"][..],
-        &["build", "--release", "-p", "rtk-peers"][..],
-    ] {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(args)
-            .current_dir(workspace)
-            .status()?;
-        if !status.success() {
-            return Err(std::io::Error::other(format!("cargo {args:?} failed")));
-        }
+    build_ours(workspace)?;
+    cargo_build(workspace, &["build", "--release", "-p", "rtk-peers"])
+}
+
+/// Builds our server (`examples/basic_chat`) in release mode.
+pub(crate) fn build_ours(workspace: &Path) -> std::io::Result<()> {
+    // No `-p`: the root package is the only default member with that example.
+    cargo_build(
+        workspace,
+        &["build", "--release", "--example", "basic_chat"],
+    )
+}
+
+fn cargo_build(workspace: &Path, args: &[&str]) -> std::io::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace)
+        .status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!("cargo {args:?} failed")));
     }
     Ok(())
+}
+
+/// Where the release binaries of `workspace` are (`CARGO_TARGET_DIR` respected).
+pub(crate) fn release_dir(workspace: &Path) -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace.join("target"))
+        .join("release")
+}
+
+/// `KEY=VALUE` arguments as environment pairs; an argument without `=` is ignored.
+pub(crate) fn env_pairs(args: &[String]) -> Vec<(String, String)> {
+    args.iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 pub(crate) fn free_port() -> u16 {
