@@ -246,11 +246,19 @@ impl FrameParser {
 /// alone and without any validation; `None` until the header is complete. Used to skip input
 /// after the server has closed.
 pub(crate) fn peek_extent(buf: &[u8]) -> Option<(u8, u64)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
-    let (len, ext) = match buf[1] & 0x7F {
+    let (header, len) = header_and_len(buf)?;
+    // Saturating: the length is the client's, unvalidated, and may be near `u64::MAX`. (A
+    // wrapped sum was once 0, and the skip loop spun without awaiting: found by fuzzing.)
+    Some((buf[0] & 0x0F, (header as u64).saturating_add(len)))
+}
+
+/// The header size (masking key included) and the payload length of the frame starting `buf`,
+/// read from its header without validation; `None` until the length bytes are there (the
+/// masking key may still be missing).
+fn header_and_len(buf: &[u8]) -> Option<(usize, u64)> {
+    let b1 = *buf.get(1)?;
+    let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
+    let (len, ext) = match b1 & 0x7F {
         126 => (
             u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64,
             2,
@@ -258,9 +266,7 @@ pub(crate) fn peek_extent(buf: &[u8]) -> Option<(u8, u64)> {
         127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
         n => (n as u64, 0),
     };
-    // Saturating: the length is the client's, unvalidated, and may be near `u64::MAX`. (A
-    // wrapped sum was once 0, and the skip loop spun without awaiting: found by fuzzing.)
-    Some((buf[0] & 0x0F, ((2 + ext + mask) as u64).saturating_add(len)))
+    Some((2 + ext + mask, len))
 }
 
 /// A frame at the front of `buf` whose header has arrived but whose payload has not all arrived:
@@ -270,17 +276,10 @@ pub(crate) fn peek_extent(buf: &[u8]) -> Option<(u8, u64)> {
 /// Call it only after [`FrameParser::parse`] returned `Ok(None)`: the header was validated then.
 pub(crate) fn incomplete_frame(buf: &[u8]) -> Option<(OpCode, [u8; 4], &[u8])> {
     let opcode = OpCode::from_u8(*buf.first()? & 0x0F)?;
-    let (len, ext) = match *buf.get(1)? & 0x7F {
-        126 => (
-            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64,
-            2,
-        ),
-        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
-        n => (n as u64, 0),
-    };
-    let header = 2 + ext + 4;
+    // The parser accepted the header, so the frame is masked and `header` ends with the key.
+    let (header, len) = header_and_len(buf)?;
     let key: [u8; 4] = buf.get(header - 4..header)?.try_into().ok()?;
-    let available = &buf[header.min(buf.len())..];
+    let available = buf.get(header..)?;
     ((available.len() as u64) < len).then_some((opcode, key, available))
 }
 
