@@ -134,60 +134,77 @@ impl Metrics {
     }
 }
 
-/// The names under which [`export`] reports to the [`metrics`] facade, with their kind and
-/// meaning. Counters are monotonic since the service started; gauges are current values.
+/// What [`export`] reads the reported values from.
+pub(crate) struct Reading {
+    snapshot: MetricsSnapshot,
+    dispatch_lag: std::time::Duration,
+    alive_tasks: usize,
+    broker_live: bool,
+}
+
+/// How one metric is reported, and where its value comes from.
+pub(crate) enum Value {
+    /// Monotonic since the service started.
+    Counter(fn(&Reading) -> u64),
+    /// A current value.
+    Gauge(fn(&Reading) -> f64),
+}
+
+impl Value {
+    /// The kind's name, as in the crate docs' table.
+    #[cfg(test)]
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Counter(_) => "counter",
+            Self::Gauge(_) => "gauge",
+        }
+    }
+}
+
+/// Every metric [`export`] reports to the [`metrics`] facade: its name, kind and source, and
+/// its meaning.
 #[rustfmt::skip]
-pub(crate) const METRICS: &[(&str, &str, &str)] = &[
-    ("rtk_connections_opened_total", "counter", "WebSocket connections accepted"),
-    ("rtk_connections", "gauge", "WebSocket connections open now"),
-    ("rtk_subscriptions", "gauge", "topic memberships (connection × topic) now"),
-    ("rtk_deliveries_total", "counter", "frames queued to subscribers (one per subscriber per message)"),
-    ("rtk_bytes_queued_total", "counter", "bytes of those frames"),
-    ("rtk_bytes_written_total", "counter", "bytes written to client sockets"),
-    ("rtk_messages_in_total", "counter", "data messages received from clients"),
-    ("rtk_publishes_total", "counter", "messages published through the broker"),
-    ("rtk_publish_errors_total", "counter", "publishes that failed"),
-    ("rtk_slow_consumer_closes_total", "counter", "connections closed by the slow-consumer policy"),
-    ("rtk_slow_consumer_drops_total", "counter", "queued messages dropped by DropOldest / LatestPerTopic"),
-    ("rtk_protocol_errors_total", "counter", "connections closed for a WebSocket protocol violation"),
-    ("rtk_broker_reconnects_total", "counter", "times the broker subscriber connection was lost or a reconnection attempt failed"),
-    ("rtk_broker_live", "gauge", "1 while the broker connection is live"),
-    ("rtk_dispatch_lag_seconds", "gauge", "longest time from broker receipt to the end of a shard's fan-out, over the last export interval"),
-    ("rtk_runtime_alive_tasks", "gauge", "tasks alive in the tokio runtime the service runs on"),
+pub(crate) const METRICS: &[(&str, Value, &str)] = &[
+    ("rtk_connections_opened_total", Value::Counter(|r| r.snapshot.connections_opened), "WebSocket connections accepted"),
+    ("rtk_connections", Value::Gauge(|r| r.snapshot.connections_active as f64), "WebSocket connections open now"),
+    ("rtk_subscriptions", Value::Gauge(|r| r.snapshot.subscriptions as f64), "topic memberships (connection × topic) now"),
+    ("rtk_deliveries_total", Value::Counter(|r| r.snapshot.deliveries), "frames queued to subscribers (one per subscriber per message)"),
+    ("rtk_bytes_queued_total", Value::Counter(|r| r.snapshot.bytes_queued), "bytes of those frames"),
+    ("rtk_bytes_written_total", Value::Counter(|r| r.snapshot.bytes_written), "bytes written to client sockets"),
+    ("rtk_messages_in_total", Value::Counter(|r| r.snapshot.messages_in), "data messages received from clients"),
+    ("rtk_publishes_total", Value::Counter(|r| r.snapshot.publishes), "messages published through the broker"),
+    ("rtk_publish_errors_total", Value::Counter(|r| r.snapshot.publish_errors), "publishes that failed"),
+    ("rtk_slow_consumer_closes_total", Value::Counter(|r| r.snapshot.slow_consumer_closes), "connections closed by the slow-consumer policy"),
+    ("rtk_slow_consumer_drops_total", Value::Counter(|r| r.snapshot.slow_consumer_drops), "queued messages dropped by DropOldest / LatestPerTopic"),
+    ("rtk_protocol_errors_total", Value::Counter(|r| r.snapshot.protocol_errors), "connections closed for a WebSocket protocol violation"),
+    ("rtk_broker_reconnects_total", Value::Counter(|r| r.snapshot.broker_reconnects), "times the broker subscriber connection was lost or a reconnection attempt failed"),
+    ("rtk_broker_live", Value::Gauge(|r| if r.broker_live { 1.0 } else { 0.0 }), "1 while the broker connection is live"),
+    ("rtk_dispatch_lag_seconds", Value::Gauge(|r| r.dispatch_lag.as_secs_f64()), "longest time from broker receipt to the end of a shard's fan-out, over the last export interval"),
+    ("rtk_runtime_alive_tasks", Value::Gauge(|r| r.alive_tasks as f64), "tasks alive in the tokio runtime the service runs on"),
 ];
 
 /// Reports the current values to the process's `metrics` recorder (a no-op without one).
 pub(crate) fn export(m: &Metrics, labels: &[metrics::Label], broker_live: bool) {
-    let s = m.snapshot();
-    let lag = m.take_dispatch_lag_max();
-    let tasks = tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_alive_tasks())
-        .unwrap_or_default();
-    for &(name, kind, help) in METRICS {
-        if kind == "counter" {
-            metrics::describe_counter!(name, help);
-        } else {
-            metrics::describe_gauge!(name, help);
+    let reading = Reading {
+        snapshot: m.snapshot(),
+        dispatch_lag: m.take_dispatch_lag_max(),
+        alive_tasks: tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_alive_tasks())
+            .unwrap_or_default(),
+        broker_live,
+    };
+    for &(name, ref value, help) in METRICS {
+        match value {
+            Value::Counter(read) => {
+                metrics::describe_counter!(name, help);
+                metrics::counter!(name, labels.iter()).absolute(read(&reading));
+            }
+            Value::Gauge(read) => {
+                metrics::describe_gauge!(name, help);
+                metrics::gauge!(name, labels.iter()).set(read(&reading));
+            }
         }
     }
-    let counter = |name: &'static str, v: u64| metrics::counter!(name, labels.iter()).absolute(v);
-    let gauge = |name: &'static str, v: f64| metrics::gauge!(name, labels.iter()).set(v);
-    counter("rtk_connections_opened_total", s.connections_opened);
-    gauge("rtk_connections", s.connections_active as f64);
-    gauge("rtk_subscriptions", s.subscriptions as f64);
-    counter("rtk_deliveries_total", s.deliveries);
-    counter("rtk_bytes_queued_total", s.bytes_queued);
-    counter("rtk_bytes_written_total", s.bytes_written);
-    counter("rtk_messages_in_total", s.messages_in);
-    counter("rtk_publishes_total", s.publishes);
-    counter("rtk_publish_errors_total", s.publish_errors);
-    counter("rtk_slow_consumer_closes_total", s.slow_consumer_closes);
-    counter("rtk_slow_consumer_drops_total", s.slow_consumer_drops);
-    counter("rtk_protocol_errors_total", s.protocol_errors);
-    counter("rtk_broker_reconnects_total", s.broker_reconnects);
-    gauge("rtk_broker_live", if broker_live { 1.0 } else { 0.0 });
-    gauge("rtk_dispatch_lag_seconds", lag.as_secs_f64());
-    gauge("rtk_runtime_alive_tasks", tasks as f64);
 }
 
 #[cfg(test)]
@@ -195,8 +212,8 @@ mod tests {
     #[test]
     fn every_reported_metric_is_documented_in_the_crate_docs() {
         let docs = include_str!("lib.rs");
-        for (name, kind, _) in super::METRICS {
-            let row = format!("| `{name}` | {kind} |");
+        for (name, value, _) in super::METRICS {
+            let row = format!("| `{name}` | {} |", value.kind());
             assert!(docs.contains(&row), "lib.rs docs lack the row for {name}");
         }
     }
