@@ -103,9 +103,6 @@ pub(crate) struct SoakResult {
     pub(crate) ok: bool,
 }
 
-/// Tells the stayers' keep-alive task to hand their writers back.
-static KEEPALIVE_STOP: AtomicBool = AtomicBool::new(false);
-
 /// How a churning client leaves.
 #[derive(Debug, Default)]
 struct Churn {
@@ -263,6 +260,7 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
     // heartbeat (interval + timeout): like any client, they must be heard. An unsolicited pong
     // (RFC 6455 §5.5.3) every 10 s is the lightest way; the harness's reader does not answer
     // pings itself.
+    // The task owns the stayers' write halves: aborting it closes them.
     let keepalive = tokio::spawn(async move {
         let mut writers = writers;
         let pong = [0x8A, 0x80, 0, 0, 0, 0];
@@ -270,9 +268,6 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
             tokio::time::sleep(Duration::from_secs(10)).await;
             for w in writers.iter_mut().flatten() {
                 let _ = w.write_all(&pong).await;
-            }
-            if KEEPALIVE_STOP.load(Relaxed) {
-                return writers;
             }
         }
     });
@@ -335,8 +330,8 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
     let received = stats.per_conn_snapshot();
 
     // Everyone leaves; the server must come back to where it started.
-    KEEPALIVE_STOP.store(true, Relaxed);
-    drop(keepalive.await);
+    keepalive.abort();
+    let _ = keepalive.await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut idle_end = sample(addr, pid, started).await;
     while Instant::now() < deadline
