@@ -3,35 +3,10 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use support::redis_server::start_redis;
 use support::*;
-
-/// The example binary, built for this test's profile. `cargo test` builds examples, but
-/// `cargo test --test example_basic_chat` does not: building here (a no-op when up to date)
-/// keeps a stale binary from being tested.
-fn example_binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let dir = exe.parent().unwrap().parent().unwrap();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut build = Command::new(cargo);
-            build.args(["build", "--example", "basic_chat"]);
-            if dir.file_name().is_some_and(|p| p == "release") {
-                build.arg("--release");
-            }
-            assert!(
-                build.status().unwrap().success(),
-                "building basic_chat failed"
-            );
-            dir.join("examples").join("basic_chat")
-        })
-        .clone()
-}
 
 struct Running(Child);
 
@@ -47,7 +22,7 @@ async fn start_example(port: u16) -> Running {
 }
 
 async fn start_example_with(port: u16, redis_url: Option<&str>) -> Running {
-    let mut cmd = Command::new(example_binary());
+    let mut cmd = Command::new(example_binary("basic_chat"));
     cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("SHARDS", "2")
         .env_remove("REDIS_URL");

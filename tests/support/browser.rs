@@ -65,44 +65,10 @@ impl Drop for Process {
     }
 }
 
-/// `target/<profile>/examples/<name>`, built when it is missing or older than its sources
-/// (`cargo test` builds the examples before running the tests, so normally it is there).
-pub fn example_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("examples").join(name);
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let stale = match built {
-        None => true,
-        Some(built) => {
-            let mut sources = vec![manifest.join("examples").join(format!("{name}.rs"))];
-            if let Ok(dir) = std::fs::read_dir(manifest.join("examples/static")) {
-                sources.extend(dir.flatten().map(|e| e.path()));
-            }
-            sources.iter().any(|p| {
-                std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|m| m > built)
-            })
-        }
-    };
-    if stale {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", name])
-            .current_dir(manifest)
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build --example {name} failed");
-    }
-    bin
-}
-
 /// Starts example `name` on `127.0.0.1:<port>` with `env` (and no inherited `REDIS_URL`), and
 /// waits until `GET /ready` answers 200.
 pub fn start_example(name: &str, port: u16, env: &[(&str, &str)]) -> Process {
-    let mut cmd = Command::new(example_binary(name));
+    let mut cmd = Command::new(super::example_binary(name));
     cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("SHARDS", "2")
         .env_remove("REDIS_URL");

@@ -26,6 +26,32 @@ pub const ALICE: &str = "a1a2a3a4-b1b2-c1c2-d1d2-d3d4d5d6d7d8:alice";
 pub const BOB: &str = "b1b2b3b4-a1a2-b1b2-c1c2-c3c4c5c6c7c8:bob";
 pub const ALICE_ID: &str = "a1a2a3a4-b1b2-c1c2-d1d2-d3d4d5d6d7d8";
 
+/// `target/<profile>/examples/<name>`, built for this test's profile first. `cargo test` builds
+/// the examples, but `cargo test --test <one>` does not, and a stale binary (an older example, or
+/// an older library under it) would be tested. `cargo build` is a no-op when everything is fresh.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        build
+            .args(["build", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().unwrap().success(),
+            "cargo build --example {name} failed"
+        );
+        built.push(name.to_string());
+    }
+    dir.join("examples").join(name)
+}
+
 /// A running chat server.
 pub struct Server {
     pub addr: SocketAddr,
