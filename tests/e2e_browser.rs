@@ -10,7 +10,7 @@ mod support;
 use serde_json::{Value, json};
 use support::browser::*;
 use support::free_port;
-use support::redis_server::start_redis;
+use support::redis_server::{RedisServer, start_redis};
 
 /// The chat messages a page shows, as `[username, text]` pairs.
 const MESSAGES: &str = "return Array.from(document.querySelectorAll('#messages li.msg'))\
@@ -39,6 +39,37 @@ fn switch(page: &Session, name: &str, room: &str) {
     );
 }
 
+/// Two processes of example `name` sharing a private Redis, for the length of one test.
+struct TwoInstances {
+    ports: (u16, u16),
+    // Dropped in this order: the processes, then the lock, then Redis.
+    _two: Process,
+    _one: Process,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+    _redis: RedisServer,
+}
+
+/// Starts [`TwoInstances`] of `example`; `None` (the test says SKIPPED) without a browser or
+/// `redis-server`, unless `.ci/run` requires them.
+fn two_instances(test: &str, example: &str) -> Option<TwoInstances> {
+    if !browser_available(test) {
+        return None;
+    }
+    let redis = start_redis(test)?;
+    let one_at_a_time = exclusive();
+    let url = redis.url();
+    let (p1, p2) = (free_port(), free_port());
+    let one = start_example(example, p1, &[("REDIS_URL", &url)]);
+    let two = start_example(example, p2, &[("REDIS_URL", &url)]);
+    Some(TwoInstances {
+        ports: (p1, p2),
+        _two: two,
+        _one: one,
+        _one_at_a_time: one_at_a_time,
+        _redis: redis,
+    })
+}
+
 /// Waits until `page` shows a message `text` from `user`.
 fn wait_message(page: &Session, who: &str, user: &str, text: &str) {
     poll(
@@ -65,18 +96,13 @@ fn screenshot(page: &Session, name: &str) {
 
 #[test]
 fn a_message_typed_in_one_browser_appears_in_another_through_redis() {
-    let test = "a_message_typed_in_one_browser_appears_in_another_through_redis";
-    if !browser_available(test) {
-        return;
-    }
-    let Some(redis) = start_redis(test) else {
+    let Some(instances) = two_instances(
+        "a_message_typed_in_one_browser_appears_in_another_through_redis",
+        "basic_chat",
+    ) else {
         return;
     };
-    let _one_at_a_time = exclusive();
-    let url = redis.url();
-    let (p1, p2) = (free_port(), free_port());
-    let _one = start_example("basic_chat", p1, &[("REDIS_URL", &url)]);
-    let _two = start_example("basic_chat", p2, &[("REDIS_URL", &url)]);
+    let (p1, p2) = instances.ports;
 
     let driver = ChromeDriver::start();
     let alice = driver.new_session();
@@ -155,18 +181,12 @@ fn a_message_typed_in_one_browser_appears_in_another_through_redis() {
 
 #[test]
 fn the_dashboard_charts_every_instance_live() {
-    let test = "the_dashboard_charts_every_instance_live";
-    if !browser_available(test) {
-        return;
-    }
-    let Some(redis) = start_redis(test) else {
+    let Some(instances) =
+        two_instances("the_dashboard_charts_every_instance_live", "live_dashboard")
+    else {
         return;
     };
-    let _one_at_a_time = exclusive();
-    let url = redis.url();
-    let (p1, p2) = (free_port(), free_port());
-    let _one = start_example("live_dashboard", p1, &[("REDIS_URL", &url)]);
-    let _two = start_example("live_dashboard", p2, &[("REDIS_URL", &url)]);
+    let (p1, p2) = instances.ports;
 
     let driver = ChromeDriver::start();
     let page = driver.new_session();
