@@ -254,21 +254,7 @@ async fn a_panicking_future_reaches_every_waiter_as_an_error() {
     for result in &results {
         assert!(Arc::ptr_eq(result.as_ref().expect_err("error"), first));
     }
-    let message = first.to_string();
-    assert!(message.contains("panicked"), "says it panicked: {message}");
-    assert!(
-        message.contains("simulated crash in the future"),
-        "{message}"
-    );
-    assert_eq!(svc.get_pending_tasks_count().await, 0, "no stuck entry");
-
-    let next = svc.execute("k", || async { Ok(1) });
-    assert_eq!(*within("call after panic", next).await.expect("value"), 1);
-    let stats = svc.get_stats().await;
-    assert_eq!(
-        (stats.initiated_operations, stats.failed_operations),
-        (2, 1)
-    );
+    panic_reported_and_key_freed(&svc, &first.to_string(), "simulated crash in the future").await;
 }
 
 #[tokio::test]
@@ -284,15 +270,22 @@ async fn a_panicking_closure_becomes_an_error_and_frees_the_key() {
         .await
         .expect_err("panic becomes an error")
         .to_string();
+    panic_reported_and_key_freed(&svc, &message, "simulated crash in the closure").await;
+}
+
+/// After one run of key `"k"` panicked with `what`: the error says so, no entry is stuck, the
+/// next call runs again, and the stats count two runs, one failed.
+async fn panic_reported_and_key_freed(
+    svc: &CoalescingService<&'static str, u64>,
+    message: &str,
+    what: &str,
+) {
     assert!(message.contains("panicked"), "says it panicked: {message}");
-    assert!(
-        message.contains("simulated crash in the closure"),
-        "{message}"
-    );
+    assert!(message.contains(what), "{message}");
     assert_eq!(svc.get_pending_tasks_count().await, 0, "no stuck entry");
 
-    let next = svc.execute("k", || async { Ok(2) });
-    assert_eq!(*within("call after panic", next).await.expect("value"), 2);
+    let next = svc.execute("k", || async { Ok(7) });
+    assert_eq!(*within("call after panic", next).await.expect("value"), 7);
     let stats = svc.get_stats().await;
     assert_eq!(
         (stats.initiated_operations, stats.failed_operations),
