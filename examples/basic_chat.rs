@@ -345,7 +345,7 @@ async fn main() {
     }
 
     let service = chat_service(redis_url, shards);
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match axum_realtime_kit::bind(addr) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cannot bind {addr}: {e}");

@@ -84,7 +84,7 @@ async fn main() {
     let app = Router::new()
         .route("/", get(ws))
         .with_state(service.clone());
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match axum_realtime_kit::bind(addr) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cannot bind {addr}: {e}");

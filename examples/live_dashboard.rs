@@ -302,7 +302,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match axum_realtime_kit::bind(addr) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("cannot bind {addr}: {e}");

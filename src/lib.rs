@@ -24,6 +24,7 @@
 //! - `broker`: where publishes go and deliveries come from (in-process; Redis with `REDIS_URL`).
 //! - `runtime`: wires shards, dispatcher and broker together; connection accounting; shutdown.
 //! - `config`, `metrics`: settings and counters.
+//! - [`bind`]: a TCP listener with an accept queue long enough for handshake bursts.
 //! - [`guides`]: scaling out, tuning, migrating from 0.1.0 (documentation only).
 //!
 //! # Data path
@@ -99,6 +100,7 @@ mod broker;
 mod config;
 mod connection;
 mod frame;
+mod listener;
 mod metrics;
 mod outbound;
 mod runtime;
@@ -106,6 +108,7 @@ mod shard;
 mod sink;
 
 pub use broker::PublishError;
+pub use listener::{LISTEN_BACKLOG, bind};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;
 pub use ws::service::{BuildError, WebsocketServiceBuilder};

@@ -214,13 +214,7 @@ async fn main() {
         .route("/health", get(|| async { "OK" }))
         .with_state(state);
 
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("peer_axum: cannot bind {addr}: {e}");
-            std::process::exit(1);
-        }
-    };
+    let listener = rtk_peers::listen("peer_axum", addr);
     eprintln!("peer_axum listening on {addr}");
     tokio::select! {
         served = axum::serve(listener, app) => {

@@ -23,7 +23,7 @@ use redis::IntoConnectionInfo;
 use rtk_peers::{ClientMessage, User};
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::spawn_local;
 
@@ -951,13 +951,7 @@ fn mode_from_env() -> (Mode, Duration) {
 }
 
 async fn run(addr: std::net::SocketAddr, target: RedisTarget, mode: Mode, batch: Duration) {
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("peer_limit: cannot bind {addr}: {e}");
-            std::process::exit(1);
-        }
-    };
+    let listener = rtk_peers::listen("peer_limit", addr);
     let (subscribe_tx, subscribe_rx) = mpsc::unbounded_channel();
     let (publish_tx, publish_rx) = mpsc::unbounded_channel();
     let hub = Rc::new(Hub {

@@ -121,13 +121,7 @@ async fn main() {
         .route("/health", get(|| async { "OK" }))
         .with_state(RouterState { tokens, service });
 
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("peer_reference: cannot bind {addr}: {e}");
-            std::process::exit(1);
-        }
-    };
+    let listener = rtk_peers::listen("peer_reference", addr);
     eprintln!("peer_reference (axum-realtime-kit 0.1.0) listening on {addr}");
     tokio::select! {
         served = axum::serve(listener, app) => {
