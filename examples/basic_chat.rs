@@ -41,6 +41,26 @@ use uuid::Uuid;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Lets mimalloc return freed pages to the OS as soon as they are free, unless
+/// `MIMALLOC_PURGE_DELAY` says otherwise.
+///
+/// By default mimalloc keeps a freed page for a second before returning it, and only does so
+/// when the thread that owns it allocates again. After a burst of handshakes (each one holds
+/// hyper's buffers until its upgrade) an idle server's threads allocate nothing, so that memory
+/// stayed resident: 4.3 to 4.7 KiB of RSS per idle connection at 10 000 instead of 3.8. Purging
+/// at once cost nothing measurable in the project's fan-out and connect load tests (PERF.md).
+fn return_freed_memory_promptly() {
+    // `mi_option_purge_delay` in mimalloc.h (v2 and v3); libmimalloc-sys names no constant for it.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option; mimalloc reads options atomically.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0)
+        };
+    }
+}
+
 /// The user a token names: `<uuid>:<name>`.
 #[derive(Debug, Clone)]
 pub struct User {
@@ -315,6 +335,7 @@ pub async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() {
+    return_freed_memory_promptly();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -71,6 +71,8 @@
 //! | `rtk_dispatch_lag_seconds` | gauge | longest time from the broker handing a message over to a shard finishing its fan-out, over the last report interval |
 //! | `rtk_runtime_alive_tasks` | gauge | tasks alive in the tokio runtime the service runs on |
 
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "auth")]
 pub mod auth;
 #[cfg(feature = "coalescing")]
