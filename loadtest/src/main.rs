@@ -543,18 +543,43 @@ mod report {
                     RunResult::Chat(c) => Some(c.max_handled_per_s),
                     _ => None,
                 };
+                let p99 = |r: &RunResult| match r {
+                    RunResult::Chat(c) => c.p99_ms_at_max,
+                    _ => None,
+                };
+                let any_latency = |r: &RunResult| match r {
+                    RunResult::Chat(c) => Some(c.max_delivered_per_s),
+                    _ => None,
+                };
+                let cpu = |r: &RunResult| match r {
+                    RunResult::Chat(c) => c.cpu_us_per_handled_at_max,
+                    _ => None,
+                };
                 let ours = metric(System::Ours, &max);
+                let ours_any = metric(System::Ours, &any_latency);
+                let ratio = |m: Option<f64>, o: Option<f64>| match (m, o) {
+                    (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
+                    _ => "–".into(),
+                };
                 let _ = writeln!(
                     s,
-                    "| system | handled SendMessage/s (≥ 99.9% delivered) | × ours |\n|---|---:|---:|"
+                    "| system | handled SendMessage/s (≥ 99.9% delivered, p99 ≤ {} ms) | × ours | p99 ms there | server CPU µs/handled there | handled/s, ≥ 99.9% delivered at any latency | × ours |\n|---|---:|---:|---:|---:|---:|---:|",
+                    c.p99_bound_ms
                 );
                 for sys in systems {
                     let m = metric(sys, &max);
-                    let ratio = match (m, ours) {
-                        (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
-                        _ => "–".into(),
-                    };
-                    let _ = writeln!(s, "| {} | {} | {} |", sys.name(), opt(m, 0), ratio);
+                    let a = metric(sys, &any_latency);
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} | {} | {} |",
+                        sys.name(),
+                        opt(m, 0),
+                        ratio(m, ours),
+                        opt(metric(sys, &p99), 1),
+                        opt(metric(sys, &cpu), 1),
+                        opt(a, 0),
+                        ratio(a, ours_any)
+                    );
                 }
             }
             CompareScenario::Connect(c) => {
