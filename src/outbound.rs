@@ -308,8 +308,9 @@ fn conflate(st: &mut State, incoming: TopicKey) -> u64 {
     (before - st.data.len()) as u64
 }
 
-/// A writer that wrote within this many write delays counts as under load (see `run_writer`).
-const LOADED_WINDOW: u32 = 2;
+/// A writer that wrote within this long counts as under load and waits `write_delay` before its
+/// next write (see `run_writer`): it receives frames faster than one per 4 ms (250 per second).
+const LOADED_WINDOW: Duration = Duration::from_millis(4);
 
 /// Drains `conn`'s queue into `io` until the close frame is written or the socket fails.
 pub(crate) async fn run_writer<W>(
@@ -323,15 +324,17 @@ pub(crate) async fn run_writer<W>(
 {
     let mut batch: Vec<Bytes> = Vec::new();
     // When the previous write finished. The delay is adaptive: a connection that wrote within
-    // the last `LOADED_WINDOW × write_delay` is under load and waits `write_delay` so frames
-    // share one write; one that has been quiet writes at once, so the delay costs nothing at
-    // low rates (a chat message, a dashboard tick).
+    // the last `LOADED_WINDOW` receives frames fast enough to batch them, and waits
+    // `write_delay` so frames share one write; one that has been quiet writes at once, so the
+    // delay costs nothing at low rates (a chat message, a dashboard tick). The window does not
+    // scale with the delay: a connection receiving a frame every 12 ms gains nothing from a
+    // 10 ms wait (each write would still carry one frame) and would only pay its latency.
     let mut last_write: Option<std::time::Instant> = None;
     loop {
         conn.writer_wake.notified().await;
         let delay = !write_delay.is_zero()
             && !conn.is_ending()
-            && last_write.is_some_and(|at| at.elapsed() < write_delay * LOADED_WINDOW);
+            && last_write.is_some_and(|at| at.elapsed() < LOADED_WINDOW);
         // Boxed: the delay and the write (timers, `writev` state) are this task's largest
         // states, and a future is as large as its largest state. Boxing them costs one
         // allocation per batch written, and keeps an idle connection's writer task small.

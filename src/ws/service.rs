@@ -214,14 +214,16 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     }
 
     /// The longest a connection's writer waits for more frames to share one write. Default:
-    /// 2 ms.
+    /// 10 ms.
     ///
-    /// The wait is adaptive: a connection that wrote within the last two delays is under load
-    /// and waits, so frames arriving close together share one `writev`; one that has been quiet
-    /// writes at once, so a chat message or a dashboard tick pays no delay. `ZERO` never waits
-    /// and lets batches form only from what queues up while a write is in progress. Under load
-    /// a few milliseconds trade that much latency for far fewer syscalls per delivered message;
-    /// PERF.md shows the measured trade-off.
+    /// The wait is adaptive: a connection that wrote within the last 4 ms receives frames
+    /// faster than 250 per second and waits, so the frames arriving meanwhile share one
+    /// `writev`; one that has been quiet writes at once, so a chat message, a dashboard tick or
+    /// a 60 Hz game update pays no delay. `ZERO` never waits and lets batches form only from
+    /// what queues up while a write is in progress. For a busy connection the delay trades that
+    /// much latency for far fewer syscalls per delivered message, which is what keeps a
+    /// saturated core from queueing without bound; PERF.md (sections 4, 9 and 13) shows the
+    /// measured trade-off.
     pub fn write_delay(mut self, delay: Duration) -> Self {
         self.config.write_delay = delay;
         self
