@@ -3,6 +3,10 @@
 //!
 //! Run: `cargo bench --bench topic_map`
 //!
+//! `topic_map_teardown` is the other shape: one topic with N subscribers, all leaving (a
+//! `Remove` each, in the order they joined), as when a broadcast channel's clients all
+//! disconnect at once; a whole teardown per iteration, reported per departure.
+//!
 //! The map is built once per size, outside any measurement, and shared by the three benches.
 //! Subscribe and unsubscribe work on the map's own entries in a scattered order (so in the large
 //! maps the entries touched are not in cache), timed in chunks of at most 1 % of the map:
@@ -165,10 +169,44 @@ fn bench_topic_map(c: &mut Criterion) {
     group.finish();
 }
 
+/// One topic with `n` subscribers; every one leaves, in the order they joined. One iteration is
+/// a whole teardown; the throughput is per departure.
+fn bench_teardown(c: &mut Criterion) {
+    let mut group = c.benchmark_group("topic_map_teardown");
+    group.sample_size(10);
+    let topic: Arc<str> = Arc::from("broadcast");
+    for n in [1_000usize, 10_000, 100_000] {
+        group.throughput(Throughput::Elements(n as u64));
+        let subs: Vec<Subscriber> = (0..n as u128)
+            .map(|id| Subscriber::new(id, 64 * 1024))
+            .collect();
+        group.bench_function(BenchmarkId::new("remove_all", n), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut map = TopicMap::new();
+                    for sub in &subs {
+                        map.subscribe(sub, topic.clone());
+                    }
+                    let start = Instant::now();
+                    for sub in &subs {
+                        map.remove(sub);
+                    }
+                    timed += start.elapsed();
+                    assert_eq!(map.lookup(&topic), None);
+                }
+                timed
+            })
+        });
+    }
+    group.finish();
+}
+
 // What `criterion_group!` and `criterion_main!` expand to, written out: the macro's `pub fn` has
 // no doc comment, and `missing_docs` is on for every target.
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_topic_map(&mut c);
+    bench_teardown(&mut c);
     c.final_summary();
 }

@@ -65,11 +65,15 @@ pub(crate) trait TopicInterest: Send + Sync + 'static {
     fn last_in_shard(&self, topic: &Arc<str>);
 }
 
+/// A topic a connection joined, and the connection's index in that topic's subscriber list, so
+/// leaving is O(1) however many share the topic.
+type Joined = (Arc<str>, usize);
+
 pub(crate) struct Shard {
     /// Subscribers per topic. Owned by the shard task: no lock.
     topics: AHashMap<Arc<str>, Vec<Arc<Conn>>>,
     /// Every connection that joined a topic here, with the topics it joined.
-    conns: AHashMap<Uuid, (Arc<Conn>, Vec<Arc<str>>)>,
+    conns: AHashMap<Uuid, (Arc<Conn>, Vec<Joined>)>,
     interest: Arc<dyn TopicInterest>,
     metrics: Arc<Metrics>,
 }
@@ -111,16 +115,16 @@ impl Shard {
             }
             Command::Unsubscribe { conn_id, topic } => {
                 if let Some((_, joined)) = self.conns.get_mut(&conn_id) {
-                    if let Some(pos) = joined.iter().position(|t| *t == topic) {
-                        joined.swap_remove(pos);
-                        self.unsubscribe(conn_id, &topic);
+                    if let Some(i) = joined.iter().position(|(t, _)| *t == topic) {
+                        let (_, index) = joined.swap_remove(i);
+                        self.unsubscribe(conn_id, &topic, index);
                     }
                 }
             }
             Command::Remove { conn_id } => {
                 if let Some((_, joined)) = self.conns.remove(&conn_id) {
-                    for topic in joined {
-                        self.unsubscribe(conn_id, &topic);
+                    for (topic, index) in joined {
+                        self.unsubscribe(conn_id, &topic, index);
                     }
                 }
             }
@@ -142,25 +146,42 @@ impl Shard {
             .conns
             .entry(conn.id)
             .or_insert_with(|| (conn.clone(), Vec::new()));
-        if entry.1.contains(&topic) {
+        if entry.1.iter().any(|(t, _)| *t == topic) {
             return;
         }
-        entry.1.push(topic.clone());
-        self.metrics.subscribed();
         let subs = self.topics.entry(topic.clone()).or_default();
+        entry.1.push((topic.clone(), subs.len()));
+        self.metrics.subscribed();
         subs.push(conn);
         if subs.len() == 1 {
             self.interest.first_in_shard(&topic);
         }
     }
 
-    fn unsubscribe(&mut self, conn_id: Uuid, topic: &Arc<str>) {
+    /// Removes `conn_id` from `topic`'s subscribers, where it sits at `index`. The last
+    /// subscriber moves into its place, and its recorded index is updated.
+    fn unsubscribe(&mut self, conn_id: Uuid, topic: &Arc<str>, index: usize) {
         let Some(subs) = self.topics.get_mut(topic) else {
             return;
         };
-        if let Some(pos) = subs.iter().position(|c| c.id == conn_id) {
-            subs.swap_remove(pos);
+        // The index is kept exact by `subscribe` and by the update below; the search is a
+        // safety net that keeps the map right should it ever not be.
+        let index = if subs.get(index).is_some_and(|c| c.id == conn_id) {
+            Some(index)
+        } else {
+            debug_assert!(false, "stale subscriber index for {conn_id} in {topic}");
+            subs.iter().position(|c| c.id == conn_id)
+        };
+        if let Some(index) = index {
+            subs.swap_remove(index);
             self.metrics.unsubscribed();
+            if let Some(moved) = subs.get(index) {
+                if let Some((_, joined)) = self.conns.get_mut(&moved.id) {
+                    if let Some(entry) = joined.iter_mut().find(|(t, _)| t == topic) {
+                        entry.1 = index;
+                    }
+                }
+            }
         }
         if subs.is_empty() {
             self.topics.remove(topic);
@@ -281,6 +302,117 @@ impl Dispatcher {
             for msg in batch.drain(..) {
                 self.dispatch(msg).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::SlowConsumerPolicy;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Mutex;
+
+    /// Records the broker-interest calls, to check they follow the subscriber counts.
+    #[derive(Default)]
+    struct Interest(Mutex<Vec<(bool, String)>>);
+
+    impl TopicInterest for Interest {
+        fn first_in_shard(&self, topic: &Arc<str>) {
+            self.0.lock().unwrap().push((true, topic.to_string()));
+        }
+        fn last_in_shard(&self, topic: &Arc<str>) {
+            self.0.lock().unwrap().push((false, topic.to_string()));
+        }
+    }
+
+    fn conn(id: u128) -> Arc<Conn> {
+        Arc::new(Conn::new(
+            Uuid::from_u128(id),
+            0,
+            1 << 20,
+            SlowConsumerPolicy::Close,
+        ))
+    }
+
+    /// Random joins, leaves and removals against a plain model: after every step each topic's
+    /// subscribers are exactly the model's, and every recorded index points at its connection.
+    #[test]
+    fn indexes_stay_exact_under_random_joins_and_leaves() {
+        let interest = Arc::new(Interest::default());
+        let metrics = Arc::new(Metrics::default());
+        let mut shard = Shard::detached(interest.clone(), metrics.clone());
+        let conns: Vec<Arc<Conn>> = (0..40).map(conn).collect();
+        let topics: Vec<Arc<str>> = (0..5).map(|t| Arc::from(format!("t{t}"))).collect();
+        let mut model: BTreeMap<usize, BTreeSet<u128>> = BTreeMap::new();
+        // xorshift: deterministic, no dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |bound: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % bound as u64) as usize
+        };
+        for _ in 0..20_000 {
+            let c = next(conns.len());
+            let t = next(topics.len());
+            match next(10) {
+                0..=5 => {
+                    shard.subscribe(conns[c].clone(), topics[t].clone());
+                    model.entry(t).or_default().insert(c as u128);
+                }
+                6..=8 => {
+                    shard.apply(Command::Unsubscribe {
+                        conn_id: conns[c].id,
+                        topic: topics[t].clone(),
+                    });
+                    model.entry(t).or_default().remove(&(c as u128));
+                }
+                _ => {
+                    shard.apply(Command::Remove {
+                        conn_id: conns[c].id,
+                    });
+                    for subs in model.values_mut() {
+                        subs.remove(&(c as u128));
+                    }
+                }
+            }
+            for (t, topic) in topics.iter().enumerate() {
+                let want = model.get(&t).cloned().unwrap_or_default();
+                let got: BTreeSet<u128> = shard
+                    .subscribers(topic)
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(|c| c.id.as_u128())
+                    .collect();
+                assert_eq!(got, want, "subscribers of {topic}");
+            }
+            for (id, (_, joined)) in &shard.conns {
+                for (topic, index) in joined {
+                    assert_eq!(
+                        shard.topics[topic][*index].id, *id,
+                        "index of {id} in {topic}"
+                    );
+                }
+            }
+        }
+        let subscribed: usize = model.values().map(BTreeSet::len).sum();
+        assert_eq!(metrics.snapshot().subscriptions, subscribed as u64);
+        // Interest calls alternate per topic, first then last, and end where the topic is.
+        let calls = interest.0.lock().unwrap();
+        for (t, topic) in topics.iter().enumerate() {
+            let seq: Vec<bool> = calls
+                .iter()
+                .filter(|(_, name)| name.as_str() == topic.as_ref())
+                .map(|(first, _)| *first)
+                .collect();
+            assert!(seq.iter().step_by(2).all(|&f| f), "{topic}: {seq:?}");
+            assert!(
+                seq.iter().skip(1).step_by(2).all(|&f| !f),
+                "{topic}: {seq:?}"
+            );
+            let live = !model.get(&t).is_none_or(BTreeSet::is_empty);
+            assert_eq!(seq.len() % 2 == 1, live, "{topic}");
         }
     }
 }
