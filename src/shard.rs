@@ -145,7 +145,8 @@ impl Shard {
         let entry = self
             .conns
             .entry(conn.id)
-            .or_insert_with(|| (conn.clone(), Vec::new()));
+            // One topic is the usual case: room for one, not the four a first push reserves.
+            .or_insert_with(|| (conn.clone(), Vec::with_capacity(1)));
         if entry.1.iter().any(|(t, _)| *t == topic) {
             return;
         }
