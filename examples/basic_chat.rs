@@ -61,6 +61,33 @@ fn return_freed_memory_promptly() {
     }
 }
 
+/// Runs on a worker thread each time it runs out of work: lets mimalloc take back what other
+/// threads freed of this thread's allocations, at most every 10 ms per thread.
+///
+/// A connection's task is allocated on one worker and often freed on another; mimalloc hands
+/// such a block back to its own thread's pages only when that thread next allocates or
+/// collects, and only then can the page be returned to the OS. A worker that parks after a peak
+/// may not allocate again for a long time. Without this, three rounds of 2 000 connections left
+/// 4.6 to 9.4 MiB more resident than before them once everyone had gone; with it, at most
+/// 1.4 MiB, at no measurable CPU cost (PERF.md, section 17).
+fn collect_when_idle() {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> =
+            const { std::cell::Cell::new(None) };
+    }
+    LAST.with(|last| {
+        if last.get().is_none_or(|at| at.elapsed() >= EVERY) {
+            last.set(Some(std::time::Instant::now()));
+            // SAFETY: `mi_collect` only gives back what this thread's heap no longer uses.
+            #[allow(unsafe_code)]
+            unsafe {
+                libmimalloc_sys::mi_collect(false)
+            };
+        }
+    });
+}
+
 /// The user a token names: `<uuid>:<name>`.
 #[derive(Debug, Clone)]
 pub struct User {
@@ -333,9 +360,23 @@ pub async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     return_freed_memory_promptly();
+    // What `#[tokio::main]` builds, plus the allocator hook above.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(collect_when_idle)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve()),
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn serve() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
