@@ -50,7 +50,8 @@ pub(crate) struct SoakArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 256)]
     pub(crate) payload: usize,
-    /// Allowed growth of RSS from the end of the warm-up to the end of the churn.
+    /// Allowed RSS growth between the churn's first and second half (medians), and from the
+    /// first half's median to idle RSS at the end.
     #[arg(long, default_value_t = 0.10)]
     pub(crate) rss_tolerance: f64,
     /// SHARDS for the server.
