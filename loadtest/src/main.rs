@@ -416,7 +416,8 @@ mod report {
         )
     }
 
-    fn median(mut v: Vec<f64>) -> Option<f64> {
+    /// The median of `v`; `None` when it is empty.
+    pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
         if v.is_empty() {
             return None;
         }

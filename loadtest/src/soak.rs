@@ -327,7 +327,8 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
         .map(|s| s.rss_mib)
         .collect();
     let (first, second) = churn_rss.split_at(churn_rss.len() / 2);
-    let (rss_first_half, rss_second_half) = (median(first), median(second));
+    let half_median = |half: &[f64]| crate::report::median(half.to_vec()).unwrap_or(f64::NAN);
+    let (rss_first_half, rss_second_half) = (half_median(first), half_median(second));
 
     stop.store(true, Relaxed);
     for c in churners {
@@ -504,14 +505,4 @@ pub(crate) fn report(r: &SoakResult) -> String {
         ));
     }
     md
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
