@@ -23,22 +23,12 @@ pub fn bind_addr() -> SocketAddr {
     }
 }
 
-/// A listener on `addr` with an accept queue of 4096, the same as `axum_realtime_kit::bind`
-/// gives `basic_chat`: `tokio::net::TcpListener::bind` asks for 128, and a burst of handshakes
-/// that overflows it costs the dropped clients a 1 s SYN retry, so the connect test would measure
-/// the queue length instead of the server. Exits with status 1 when it cannot bind.
+/// A listener on `addr` from `axum_realtime_kit::bind`, as `basic_chat` has:
+/// `tokio::net::TcpListener::bind` asks for a queue of 128, and a burst of handshakes that
+/// overflows it costs the dropped clients a 1 s SYN retry, so the connect test would measure the
+/// queue length instead of the server. Exits with status 1 when it cannot bind.
 pub fn listen(program: &str, addr: SocketAddr) -> tokio::net::TcpListener {
-    let bound = (|| {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(4096)
-    })();
-    bound.unwrap_or_else(|e| {
+    axum_realtime_kit::bind(addr).unwrap_or_else(|e| {
         eprintln!("{program}: cannot bind {addr}: {e}");
         std::process::exit(1);
     })
