@@ -70,6 +70,9 @@ pub(crate) struct SoakArgs {
 pub(crate) struct Sample {
     pub(crate) at_s: f64,
     pub(crate) rss_mib: f64,
+    /// The anonymous (heap, stacks) and file-backed (code) parts of `rss_mib`.
+    pub(crate) rss_anon_mib: f64,
+    pub(crate) rss_file_mib: f64,
     pub(crate) connections: f64,
     pub(crate) subscriptions: f64,
     pub(crate) alive_tasks: f64,
@@ -98,6 +101,9 @@ pub(crate) struct SoakResult {
     pub(crate) rss_churn_first_half_mib: f64,
     pub(crate) rss_churn_second_half_mib: f64,
     pub(crate) rss_idle_end_mib: f64,
+    /// Anonymous and file-backed RSS, idle before the first client and idle at the end.
+    pub(crate) rss_anon_file_idle_start_mib: (f64, f64),
+    pub(crate) rss_anon_file_idle_end_mib: (f64, f64),
     pub(crate) alive_tasks_idle_start: f64,
     pub(crate) alive_tasks_idle_end: f64,
     pub(crate) connections_end: f64,
@@ -159,9 +165,14 @@ async fn scrape(addr: SocketAddr) -> Option<std::collections::HashMap<String, f6
 async fn sample(addr: SocketAddr, pid: u32, start: Instant) -> Sample {
     let m = scrape(addr).await.unwrap_or_default();
     let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    let (anon, file) = system::rss_anon_file_kib(pid).map_or((f64::NAN, f64::NAN), |(a, f)| {
+        (a as f64 / 1024.0, f as f64 / 1024.0)
+    });
     Sample {
         at_s: start.elapsed().as_secs_f64(),
         rss_mib: system::rss_kib(pid).map_or(f64::NAN, |(r, _)| r as f64 / 1024.0),
+        rss_anon_mib: anon,
+        rss_file_mib: file,
         connections: get("rtk_connections"),
         subscriptions: get("rtk_subscriptions"),
         alive_tasks: get("rtk_runtime_alive_tasks"),
@@ -426,6 +437,8 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
         rss_churn_first_half_mib: rss_first_half,
         rss_churn_second_half_mib: rss_second_half,
         rss_idle_end_mib: idle_end.rss_mib,
+        rss_anon_file_idle_start_mib: (idle_start.rss_anon_mib, idle_start.rss_file_mib),
+        rss_anon_file_idle_end_mib: (idle_end.rss_anon_mib, idle_end.rss_file_mib),
         alive_tasks_idle_start: idle_start.alive_tasks,
         alive_tasks_idle_end: idle_end.alive_tasks,
         connections_end: idle_end.connections,
@@ -475,6 +488,16 @@ pub(crate) fn report(r: &SoakResult) -> String {
                 r.rss_after_warmup_mib,
                 r.rss_end_of_churn_mib,
                 r.rss_idle_end_mib
+            ),
+        ),
+        (
+            "… of which anonymous / file-backed, idle at start → idle at end (MiB)",
+            format!(
+                "{:.1} / {:.1} → {:.1} / {:.1}",
+                r.rss_anon_file_idle_start_mib.0,
+                r.rss_anon_file_idle_start_mib.1,
+                r.rss_anon_file_idle_end_mib.0,
+                r.rss_anon_file_idle_end_mib.1
             ),
         ),
         (

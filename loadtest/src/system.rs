@@ -189,6 +189,20 @@ pub(crate) struct StartOpts {
     pub(crate) env: Vec<(String, String)>,
 }
 
+/// The server's standard error: discarded, unless `LOADTEST_SERVER_STDERR` names a file to
+/// append it to (its warnings, or an allocator's statistics at exit).
+fn server_stderr() -> Stdio {
+    std::env::var_os("LOADTEST_SERVER_STDERR")
+        .and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        })
+        .map_or_else(Stdio::null, Stdio::from)
+}
+
 pub(crate) fn start_system(
     system: System,
     target: &Path,
@@ -214,7 +228,7 @@ pub(crate) fn start_system(
         .env("RUST_LOG", "warn")
         .env_remove("REDIS_URL")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(server_stderr());
     if let Some(url) = &opts.redis_url {
         cmd.env("REDIS_URL", url);
     }
@@ -262,6 +276,18 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// (current RSS, peak RSS) in KiB.
 pub(crate) fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let [rss, hwm] = status_kib(pid, ["VmRSS:", "VmHWM:"])?;
+    Some((rss, hwm))
+}
+
+/// Resident anonymous memory (heap, stacks) and resident file pages (mostly the binary's own
+/// code, paged in as code paths are first used), in KiB.
+pub(crate) fn rss_anon_file_kib(pid: u32) -> Option<(u64, u64)> {
+    let [anon, file] = status_kib(pid, ["RssAnon:", "RssFile:"])?;
+    Some((anon, file))
+}
+
+fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> Option<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
         status
@@ -272,5 +298,9 @@ pub(crate) fn rss_kib(pid: u32) -> Option<(u64, u64)> {
             .parse()
             .ok()
     };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    let mut out = [0; N];
+    for (slot, name) in out.iter_mut().zip(names) {
+        *slot = field(name)?;
+    }
+    Some(out)
 }
