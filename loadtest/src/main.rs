@@ -177,6 +177,7 @@ fn target(ext: &External) -> Result<Target, String> {
         addr: ext.addr,
         pid: ext.server_pid,
         redis: ext.redis,
+        redis_pid: None,
     })
 }
 
@@ -274,6 +275,7 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
                     addr: server.addr,
                     pid: Some(server.pid()),
                     redis: Some(redis.addr),
+                    redis_pid: Some(redis.pid()),
                 };
                 let r = match &args.scenario {
                     CompareScenario::Fanout(a) => {

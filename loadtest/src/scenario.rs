@@ -22,6 +22,8 @@ pub(crate) struct Target {
     pub(crate) pid: Option<u32>,
     /// The Redis the servers share, for publishing (optional).
     pub(crate) redis: Option<SocketAddr>,
+    /// That Redis's PID, for its CPU (optional).
+    pub(crate) redis_pid: Option<u32>,
 }
 
 /// How fan-out messages are published.
@@ -404,6 +406,10 @@ pub(crate) struct ChatStep {
     pub(crate) latency: Latency,
     pub(crate) server_cpu_s: Option<f64>,
     pub(crate) server_peak_rss_mib: Option<f64>,
+    /// Cores this load generator and Redis kept busy over the step and its drain (CPU seconds
+    /// over wall seconds): when pinned they share one core, which bounds what a step can show.
+    pub(crate) client_cores: Option<f64>,
+    pub(crate) redis_cores: Option<f64>,
 }
 
 impl ChatStep {
@@ -468,6 +474,9 @@ pub(crate) async fn chat(target: &Target, args: &ChatArgs) -> std::io::Result<Ch
         let frames0 = stats.frames.load(Relaxed);
         stats.take_latency();
         let watch = ServerWatch::start(target.pid);
+        let others = [Some(std::process::id()), target.redis_pid]
+            .map(|pid| pid.and_then(system::cpu_seconds));
+        let others_from = Instant::now();
         let bar = step_bar(
             format!("chat {per_client}/s × {} clients", args.clients),
             args.step_secs,
@@ -523,6 +532,15 @@ pub(crate) async fn chat(target: &Target, args: &ChatArgs) -> std::io::Result<Ch
         .await;
         bar.finish_and_clear();
         let (cpu, rss) = watch.finish();
+        let wall = others_from.elapsed().as_secs_f64();
+        let [client_cores, redis_cores] = [Some(std::process::id()), target.redis_pid]
+            .map(|pid| pid.and_then(system::cpu_seconds))
+            .into_iter()
+            .zip(others)
+            .map(|(after, before)| Some((after? - before?) / wall))
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap_or([None, None]);
         let delivered = stats.frames.load(Relaxed) - frames0;
         let avg_room = room_size.iter().sum::<u64>() as f64 / n_topics as f64;
         let step = ChatStep {
@@ -538,10 +556,12 @@ pub(crate) async fn chat(target: &Target, args: &ChatArgs) -> std::io::Result<Ch
             latency: Latency::from(&stats.take_latency()),
             server_cpu_s: cpu,
             server_peak_rss_mib: rss,
+            client_cores,
+            redis_cores,
         };
         let pass = step.passed(args.p99_bound_ms);
         eprintln!(
-            "  {:>6.0} msg/s sent: {:>9.0} handled/s, {:>10.0} deliveries/s, {:.4} delivered, p99 {:.1} ms{}{}",
+            "  {:>6.0} msg/s sent: {:>9.0} handled/s, {:>10.0} deliveries/s, {:.4} delivered, p99 {:.1} ms{}{}{}{}",
             step.sent_per_s,
             step.handled_per_s,
             step.deliveries_per_s,
@@ -549,6 +569,12 @@ pub(crate) async fn chat(target: &Target, args: &ChatArgs) -> std::io::Result<Ch
             step.latency.p99_ms,
             step.cpu_us_per_handled(args.step_secs)
                 .map(|c| format!(", {c:.1} µs server CPU/handled"))
+                .unwrap_or_default(),
+            step.client_cores
+                .map(|c| format!(", client {c:.2} core"))
+                .unwrap_or_default(),
+            step.redis_cores
+                .map(|c| format!(", Redis {c:.2} core"))
                 .unwrap_or_default(),
             if pass { "" } else { "  FAIL" }
         );

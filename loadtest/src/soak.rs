@@ -111,6 +111,9 @@ pub(crate) struct SoakResult {
     pub(crate) timeline: Vec<Sample>,
     /// Each check with whether it held.
     pub(crate) checks: Vec<(String, bool)>,
+    /// The mappings whose resident size changed most between idle at start and idle at the end:
+    /// (label, KiB at start, KiB at end).
+    pub(crate) rss_changes: Vec<(String, u64, u64)>,
     pub(crate) ok: bool,
 }
 
@@ -263,6 +266,7 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
     let (addr, pid) = (server.addr, server.pid());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_start = sample(addr, pid, started).await;
+    let maps_idle_start = system::mappings_rss_kib(pid);
     eprintln!("idle: {idle_start:?}");
 
     let stats = Stats::new(args.stayers);
@@ -371,7 +375,9 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
         tokio::time::sleep(Duration::from_millis(250)).await;
         idle_end = sample(addr, pid, started).await;
     }
+    let maps_idle_end = system::mappings_rss_kib(pid);
     server.stop();
+    let rss_changes = rss_changes(&maps_idle_start, &maps_idle_end, 6);
 
     let growth = rss_second_half / rss_first_half - 1.0;
     let idle_growth = idle_end.rss_mib / rss_first_half - 1.0;
@@ -445,6 +451,7 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
         subscriptions_end: idle_end.subscriptions,
         timeline,
         checks,
+        rss_changes,
         ok,
     })
 }
@@ -520,6 +527,18 @@ pub(crate) fn report(r: &SoakResult) -> String {
     for (k, v) in rows {
         md.push_str(&format!("| {k} | {v} |\n"));
     }
+    if !r.rss_changes.is_empty() {
+        md.push_str(
+            "\nWhere idle RSS changed most, idle at start → idle at end:\n\n\
+             | mapping | KiB at start | KiB at end | change |\n|---|---:|---:|---:|\n",
+        );
+        for (label, a, b) in &r.rss_changes {
+            md.push_str(&format!(
+                "| {label} | {a} | {b} | {:+} |\n",
+                *b as i64 - *a as i64
+            ));
+        }
+    }
     md.push_str("\n| check | held |\n|---|---|\n");
     for (check, held) in &r.checks {
         md.push_str(&format!(
@@ -528,4 +547,28 @@ pub(crate) fn report(r: &SoakResult) -> String {
         ));
     }
     md
+}
+
+/// The `n` mappings whose resident size changed most (either way) between two snapshots; a
+/// mapping present in only one counts as 0 in the other.
+fn rss_changes(
+    before: &std::collections::BTreeMap<u64, (String, u64)>,
+    after: &std::collections::BTreeMap<u64, (String, u64)>,
+    n: usize,
+) -> Vec<(String, u64, u64)> {
+    let mut all: Vec<(String, u64, u64)> = before
+        .keys()
+        .chain(after.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|start| {
+            let (a_label, a) = before.get(start).cloned().unwrap_or_default();
+            let (b_label, b) = after.get(start).cloned().unwrap_or_default();
+            (if b_label.is_empty() { a_label } else { b_label }, a, b)
+        })
+        .filter(|(_, a, b)| a != b)
+        .collect();
+    all.sort_by_key(|(_, a, b)| std::cmp::Reverse(a.abs_diff(*b)));
+    all.truncate(n);
+    all
 }

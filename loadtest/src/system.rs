@@ -304,3 +304,36 @@ fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> Option<[u64; N]> {
     }
     Some(out)
 }
+
+/// Resident KiB of each mapping of `pid`, keyed by its start address, with a label (the file,
+/// `[heap]`, `[stack]`, or `anon <size>` for an unnamed mapping).
+pub(crate) fn mappings_rss_kib(pid: u32) -> std::collections::BTreeMap<u64, (String, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return out;
+    };
+    let mut current: Option<u64> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            let path = words.nth(4).unwrap_or("");
+            let label = if path.is_empty() {
+                format!("anon {} KiB", (end - start) / 1024)
+            } else {
+                path.rsplit('/').next().unwrap_or(path).to_string()
+            };
+            out.insert(start, (label, 0));
+            current = Some(start);
+        } else if first == "Rss:"
+            && let (Some(start), Some(kib)) = (current, words.next())
+            && let Some(entry) = out.get_mut(&start)
+        {
+            entry.1 = kib.parse().unwrap_or(0);
+        }
+    }
+    out
+}
