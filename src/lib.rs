@@ -107,6 +107,7 @@ mod metrics;
 mod outbound;
 mod runtime;
 mod shard;
+mod shrink;
 mod sink;
 
 pub use broker::PublishError;

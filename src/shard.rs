@@ -29,6 +29,7 @@ use uuid::Uuid;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbound::{Conn, Push, TopicKey};
+use crate::shrink::ShrinkWhenSparse;
 
 /// Commands a shard applies in arrival order.
 #[derive(Debug)]
@@ -126,6 +127,7 @@ impl Shard {
                     for (topic, index) in joined {
                         self.unsubscribe(conn_id, &topic, index);
                     }
+                    self.conns.shrink_when_sparse();
                 }
             }
             Command::CloseAll { code, reason, done } => {
@@ -186,7 +188,10 @@ impl Shard {
         }
         if subs.is_empty() {
             self.topics.remove(topic);
+            self.topics.shrink_when_sparse();
             self.interest.last_in_shard(topic);
+        } else {
+            subs.shrink_when_sparse();
         }
     }
 

@@ -43,6 +43,7 @@ use super::PublishError;
 use super::resp::{self, Value};
 use crate::metrics::Metrics;
 use crate::shard::{Published, TopicInterest};
+use crate::shrink::ShrinkWhenSparse;
 
 /// Longest a publish may take before the caller gets [`PublishError::Timeout`].
 pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -128,6 +129,7 @@ impl TopicInterest for Shared {
         *n -= 1;
         if *n == 0 {
             st.counts.remove(topic);
+            st.counts.shrink_when_sparse();
             st.dirty.insert(topic.clone());
             drop(st);
             self.wake.notify_one();
@@ -565,11 +567,14 @@ impl Subscriber {
                     unsub.push(t);
                 }
             }
+            st.confirmed.shrink_when_sparse();
+            st.waiters.shrink_when_sparse();
             (sub, unsub)
         };
         for t in &unsubscribe {
             self.actual.remove(t);
         }
+        self.actual.shrink_when_sparse();
         if !subscribe.is_empty() {
             self.subscribe_cmds(out, subscribe);
         }
@@ -645,6 +650,7 @@ impl Subscriber {
                 };
                 if done {
                     self.pending_acks.remove(&topic);
+                    self.pending_acks.shrink_when_sparse();
                     let mut st = self.shared.lock();
                     st.confirmed.insert(topic.clone());
                     for w in st.waiters.remove(&topic).unwrap_or_default() {
