@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -53,9 +53,28 @@ impl Inbound {
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                     buf.reserve(READ_CHUNK);
                 }
-                match r.try_read_buf(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    other => return other,
+                let spare = buf.capacity() - buf.len();
+                let mut got = None;
+                // A read that did not fill the buffer emptied the socket (epoll is
+                // edge-triggered), so it also clears the readiness, as tokio's own
+                // `poll_read` does; otherwise every message would cost a second `recv` that
+                // only returns `EAGAIN`. The read runs inside `try_io` so that the clear
+                // applies to the readiness seen before it: data arriving meanwhile sets a
+                // newer readiness that the clear leaves alone.
+                let res = r.as_ref().try_io(Interest::READABLE, || {
+                    let n = r.try_read_buf(buf)?;
+                    got = Some(n);
+                    if n > 0 && n < spare {
+                        Err(std::io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                });
+                match (got, res) {
+                    (Some(n), _) => return Ok(n),
+                    (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    (None, Err(e)) => return Err(e),
+                    (None, Ok(())) => continue,
                 }
             },
             Self::Other(r) => {
@@ -184,6 +203,11 @@ async fn read_loop<H: MessageHandler>(
     let parser = FrameParser::new(max);
     let mut assembler = MessageAssembler::new(max);
     let mut heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout);
+    // One timer for the connection's life, armed at the heartbeat's deadline (when disabled the
+    // branch that polls it is off).
+    let mut beat = std::pin::pin!(tokio::time::sleep_until(
+        heartbeat.deadline().unwrap_or_else(Instant::now)
+    ));
     let mut limiter = config
         .rate_limit
         .map(|(rate, burst)| RateLimiter::new(rate, burst, config.rate_limit_grace));
@@ -201,12 +225,6 @@ async fn read_loop<H: MessageHandler>(
                         return violation(service, conn, e);
                     }
                 }
-                let beat = async {
-                    match heartbeat.deadline() {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 tokio::select! {
                     biased;
                     _ = conn.ended() => return End::ServerClosed,
@@ -217,7 +235,15 @@ async fn read_loop<H: MessageHandler>(
                             continue;
                         }
                     },
-                    _ = beat => {
+                    _ = &mut beat, if heartbeat.deadline().is_some() => {
+                        // The timer is not moved when the client is heard (that would cost a
+                        // timer update per message); it fires at the old deadline and is set
+                        // again to the current one.
+                        let due = heartbeat.deadline().unwrap_or_else(Instant::now);
+                        if Instant::now() < due {
+                            beat.as_mut().reset(due);
+                            continue;
+                        }
                         if heartbeat.timed_out() {
                             tracing::debug!("heartbeat timeout");
                             conn.close(close_code::GOING_AWAY, "ping timeout", false);
@@ -225,6 +251,9 @@ async fn read_loop<H: MessageHandler>(
                         }
                         conn.push_control(frame::encode(OpCode::Ping, b""));
                         heartbeat.pinged();
+                        if let Some(at) = heartbeat.deadline() {
+                            beat.as_mut().reset(at);
+                        }
                         continue;
                     }
                 }

@@ -52,6 +52,25 @@ async fn a_client_that_never_answers_pings_is_closed_and_one_that_does_stays() {
 }
 
 #[tokio::test]
+async fn a_client_heard_within_every_interval_is_not_pinged_and_is_once_it_goes_quiet() {
+    let server =
+        serve(|b| b.heartbeat(Duration::from_millis(100), Duration::from_millis(200))).await;
+    let mut talker = connect(server.addr, "general", ALICE).await;
+    // Six intervals of traffic, a message every quarter interval: each is answered, and no
+    // WebSocket ping comes in between.
+    for _ in 0..24 {
+        talker.send_text("\"Ping\"").await;
+        let f = talker.recv_frame().await.expect("talker was dropped");
+        assert_eq!(f.opcode, 0x1, "expected the Pong text, got {f:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Once it goes quiet the heartbeat is still armed: a ping, then the close.
+    let f = talker.recv_frame().await.expect("talker was dropped");
+    assert_eq!(f.opcode, 0x9, "expected a ping, got {f:?}");
+    assert_eq!(talker.expect_close().await, 1001);
+}
+
+#[tokio::test]
 async fn bad_topic_names_are_400_before_the_upgrade() {
     let server = serve(|b| b.max_topic_len(16)).await;
     for topic in [

@@ -148,3 +148,19 @@ async fn a_hostile_length_after_the_close_cannot_hang_the_server() {
     let mut bob = connect(server.addr, "general", BOB).await;
     bob.assert_nothing_pending().await;
 }
+
+#[tokio::test]
+async fn frames_arriving_a_byte_at_a_time_are_read_and_answered() {
+    // Every byte is its own short read: the reader must wait for the next one each time and
+    // never miss that it came (the readiness a short read clears is only the one it saw).
+    let server = chat_server(1).await;
+    let mut c = connect(server.addr, "general", ALICE).await;
+    for _ in 0..3 {
+        let frame = encode_client_frame(true, 0x1, b"\"Ping\"", true);
+        for byte in frame {
+            c.send_raw(&[byte]).await;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert_eq!(c.recv_json().await, serde_json::Value::from("Pong"));
+    }
+}
