@@ -10,12 +10,8 @@
 set -euo pipefail
 before=$1 after=$2 reps=${3:-5}
 lt="$(dirname "$0")/../../target/release/loadtest"
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
-rpid=$!
-trap 'kill $rpid' EXIT
-sleep 0.5
+# shellcheck source=private-redis.sh
+. "$(dirname "$0")/private-redis.sh"
 run() { # label binary [env...]
     local label=$1 bin=$2 port pid
     shift 2

@@ -10,12 +10,8 @@
 set -euo pipefail
 bin=$1 runs=${2:-3}
 shift 2 || shift $#
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
-rpid=$!
-trap 'kill $rpid' EXIT
-sleep 0.5
+# shellcheck source=private-redis.sh
+. "$(dirname "$0")/private-redis.sh"
 for run in $(seq 1 "$runs"); do
     port=$(free_port)
     env "$@" BIND_ADDR="127.0.0.1:$port" RUST_LOG=warn REDIS_URL="redis://127.0.0.1:$rport/" "$bin" >/dev/null 2>&1 &
