@@ -474,8 +474,9 @@ pub(crate) async fn chat(target: &Target, args: &ChatArgs) -> std::io::Result<Ch
         let frames0 = stats.frames.load(Relaxed);
         stats.take_latency();
         let watch = ServerWatch::start(target.pid);
-        let others = [Some(std::process::id()), target.redis_pid]
-            .map(|pid| pid.and_then(system::cpu_seconds));
+        let client_pid = Some(std::process::id());
+        let cpu_of = |pid: Option<u32>| pid.and_then(system::cpu_seconds);
+        let (client_cpu0, redis_cpu0) = (cpu_of(client_pid), cpu_of(target.redis_pid));
         let others_from = Instant::now();
         let bar = step_bar(
             format!("chat {per_client}/s × {} clients", args.clients),
@@ -533,14 +534,9 @@ pub(crate) async fn chat(target: &Target, args: &ChatArgs) -> std::io::Result<Ch
         bar.finish_and_clear();
         let (cpu, rss) = watch.finish();
         let wall = others_from.elapsed().as_secs_f64();
-        let [client_cores, redis_cores] = [Some(std::process::id()), target.redis_pid]
-            .map(|pid| pid.and_then(system::cpu_seconds))
-            .into_iter()
-            .zip(others)
-            .map(|(after, before)| Some((after? - before?) / wall))
-            .collect::<Vec<_>>()
-            .try_into()
-            .unwrap_or([None, None]);
+        let cores = |pid: Option<u32>, before: Option<f64>| Some((cpu_of(pid)? - before?) / wall);
+        let client_cores = cores(client_pid, client_cpu0);
+        let redis_cores = cores(target.redis_pid, redis_cpu0);
         let delivered = stats.frames.load(Relaxed) - frames0;
         let avg_room = room_size.iter().sum::<u64>() as f64 / n_topics as f64;
         let step = ChatStep {
