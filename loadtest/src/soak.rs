@@ -168,12 +168,14 @@ async fn scrape(addr: SocketAddr) -> Option<std::collections::HashMap<String, f6
 async fn sample(addr: SocketAddr, pid: u32, start: Instant) -> Sample {
     let m = scrape(addr).await.unwrap_or_default();
     let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-    let (anon, file) = system::rss_anon_file_kib(pid).map_or((f64::NAN, f64::NAN), |(a, f)| {
-        (a as f64 / 1024.0, f as f64 / 1024.0)
-    });
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let (rss, anon, file) = system::rss_parts_kib(pid)
+        .map_or((f64::NAN, f64::NAN, f64::NAN), |(r, a, f)| {
+            (mib(r), mib(a), mib(f))
+        });
     Sample {
         at_s: start.elapsed().as_secs_f64(),
-        rss_mib: system::rss_kib(pid).map_or(f64::NAN, |(r, _)| r as f64 / 1024.0),
+        rss_mib: rss,
         rss_anon_mib: anon,
         rss_file_mib: file,
         connections: get("rtk_connections"),

@@ -280,11 +280,12 @@ pub(crate) fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     Some((rss, hwm))
 }
 
-/// Resident anonymous memory (heap, stacks) and resident file pages (mostly the binary's own
-/// code, paged in as code paths are first used), in KiB.
-pub(crate) fn rss_anon_file_kib(pid: u32) -> Option<(u64, u64)> {
-    let [anon, file] = status_kib(pid, ["RssAnon:", "RssFile:"])?;
-    Some((anon, file))
+/// RSS and its two parts, from one read: (RSS, resident anonymous memory (heap, stacks),
+/// resident file pages (mostly the binary's own code, paged in as code paths are first used)),
+/// in KiB.
+pub(crate) fn rss_parts_kib(pid: u32) -> Option<(u64, u64, u64)> {
+    let [rss, anon, file] = status_kib(pid, ["VmRSS:", "RssAnon:", "RssFile:"])?;
+    Some((rss, anon, file))
 }
 
 fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> Option<[u64; N]> {
