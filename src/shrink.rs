@@ -6,20 +6,23 @@
 //! table keeps the allocator from returning the pages around it. So each is shrunk, after a
 //! removal, once it uses less than a quarter of its capacity, and then only to twice its
 //! length: a collection that hovers around one size never reallocates back and forth, and the
-//! copying stays amortized O(1) per removal.
+//! copying stays amortized O(1) per removal. An empty one gives back all of it, however small:
+//! the small table it would keep was allocated during the load, and one such block keeps a whole
+//! allocator page resident after the load (PERF.md, section 19).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash};
 
-/// Below this capacity a collection is left as it is.
+/// Up to this capacity a collection that is not empty is left as it is.
 const SMALL: usize = 8;
 
 fn sparse(len: usize, capacity: usize) -> bool {
-    capacity > SMALL && len.saturating_mul(4) < capacity
+    (len == 0 && capacity > 0) || (capacity > SMALL && len.saturating_mul(4) < capacity)
 }
 
 pub(crate) trait ShrinkWhenSparse {
-    /// Shrinks to twice the length when under a quarter of the capacity is used.
+    /// Shrinks to twice the length when under a quarter of the capacity is used, and frees the
+    /// storage of an empty collection.
     fn shrink_when_sparse(&mut self);
 }
 
@@ -77,5 +80,25 @@ mod tests {
         s.clear();
         s.shrink_when_sparse();
         assert_eq!(s.capacity(), 0);
+    }
+
+    #[test]
+    fn a_small_collection_is_kept_until_it_empties() {
+        let mut v: Vec<u32> = Vec::with_capacity(8);
+        v.push(1);
+        v.shrink_when_sparse();
+        assert_eq!(v.capacity(), 8, "one of 8 is small enough to keep");
+        v.clear();
+        v.shrink_when_sparse();
+        assert_eq!(v.capacity(), 0);
+
+        let mut m: HashMap<u32, u32> = HashMap::new();
+        m.insert(1, 1);
+        let small = m.capacity();
+        m.shrink_when_sparse();
+        assert_eq!(m.capacity(), small);
+        m.remove(&1);
+        m.shrink_when_sparse();
+        assert_eq!(m.capacity(), 0);
     }
 }
