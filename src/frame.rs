@@ -93,6 +93,18 @@ pub(crate) fn encode_text(payload: &[u8]) -> Bytes {
     encode(OpCode::Text, payload)
 }
 
+/// The payload of a frame [`encode`] wrote, read back from its header; `None` for anything else
+/// (a masked or truncated frame).
+pub(crate) fn encoded_payload(frame: &[u8]) -> Option<&[u8]> {
+    let header = match *frame.get(1)? {
+        126 => 4,
+        127 => 10,
+        n if n < 126 => 2,
+        _ => return None,
+    };
+    frame.get(header..)
+}
+
 /// Encodes a close frame with a status code and a reason, cut to fit the 125-byte control limit
 /// on a character boundary.
 pub(crate) fn encode_close(code: u16, reason: &str) -> Bytes {
@@ -440,6 +452,17 @@ impl MessageAssembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_encoded_payload_reads_back_at_every_header_size() {
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let frame = encode_text(&payload);
+            assert_eq!(encoded_payload(&frame), Some(&payload[..]), "length {len}");
+        }
+        assert_eq!(encoded_payload(&[0x81]), None, "truncated");
+        assert_eq!(encoded_payload(&[0x81, 0x85, 1, 2, 3, 4]), None, "masked");
+    }
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> BytesMut {
         let mut buf = BytesMut::new();

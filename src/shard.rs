@@ -265,9 +265,11 @@ pub(crate) struct Published {
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     shards: Arc<[mpsc::Sender<Command>]>,
-    /// The previous payload and its frame: an identical payload published again (to the same or
-    /// another topic) reuses the frame instead of encoding it again.
-    last: Option<(Bytes, Bytes)>,
+    /// The frame of the previous payload: an identical payload published again (to the same or
+    /// another topic) reuses it instead of encoding it again. The payload is compared with the
+    /// frame's own copy of it, so no slice of the broker's read buffer is kept: one would keep
+    /// the whole buffer (64 KiB) allocated for as long as the frame is cached.
+    last: Option<Bytes>,
 }
 
 impl Dispatcher {
@@ -277,13 +279,13 @@ impl Dispatcher {
 
     /// Frames `payload` once (or reuses the frame of an identical previous payload).
     pub(crate) fn frame_for(&mut self, payload: &Bytes) -> Bytes {
-        if let Some((prev, frame)) = &self.last {
-            if prev == payload {
+        if let Some(frame) = &self.last {
+            if frame::encoded_payload(frame) == Some(&payload[..]) {
                 return frame.clone();
             }
         }
         let frame = frame::encode_text(payload);
-        self.last = Some((payload.clone(), frame.clone()));
+        self.last = Some(frame.clone());
         frame
     }
 
@@ -339,6 +341,22 @@ mod tests {
             1 << 20,
             SlowConsumerPolicy::Close,
         ))
+    }
+
+    /// An identical payload reuses the previous frame, whatever buffer it arrives in; any other
+    /// payload, even one the previous ends with, gets its own.
+    #[test]
+    fn an_identical_payload_reuses_the_frame_and_no_other_does() {
+        let mut d = Dispatcher::new(Arc::from(Vec::new()));
+        let first = d.frame_for(&Bytes::from_static(b"{\"n\":1}"));
+        let again = d.frame_for(&Bytes::copy_from_slice(b"{\"n\":1}"));
+        assert_eq!(first.as_ptr(), again.as_ptr(), "framed once");
+        let suffix = d.frame_for(&Bytes::from_static(b"\"n\":1}"));
+        assert_eq!(frame::encoded_payload(&suffix), Some(&b"\"n\":1}"[..]));
+        let long = Bytes::from(vec![b'x'; 300]);
+        let (a, b) = (d.frame_for(&long), d.frame_for(&long.clone()));
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        assert_eq!(frame::encoded_payload(&a), Some(&long[..]));
     }
 
     /// Random joins, leaves and removals against a plain model: after every step each topic's
