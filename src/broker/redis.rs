@@ -473,15 +473,23 @@ impl Subscriber {
                     Err(e) => return Lost::Protocol(e.to_string()),
                 }
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(64 * 1024);
-            }
             tokio::select! {
-                read = stream.read_buf(&mut buf) => match read {
-                    Ok(0) => return Lost::Io(std::io::ErrorKind::UnexpectedEof.into()),
-                    Ok(_) => {}
-                    Err(e) => return Lost::Io(e),
-                },
+                // Room is made only once there is something to read, so that an idle
+                // subscriber holds no buffer (see the tick below).
+                readable = stream.readable() => {
+                    if let Err(e) = readable {
+                        return Lost::Io(e);
+                    }
+                    if buf.capacity() - buf.len() < 4096 {
+                        buf.reserve(64 * 1024);
+                    }
+                    match stream.try_read_buf(&mut buf) {
+                        Ok(0) => return Lost::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Lost::Io(e),
+                    }
+                }
                 _ = self.shared.wake.notified() => {
                     let mut out = Vec::new();
                     self.reconcile(&mut out);
@@ -496,6 +504,13 @@ impl Subscriber {
                     probe.next_at = Instant::now() + PROBE_RETRY;
                 }
                 _ = tick.tick() => {
+                    // An empty read buffer is given back; the next read takes a new one. The
+                    // buffer in use when a load ends was allocated during it, and one 64 KiB
+                    // block keeps a whole 512 KiB allocator page resident (PERF.md, section 19).
+                    // At most one allocation per tick.
+                    if buf.is_empty() {
+                        buf = BytesMut::new();
+                    }
                     let now = Instant::now();
                     if probe.unanswered_since.is_some_and(|t| now - t > PROBE_TIMEOUT) {
                         return Lost::ProbeTimeout;
