@@ -82,17 +82,18 @@ fn no_transparent_huge_pages() {
 }
 
 /// Runs on a worker thread each time it runs out of work: lets mimalloc take back what other
-/// threads freed of this thread's allocations, at most every 10 ms per thread.
+/// threads freed of this thread's allocations, at most once a second per thread.
 ///
 /// A connection's task is allocated on one worker and often freed on another; mimalloc hands
 /// such a block back to its own thread's pages only when that thread next allocates or
 /// collects, and only then can the page be returned to the OS. A worker that parks after a peak
 /// may not allocate again for a long time. Without this, three rounds of 2 000 connections left
 /// 4.6 to 9.4 MiB more resident than before them once everyone had gone; with it, at most
-/// 1.4 MiB, at no measurable CPU cost. After an 8-minute churn it made no difference (PERF.md,
-/// section 17).
+/// 1.4 MiB (PERF.md, section 17). A collection walks the thread's whole heap, so its cost grows
+/// with the connections: at most every 10 ms, it added 3.7 µs of CPU per delivery with 10 000
+/// subscribers and doubled p99 (PERF.md, section 20).
 fn collect_when_idle() {
-    const EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     thread_local! {
         static LAST: std::cell::Cell<Option<std::time::Instant>> =
             const { std::cell::Cell::new(None) };
