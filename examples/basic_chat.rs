@@ -6,7 +6,7 @@
 //!
 //! Environment: `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (unset: in-process broker,
 //! one instance; set: instances share rooms through Redis), `WRITE_DELAY_MS` (default: the
-//! builder's `write_delay`, 10 ms), `SHARDS` (default: available parallelism), `RUST_LOG`.
+//! builder's `write_delay`, 20 ms), `SHARDS` (default: available parallelism), `RUST_LOG`.
 //!
 //! Protocol:
 //! - `GET /ws/{topic}?token=<uuid>:<name>` (or `Authorization: Bearer <uuid>:<name>`): 401 without

@@ -312,6 +312,21 @@ fn conflate(st: &mut State, incoming: TopicKey) -> u64 {
 /// next write (see `run_writer`): it receives frames faster than one per 4 ms (250 per second).
 const LOADED_WINDOW: Duration = Duration::from_millis(4);
 
+/// A writer whose last write carried at least this many frames stays under load for as long
+/// as it is woken within `write_delay` of that write (see [`loaded`]).
+const LOADED_BATCH: usize = 3;
+
+/// Whether a writer waking now waits `write_delay` first: it wrote within [`LOADED_WINDOW`], or
+/// its last write carried [`LOADED_BATCH`] frames or more and was less than `write_delay` ago.
+/// The second keeps a connection that batches batching: frames that arrive every few
+/// milliseconds land in the 4 ms window only some of the time, and each miss was a write of one
+/// frame. Three, not two: a connection receiving 80 frames a second evenly gathers two in a
+/// 20 ms wait now and then, and would then keep paying the delay for writes of one or two.
+fn loaded(since_last_write: Duration, last_batch: usize, write_delay: Duration) -> bool {
+    since_last_write < LOADED_WINDOW
+        || (last_batch >= LOADED_BATCH && since_last_write < write_delay)
+}
+
 /// Drains `conn`'s queue into `io` until the close frame is written or the socket fails.
 pub(crate) async fn run_writer<W>(
     conn: Arc<Conn>,
@@ -323,18 +338,18 @@ pub(crate) async fn run_writer<W>(
     W: AsyncWrite + Unpin,
 {
     let mut batch: Vec<Bytes> = Vec::new();
-    // When the previous write finished. The delay is adaptive: a connection that wrote within
-    // the last `LOADED_WINDOW` receives frames fast enough to batch them, and waits
-    // `write_delay` so frames share one write; one that has been quiet writes at once, so the
-    // delay costs nothing at low rates (a chat message, a dashboard tick). The window does not
-    // scale with the delay: a connection receiving a frame every 12 ms gains nothing from a
-    // 10 ms wait (each write would still carry one frame) and would only pay its latency.
-    let mut last_write: Option<std::time::Instant> = None;
+    // When the previous write finished, and how many frames it carried. The delay is adaptive
+    // (see `loaded`): a connection that receives frames fast enough to batch them waits
+    // `write_delay` so they share one write; one that has been quiet writes at once, so the
+    // delay costs nothing at low rates (a chat message, a dashboard tick). The 4 ms window does
+    // not scale with the delay: a connection receiving a frame every 12 ms gains nothing from a
+    // 20 ms wait (each write would carry one or two frames) and would only pay its latency.
+    let mut last_write: Option<(std::time::Instant, usize)> = None;
     loop {
         conn.writer_wake.notified().await;
         let delay = !write_delay.is_zero()
             && !conn.is_ending()
-            && last_write.is_some_and(|at| at.elapsed() < LOADED_WINDOW);
+            && last_write.is_some_and(|(at, n)| loaded(at.elapsed(), n, write_delay));
         // Boxed: the delay and the write (timers, `writev` state) are this task's largest
         // states, and a future is as large as its largest state. Boxing them costs one
         // allocation per batch written, and keeps an idle connection's writer task small.
@@ -356,7 +371,7 @@ pub(crate) async fn run_writer<W>(
                 return;
             }
         };
-        last_write = Some(std::time::Instant::now());
+        last_write = Some((std::time::Instant::now(), batch.len()));
         metrics.add_bytes_written(batch.iter().map(|f| f.len() as u64).sum());
         batch.clear();
         if closing {
@@ -427,6 +442,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_writer_waits_while_it_batches_and_not_after() {
+        let ms = Duration::from_millis;
+        let delay = ms(20);
+        assert!(loaded(ms(3), 1, delay), "wrote within 4 ms");
+        assert!(!loaded(ms(5), 1, delay), "one frame, then quiet for 5 ms");
+        assert!(
+            !loaded(ms(5), 2, delay),
+            "two frames are not yet a batch worth waiting for"
+        );
+        assert!(
+            loaded(ms(15), 3, delay),
+            "three frames and woken within the delay"
+        );
+        assert!(!loaded(ms(25), 8, delay), "a batch long ago");
+    }
 
     #[test]
     fn queue_is_bounded_in_bytes() {
