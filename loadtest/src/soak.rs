@@ -8,6 +8,9 @@
 //! - memory: once every client has left, idle RSS is within `--rss-tolerance` of idle RSS at the
 //!   start; under the same load, the median RSS of the churn's second half is within it of its
 //!   first half's; and idle RSS at the end is within it of that first half's median.
+//! - nothing leaks: once every client is gone, live connections and subscriptions are zero and
+//!   the runtime's alive tasks are back to their count before the first client;
+//! - nothing is lost: every subscriber that stayed received every published message, in order.
 //!
 //! The start is idle after a warm-up round (`--warm-round-secs`) of the same clients and
 //! publishes, which all leave again. Before any client the server's allocator pages are
@@ -15,9 +18,6 @@
 //! the broker's channels, the metrics registry), and the allocator cannot return the free part
 //! of a page that still holds one. That happens once, not per load, so the report shows idle RSS
 //! before the first client too, but the check is against the start after one round.
-//! - nothing leaks: once every client is gone, live connections and subscriptions are zero and
-//!   the runtime's alive tasks are back to their count before the first client;
-//! - nothing is lost: every subscriber that stayed received every published message, in order.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -59,8 +59,8 @@ pub(crate) struct SoakArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 256)]
     pub(crate) payload: usize,
-    /// Allowed RSS growth between the churn's first and second half (medians), and from the
-    /// first half's median to idle RSS at the end.
+    /// Allowed RSS growth from idle at the start to idle at the end, between the churn's first
+    /// and second half (medians), and from the first half's median to idle RSS at the end.
     #[arg(long, default_value_t = 0.10)]
     pub(crate) rss_tolerance: f64,
     /// SHARDS for the server.
