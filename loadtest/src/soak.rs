@@ -74,6 +74,14 @@ pub(crate) struct SoakArgs {
     pub(crate) server_env: Vec<String>,
 }
 
+impl SoakArgs {
+    /// Seconds the warm-up round runs: `--warm-round-secs`, at most 20 (its subscribers send
+    /// nothing, and must leave before the heartbeat would close them).
+    fn warm_round_length(&self) -> f64 {
+        self.warm_round_secs.min(20.0)
+    }
+}
+
 /// One sample of the server during the run.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Sample {
@@ -278,10 +286,9 @@ fn spawn_churners(
 }
 
 /// The warm-up round: as many subscribers as stayers, the churning clients and the publishes,
-/// for `--warm-round-secs` (at most 20, under the heartbeat's reach: these subscribers send
-/// nothing); then every client leaves.
+/// for [`SoakArgs::warm_round_length`]; then every client leaves.
 async fn warm_round(addr: SocketAddr, redis: SocketAddr, args: &SoakArgs) -> Result<(), String> {
-    let secs = args.warm_round_secs.min(20.0);
+    let secs = args.warm_round_length();
     let paths = vec![format!("/ws/general?token={}", token_for(0, 1)); args.stayers];
     let stats = Stats::new(args.stayers);
     let (writers, failures) = client::open_many(addr, paths, 64, stats, SeqCheck::Increasing).await;
@@ -330,7 +337,7 @@ async fn settle(addr: SocketAddr, pid: u32, started: Instant, tasks: f64) -> Sam
 }
 
 pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, String> {
-    if args.warm_round_secs.min(20.0) + args.warmup_secs + args.secs > 540.0 {
+    if args.warm_round_length() + args.warmup_secs + args.secs > 540.0 {
         return Err(
             "warm-up round, warm-up and churn must stay under 9 minutes (the run is bounded)"
                 .into(),
@@ -549,7 +556,7 @@ pub(crate) fn report(r: &SoakResult) -> String {
     let mut md = String::new();
     md.push_str(&format!(
         "Soak: a {} s warm-up round, then {} s churn after {} s warm-up; {} stayers, {} churning clients, {} publishes/s of {} B through Redis.\n\n",
-        r.args.warm_round_secs.min(20.0), r.args.secs, r.args.warmup_secs, r.args.stayers, r.args.churners, r.args.rate, r.args.payload
+        r.args.warm_round_length(), r.args.secs, r.args.warmup_secs, r.args.stayers, r.args.churners, r.args.rate, r.args.payload
     ));
     md.push_str("| measure | value |\n|---|---|\n");
     let rows: Vec<(&str, String)> = vec![

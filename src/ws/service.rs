@@ -220,8 +220,8 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// faster than 250 per second and waits, so the frames arriving meanwhile share one
     /// `writev`, and it keeps waiting while each write carries three frames or more and the
     /// next frame comes within the delay; one that has been quiet writes at once, so a chat
-    /// message, a dashboard tick or a 60 Hz game update pays no delay. `ZERO` never waits and lets batches form only from
-    /// what queues up while a write is in progress. For a busy connection the delay trades that
+    /// message, a dashboard tick or a 60 Hz game update pays no delay. `ZERO` never waits and
+    /// lets batches form only from what queues up while a write is in progress. For a busy connection the delay trades that
     /// much latency for far fewer syscalls per delivered message, which is what keeps a
     /// saturated core from queueing without bound; PERF.md (sections 4, 9, 13 and 20) shows the
     /// measured trade-off.
