@@ -321,7 +321,7 @@ impl TopicMap {
     /// Pushes `frame` to every local subscriber of `topic` (a refcount and a queue push each):
     /// the shard's `Deliver` path.
     pub fn deliver(&mut self, topic: &str, frame: &Bytes) {
-        self.0.deliver(topic, frame);
+        self.0.deliver(topic, frame, None);
     }
 
     /// How many topics have at least one subscriber.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -32,7 +32,7 @@ const READ_CHUNK: usize = 4096;
 /// The read half of an upgraded connection.
 pub(crate) enum Inbound {
     /// A TCP stream (the usual case under `axum::serve`).
-    Tcp(OwnedReadHalf),
+    Tcp(Arc<TcpStream>),
     /// Any other stream: IO hyper upgraded (TLS, a custom listener), or an in-memory pipe
     /// (the fuzz targets, through `bench_api`).
     Other(Box<dyn AsyncRead + Send + Unpin>),
@@ -49,7 +49,7 @@ impl Inbound {
                 // `poll_read_ready`, not `readable()`: it takes the socket's reader waker slot,
                 // where hyper's connection task left its waker when it handed the socket over.
                 // That stale waker kept hyper's finished task (2 KiB) allocated per connection.
-                std::future::poll_fn(|cx| r.as_ref().poll_read_ready(cx)).await?;
+                std::future::poll_fn(|cx| r.poll_read_ready(cx)).await?;
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                     buf.reserve(READ_CHUNK);
                 }
@@ -61,7 +61,7 @@ impl Inbound {
                 // only returns `EAGAIN`. The read runs inside `try_io` so that the clear
                 // applies to the readiness seen before it: data arriving meanwhile sets a
                 // newer readiness that the clear leaves alone.
-                let res = r.as_ref().try_io(Interest::READABLE, || {
+                let res = r.try_io(Interest::READABLE, || {
                     let n = r.try_read_buf(buf)?;
                     got = Some(n);
                     if n > 0 && n < spare {
@@ -175,6 +175,7 @@ pub(crate) async fn run<H, W>(
             // The client stopped reading: its close cannot be delivered. Drop the socket.
             writer.abort();
         }
+        conn.detach_socket();
         rt.hub.remove(&conn).await;
         // Invariant 6: on_disconnect runs exactly once, here, whatever ended the connection.
         if AssertUnwindSafe(service.handler.on_disconnect(&ctx))

@@ -13,6 +13,15 @@
 //! The writer wakes when the queue goes from empty to non-empty, optionally waits `write_delay`
 //! for more frames to collect, then takes **everything** queued and sends it in vectored writes.
 //! Under load the writer wakes less often than frames arrive, so batches form by themselves.
+//!
+//! # Direct writes
+//! A TCP connection whose writer is idle, whose queue is empty and which is not batching
+//! ([`loaded`]) gets a delivered frame written by the shard itself, with one non-blocking
+//! `write` under the connection's lock ([`Conn::push_or_write`]). At low rates that is every
+//! delivery, and it saves what the queue costs per frame: waking the writer task, polling it,
+//! taking the frame back out. Whatever the socket does not take is queued for the writer, which
+//! then owns the socket until its queue is empty again. Writes never overlap: the shard writes
+//! only under the lock and only while the writer holds nothing it has not finished writing.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -22,8 +31,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -69,6 +82,8 @@ pub(crate) enum Push {
     Queued,
     /// Queued, after dropping this many older frames (policies `DropOldest`, `LatestPerTopic`).
     QueuedDropping(u64),
+    /// Written straight to the socket: this many bytes of it. Any rest is queued first.
+    Written(usize),
     /// The connection is closing or gone; the frame was dropped.
     Closed,
     /// The frame would pass the queue's byte bound: the queue was cleared and the connection is
@@ -95,6 +110,22 @@ struct State {
     control: Vec<Bytes>,
     /// Close frame to send once `data` is written; after it nothing else is accepted.
     close: Option<Bytes>,
+    /// The socket, for direct writes (TCP only, and only until the writer ends).
+    direct: Option<Direct>,
+    /// The rest of a frame a direct write left unfinished: written before anything else, and
+    /// never dropped by a slow-consumer policy (the stream would lose its framing).
+    partial: Option<Bytes>,
+    /// The writer has taken frames it has not finished writing: no direct write meanwhile.
+    writing: bool,
+    /// When the last write finished and how many frames it carried (see [`loaded`]).
+    last_write: Option<(Instant, usize)>,
+}
+
+/// What a direct write needs: the socket, and the writer's delay for [`loaded`].
+#[derive(Debug)]
+struct Direct {
+    socket: Arc<TcpStream>,
+    write_delay: Duration,
 }
 
 /// The shared part of one connection: its outbound queue and the signals between its tasks.
@@ -142,7 +173,50 @@ impl Conn {
     /// Queues a data frame of `topic` (or [`NO_TOPIC`]). Never blocks and never awaits: safe on
     /// the dispatch path. Past the byte bound, the slow-consumer policy decides.
     pub(crate) fn push(&self, frame: Bytes, topic: TopicKey) -> Push {
+        self.push_locked(self.lock(), frame, topic)
+    }
+
+    /// Like [`push`](Self::push), but writes the frame to the socket at once when nothing is
+    /// waiting to be written, the writer is idle, and the connection is not batching (`now`
+    /// against its last write, see [`loaded`]). Never blocks: a socket that does not take the
+    /// whole frame gets the rest queued for the writer.
+    pub(crate) fn push_or_write(&self, frame: Bytes, topic: TopicKey, now: Instant) -> Push {
         let mut st = self.lock();
+        let idle = !st.writing
+            && st.partial.is_none()
+            && st.data.is_empty()
+            && st.control.is_empty()
+            && st.close.is_none();
+        if let Some(direct) = st.direct.as_ref().filter(|_| idle) {
+            let batching = st.last_write.is_some_and(|(at, n)| {
+                loaded(now.saturating_duration_since(at), n, direct.write_delay)
+            });
+            if !batching {
+                match direct.socket.try_write(&frame) {
+                    Ok(n) => {
+                        st.last_write = Some((now, 1));
+                        if n < frame.len() {
+                            st.partial = Some(frame.slice(n..));
+                            drop(st);
+                            self.writer_wake.notify_one();
+                        }
+                        return Push::Written(n);
+                    }
+                    // Full: the writer waits for room.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        drop(st);
+                        tracing::debug!(conn_id = %self.id, error = %e, "write failed");
+                        self.fail();
+                        return Push::Closed;
+                    }
+                }
+            }
+        }
+        self.push_locked(st, frame, topic)
+    }
+
+    fn push_locked(&self, mut st: MutexGuard<'_, State>, frame: Bytes, topic: TopicKey) -> Push {
         if st.close.is_some() {
             return Push::Closed;
         }
@@ -179,7 +253,7 @@ impl Conn {
                 }
             }
         }
-        let was_empty = st.data.is_empty() && st.control.is_empty();
+        let was_empty = st.data.is_empty() && st.control.is_empty() && st.partial.is_none();
         st.data_bytes += frame.len();
         st.data.push_back((topic, frame));
         drop(st);
@@ -262,6 +336,8 @@ impl Conn {
     /// ends with the close frame.
     pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> bool {
         let mut st = self.lock();
+        st.writing = true;
+        batch.extend(st.partial.take());
         batch.append(&mut st.control);
         batch.extend(st.data.drain(..).map(|(_, frame)| frame));
         st.data_bytes = 0;
@@ -274,16 +350,51 @@ impl Conn {
         }
     }
 
+    /// Lets the shard write to `socket` directly (see [`push_or_write`](Self::push_or_write)).
+    pub(crate) fn attach_socket(&self, socket: Arc<TcpStream>, write_delay: Duration) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            st.direct = Some(Direct {
+                socket,
+                write_delay,
+            });
+        }
+    }
+
+    /// Stops direct writes and lets go of the socket, so that it closes with the connection's
+    /// tasks even while a [`WsSink`](crate::sink::WsSink) still holds the `Conn`.
+    pub(crate) fn detach_socket(&self) {
+        let direct = self.lock().direct.take();
+        drop(direct);
+    }
+
+    /// The writer finished writing `frames` frames; direct writes may resume.
+    fn written(&self, frames: usize) {
+        let mut st = self.lock();
+        st.writing = false;
+        st.last_write = Some((Instant::now(), frames));
+    }
+
+    /// Whether a writer woken now waits `write_delay` first (see [`loaded`]).
+    fn batching(&self, write_delay: Duration) -> bool {
+        self.lock()
+            .last_write
+            .is_some_and(|(at, n)| loaded(at.elapsed(), n, write_delay))
+    }
+
     /// Marks the socket as failed: further frames are dropped and the reader is woken.
     pub(crate) fn fail(&self) {
         let mut st = self.lock();
         st.data.clear();
         st.data_bytes = 0;
         st.control.clear();
+        st.partial = None;
+        let direct = st.direct.take();
         if st.close.is_none() {
             st.close = Some(Bytes::new());
         }
         drop(st);
+        drop(direct);
         self.wake_all();
     }
 }
@@ -338,18 +449,15 @@ pub(crate) async fn run_writer<W>(
     W: AsyncWrite + Unpin,
 {
     let mut batch: Vec<Bytes> = Vec::new();
-    // When the previous write finished, and how many frames it carried. The delay is adaptive
-    // (see `loaded`): a connection that receives frames fast enough to batch them waits
-    // `write_delay` so they share one write; one that has been quiet writes at once, so the
-    // delay costs nothing at low rates (a chat message, a dashboard tick). The 4 ms window does
-    // not scale with the delay: a connection receiving a frame every 12 ms gains nothing from a
-    // 20 ms wait (each write would carry one or two frames) and would only pay its latency.
-    let mut last_write: Option<(std::time::Instant, usize)> = None;
+    // The delay is adaptive (see `loaded`): a connection that receives frames fast enough to
+    // batch them waits `write_delay` so they share one write; one that has been quiet writes at
+    // once, so the delay costs nothing at low rates (a chat message, a dashboard tick). The 4 ms
+    // window does not scale with the delay: a connection receiving a frame every 12 ms gains
+    // nothing from a 20 ms wait (each write would carry one or two frames) and would only pay
+    // its latency.
     loop {
         conn.writer_wake.notified().await;
-        let delay = !write_delay.is_zero()
-            && !conn.is_ending()
-            && last_write.is_some_and(|(at, n)| loaded(at.elapsed(), n, write_delay));
+        let delay = !write_delay.is_zero() && !conn.is_ending() && conn.batching(write_delay);
         // Boxed: the delay and the write (timers, `writev` state) are this task's largest
         // states, and a future is as large as its largest state. Boxing them costs one
         // allocation per batch written, and keeps an idle connection's writer task small.
@@ -371,10 +479,11 @@ pub(crate) async fn run_writer<W>(
                 return;
             }
         };
-        last_write = Some((std::time::Instant::now(), batch.len()));
+        conn.written(batch.len());
         metrics.add_bytes_written(batch.iter().map(|f| f.len() as u64).sum());
         batch.clear();
         if closing {
+            conn.detach_socket();
             let _ = io.shutdown().await;
             return;
         }
@@ -382,6 +491,60 @@ pub(crate) async fn run_writer<W>(
             // A burst is over: give the memory back rather than keep it per idle connection.
             batch = Vec::new();
         }
+    }
+}
+
+/// The write side of a TCP connection whose socket the shard may also write to directly
+/// ([`Conn::push_or_write`]): both hold the stream, and the [`Conn`]'s lock keeps their writes
+/// apart.
+#[derive(Debug)]
+pub(crate) struct TcpWriter(pub(crate) Arc<TcpStream>);
+
+impl TcpWriter {
+    fn poll_io<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(&TcpStream) -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            // A `WouldBlock` clears the readiness, so the next `poll_write_ready` waits for room.
+            match write(&self.0) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                res => return Poll::Ready(res),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TcpWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_io(cx, |s| s.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_io(cx, |s| s.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Half-closes the stream, as dropping tokio's `OwnedWriteHalf` does.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -549,6 +712,113 @@ mod tests {
         let mut batch = Vec::new();
         conn.take(&mut batch);
         assert_eq!(batch, vec![&b"d1"[..], b"b2", b"a4"]);
+    }
+
+    /// A connected loopback pair: the server's end (shared, as the writer and the shard hold
+    /// it) and the client's.
+    async fn tcp_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (Arc::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    async fn read_exactly(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        tokio::io::AsyncReadExt::read_exact(client, &mut buf)
+            .await
+            .unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_written_directly_only_while_nothing_else_is_pending() {
+        let (socket, mut client) = tcp_pair().await;
+        let conn = Conn::new(Uuid::nil(), 0, 1 << 30, SlowConsumerPolicy::Close);
+        let delay = Duration::from_millis(20);
+        conn.attach_socket(socket.clone(), delay);
+        // Wait until tokio has seen the new socket writable: until then a write is refused.
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+
+        let a = Bytes::from_static(b"first");
+        assert_eq!(
+            conn.push_or_write(a.clone(), NO_TOPIC, t0),
+            Push::Written(5)
+        );
+        assert_eq!(read_exactly(&mut client, 5).await, b"first");
+
+        // Written 0 ms ago: the connection counts as batching, so the next frame is queued.
+        let b = Bytes::from_static(b"second");
+        assert_eq!(conn.push_or_write(b.clone(), NO_TOPIC, t0), Push::Queued);
+        // Queued data goes first, whatever the time: a direct write would overtake it.
+        let later = t0 + Duration::from_secs(1);
+        let c = Bytes::from_static(b"third");
+        assert_eq!(conn.push_or_write(c.clone(), NO_TOPIC, later), Push::Queued);
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch, vec![b.clone(), c.clone()]);
+        // The writer has taken frames and not finished: still no direct write.
+        let d = Bytes::from_static(b"fourth");
+        assert_eq!(conn.push_or_write(d, NO_TOPIC, later), Push::Queued);
+        conn.take(&mut batch);
+        conn.written(batch.len());
+
+        // Idle again, and long enough after its last write.
+        let much_later = Instant::now() + Duration::from_secs(1);
+        let e = Bytes::from_static(b"fifth");
+        assert_eq!(
+            conn.push_or_write(e, NO_TOPIC, much_later),
+            Push::Written(5)
+        );
+        assert_eq!(read_exactly(&mut client, 5).await, b"fifth");
+
+        // A closing connection takes nothing more, directly or not.
+        conn.close(1000, "", true);
+        let f = Bytes::from_static(b"sixth");
+        assert_eq!(conn.push_or_write(f, NO_TOPIC, much_later), Push::Closed);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_partly_written_frame_goes_first_and_is_never_dropped() {
+        let (socket, mut client) = tcp_pair().await;
+        // A bound smaller than the frame: the rest must be kept anyway.
+        let conn = Conn::new(Uuid::nil(), 0, 16, SlowConsumerPolicy::DropOldest);
+        conn.attach_socket(socket.clone(), Duration::from_millis(20));
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
+        // Larger than any loopback socket buffer: the socket takes only part of it.
+        let big: Bytes = (0..64u32 << 20)
+            .map(|i| i as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let Push::Written(n) = conn.push_or_write(big.clone(), NO_TOPIC, Instant::now()) else {
+            panic!("the first frame is written directly");
+        };
+        assert!(n > 0 && n < big.len(), "wrote {n} of {}", big.len());
+        // Later frames queue behind the rest; the policy drops those, never the rest.
+        for _ in 0..4 {
+            conn.push(Bytes::from_static(b"0123456789"), NO_TOPIC);
+        }
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0], big.slice(n..));
+        assert_eq!(&batch[1][..], b"0123456789");
+
+        // The writer finishes the frame: the client gets it whole, then the queued frame.
+        let mut writer = TcpWriter(socket);
+        let reading = tokio::spawn(async move {
+            let got = read_exactly(&mut client, big.len() + 10).await;
+            got[..big.len()] == big[..] && &got[big.len()..] == b"0123456789"
+        });
+        write_frames(&mut writer, &batch, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(reading.await.unwrap());
     }
 
     #[tokio::test]

@@ -107,7 +107,11 @@ impl Shard {
                 frame,
                 since,
             } => {
-                self.deliver(&topic, &frame);
+                let now = Instant::now();
+                // Behind (the frame waited in the channel): queue for the writers, which batch,
+                // rather than spend a `write` per subscriber while the backlog grows.
+                let direct = now.saturating_duration_since(since) < DIRECT_MAX_LAG;
+                self.deliver(&topic, &frame, direct.then_some(now));
                 self.metrics.dispatch_lag(since.elapsed());
             }
             Command::Subscribe { conn, topic, done } => {
@@ -195,8 +199,10 @@ impl Shard {
         }
     }
 
-    /// The hot path: one refcount and one queue push per subscriber, no await, no allocation.
-    pub(crate) fn deliver(&mut self, topic: &str, frame: &Bytes) {
+    /// The hot path: per subscriber, one refcount and one queue push, or with `direct` (the time
+    /// now) one non-blocking write when the connection's writer is idle
+    /// ([`Conn::push_or_write`]). No await, no allocation.
+    pub(crate) fn deliver(&mut self, topic: &str, frame: &Bytes, direct: Option<Instant>) {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return;
         };
@@ -205,9 +211,18 @@ impl Shard {
         let mut delivered = 0u64;
         let mut overflowed = 0u64;
         let mut dropped = 0u64;
+        let mut written = 0u64;
         for conn in subs {
-            match conn.push(frame.clone(), topic_key) {
+            let pushed = match direct {
+                Some(now) => conn.push_or_write(frame.clone(), topic_key, now),
+                None => conn.push(frame.clone(), topic_key),
+            };
+            match pushed {
                 Push::Queued => delivered += 1,
+                Push::Written(n) => {
+                    delivered += 1;
+                    written += n as u64;
+                }
                 Push::QueuedDropping(n) => {
                     delivered += 1;
                     dropped += n;
@@ -218,6 +233,9 @@ impl Shard {
         }
         self.metrics
             .add_deliveries(delivered, delivered * frame.len() as u64);
+        if written > 0 {
+            self.metrics.add_bytes_written(written);
+        }
         if overflowed > 0 {
             self.metrics.add_slow_consumers(overflowed);
         }
@@ -226,6 +244,10 @@ impl Shard {
         }
     }
 }
+
+/// A delivery that waited longer than this in the shard's channel is queued for the writers
+/// instead of written directly: the shard is behind, and the writers batch.
+const DIRECT_MAX_LAG: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Starts one shard task and returns the sender of its command channel.
 pub(crate) fn spawn_shard(

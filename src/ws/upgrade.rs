@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::connection::{self, Inbound};
-use crate::outbound::Conn;
+use crate::outbound::{self, Conn};
 use crate::ws::handler::MessageHandler;
 use crate::ws::service::WebsocketService;
 
@@ -166,7 +166,11 @@ async fn accept<H: MessageHandler>(
         Ok(parts) => {
             let tcp = parts.io.into_inner();
             let _ = tcp.set_nodelay(true);
-            let (read, write) = tcp.into_split();
+            // One stream, three holders: the reader, the writer task, and the `Conn`, through
+            // which the shard writes directly while the writer is idle.
+            let tcp = Arc::new(tcp);
+            conn.attach_socket(tcp.clone(), service.runtime.config.write_delay);
+            let (read, write) = (tcp.clone(), outbound::TcpWriter(tcp));
             // Copy what the client sent early and let hyper's read buffer go: a `Bytes` slice of
             // it, even an empty one, would keep its whole allocation alive for the connection.
             let pre_read = BytesMut::from(&parts.read_buf[..]);
