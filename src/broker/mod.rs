@@ -10,6 +10,7 @@
 //! path then needs no boxing.
 
 pub(crate) mod local;
+mod publisher;
 pub(crate) mod redis;
 mod resp;
 

@@ -1,8 +1,8 @@
 //! The Redis broker: instances share topics through Redis Pub/Sub.
 //!
 //! # Publishing
-//! One long-lived multiplexed connection (redis-rs `ConnectionManager`): concurrent publishes are
-//! pipelined on it, and it reconnects by itself. Every publish is bounded by
+//! One long-lived connection ([`super::publisher`]): concurrent publishes are pipelined on it,
+//! many to a write, and it is made again when it fails. Every publish is bounded by
 //! [`PUBLISH_TIMEOUT`], so while Redis is unreachable a caller gets an error within a second
 //! instead of waiting or queuing.
 //!
@@ -33,13 +33,13 @@ use std::time::Duration;
 use ahash::{AHashMap, AHashSet};
 use bytes::{Bytes, BytesMut};
 use redis::ConnectionAddr;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::PublishError;
+use super::publisher::Publisher;
 use super::resp::{self, Value};
 use crate::metrics::Metrics;
 use crate::shard::{Published, TopicInterest};
@@ -63,11 +63,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Where and how to connect, taken from the URL.
 #[derive(Debug, Clone)]
-struct Target {
-    host: String,
-    port: u16,
-    username: Option<String>,
-    password: Option<String>,
+pub(crate) struct Target {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
 }
 
 /// Subscription bookkeeping shared by the shards (through [`TopicInterest`]), the connections
@@ -137,82 +137,6 @@ impl TopicInterest for Shared {
     }
 }
 
-/// The publishing connection: a redis-rs `ConnectionManager`, which reconnects by itself when
-/// the connection breaks, replaced outright when a publish times out — a connection that went
-/// silent is not "broken" to redis-rs and would otherwise time out forever.
-struct Publisher {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    /// Generation and connection. A std mutex held only to clone or swap, never across an await.
-    current: Mutex<(u64, ConnectionManager)>,
-}
-
-impl Publisher {
-    fn new(client: redis::Client) -> Result<Self, String> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(PUBLISH_TIMEOUT))
-            .set_response_timeout(Some(PUBLISH_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
-            client,
-            config,
-            current: Mutex::new((0, conn)),
-        })
-    }
-
-    fn get(&self) -> (u64, ConnectionManager) {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Replaces connection `generation` (if still current) with a fresh, lazily connected one.
-    fn replace(&self, generation: u64) {
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if cur.0 != generation {
-            return;
-        }
-        if let Ok(conn) =
-            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-        {
-            *cur = (generation + 1, conn);
-        }
-    }
-
-    /// Publishes once, within [`PUBLISH_TIMEOUT`].
-    async fn publish(&self, channel: &[u8], payload: &[u8]) -> Result<(), PublishError> {
-        let (generation, mut conn) = self.get();
-        let cmd = redis::cmd("PUBLISH").arg(channel).arg(payload).to_owned();
-        let attempt = async {
-            match cmd.query_async::<i64>(&mut conn).await {
-                // The connection was found dead (Redis restarted, say): the manager reconnects,
-                // and the publish is tried once more on the new connection. A retry can
-                // duplicate only a message the old server processed but never acknowledged
-                // before it went away.
-                Err(e) if e.is_connection_dropped() => cmd.query_async::<i64>(&mut conn).await,
-                other => other,
-            }
-        };
-        match tokio::time::timeout(PUBLISH_TIMEOUT, attempt).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                if e.is_timeout() {
-                    self.replace(generation);
-                }
-                Err(PublishError::Unavailable(e.to_string()))
-            }
-            Err(_) => {
-                self.replace(generation);
-                Err(PublishError::Timeout)
-            }
-        }
-    }
-}
-
 /// The Redis side of one instance.
 #[derive(Clone)]
 pub(crate) struct RedisBroker {
@@ -252,7 +176,7 @@ impl RedisBroker {
             username: settings.username().map(str::to_owned),
             password: settings.password().map(str::to_owned),
         };
-        let publisher = Arc::new(Publisher::new(client)?);
+        let publisher = Arc::new(Publisher::new(target.clone()));
         let shared = Arc::new(Shared {
             interest: Mutex::new(Interest::default()),
             wake: Notify::new(),
@@ -283,10 +207,10 @@ impl RedisBroker {
                 "Redis unreachable; reconnecting".into(),
             ));
         }
-        let mut channel = String::with_capacity(self.shared.prefix.len() + topic.len());
-        channel.push_str(&self.shared.prefix);
-        channel.push_str(topic);
-        let res = self.publisher.publish(channel.as_bytes(), &payload).await;
+        let mut channel = BytesMut::with_capacity(self.shared.prefix.len() + topic.len());
+        channel.extend_from_slice(self.shared.prefix.as_bytes());
+        channel.extend_from_slice(topic.as_bytes());
+        let res = self.publisher.publish(channel.freeze(), payload).await;
         if res.is_err() {
             self.shared.publisher_ok.store(false, Ordering::Release);
         }
@@ -370,7 +294,7 @@ impl Subscriber {
             if self.shared.stopped.load(Ordering::Acquire) {
                 return;
             }
-            let lost = match self.connect().await {
+            let lost = match connect(&self.target).await {
                 Ok(stream) => {
                     let lost = self.serve(stream, &mut failures).await;
                     if matches!(lost, Lost::Shutdown) {
@@ -393,48 +317,6 @@ impl Subscriber {
                 _ = self.shared.stop.notified() => return,
             }
         }
-    }
-
-    async fn connect(&self) -> std::io::Result<TcpStream> {
-        let t = &self.target;
-        let connect = TcpStream::connect((t.host.as_str(), t.port));
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        let _ = stream.set_nodelay(true);
-        if let Some(password) = &t.password {
-            let mut cmd = Vec::new();
-            match &t.username {
-                Some(user) => resp::encode_command(
-                    &mut cmd,
-                    [&b"AUTH"[..], user.as_bytes(), password.as_bytes()].into_iter(),
-                ),
-                None => {
-                    resp::encode_command(&mut cmd, [&b"AUTH"[..], password.as_bytes()].into_iter())
-                }
-            }
-            stream.write_all(&cmd).await?;
-            let mut buf = BytesMut::with_capacity(256);
-            let reply = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                loop {
-                    if let Some(v) = resp::parse(&mut buf).map_err(std::io::Error::other)? {
-                        return Ok::<_, std::io::Error>(v);
-                    }
-                    if stream.read_buf(&mut buf).await? == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                }
-            })
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-            if let Value::Error(e) = reply {
-                return Err(std::io::Error::other(format!(
-                    "AUTH refused: {}",
-                    String::from_utf8_lossy(&e)
-                )));
-            }
-        }
-        Ok(stream)
     }
 
     /// Runs one connection until it is lost.
@@ -533,7 +415,10 @@ impl Subscriber {
         let channel = self.probe_channel.clone();
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            match publisher.publish(&channel, b"probe").await {
+            match publisher
+                .publish(channel, Bytes::from_static(b"probe"))
+                .await
+            {
                 Ok(()) => shared.publisher_ok.store(true, Ordering::Release),
                 Err(_) => {
                     shared.publisher_ok.store(false, Ordering::Release);
@@ -713,6 +598,46 @@ impl Probe {
         self.unanswered_since = None;
         self.next_at = Instant::now() + PROBE_INTERVAL;
     }
+}
+
+/// Connects to Redis (within [`CONNECT_TIMEOUT`]) and authenticates if the URL says so.
+pub(crate) async fn connect(t: &Target) -> std::io::Result<TcpStream> {
+    let connect = TcpStream::connect((t.host.as_str(), t.port));
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let _ = stream.set_nodelay(true);
+    if let Some(password) = &t.password {
+        let mut cmd = Vec::new();
+        match &t.username {
+            Some(user) => resp::encode_command(
+                &mut cmd,
+                [&b"AUTH"[..], user.as_bytes(), password.as_bytes()].into_iter(),
+            ),
+            None => resp::encode_command(&mut cmd, [&b"AUTH"[..], password.as_bytes()].into_iter()),
+        }
+        stream.write_all(&cmd).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let reply = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            loop {
+                if let Some(v) = resp::parse(&mut buf).map_err(std::io::Error::other)? {
+                    return Ok::<_, std::io::Error>(v);
+                }
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        })
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if let Value::Error(e) = reply {
+            return Err(std::io::Error::other(format!(
+                "AUTH refused: {}",
+                String::from_utf8_lossy(&e)
+            )));
+        }
+    }
+    Ok(stream)
 }
 
 /// Capped exponential backoff with ±50 % jitter.

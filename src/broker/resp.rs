@@ -127,9 +127,11 @@ pub(crate) fn encode_command<'a>(
     out: &mut Vec<u8>,
     parts: impl ExactSizeIterator<Item = &'a [u8]>,
 ) {
-    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    use std::io::Write as _;
+    // Writing to a Vec cannot fail; `write!` formats the lengths without allocating.
+    let _ = write!(out, "*{}\r\n", parts.len());
     for p in parts {
-        out.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
+        let _ = write!(out, "${}\r\n", p.len());
         out.extend_from_slice(p);
         out.extend_from_slice(b"\r\n");
     }
