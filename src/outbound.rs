@@ -368,11 +368,14 @@ impl Conn {
         drop(direct);
     }
 
-    /// The writer finished writing `frames` frames; direct writes may resume.
+    /// The writer finished writing `frames` frames; direct writes may resume. A wake-up that
+    /// found nothing to write is not a write: it leaves the batching state as it was.
     fn written(&self, frames: usize) {
         let mut st = self.lock();
         st.writing = false;
-        st.last_write = Some((Instant::now(), frames));
+        if frames > 0 {
+            st.last_write = Some((Instant::now(), frames));
+        }
     }
 
     /// Whether a writer woken now waits `write_delay` first (see [`loaded`]).
