@@ -8,9 +8,11 @@
 //! they are applied in one order per shard, and a delivery never waits for a lock another shard or
 //! a connection task could hold.
 //!
-//! Delivering a frame to a subscriber is [`Conn::push`]: a refcount bump on the shared [`Bytes`]
-//! and a push onto that connection's queue under its own short lock. Nothing on this path awaits,
-//! so a slow client can never stall a shard — it meets the slow-consumer policy instead.
+//! Delivering a frame to a subscriber is [`Conn::push_or_write`]: a refcount bump on the shared
+//! [`Bytes`] and a push onto that connection's queue under its own short lock or, when the
+//! connection has nothing pending and is not batching, one non-blocking write of the frame to
+//! its socket. Nothing on this path awaits or blocks, so a slow client can never stall a shard —
+//! it meets the slow-consumer policy instead.
 //!
 //! # Ordering
 //! The [`Dispatcher`] is a single task that receives every published message in the order the

@@ -219,12 +219,13 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// The wait is adaptive: a connection that wrote within the last 4 ms receives frames
     /// faster than 250 per second and waits, so the frames arriving meanwhile share one
     /// `writev`, and it keeps waiting while each write carries three frames or more and the
-    /// next frame comes within the delay; one that has been quiet writes at once, so a chat
-    /// message, a dashboard tick or a 60 Hz game update pays no delay. `ZERO` never waits and
-    /// lets batches form only from what queues up while a write is in progress. For a busy connection the delay trades that
-    /// much latency for far fewer syscalls per delivered message, which is what keeps a
-    /// saturated core from queueing without bound; PERF.md (sections 4, 9, 13 and 20) shows the
-    /// measured trade-off.
+    /// next frame comes within the delay. One that has been quiet writes at once, so a chat
+    /// message, a dashboard tick or a 60 Hz game update pays no delay: its shard writes a
+    /// broadcast frame straight to the socket, without waking the connection's writer task.
+    /// `ZERO` never waits and lets batches form only from what queues up while a write is in
+    /// progress. For a busy connection the delay trades that much latency for far fewer
+    /// syscalls per delivered message, which is what keeps a saturated core from queueing
+    /// without bound; PERF.md (sections 4, 9, 13, 20 and 21) shows the measured trade-off.
     pub fn write_delay(mut self, delay: Duration) -> Self {
         self.config.write_delay = delay;
         self
