@@ -21,7 +21,7 @@
 //! broker's order (invariant 2).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytes::Bytes;
@@ -79,6 +79,89 @@ pub(crate) struct Shard {
     conns: AHashMap<Uuid, (Arc<Conn>, Vec<Joined>)>,
     interest: Arc<dyn TopicInterest>,
     metrics: Arc<Metrics>,
+    gate: DirectGate,
+}
+
+/// How one delivery went: to how many subscribers, how many of them by a direct write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Delivered {
+    pub(crate) total: u64,
+    pub(crate) direct: u64,
+}
+
+/// Length of the windows over which [`DirectGate`] measures.
+const GATE_WINDOW: Duration = Duration::from_millis(100);
+/// Share of a core that a shard's direct writes may take before it queues instead...
+const GATE_CLOSE_AT: f64 = 0.8;
+/// ...and below which it writes directly again.
+const GATE_OPEN_AT: f64 = 0.5;
+/// A direct write's cost before one was measured: one small frame to a loopback socket.
+const GATE_INITIAL_COST: Duration = Duration::from_micros(8);
+
+/// Decides whether a shard may write frames to quiet connections itself.
+///
+/// A direct write is one system call per delivery: cheaper than the queue when a connection
+/// would get one frame per write anyway, but with no batching. A shard that delivered more than
+/// it can write one by one (10 000 subscribers at 30 publishes/s is 300 000 writes a second,
+/// about two cores) would fall ever further behind; through the queue, the writers batch what
+/// piles up. So the gate estimates, per [`GATE_WINDOW`], the share of a core that writing every
+/// delivery directly would take (deliveries × the measured cost of one direct write), closes
+/// above [`GATE_CLOSE_AT`] and opens again below [`GATE_OPEN_AT`].
+#[derive(Debug)]
+pub(crate) struct DirectGate {
+    window_start: Instant,
+    deliveries: u64,
+    direct: u64,
+    direct_time: Duration,
+    /// Smoothed cost of one direct write.
+    cost: Duration,
+    open: bool,
+}
+
+impl DirectGate {
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            deliveries: 0,
+            direct: 0,
+            direct_time: Duration::ZERO,
+            cost: GATE_INITIAL_COST,
+            open: true,
+        }
+    }
+
+    /// Whether a delivery starting `now` may write directly.
+    pub(crate) fn is_open(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= GATE_WINDOW {
+            if self.direct > 0 {
+                let sample = self.direct_time / self.direct.min(u32::MAX as u64) as u32;
+                // Smoothed, so one descheduled window does not swing it.
+                self.cost = (self.cost * 7 + sample * 3) / 10;
+            }
+            let share = self.deliveries as f64 * self.cost.as_secs_f64() / elapsed.as_secs_f64();
+            self.open = share
+                < if self.open {
+                    GATE_CLOSE_AT
+                } else {
+                    GATE_OPEN_AT
+                };
+            self.window_start = now;
+            self.deliveries = 0;
+            self.direct = 0;
+            self.direct_time = Duration::ZERO;
+        }
+        self.open
+    }
+
+    /// Counts a delivery that took `took`.
+    pub(crate) fn record(&mut self, done: Delivered, took: Duration) {
+        self.deliveries += done.total;
+        if done.direct > 0 {
+            self.direct += done.direct;
+            self.direct_time += took;
+        }
+    }
 }
 
 impl Shard {
@@ -89,6 +172,7 @@ impl Shard {
             conns: AHashMap::new(),
             interest,
             metrics,
+            gate: DirectGate::new(Instant::now()),
         }
     }
 
@@ -110,11 +194,16 @@ impl Shard {
                 since,
             } => {
                 let now = Instant::now();
-                // Behind (the frame waited in the channel): queue for the writers, which batch,
-                // rather than spend a `write` per subscriber while the backlog grows.
-                let direct = now.saturating_duration_since(since) < DIRECT_MAX_LAG;
-                self.deliver(&topic, &frame, direct.then_some(now));
-                self.metrics.dispatch_lag(since.elapsed());
+                // Behind (the frame waited in the channel), or writing directly at this rate
+                // would take most of a core: queue for the writers, which batch, rather than
+                // spend a `write` per subscriber while the backlog grows.
+                let direct =
+                    self.gate.is_open(now) && now.saturating_duration_since(since) < DIRECT_MAX_LAG;
+                let done = self.deliver(&topic, &frame, direct.then_some(now));
+                let end = Instant::now();
+                self.gate.record(done, end.saturating_duration_since(now));
+                self.metrics
+                    .dispatch_lag(end.saturating_duration_since(since));
             }
             Command::Subscribe { conn, topic, done } => {
                 self.subscribe(conn, topic);
@@ -204,9 +293,14 @@ impl Shard {
     /// The hot path: per subscriber, one refcount and one queue push, or with `direct` (the time
     /// now) one non-blocking write when the connection's writer is idle
     /// ([`Conn::push_or_write`]). No await, no allocation.
-    pub(crate) fn deliver(&mut self, topic: &str, frame: &Bytes, direct: Option<Instant>) {
+    pub(crate) fn deliver(
+        &mut self,
+        topic: &str,
+        frame: &Bytes,
+        direct: Option<Instant>,
+    ) -> Delivered {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
-            return;
+            return Delivered::default();
         };
         // The interned name's address identifies the topic for conflation.
         let topic_key = Arc::as_ptr(key) as *const u8 as TopicKey;
@@ -214,6 +308,7 @@ impl Shard {
         let mut overflowed = 0u64;
         let mut dropped = 0u64;
         let mut written = 0u64;
+        let mut direct_writes = 0u64;
         for conn in subs {
             let pushed = match direct {
                 Some(now) => conn.push_or_write(frame.clone(), topic_key, now),
@@ -223,6 +318,7 @@ impl Shard {
                 Push::Queued => delivered += 1,
                 Push::Written(n) => {
                     delivered += 1;
+                    direct_writes += 1;
                     written += n as u64;
                 }
                 Push::QueuedDropping(n) => {
@@ -244,12 +340,16 @@ impl Shard {
         if dropped > 0 {
             self.metrics.add_slow_consumer_drops(dropped);
         }
+        Delivered {
+            total: delivered,
+            direct: direct_writes,
+        }
     }
 }
 
 /// A delivery that waited longer than this in the shard's channel is queued for the writers
 /// instead of written directly: the shard is behind, and the writers batch.
-const DIRECT_MAX_LAG: std::time::Duration = std::time::Duration::from_millis(5);
+const DIRECT_MAX_LAG: Duration = Duration::from_millis(5);
 
 /// Starts one shard task and returns the sender of its command channel.
 pub(crate) fn spawn_shard(
@@ -258,12 +358,7 @@ pub(crate) fn spawn_shard(
     metrics: Arc<Metrics>,
 ) -> mpsc::Sender<Command> {
     let (tx, mut rx) = mpsc::channel::<Command>(capacity);
-    let mut shard = Shard {
-        topics: AHashMap::new(),
-        conns: AHashMap::new(),
-        interest,
-        metrics,
-    };
+    let mut shard = Shard::detached(interest, metrics);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
         // Commands are taken in batches so one wake-up serves many deliveries.
@@ -369,6 +464,44 @@ mod tests {
 
     /// An identical payload reuses the previous frame, whatever buffer it arrives in; any other
     /// payload, even one the previous ends with, gets its own.
+
+    #[test]
+    fn the_direct_gate_closes_when_direct_writes_would_take_most_of_a_core() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut gate = DirectGate::new(t0);
+        let window = |n: u32| t0 + GATE_WINDOW * n;
+        let all_direct = |n| Delivered {
+            total: n,
+            direct: n,
+        };
+        let queued = |n| Delivered {
+            total: n,
+            direct: 0,
+        };
+        assert!(gate.is_open(t0), "open before anything was measured");
+
+        // 8 000 direct writes of 7 µs in a 100 ms window: 56% of a core. Stays open.
+        gate.record(all_direct(8_000), ms(56));
+        assert!(gate.is_open(window(1)));
+
+        // 30 000 in the next window: more than two cores' worth. Closes.
+        gate.record(all_direct(30_000), ms(210));
+        assert!(!gate.is_open(window(2)));
+
+        // Queued deliveries still count: 8 000 of them is under the close mark but over the
+        // open mark, so it stays closed...
+        gate.record(queued(8_000), ms(5));
+        assert!(!gate.is_open(window(3)));
+        // ...and opens once the rate falls under it.
+        gate.record(queued(4_000), ms(3));
+        assert!(gate.is_open(window(4)));
+
+        // Within a window, nothing changes however much is recorded.
+        gate.record(all_direct(100_000), ms(700));
+        assert!(gate.is_open(window(4) + ms(50)));
+        assert!(!gate.is_open(window(5)));
+    }
     #[test]
     fn an_identical_payload_reuses_the_frame_and_no_other_does() {
         let mut d = Dispatcher::new(Arc::from(Vec::new()));
