@@ -275,12 +275,37 @@ mod tests {
                 tokio::spawn(serve(n, stream));
             }
         });
-        Publisher::new(Target {
+        Publisher::new(loopback(port))
+    }
+
+    fn loopback(port: u16) -> Target {
+        Target {
             host: "127.0.0.1".into(),
             port,
             username: None,
             password: None,
+        }
+    }
+
+    /// A stand-in whose first connection gets `first`, and every later one answers `:1`.
+    async fn first_misbehaves<Fut>(first: fn(TcpStream) -> Fut) -> Publisher
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        fake_redis(move |n, stream| async move {
+            if n == 0 {
+                first(stream).await;
+            } else {
+                answer_commands(stream, |_| b":1\r\n".to_vec()).await;
+            }
         })
+        .await
+    }
+
+    async fn publish(publisher: &Publisher, payload: &'static [u8]) -> Result<(), PublishError> {
+        publisher
+            .publish(Bytes::from_static(b"room"), Bytes::from_static(payload))
+            .await
     }
 
     /// Reads commands off `stream` and answers each with what `answer` returns for it.
@@ -346,42 +371,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_publish_whose_connection_is_lost_is_tried_once_more_on_a_new_one() {
-        let publisher = fake_redis(|n, mut stream| async move {
-            if n == 0 {
-                // Read the command, then hang up without answering.
-                let mut buf = [0u8; 64];
-                let _ = stream.read(&mut buf).await;
-                drop(stream);
-            } else {
-                answer_commands(stream, |_| b":1\r\n".to_vec()).await;
-            }
+        // The first connection reads the command, then hangs up without answering.
+        let publisher = first_misbehaves(|mut stream| async move {
+            let mut buf = [0u8; 64];
+            let _ = stream.read(&mut buf).await;
         })
         .await;
-        let res = publisher
-            .publish(Bytes::from_static(b"room"), Bytes::from_static(b"hi"))
-            .await;
+        let res = publish(&publisher, b"hi").await;
         assert!(res.is_ok(), "{res:?}");
     }
 
     #[tokio::test]
     async fn a_server_that_never_answers_times_out_and_the_connection_is_replaced() {
-        let publisher = fake_redis(|n, mut stream| async move {
-            if n == 0 {
-                // Accept, read, never answer; keep the socket open.
-                let mut buf = Vec::new();
-                let _ = stream.read_to_end(&mut buf).await;
-            } else {
-                answer_commands(stream, |_| b":1\r\n".to_vec()).await;
-            }
+        // The first connection reads and never answers, keeping the socket open.
+        let publisher = first_misbehaves(|mut stream| async move {
+            let mut buf = Vec::new();
+            let _ = stream.read_to_end(&mut buf).await;
         })
         .await;
-        let first = publisher
-            .publish(Bytes::from_static(b"room"), Bytes::from_static(b"1"))
-            .await;
+        let first = publish(&publisher, b"1").await;
         assert!(matches!(first, Err(PublishError::Timeout)), "{first:?}");
-        let second = publisher
-            .publish(Bytes::from_static(b"room"), Bytes::from_static(b"2"))
-            .await;
+        let second = publish(&publisher, b"2").await;
         assert!(second.is_ok(), "{second:?}");
     }
 
@@ -391,16 +401,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let publisher = Publisher::new(Target {
-            host: "127.0.0.1".into(),
-            port,
-            username: None,
-            password: None,
-        });
-        let res = publisher
-            .publish(Bytes::from_static(b"room"), Bytes::from_static(b"hi"))
-            .await;
-        match res {
+        match publish(&Publisher::new(loopback(port)), b"hi").await {
             Err(PublishError::Unavailable(e)) => assert!(e.contains("connect to"), "{e}"),
             other => panic!("{other:?}"),
         }
