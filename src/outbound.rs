@@ -29,10 +29,8 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -378,11 +376,15 @@ impl Conn {
         }
     }
 
-    /// Whether a writer woken now waits `write_delay` first (see [`loaded`]).
+    /// Whether a writer woken now waits `write_delay` first (see [`loaded`]). Not while a
+    /// direct write's rest is pending: the socket was full, and nothing may be written before
+    /// that rest anyway, so waiting would only delay the frame it belongs to.
     fn batching(&self, write_delay: Duration) -> bool {
-        self.lock()
-            .last_write
-            .is_some_and(|(at, n)| loaded(at.elapsed(), n, write_delay))
+        let st = self.lock();
+        st.partial.is_none()
+            && st
+                .last_write
+                .is_some_and(|(at, n)| loaded(at.elapsed(), n, write_delay))
     }
 
     /// Marks the socket as failed: further frames are dropped and the reader is woken.
@@ -802,6 +804,8 @@ mod tests {
             panic!("the first frame is written directly");
         };
         assert!(n > 0 && n < big.len(), "wrote {n} of {}", big.len());
+        // The writer sends the rest at once: the delay would only hold up this frame.
+        assert!(!conn.batching(Duration::from_millis(20)));
         // Later frames queue behind the rest; the policy drops those, never the rest.
         for _ in 0..4 {
             conn.push(Bytes::from_static(b"0123456789"), NO_TOPIC);
