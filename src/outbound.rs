@@ -119,6 +119,23 @@ struct State {
     last_write: Option<(Instant, usize)>,
 }
 
+impl State {
+    /// Whether anything waits to be written: a partial frame's rest, control frames or data.
+    fn pending(&self) -> bool {
+        self.partial.is_some() || !self.control.is_empty() || !self.data.is_empty()
+    }
+
+    /// Whether the connection batches at `now` (see [`loaded`]). Never while a direct write's
+    /// rest is pending: the socket was full, and nothing may be written before that rest anyway,
+    /// so waiting would only delay the frame it belongs to.
+    fn batching(&self, now: Instant, write_delay: Duration) -> bool {
+        self.partial.is_none()
+            && self
+                .last_write
+                .is_some_and(|(at, n)| loaded(now.saturating_duration_since(at), n, write_delay))
+    }
+}
+
 /// What a direct write needs: the socket, and the writer's delay for [`loaded`].
 #[derive(Debug)]
 struct Direct {
@@ -180,16 +197,9 @@ impl Conn {
     /// whole frame gets the rest queued for the writer.
     pub(crate) fn push_or_write(&self, frame: Bytes, topic: TopicKey, now: Instant) -> Push {
         let mut st = self.lock();
-        let idle = !st.writing
-            && st.partial.is_none()
-            && st.data.is_empty()
-            && st.control.is_empty()
-            && st.close.is_none();
+        let idle = !st.writing && !st.pending() && st.close.is_none();
         if let Some(direct) = st.direct.as_ref().filter(|_| idle) {
-            let batching = st.last_write.is_some_and(|(at, n)| {
-                loaded(now.saturating_duration_since(at), n, direct.write_delay)
-            });
-            if !batching {
+            if !st.batching(now, direct.write_delay) {
                 match direct.socket.try_write(&frame) {
                     Ok(n) => {
                         st.last_write = Some((now, 1));
@@ -251,7 +261,7 @@ impl Conn {
                 }
             }
         }
-        let was_empty = st.data.is_empty() && st.control.is_empty() && st.partial.is_none();
+        let was_empty = !st.pending();
         st.data_bytes += frame.len();
         st.data.push_back((topic, frame));
         drop(st);
@@ -376,15 +386,9 @@ impl Conn {
         }
     }
 
-    /// Whether a writer woken now waits `write_delay` first (see [`loaded`]). Not while a
-    /// direct write's rest is pending: the socket was full, and nothing may be written before
-    /// that rest anyway, so waiting would only delay the frame it belongs to.
+    /// Whether a writer woken now waits `write_delay` first ([`State::batching`]).
     fn batching(&self, write_delay: Duration) -> bool {
-        let st = self.lock();
-        st.partial.is_none()
-            && st
-                .last_write
-                .is_some_and(|(at, n)| loaded(at.elapsed(), n, write_delay))
+        self.lock().batching(Instant::now(), write_delay)
     }
 
     /// Marks the socket as failed: further frames are dropped and the reader is woken.
