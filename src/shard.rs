@@ -462,9 +462,6 @@ mod tests {
         ))
     }
 
-    /// An identical payload reuses the previous frame, whatever buffer it arrives in; any other
-    /// payload, even one the previous ends with, gets its own.
-
     #[test]
     fn the_direct_gate_closes_when_direct_writes_would_take_most_of_a_core() {
         let ms = Duration::from_millis;
@@ -502,6 +499,9 @@ mod tests {
         assert!(gate.is_open(window(4) + ms(50)));
         assert!(!gate.is_open(window(5)));
     }
+
+    /// An identical payload reuses the previous frame, whatever buffer it arrives in; any other
+    /// payload, even one the previous ends with, gets its own.
     #[test]
     fn an_identical_payload_reuses_the_frame_and_no_other_does() {
         let mut d = Dispatcher::new(Arc::from(Vec::new()));
