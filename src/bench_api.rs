@@ -11,7 +11,7 @@
 use std::fmt;
 use std::sync::{Arc, Weak};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::{JoinError, JoinHandle};
 use uuid::Uuid;
@@ -33,23 +33,14 @@ pub fn encode_text(payload: &[u8]) -> Bytes {
 
 /// Builds a final text frame as a client sends it: masked with `key`.
 pub fn masked_client_frame(payload: &[u8], key: [u8; 4]) -> BytesMut {
-    let mut buf = BytesMut::with_capacity(14 + payload.len());
-    buf.put_u8(0x81);
-    let len = payload.len();
-    if len < 126 {
-        buf.put_u8(0x80 | len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        buf.put_u8(0x80 | 126);
-        buf.put_u16(len as u16);
-    } else {
-        buf.put_u8(0x80 | 127);
-        buf.put_u64(len as u64);
-    }
-    buf.put_slice(&key);
-    let start = buf.len();
-    buf.put_slice(payload);
-    frame::apply_mask(&mut buf[start..], key);
-    buf
+    frame::encode_client(true, 0x1, payload, Some(key))
+}
+
+/// Builds any frame as a client would send it: `opcode` (the 4 low bits of the first byte, plus
+/// any reserved bits a test wants set) and the FIN bit as given, the payload masked with `mask`,
+/// or unmasked — a protocol violation — with `None`.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> BytesMut {
+    frame::encode_client(fin, opcode, payload, mask)
 }
 
 /// The connection reader's frame parser: validates a client frame's header and unmasks its

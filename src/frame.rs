@@ -105,6 +105,40 @@ pub(crate) fn encoded_payload(frame: &[u8]) -> Option<&[u8]> {
     frame.get(header..)
 }
 
+/// Encodes one frame as a client sends it: `opcode` and the FIN bit as given (so a test can send
+/// what RFC 6455 forbids), the payload masked with `mask`, or sent unmasked (a protocol
+/// violation) with `None`. Used by tests, benches and the load-test client, never by the server.
+#[cfg(any(test, feature = "__bench_api"))]
+pub(crate) fn encode_client(
+    fin: bool,
+    opcode: u8,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(14 + payload.len());
+    buf.put_u8(if fin { 0x80 } else { 0 } | opcode);
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    let len = payload.len();
+    if len < 126 {
+        buf.put_u8(mask_bit | len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        buf.put_u8(mask_bit | 126);
+        buf.put_u16(len as u16);
+    } else {
+        buf.put_u8(mask_bit | 127);
+        buf.put_u64(len as u64);
+    }
+    if let Some(key) = mask {
+        buf.put_slice(&key);
+    }
+    let start = buf.len();
+    buf.put_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut buf[start..], key);
+    }
+    buf
+}
+
 /// Encodes a close frame with a status code and a reason, cut to fit the 125-byte control limit
 /// on a character boundary.
 pub(crate) fn encode_close(code: u16, reason: &str) -> Bytes {

@@ -94,7 +94,10 @@ pub mod guides {
     pub mod migrating_from_0_1 {}
 }
 
-// Exists for the criterion benches in `benches/`; not a stable API.
+// For the criterion benches, the fuzz targets, the tests and the load-test tools; not a stable
+// API and not in users' builds (the feature is internal: nothing outside this repository
+// enables it).
+#[cfg(feature = "__bench_api")]
 #[doc(hidden)]
 pub mod bench_api;
 
@@ -111,7 +114,7 @@ mod shrink;
 mod sink;
 
 pub use broker::PublishError;
-pub use listener::{LISTEN_BACKLOG, bind};
+pub use listener::{LISTEN_BACKLOG, bind, shutdown_signal};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;
 pub use ws::service::{BuildError, WebsocketServiceBuilder};

@@ -1,4 +1,5 @@
-//! A TCP listener sized for bursts of WebSocket handshakes.
+//! Serving helpers: a TCP listener sized for bursts of WebSocket handshakes, and the signal a
+//! server shuts down on.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use tokio::net::{TcpListener, TcpSocket};
 /// default since 5.4).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds a listener for [`axum::serve`] with a long accept queue.
+/// Binds a listener for [`axum::serve`](fn@axum::serve) with a long accept queue.
 ///
 /// `tokio::net::TcpListener::bind` asks the kernel for a queue of 128 connections. When
 /// thousands of clients connect at once (a deploy, a reconnect storm after a network blip) and
@@ -38,6 +39,41 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Resolves when the process is asked to stop: SIGTERM (what an orchestrator sends) or Ctrl-C.
+///
+/// Made for [`axum::serve`](fn@axum::serve)'s graceful shutdown, followed by
+/// [`WebsocketService::shutdown`](crate::ws::service::WebsocketService::shutdown) so that every
+/// client gets a close frame (1001) before the process exits:
+///
+/// ```no_run
+/// # async fn run(app: axum::Router, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+/// axum::serve(listener, app)
+///     .with_graceful_shutdown(axum_realtime_kit::shutdown_signal())
+///     .await
+/// # }
+/// ```
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            // No signal handling here (a restricted sandbox): Ctrl-C still works.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 #[cfg(test)]
