@@ -22,8 +22,8 @@ use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
 use crate::shard::{Command, Dispatcher, Shard};
-use crate::ws::handler::MessageHandler;
-use crate::ws::service::WebsocketService;
+use crate::handler::MessageHandler;
+use crate::service::WebsocketService;
 
 /// Encodes a final, unmasked text frame (header and payload in one buffer), as the dispatcher
 /// does once per published message.

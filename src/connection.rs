@@ -23,8 +23,8 @@ use tracing::Instrument;
 use crate::frame::{self, FrameParser, Message, MessageAssembler, OpCode, close_code};
 use crate::outbound::{self, Conn};
 use crate::sink::WsSink;
-use crate::ws::handler::{ConnectionContext, MessageHandler};
-use crate::ws::service::WebsocketService;
+use crate::handler::{ConnectionContext, MessageHandler};
+use crate::service::WebsocketService;
 
 /// Size of one read when the buffer is empty.
 const READ_CHUNK: usize = 4096;

@@ -105,19 +105,22 @@ mod broker;
 mod config;
 mod connection;
 mod frame;
+mod handler;
 mod listener;
 mod metrics;
 mod outbound;
 mod runtime;
+mod service;
 mod shard;
 mod shrink;
 mod sink;
+mod topic;
 
 pub use broker::PublishError;
 pub use listener::{LISTEN_BACKLOG, bind, shutdown_signal};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;
-pub use ws::service::{BuildError, WebsocketServiceBuilder};
+pub use service::{BuildError, WebsocketServiceBuilder};
 
 /// The common names: `use axum_realtime_kit::prelude::*;`.
 pub mod prelude {

@@ -23,8 +23,8 @@ use axum::response::IntoResponse;
 use axum::routing::{MethodRouter, get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::ws::handler::MessageHandler;
-use crate::ws::service::WebsocketService;
+use crate::handler::MessageHandler;
+use crate::service::WebsocketService;
 
 /// The handle installed by the first successful [`Prometheus::install`] of this process.
 static INSTALLED: OnceLock<PrometheusHandle> = OnceLock::new();

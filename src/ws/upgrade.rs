@@ -95,7 +95,7 @@ where
     if service.runtime.is_shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    if let Err(why) = check_topic(&topic, service.runtime.config.max_topic_len) {
+    if let Err(why) = crate::topic::check(&topic, service.runtime.config.max_topic_len) {
         return (StatusCode::BAD_REQUEST, why).into_response();
     }
     if let Err(status) = validator(service.app_state.clone(), user_id.clone(), topic.clone()).await
@@ -124,22 +124,6 @@ where
         drop(admission);
     });
     response.map(Body::new)
-}
-
-/// Topic names: 1 to `max` bytes of printable ASCII, without space, `"`, `\` or the Redis
-/// pattern characters `*`, `?`, `[`, `]` (a topic is used verbatim as a channel name).
-pub(crate) fn check_topic(topic: &str, max: usize) -> Result<(), &'static str> {
-    if topic.is_empty() || topic.len() > max {
-        return Err("topic name is empty or too long");
-    }
-    let ok = topic
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'*' | b'?' | b'[' | b']'));
-    if ok {
-        Ok(())
-    } else {
-        Err("topic name has characters that are not allowed")
-    }
 }
 
 /// Waits for the HTTP upgrade to complete, recovers the TCP stream and runs the connection.

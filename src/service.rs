@@ -1,0 +1,335 @@
+//! [`WebsocketService`]: the handle to one instance of the runtime — the engine, the
+//! application's handler and its state — and the builder that starts it. Public at
+//! `ws::service`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::broker::PublishError;
+use crate::config::Config;
+use crate::metrics::MetricsSnapshot;
+use crate::outbound::SlowConsumerPolicy;
+use crate::runtime::Runtime;
+use crate::handler::MessageHandler;
+
+/// Manages every WebSocket connection of this instance for one [`MessageHandler`].
+///
+/// Create one at start-up (it spawns its shard and dispatcher tasks, so a tokio runtime must be
+/// running), keep the `Arc` in your axum state, and route upgrades to it with
+/// [`upgrade_handler`](crate::ws::upgrade::upgrade_handler).
+pub struct WebsocketService<H: MessageHandler> {
+    pub(crate) runtime: Runtime,
+    pub(crate) handler: H,
+    pub(crate) app_state: Arc<H::AppState>,
+}
+
+impl<H: MessageHandler> std::fmt::Debug for WebsocketService<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebsocketService")
+            .field("shards", &self.runtime.shard_count())
+            .field("broker", self.runtime.broker())
+            .field("metrics", &self.metrics())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: MessageHandler> WebsocketService<H> {
+    /// Creates a service with default settings, as in 0.1.0.
+    ///
+    /// An empty `redis_url` selects the in-process broker (one instance, nothing to run beside
+    /// it).
+    ///
+    /// # Panics
+    /// If `redis_url` is not empty and not a valid Redis URL. Use [`builder`](Self::builder) and
+    /// [`WebsocketServiceBuilder::try_build`] to handle that as an error.
+    pub fn new(redis_url: &str, handler: H, app_state: Arc<H::AppState>) -> Arc<Self> {
+        let url = (!redis_url.is_empty()).then_some(redis_url);
+        Self::builder(handler, app_state).redis_url(url).build()
+    }
+
+    /// Starts a builder for the shard count, broker choice and limits.
+    pub fn builder(handler: H, app_state: Arc<H::AppState>) -> WebsocketServiceBuilder<H> {
+        WebsocketServiceBuilder {
+            handler,
+            app_state,
+            config: Config::default(),
+            redis_url: None,
+            channel_prefix: String::new(),
+        }
+    }
+
+    /// The application state the service was built with.
+    pub fn app_state(&self) -> &Arc<H::AppState> {
+        &self.app_state
+    }
+
+    /// The handler the service was built with.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Serializes `event` once and publishes it to every subscriber of `topic` on every instance.
+    /// Callable from any route or task.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        event: &T,
+    ) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(event).map_err(PublishError::Serialize)?;
+        self.runtime.publish(topic, Bytes::from(payload)).await
+    }
+
+    /// Publishes `payload` verbatim (it is sent as a text frame, so it must be UTF-8).
+    pub async fn publish_raw(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), PublishError> {
+        self.runtime.publish(topic, payload.into()).await
+    }
+
+    /// Whether the broker connection is live (always true for the in-process broker). Serve it
+    /// as a readiness probe.
+    pub fn is_ready(&self) -> bool {
+        !self.runtime.is_shutting_down() && self.runtime.broker().is_live()
+    }
+
+    /// Number of shards connections are spread over.
+    pub fn shard_count(&self) -> usize {
+        self.runtime.shard_count()
+    }
+
+    /// A copy of the service's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.runtime.metrics.snapshot()
+    }
+
+    /// Reports the current counters and gauges to the process's [`metrics`] recorder now.
+    ///
+    /// The service already does this every second (see
+    /// [`WebsocketServiceBuilder::metrics_interval`]); call it before rendering a scrape to make
+    /// the values exact. Without an installed recorder it does nothing. The names and meanings
+    /// are listed in the crate docs' `# Metrics` section.
+    pub fn export_metrics(&self) {
+        self.runtime.export_metrics();
+    }
+
+    /// Graceful shutdown: refuses new connections (503), sends close 1001 to every client after
+    /// what is queued for it, and waits — up to the shutdown timeout — until every connection has
+    /// ended and run `on_disconnect`.
+    pub async fn shutdown(&self) {
+        self.runtime.shutdown().await;
+    }
+}
+
+/// Builds a [`WebsocketService`] with non-default settings.
+///
+/// ```no_run
+/// # use axum_realtime_kit::ws::service::WebsocketService;
+/// # fn demo<H: axum_realtime_kit::ws::handler::MessageHandler>(h: H, s: std::sync::Arc<H::AppState>) {
+/// let service = WebsocketService::builder(h, s)
+///     .shards(4)
+///     .redis_url(std::env::var("REDIS_URL").ok())
+///     .max_message_size(16 * 1024)
+///     .build();
+/// # }
+/// ```
+#[derive(Debug)]
+#[must_use]
+pub struct WebsocketServiceBuilder<H: MessageHandler> {
+    handler: H,
+    app_state: Arc<H::AppState>,
+    config: Config,
+    redis_url: Option<String>,
+    channel_prefix: String,
+}
+
+/// Why a service could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The Redis URL could not be parsed.
+    InvalidRedisUrl(String),
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InvalidRedisUrl(e) => write!(f, "invalid Redis URL: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+impl<H: MessageHandler> WebsocketServiceBuilder<H> {
+    /// Number of shards. Default: the available parallelism. Each shard is a task owning its part
+    /// of the topic map; more shards spread one publish's fan-out over more cores.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.config.shards = n.max(1);
+        self
+    }
+
+    /// The Redis URL to scale out with; `None` (the default) selects the in-process broker.
+    pub fn redis_url(mut self, url: Option<impl Into<String>>) -> Self {
+        self.redis_url = url.map(Into::into);
+        self
+    }
+
+    /// A prefix for Redis channel names: topic `general` is channel `<prefix>general`. Default:
+    /// none, so any program can `PUBLISH general …` to reach the topic's subscribers.
+    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.channel_prefix = prefix.into();
+        self
+    }
+
+    /// Largest inbound message, in bytes: a single frame, or all fragments of one message together.
+    /// A client that sends more is closed with 1009. Default: 64 KiB.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config.max_message_size = bytes;
+        self
+    }
+
+    /// Bound of each connection's outbound queue, in bytes. A client whose queue would pass it is
+    /// a slow consumer: its queue is dropped and it is closed with 1008. Default: 1 MiB.
+    pub fn outbound_queue_bytes(mut self, bytes: usize) -> Self {
+        self.config.outbound_queue_bytes = bytes;
+        self
+    }
+
+    /// What a client that reads too slowly gets once its queue is full; see
+    /// [`SlowConsumerPolicy`] (its `## Lagging` section says exactly what the client observes).
+    /// Default: [`SlowConsumerPolicy::Close`].
+    pub fn slow_consumer_policy(mut self, policy: SlowConsumerPolicy) -> Self {
+        self.config.slow_consumer = policy;
+        self
+    }
+
+    /// A write to a client that makes no progress for this long closes the connection (a
+    /// client that stopped reading with its TCP window shut). Default: 10 s.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
+        self
+    }
+
+    /// The longest a connection's writer waits for more frames to share one write. Default:
+    /// 20 ms.
+    ///
+    /// The wait is adaptive: a connection that wrote within the last 4 ms receives frames
+    /// faster than 250 per second and waits, so the frames arriving meanwhile share one
+    /// `writev`, and it keeps waiting while each write carries three frames or more and the
+    /// next frame comes within the delay. One that has been quiet writes at once, so a chat
+    /// message, a dashboard tick or a 60 Hz game update pays no delay: its shard writes a
+    /// broadcast frame straight to the socket, without waking the connection's writer task.
+    /// `ZERO` never waits and lets batches form only from what queues up while a write is in
+    /// progress. For a busy connection the delay trades that much latency for far fewer
+    /// syscalls per delivered message, which is what keeps a saturated core from queueing
+    /// without bound; PERF.md (sections 4, 9, 13, 20 and 21) shows the measured trade-off.
+    pub fn write_delay(mut self, delay: Duration) -> Self {
+        self.config.write_delay = delay;
+        self
+    }
+
+    /// How long a closing connection waits for the client's close frame. Default: 2 s.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
+        self
+    }
+
+    /// How long [`WebsocketService::shutdown`] waits for connections to end. Default: 5 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Heartbeats: a client that sent nothing for `interval` is pinged, and closed if it then
+    /// stays silent (no frame at all, pongs included) for `timeout` — a half-open TCP connection
+    /// is found within `interval + timeout`. Default: 30 s and 30 s. `Duration::ZERO` as the
+    /// interval disables heartbeats. Pings are control frames, sent ahead of queued data.
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.config.ping_interval = interval;
+        self.config.pong_timeout = timeout;
+        self
+    }
+
+    /// Longest topic name, in bytes; a longer one is refused with 400 before the upgrade.
+    /// Default: 256. (Characters are always checked: printable ASCII without space, `"`, `\`,
+    /// `*`, `?`, `[` or `]`.)
+    pub fn max_topic_len(mut self, bytes: usize) -> Self {
+        self.config.max_topic_len = bytes;
+        self
+    }
+
+    /// Most connections open at once; further upgrades are refused with 503. Default: 100 000.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n;
+        self
+    }
+
+    /// Per-connection inbound rate limit: `per_second` data messages on average, bursts up to
+    /// `burst`. A message over the limit is dropped and the client gets one
+    /// `{"type":"error",…}` per burst of drops; a client still over the limit after the grace
+    /// period (3 s) is closed with 1008. Default: 1 000/s, bursts of 20 000. `None` disables it.
+    pub fn rate_limit(mut self, limit: Option<(u32, u32)>) -> Self {
+        self.config.rate_limit = limit.map(|(rate, burst)| (rate.max(1), burst.max(1)));
+        self
+    }
+
+    /// How often the service reports its counters and gauges to the process's [`metrics`]
+    /// recorder (whatever exporter the application installed: Prometheus, StatsD, …). Default:
+    /// 1 s. `Duration::ZERO` stops the periodic report; [`WebsocketService::export_metrics`]
+    /// still reports on demand. The hot path never calls the recorder: it counts in atomics,
+    /// and this report copies them.
+    pub fn metrics_interval(mut self, every: Duration) -> Self {
+        self.config.metrics_interval = every;
+        self
+    }
+
+    /// Adds a label to every metric this service reports, e.g. `("service", "chat")` when one
+    /// process runs several services.
+    pub fn metrics_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.metrics_labels.push((key.into(), value.into()));
+        self
+    }
+
+    /// Builds and starts the service.
+    pub fn try_build(self) -> Result<Arc<WebsocketService<H>>, BuildError> {
+        let redis = self
+            .redis_url
+            .as_deref()
+            .map(|url| (url, self.channel_prefix.clone()));
+        let runtime = Runtime::start(self.config, redis).map_err(|e| {
+            let url = self.redis_url.as_deref().unwrap_or_default();
+            BuildError::InvalidRedisUrl(format!("{}: {e}", redact(url)))
+        })?;
+        Ok(Arc::new(WebsocketService {
+            runtime,
+            handler: self.handler,
+            app_state: self.app_state,
+        }))
+    }
+
+    /// Builds and starts the service.
+    ///
+    /// # Panics
+    /// Where [`try_build`](Self::try_build) returns an error.
+    pub fn build(self) -> Arc<WebsocketService<H>> {
+        match self.try_build() {
+            Ok(s) => s,
+            Err(e) => panic!("axum-realtime-kit: {e}"),
+        }
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
