@@ -18,12 +18,13 @@ use uuid::Uuid;
 
 use crate::broker::local::NoInterest;
 use crate::connection::{self, Inbound};
+use crate::dispatch::Dispatcher;
 use crate::frame;
+use crate::handler::MessageHandler;
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
-use crate::shard::{Command, Dispatcher, Shard};
-use crate::handler::MessageHandler;
 use crate::service::WebsocketService;
+use crate::shard::{Command, Shard};
 
 /// Encodes a final, unmasked text frame (header and payload in one buffer), as the dispatcher
 /// does once per published message.

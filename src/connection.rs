@@ -21,10 +21,10 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::frame::{self, FrameParser, Message, MessageAssembler, OpCode, close_code};
-use crate::outbound::{self, Conn};
-use crate::sink::WsSink;
 use crate::handler::{ConnectionContext, MessageHandler};
+use crate::outbound::{self, Conn};
 use crate::service::WebsocketService;
+use crate::sink::WsSink;
 
 /// Size of one read when the buffer is empty.
 const READ_CHUNK: usize = 4096;

@@ -104,6 +104,7 @@ pub mod bench_api;
 mod broker;
 mod config;
 mod connection;
+mod dispatch;
 mod frame;
 mod handler;
 mod listener;

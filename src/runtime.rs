@@ -10,10 +10,11 @@ use uuid::Uuid;
 
 use crate::broker::{BrokerHandle, PublishError, local::LocalBroker, redis::RedisBroker};
 use crate::config::Config;
+use crate::dispatch::{Dispatcher, Published};
 use crate::frame::close_code;
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
-use crate::shard::{self, Command, Dispatcher, Published};
+use crate::shard::{self, Command};
 
 /// Capacity of the channel between the broker and the dispatcher.
 const DISPATCH_CHANNEL: usize = 8192;

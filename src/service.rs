@@ -10,10 +10,10 @@ use serde::Serialize;
 
 use crate::broker::PublishError;
 use crate::config::Config;
+use crate::handler::MessageHandler;
 use crate::metrics::MetricsSnapshot;
 use crate::outbound::SlowConsumerPolicy;
 use crate::runtime::Runtime;
-use crate::handler::MessageHandler;
 
 /// Manages every WebSocket connection of this instance for one [`MessageHandler`].
 ///

@@ -69,8 +69,7 @@ impl WsSink {
     /// validator does) before calling it. It does check the name, as for `/ws/{topic}`
     /// ([`SendError::InvalidTopic`]). Joining a topic twice is a no-op.
     pub async fn join(&self, topic: &str) -> Result<(), SendError> {
-        crate::topic::check(topic, self.hub.max_topic_len)
-            .map_err(SendError::InvalidTopic)?;
+        crate::topic::check(topic, self.hub.max_topic_len).map_err(SendError::InvalidTopic)?;
         if self.conn.is_ending() || !self.hub.join(&self.conn, topic).await {
             return Err(SendError::Closed);
         }

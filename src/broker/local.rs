@@ -10,7 +10,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::PublishError;
-use crate::shard::{Published, TopicInterest};
+use crate::dispatch::Published;
+use crate::shard::TopicInterest;
 
 #[derive(Debug, Clone)]
 pub(crate) struct LocalBroker {

@@ -2,7 +2,7 @@
 //!
 //! A broker has two jobs. `publish` hands one payload for one topic to every instance (this one
 //! included). Delivery flows the other way: the broker feeds each message it receives, in its own
-//! order, into the instance's [`Dispatcher`](crate::shard::Dispatcher) channel. Which topics an
+//! order, into the instance's [`Dispatcher`](crate::dispatch::Dispatcher) channel. Which topics an
 //! instance needs is told to the broker through [`TopicInterest`](crate::shard::TopicInterest)
 //! when a topic gains its first or loses its last local subscriber.
 //!

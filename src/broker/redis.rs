@@ -41,8 +41,9 @@ use tokio::time::Instant;
 use super::PublishError;
 use super::publisher::Publisher;
 use super::resp::{self, Value};
+use crate::dispatch::Published;
 use crate::metrics::Metrics;
-use crate::shard::{Published, TopicInterest};
+use crate::shard::TopicInterest;
 use crate::shrink::ShrinkWhenSparse;
 
 /// Longest a publish may take before the caller gets [`PublishError::Timeout`].
