@@ -9,6 +9,7 @@
 //! [`BrokerHandle`] is an enum rather than a trait object: there are few kinds, and the publish
 //! path then needs no boxing.
 
+mod connect;
 pub(crate) mod local;
 mod publisher;
 pub(crate) mod redis;

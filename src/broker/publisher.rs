@@ -20,17 +20,21 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::PublishError;
-use super::redis::{PUBLISH_TIMEOUT, Target, connect};
+use super::connect::{Target, connect};
 use super::resp::{self, Value};
 
 /// Requests waiting for the connection's task; a caller past this waits for room (within its
 /// timeout).
+/// Longest a publish may take before the caller gets [`PublishError::Timeout`].
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+
 const QUEUE: usize = 4096;
 /// Most requests encoded into one write.
 const WRITE_BATCH: usize = 256;

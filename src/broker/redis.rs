@@ -3,7 +3,7 @@
 //! # Publishing
 //! One long-lived connection ([`super::publisher`]): concurrent publishes are pipelined on it,
 //! many to a write, and it is made again when it fails. Every publish is bounded by
-//! [`PUBLISH_TIMEOUT`], so while Redis is unreachable a caller gets an error within a second
+//! [`PUBLISH_TIMEOUT`](super::publisher::PUBLISH_TIMEOUT), so while Redis is unreachable a caller gets an error within a second
 //! instead of waiting or queuing.
 //!
 //! # Subscribing
@@ -32,13 +32,13 @@ use std::time::Duration;
 
 use ahash::{AHashMap, AHashSet};
 use bytes::{Bytes, BytesMut};
-use redis::ConnectionAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::PublishError;
+use super::connect::{Target, connect};
 use super::publisher::Publisher;
 use super::resp::{self, Value};
 use crate::dispatch::Published;
@@ -46,8 +46,6 @@ use crate::metrics::Metrics;
 use crate::shard::TopicInterest;
 use crate::shrink::ShrinkWhenSparse;
 
-/// Longest a publish may take before the caller gets [`PublishError::Timeout`].
-pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most channels in one SUBSCRIBE or UNSUBSCRIBE command.
 pub(crate) const BATCH: usize = 512;
 /// How often the subscriber's liveness probe is sent.
@@ -58,18 +56,8 @@ const PROBE_RETRY: Duration = Duration::from_millis(100);
 pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest wait for a new subscription's confirmation before a connection proceeds anyway.
 pub(crate) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// Where and how to connect, taken from the URL.
-#[derive(Debug, Clone)]
-pub(crate) struct Target {
-    pub(crate) host: String,
-    pub(crate) port: u16,
-    pub(crate) username: Option<String>,
-    pub(crate) password: Option<String>,
-}
 
 /// Subscription bookkeeping shared by the shards (through [`TopicInterest`]), the connections
 /// waiting for confirmation, and the subscriber task.
@@ -164,19 +152,7 @@ impl RedisBroker {
         dispatch: mpsc::Sender<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let info = client.get_connection_info();
-        let (host, port) = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
-            _ => return Err("only redis:// URLs over TCP are supported".into()),
-        };
-        let settings = info.redis_settings();
-        let target = Target {
-            host,
-            port,
-            username: settings.username().map(str::to_owned),
-            password: settings.password().map(str::to_owned),
-        };
+        let target = Target::from_url(url)?;
         let publisher = Arc::new(Publisher::new(target.clone()));
         let shared = Arc::new(Shared {
             interest: Mutex::new(Interest::default()),
@@ -599,46 +575,6 @@ impl Probe {
         self.unanswered_since = None;
         self.next_at = Instant::now() + PROBE_INTERVAL;
     }
-}
-
-/// Connects to Redis (within [`CONNECT_TIMEOUT`]) and authenticates if the URL says so.
-pub(crate) async fn connect(t: &Target) -> std::io::Result<TcpStream> {
-    let connect = TcpStream::connect((t.host.as_str(), t.port));
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let _ = stream.set_nodelay(true);
-    if let Some(password) = &t.password {
-        let mut cmd = Vec::new();
-        match &t.username {
-            Some(user) => resp::encode_command(
-                &mut cmd,
-                [&b"AUTH"[..], user.as_bytes(), password.as_bytes()].into_iter(),
-            ),
-            None => resp::encode_command(&mut cmd, [&b"AUTH"[..], password.as_bytes()].into_iter()),
-        }
-        stream.write_all(&cmd).await?;
-        let mut buf = BytesMut::with_capacity(256);
-        let reply = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            loop {
-                if let Some(v) = resp::parse(&mut buf).map_err(std::io::Error::other)? {
-                    return Ok::<_, std::io::Error>(v);
-                }
-                if stream.read_buf(&mut buf).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-        })
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if let Value::Error(e) = reply {
-            return Err(std::io::Error::other(format!(
-                "AUTH refused: {}",
-                String::from_utf8_lossy(&e)
-            )));
-        }
-    }
-    Ok(stream)
 }
 
 /// Capped exponential backoff with ±50 % jitter.
