@@ -17,12 +17,12 @@ use tokio::task::{JoinError, JoinHandle};
 use uuid::Uuid;
 
 use crate::broker::local::NoInterest;
-use crate::connection::{self, Inbound};
+use crate::connection::{self, Inbound, Upgraded};
 use crate::dispatch::Dispatcher;
 use crate::frame;
 use crate::handler::MessageHandler;
 use crate::metrics::Metrics;
-use crate::outbound::Conn;
+use crate::outbound::{Conn, WriteSide};
 use crate::service::WebsocketService;
 use crate::shard::{Command, Shard};
 
@@ -186,8 +186,8 @@ impl ConnectionTask {
 }
 
 /// Runs one connection of `service` over `read` and `write` as if it had just been upgraded:
-/// admits it, subscribes it to `topic`, and spawns `connection::run` — the task the server
-/// runs for every upgraded connection — with `pre_read` as the bytes the client sent along with
+/// admits it, subscribes it to `topic`, and spawns the task the server runs for every upgraded
+/// connection, with `pre_read` as the bytes the client sent along with
 /// the upgrade request. `None` (nothing spawned) while the service is shutting down or at its
 /// connection limit.
 ///
@@ -205,32 +205,20 @@ where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    let runtime = &service.runtime;
-    if runtime.is_shutting_down() {
-        return None;
-    }
-    let admission = runtime.try_admit()?;
-    // As `upgrade_handler` does: subscribe first, then run the connection in its own task.
-    let conn = runtime.new_conn();
-    let subscribed = runtime.hub.join(&conn, topic).await;
-    let weak = Arc::downgrade(&conn);
-    let (service, pre_read, topic) = (service.clone(), BytesMut::from(pre_read), topic.to_owned());
-    // The slot is held until the connection ended, as `upgrade_handler`'s task holds it.
-    let task = tokio::spawn(async move {
-        connection::run(
-            service,
-            conn,
-            subscribed,
-            Inbound::Other(Box::new(read)),
-            pre_read,
-            write,
-            topic,
-            user_id,
-        )
+    let admitted = connection::admit(service).ok()?;
+    let socket = Upgraded {
+        read: Inbound::Other(Box::new(read)),
+        pre_read: BytesMut::from(pre_read),
+        write: WriteSide::Other(Box::new(write)),
+    };
+    // The same path as `upgrade_handler`'s: subscribed first, then run in a task of its own.
+    let spawned = admitted
+        .join_and_spawn(topic.to_owned(), user_id, async move { Some(socket) })
         .await;
-        drop(admission);
-    });
-    Some(ConnectionTask { task, conn: weak })
+    Some(ConnectionTask {
+        task: spawned.task,
+        conn: spawned.conn,
+    })
 }
 
 /// One in-memory connection: its byte-bounded outbound queue, with no socket or writer task.

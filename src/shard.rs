@@ -4,7 +4,7 @@
 //! A connection is assigned to one shard for its whole life (`id % shards`, where ids come from a
 //! counter, so shards fill evenly). Each shard is a task that **owns** its topic map outright: the
 //! map is a plain `HashMap` with no lock, mutated only by that task, and reached only through the
-//! shard's bounded command channel. Subscribing, unsubscribing and delivering are all commands, so
+//! shard's bounded command channel (invariant 3, docs/architecture.md). Subscribing, unsubscribing and delivering are all commands, so
 //! they are applied in one order per shard, and a delivery never waits for a lock another shard or
 //! a connection task could hold.
 //!
@@ -21,7 +21,7 @@
 //! topic's messages in the order the broker delivered them (invariant 1, docs/architecture.md).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ahash::AHashMap;
 use bytes::Bytes;
@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use crate::outbound::{Conn, Push, TopicKey};
+use crate::outbound::{Conn, Delivered, DirectGate, Push, TopicKey, WriteTally};
 use crate::shrink::ShrinkWhenSparse;
 
 /// Commands a shard applies in arrival order.
@@ -81,88 +81,6 @@ pub(crate) struct Shard {
     gate: DirectGate,
 }
 
-/// How one delivery went: to how many subscribers, how many of them by a direct write.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Delivered {
-    pub(crate) total: u64,
-    pub(crate) direct: u64,
-}
-
-/// Length of the windows over which [`DirectGate`] measures.
-const GATE_WINDOW: Duration = Duration::from_millis(100);
-/// Share of a core that a shard's direct writes may take before it queues instead...
-const GATE_CLOSE_AT: f64 = 0.8;
-/// ...and below which it writes directly again.
-const GATE_OPEN_AT: f64 = 0.5;
-/// A direct write's cost before one was measured: one small frame to a loopback socket.
-const GATE_INITIAL_COST: Duration = Duration::from_micros(8);
-
-/// Decides whether a shard may write frames to quiet connections itself.
-///
-/// A direct write is one system call per delivery: cheaper than the queue when a connection
-/// would get one frame per write anyway, but with no batching. A shard that delivered more than
-/// it can write one by one (10 000 subscribers at 30 publishes/s is 300 000 writes a second,
-/// about two cores) would fall ever further behind; through the queue, the writers batch what
-/// piles up. So the gate estimates, per [`GATE_WINDOW`], the share of a core that writing every
-/// delivery directly would take (deliveries × the measured cost of one direct write), closes
-/// above [`GATE_CLOSE_AT`] and opens again below [`GATE_OPEN_AT`].
-#[derive(Debug)]
-pub(crate) struct DirectGate {
-    window_start: Instant,
-    deliveries: u64,
-    direct: u64,
-    direct_time: Duration,
-    /// Smoothed cost of one direct write.
-    cost: Duration,
-    open: bool,
-}
-
-impl DirectGate {
-    pub(crate) fn new(now: Instant) -> Self {
-        Self {
-            window_start: now,
-            deliveries: 0,
-            direct: 0,
-            direct_time: Duration::ZERO,
-            cost: GATE_INITIAL_COST,
-            open: true,
-        }
-    }
-
-    /// Whether a delivery starting `now` may write directly.
-    pub(crate) fn is_open(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed >= GATE_WINDOW {
-            if self.direct > 0 {
-                let sample = self.direct_time / self.direct.min(u32::MAX as u64) as u32;
-                // Smoothed, so one descheduled window does not swing it.
-                self.cost = (self.cost * 7 + sample * 3) / 10;
-            }
-            let share = self.deliveries as f64 * self.cost.as_secs_f64() / elapsed.as_secs_f64();
-            self.open = share
-                < if self.open {
-                    GATE_CLOSE_AT
-                } else {
-                    GATE_OPEN_AT
-                };
-            self.window_start = now;
-            self.deliveries = 0;
-            self.direct = 0;
-            self.direct_time = Duration::ZERO;
-        }
-        self.open
-    }
-
-    /// Counts a delivery that took `took`.
-    pub(crate) fn record(&mut self, done: Delivered, took: Duration) {
-        self.deliveries += done.total;
-        if done.direct > 0 {
-            self.direct += done.direct;
-            self.direct_time += took;
-        }
-    }
-}
-
 impl Shard {
     /// A shard with an empty map and no task or channel, for driving directly (`bench_api`).
     pub(crate) fn detached(interest: Arc<dyn TopicInterest>, metrics: Arc<Metrics>) -> Self {
@@ -176,11 +94,13 @@ impl Shard {
     }
 
     /// The local subscribers of `topic`: the lookup `deliver` starts with.
+    #[cfg(any(test, feature = "__bench_api"))]
     pub(crate) fn subscribers(&self, topic: &str) -> Option<&[Arc<Conn>]> {
         self.topics.get(topic).map(Vec::as_slice)
     }
 
     /// How many topics have at least one subscriber here.
+    #[cfg(feature = "__bench_api")]
     pub(crate) fn topic_count(&self) -> usize {
         self.topics.len()
     }
@@ -193,11 +113,7 @@ impl Shard {
                 since,
             } => {
                 let now = Instant::now();
-                // Behind (the frame waited in the channel), or writing directly at this rate
-                // would take most of a core: queue for the writers, which batch, rather than
-                // spend a `write` per subscriber while the backlog grows.
-                let direct =
-                    self.gate.is_open(now) && now.saturating_duration_since(since) < DIRECT_MAX_LAG;
+                let direct = self.gate.allows(now, since);
                 let done = self.deliver(&topic, &frame, direct.then_some(now));
                 let end = Instant::now();
                 self.gate.record(done, end.saturating_duration_since(now));
@@ -306,19 +222,18 @@ impl Shard {
         let mut delivered = 0u64;
         let mut overflowed = 0u64;
         let mut dropped = 0u64;
-        let mut written = 0u64;
+        let mut tally = WriteTally::default();
         let mut direct_writes = 0u64;
         for conn in subs {
             let pushed = match direct {
-                Some(now) => conn.push_or_write(frame.clone(), topic_key, now),
+                Some(now) => conn.push_or_write(frame.clone(), topic_key, now, &mut tally),
                 None => conn.push(frame.clone(), topic_key),
             };
             match pushed {
                 Push::Queued => delivered += 1,
-                Push::Written(n) => {
+                Push::Written => {
                     delivered += 1;
                     direct_writes += 1;
-                    written += n as u64;
                 }
                 Push::QueuedDropping(n) => {
                     delivered += 1;
@@ -330,9 +245,7 @@ impl Shard {
         }
         self.metrics
             .add_deliveries(delivered, delivered * frame.len() as u64);
-        if written > 0 {
-            self.metrics.add_bytes_written(written);
-        }
+        tally.report(&self.metrics);
         if overflowed > 0 {
             self.metrics.add_slow_consumers(overflowed);
         }
@@ -345,10 +258,6 @@ impl Shard {
         }
     }
 }
-
-/// A delivery that waited longer than this in the shard's channel is queued for the writers
-/// instead of written directly: the shard is behind, and the writers batch.
-const DIRECT_MAX_LAG: Duration = Duration::from_millis(5);
 
 /// Starts one shard task and returns the sender of its command channel.
 pub(crate) fn spawn_shard(
@@ -397,44 +306,6 @@ mod tests {
             1 << 20,
             SlowConsumerPolicy::Close,
         ))
-    }
-
-    #[test]
-    fn the_direct_gate_closes_when_direct_writes_would_take_most_of_a_core() {
-        let ms = Duration::from_millis;
-        let t0 = Instant::now();
-        let mut gate = DirectGate::new(t0);
-        let window = |n: u32| t0 + GATE_WINDOW * n;
-        let all_direct = |n| Delivered {
-            total: n,
-            direct: n,
-        };
-        let queued = |n| Delivered {
-            total: n,
-            direct: 0,
-        };
-        assert!(gate.is_open(t0), "open before anything was measured");
-
-        // 8 000 direct writes of 7 µs in a 100 ms window: 56% of a core. Stays open.
-        gate.record(all_direct(8_000), ms(56));
-        assert!(gate.is_open(window(1)));
-
-        // 30 000 in the next window: more than two cores' worth. Closes.
-        gate.record(all_direct(30_000), ms(210));
-        assert!(!gate.is_open(window(2)));
-
-        // Queued deliveries still count: 8 000 of them is under the close mark but over the
-        // open mark, so it stays closed...
-        gate.record(queued(8_000), ms(5));
-        assert!(!gate.is_open(window(3)));
-        // ...and opens once the rate falls under it.
-        gate.record(queued(4_000), ms(3));
-        assert!(gate.is_open(window(4)));
-
-        // Within a window, nothing changes however much is recorded.
-        gate.record(all_direct(100_000), ms(700));
-        assert!(gate.is_open(window(4) + ms(50)));
-        assert!(!gate.is_open(window(5)));
     }
 
     /// Random joins, leaves and removals against a plain model: after every step each topic's

@@ -99,7 +99,7 @@ impl WsSink {
 
     pub(crate) fn send_frame(&self, frame: Bytes) -> Result<(), SendError> {
         match self.conn.push(frame, NO_TOPIC) {
-            Push::Queued | Push::QueuedDropping(_) | Push::Written(_) => Ok(()),
+            Push::Queued | Push::QueuedDropping(_) | Push::Written => Ok(()),
             Push::Closed => Err(SendError::Closed),
             Push::Overflow => Err(SendError::QueueFull),
         }

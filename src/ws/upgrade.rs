@@ -22,10 +22,10 @@ use fastwebsockets::upgrade::{IncomingUpgrade, UpgradeFut};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::connection::{self, Inbound};
-use crate::outbound::{self, Conn};
-use crate::ws::handler::MessageHandler;
-use crate::ws::service::WebsocketService;
+use crate::connection::{self, Inbound, Refused, Upgraded};
+use crate::handler::MessageHandler;
+use crate::outbound::WriteSide;
+use crate::service::WebsocketService;
 
 /// Extracts a WebSocket upgrade request.
 ///
@@ -107,85 +107,54 @@ where
         Ok(upgrade) => upgrade,
         Err(status) => return (status, "expected a WebSocket upgrade request").into_response(),
     };
-    let Some(admission) = service.runtime.try_admit() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    let admitted = match connection::admit(&service) {
+        Ok(admitted) => admitted,
+        Err(Refused::ShuttingDown) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+        }
+        Err(Refused::Full) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+        }
     };
     let (response, fut) = match upgrade.upgrade() {
         Ok(pair) => pair,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };
-    // Subscribe before answering 101, so a client that saw the upgrade succeed receives
-    // everything published from then on (with Redis: once Redis confirmed the subscription).
-    // What arrives before the writer starts waits in the connection's bounded queue.
-    let conn = service.runtime.new_conn();
-    let subscribed = service.runtime.hub.join(&conn, &topic).await;
-    tokio::spawn(async move {
-        accept(service, conn, subscribed, fut, topic, user_id).await;
-        drop(admission);
-    });
+    // Subscribed before the 101 goes out; the connection runs once the upgrade completes.
+    admitted
+        .join_and_spawn(topic, user_id, upgraded_socket(fut))
+        .await;
     response.map(Body::new)
 }
 
-/// Waits for the HTTP upgrade to complete, recovers the TCP stream and runs the connection.
-async fn accept<H: MessageHandler>(
-    service: Arc<WebsocketService<H>>,
-    conn: Arc<Conn>,
-    subscribed: bool,
-    fut: UpgradeFut,
-    topic: String,
-    user_id: H::UserId,
-) {
+/// Waits for the HTTP upgrade to complete and recovers its socket; `None` if it never
+/// completes.
+async fn upgraded_socket(fut: UpgradeFut) -> Option<Upgraded> {
     let upgraded = match fut.await {
         Ok(ws) => ws.into_inner().into_inner(),
         Err(e) => {
             tracing::debug!(error = %e, "upgrade did not complete");
-            conn.fail();
-            service.runtime.hub.remove(&conn).await;
-            return;
+            return None;
         }
     };
     // axum::serve hands hyper a `TokioIo<TcpStream>`; recovering it lets the reader and the
-    // writer own separate halves (no lock between them) and write pre-encoded frames directly.
+    // writer share the stream with no lock between them, and write pre-encoded frames directly.
     match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
         Ok(parts) => {
-            let tcp = parts.io.into_inner();
-            let _ = tcp.set_nodelay(true);
-            // One stream, three holders: the reader, the writer task, and the `Conn`, through
-            // which the shard writes directly while the writer is idle.
-            let tcp = Arc::new(tcp);
-            conn.attach_socket(tcp.clone(), service.runtime.config.write_delay);
-            let (read, write) = (tcp.clone(), outbound::TcpWriter(tcp));
             // Copy what the client sent early and let hyper's read buffer go: a `Bytes` slice of
             // it, even an empty one, would keep its whole allocation alive for the connection.
             let pre_read = BytesMut::from(&parts.read_buf[..]);
             drop(parts.read_buf);
-            connection::run(
-                service,
-                conn,
-                subscribed,
-                Inbound::Tcp(read),
-                pre_read,
-                write,
-                topic,
-                user_id,
-            )
-            .await;
+            Some(Upgraded::tcp(parts.io.into_inner(), pre_read))
         }
         Err(upgraded) => {
-            // Another IO (TLS, a custom listener): fall back to a generic split.
+            // Another IO (TLS, a custom listener): a generic split, the writer alone writing.
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-            // Boxed, so the TCP case (the usual one) does not carry this variant's size.
-            Box::pin(connection::run(
-                service,
-                conn,
-                subscribed,
-                Inbound::Other(Box::new(read)),
-                BytesMut::new(),
-                write,
-                topic,
-                user_id,
-            ))
-            .await;
+            Some(Upgraded {
+                read: Inbound::Other(Box::new(read)),
+                pre_read: BytesMut::new(),
+                write: WriteSide::Other(Box::new(write)),
+            })
         }
     }
 }

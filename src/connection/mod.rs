@@ -1,0 +1,255 @@
+//! One connection's life: admitted, subscribed, `on_connect`, read and handle messages, close,
+//! clean up, `on_disconnect`.
+//!
+//! Every connection starts the same way, whether [`upgrade_handler`] accepted it or a bench
+//! drives one over a pipe: [`admit`] takes a connection slot, [`Admitted::join_and_spawn`]
+//! subscribes a new [`Conn`] to its topic and spawns its task, which waits for the upgraded
+//! socket and then runs [`run`].
+//!
+//! Two tasks serve a connection. The connection task reads ([`read`]): it parses frames, answers
+//! pings, runs the handler, and owns the lifecycle. The writer task
+//! ([`outbound::spawn_writer`]) drains the outbound queue. They share only the [`Conn`].
+//!
+//! Whatever ends the connection — the client's close, a dropped TCP connection, a protocol
+//! violation, the slow-consumer policy, shutdown, a panicking handler — the same tail runs once:
+//! stop the writer, leave the shard, call `on_disconnect` (invariant 6, docs/architecture.md).
+//!
+//! [`upgrade_handler`]: crate::ws::upgrade::upgrade_handler
+
+mod pacing;
+mod read;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Weak};
+
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::frame::close_code;
+use crate::handler::{ConnectionContext, MessageHandler};
+use crate::outbound::{self, Conn, WriteSide};
+use crate::runtime::Admission;
+use crate::service::WebsocketService;
+use crate::sink::WsSink;
+
+pub(crate) use read::Inbound;
+
+/// An upgraded connection's socket: its read side, what the client sent along with the upgrade
+/// request, and its write side.
+pub(crate) struct Upgraded {
+    pub(crate) read: Inbound,
+    /// Bytes that arrived with the upgrade request, read before any from `read`.
+    pub(crate) pre_read: BytesMut,
+    pub(crate) write: WriteSide,
+}
+
+impl Upgraded {
+    /// A TCP stream: the reader and the writer share it, with no lock between them (see the
+    /// holder model in `outbound`).
+    pub(crate) fn tcp(stream: TcpStream, pre_read: BytesMut) -> Self {
+        let _ = stream.set_nodelay(true);
+        let stream = Arc::new(stream);
+        Self {
+            read: Inbound::Tcp(stream.clone()),
+            pre_read,
+            write: WriteSide::Tcp(stream),
+        }
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The service is shutting down.
+    ShuttingDown,
+    /// `max_connections` are open.
+    Full,
+}
+
+/// A connection slot, taken by [`admit`] and held until the connection has ended.
+pub(crate) struct Admitted<H: MessageHandler> {
+    service: Arc<WebsocketService<H>>,
+    admission: Admission,
+}
+
+/// Takes a connection slot, unless the service is shutting down or full.
+pub(crate) fn admit<H: MessageHandler>(
+    service: &Arc<WebsocketService<H>>,
+) -> Result<Admitted<H>, Refused> {
+    if service.runtime.is_shutting_down() {
+        return Err(Refused::ShuttingDown);
+    }
+    let admission = service.runtime.try_admit().ok_or(Refused::Full)?;
+    Ok(Admitted {
+        service: service.clone(),
+        admission,
+    })
+}
+
+/// A spawned connection: its task, and a weak handle on its shared state.
+pub(crate) struct Spawned {
+    pub(crate) task: JoinHandle<()>,
+    pub(crate) conn: Weak<Conn>,
+}
+
+impl<H: MessageHandler> Admitted<H> {
+    /// Subscribes a new connection to `topic`, then spawns its task: it waits for `socket` (the
+    /// upgrade completing) and runs the connection. A `socket` that resolves to `None` (the
+    /// upgrade never completed) undoes the subscription. The slot is released when the task
+    /// ends.
+    ///
+    /// Subscribing comes first so that a client that saw the upgrade succeed receives everything
+    /// published from then on (with Redis: once Redis confirmed the subscription). What arrives
+    /// before the writer starts waits in the connection's bounded queue.
+    pub(crate) async fn join_and_spawn<F>(
+        self,
+        topic: String,
+        user_id: H::UserId,
+        socket: F,
+    ) -> Spawned
+    where
+        F: Future<Output = Option<Upgraded>> + Send + 'static,
+    {
+        let Self { service, admission } = self;
+        let conn = service.runtime.new_conn();
+        let subscribed = service.runtime.hub.join(&conn, &topic).await;
+        let weak = Arc::downgrade(&conn);
+        let task = tokio::spawn(async move {
+            match socket.await {
+                Some(socket) => {
+                    let joined = Joined {
+                        service,
+                        conn,
+                        subscribed,
+                        topic,
+                        user_id,
+                    };
+                    run(joined, socket).await;
+                }
+                None => {
+                    conn.fail();
+                    service.runtime.hub.remove(&conn).await;
+                }
+            }
+            drop(admission);
+        });
+        Spawned { task, conn: weak }
+    }
+}
+
+/// A connection subscribed to its first topic, ready to run.
+struct Joined<H: MessageHandler> {
+    service: Arc<WebsocketService<H>>,
+    conn: Arc<Conn>,
+    /// Whether the subscription worked (`false`: the runtime is gone).
+    subscribed: bool,
+    topic: String,
+    user_id: H::UserId,
+}
+
+/// Why the read loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client sent a close frame; ours is queued in reply.
+    ClientClosed,
+    /// The TCP stream ended or failed.
+    Eof,
+    /// We queued a close (violation, slow consumer, shutdown, sink close): wait for the reply.
+    ServerClosed,
+}
+
+/// Runs the connection to its end.
+async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
+    let Joined {
+        service,
+        conn,
+        subscribed,
+        topic,
+        user_id,
+    } = joined;
+    let Upgraded {
+        read: mut inbound,
+        pre_read,
+        write,
+    } = socket;
+    let rt = &service.runtime;
+    // One span per connection: every event of this connection (handler errors, protocol
+    // violations, close reasons) carries its id, topic and user. The writer's one event names
+    // the connection itself; a span there would cost every idle connection 128 bytes.
+    let span = tracing::debug_span!("ws", conn_id = %conn.id, topic = %topic, user = ?user_id);
+    rt.connection_opened();
+    let writer = outbound::spawn_writer(
+        conn.clone(),
+        write,
+        rt.config.write_delay,
+        rt.config.write_timeout,
+        rt.metrics.clone(),
+    );
+
+    async {
+        let ctx = ConnectionContext {
+            conn_id: conn.id,
+            user_id,
+            topic,
+            app_state: service.app_state.clone(),
+            sink: WsSink::new(conn.clone(), rt.hub.clone()),
+        };
+        if !subscribed || rt.is_shutting_down() {
+            conn.close(close_code::GOING_AWAY, "server shutting down", true);
+        }
+        // Invariant 6: on_connect runs after the subscription is in place.
+        if AssertUnwindSafe(service.handler.on_connect(&ctx))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!("on_connect panicked");
+            conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+        }
+
+        let mut buf = pre_read;
+        let end = read::read_loop(&service, &conn, &ctx, &mut inbound, &mut buf).await;
+        tracing::debug!(?end, "connection ending");
+
+        match end {
+            End::ServerClosed => {
+                // Read until the client's close or EOF so unread input does not turn our close
+                // into a reset, but no longer than the close timeout.
+                let _ = tokio::time::timeout(
+                    rt.config.close_timeout,
+                    read::drain_until_close(&mut inbound, &mut buf),
+                )
+                .await;
+            }
+            End::Eof => conn.fail(),
+            End::ClientClosed => {}
+        }
+        drop(inbound);
+        let mut writer = writer;
+        if tokio::time::timeout(rt.config.close_timeout, &mut writer)
+            .await
+            .is_err()
+        {
+            // The client stopped reading: its close cannot be delivered. Drop the socket (the
+            // aborted writer detaches it from the `Conn`).
+            writer.abort();
+            let _ = writer.await;
+        }
+        rt.hub.remove(&conn).await;
+        // Invariant 6: on_disconnect runs exactly once, here, whatever ended the connection.
+        if AssertUnwindSafe(service.handler.on_disconnect(&ctx))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!("on_disconnect panicked");
+        }
+    }
+    .instrument(span)
+    .await;
+    rt.connection_closed();
+}

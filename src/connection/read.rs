@@ -1,0 +1,412 @@
+//! The reader: takes bytes off the socket, parses frames, answers control frames, and hands
+//! each complete message to the application's handler.
+//!
+//! [`read_loop`] runs these steps until the connection must end:
+//! 1. **parse** a frame off the buffer ([`FrameParser`]);
+//! 2. none complete → **wait** for input, the end of the connection, or the heartbeat
+//!    ([`Reader::wait`]);
+//! 3. a control frame → answer it (**pong**, **close**); a data frame → **assemble** it into a
+//!    message ([`Reader::on_frame`]);
+//! 4. a complete message → the **rate limit**, then the **handler** ([`Reader::on_message`]).
+//!
+//! Nothing a client sends can panic it or grow its memory past the configured limits
+//! (invariant 7, docs/architecture.md): frames and messages are bounded by
+//! `max_message_size`, invalid UTF-8 fails as soon as it arrives, and a panicking handler closes
+//! only its own connection.
+
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use super::End;
+use super::pacing::{Admit, Heartbeat, RateLimiter};
+use crate::frame::{self, Frame, FrameParser, Message, MessageAssembler, OpCode, close_code};
+use crate::handler::{ConnectionContext, MessageHandler};
+use crate::outbound::Conn;
+use crate::service::WebsocketService;
+
+/// Size of one read when the buffer is empty.
+const READ_CHUNK: usize = 4096;
+
+/// The read half of an upgraded connection.
+pub(crate) enum Inbound {
+    /// A TCP stream (the usual case under `axum::serve`).
+    Tcp(Arc<TcpStream>),
+    /// Any other stream: IO hyper upgraded (TLS, a custom listener), or an in-memory pipe
+    /// (the fuzz targets, through `bench_api`).
+    Other(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+impl Inbound {
+    /// Reads what is available into `buf`; `Ok(0)` is end of stream.
+    ///
+    /// For TCP the buffer is only allocated once the socket is readable, so an idle connection
+    /// holds no read buffer at all.
+    pub(super) async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(r) => loop {
+                // `poll_read_ready`, not `readable()`: it takes the socket's reader waker slot,
+                // where hyper's connection task left its waker when it handed the socket over.
+                // That stale waker kept hyper's finished task (2 KiB) allocated per connection.
+                std::future::poll_fn(|cx| r.poll_read_ready(cx)).await?;
+                let mut got = None;
+                // A read that did not fill the buffer emptied the socket (epoll is
+                // edge-triggered), so it also clears the readiness, as tokio's own
+                // `poll_read` does; otherwise every message would cost a second `recv` that
+                // only returns `EAGAIN`. The read runs inside `try_io` so that the clear
+                // applies to the readiness seen before it: data arriving meanwhile sets a
+                // newer readiness that the clear leaves alone.
+                let res = r.try_io(Interest::READABLE, || {
+                    let (n, room) = read_tcp(r, buf)?;
+                    got = Some(n);
+                    if n > 0 && n < room {
+                        Err(std::io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                });
+                match (got, res) {
+                    (Some(n), _) => return Ok(n),
+                    (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    (None, Err(e)) => return Err(e),
+                    (None, Ok(())) => continue,
+                }
+            },
+            Self::Other(r) => {
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                r.read_buf(buf).await
+            }
+        }
+    }
+}
+
+/// One `recv` from `socket` into `buf`: how many bytes came, and how many it had room for.
+///
+/// An empty buffer (the usual case: the previous message was handled and the buffer given
+/// back) is filled through a scratch array on the stack, and then holds exactly what came, a
+/// small allocation. Reserving a whole chunk per message instead cost a 4 KiB allocation that
+/// the allocator often had to take from a fresh, page-faulted page: 7% of a core in the chat
+/// test at 30 000 messages/s (PERF.md#chat-path-profile).
+fn read_tcp(socket: &TcpStream, buf: &mut BytesMut) -> std::io::Result<(usize, usize)> {
+    if buf.is_empty() {
+        let mut scratch = [0u8; READ_CHUNK];
+        let n = socket.try_read(&mut scratch)?;
+        buf.extend_from_slice(&scratch[..n]);
+        return Ok((n, READ_CHUNK));
+    }
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    let room = buf.capacity() - buf.len();
+    Ok((socket.try_read_buf(buf)?, room))
+}
+
+/// What the reader works with, for the steps of [`read_loop`].
+struct Reader<'a, H: MessageHandler> {
+    service: &'a WebsocketService<H>,
+    conn: &'a Conn,
+    ctx: &'a ConnectionContext<H::AppState, H::UserId>,
+    inbound: &'a mut Inbound,
+    buf: &'a mut BytesMut,
+    assembler: MessageAssembler,
+    heartbeat: Heartbeat,
+    limiter: Option<RateLimiter>,
+}
+
+/// Reads and handles frames until the connection must end.
+pub(super) async fn read_loop<H: MessageHandler>(
+    service: &WebsocketService<H>,
+    conn: &Conn,
+    ctx: &ConnectionContext<H::AppState, H::UserId>,
+    inbound: &mut Inbound,
+    buf: &mut BytesMut,
+) -> End {
+    let config = &service.runtime.config;
+    let max = config.max_message_size;
+    let parser = FrameParser::new(max);
+    let mut reader = Reader {
+        service,
+        conn,
+        ctx,
+        inbound,
+        buf,
+        assembler: MessageAssembler::new(max),
+        heartbeat: Heartbeat::new(config.ping_interval, config.pong_timeout),
+        limiter: config
+            .rate_limit
+            .map(|(rate, burst)| RateLimiter::new(rate, burst, config.rate_limit_grace)),
+    };
+    // One timer for the connection's life, armed at the heartbeat's deadline (when disabled the
+    // branch that polls it is off).
+    let mut beat = std::pin::pin!(tokio::time::sleep_until(
+        reader.heartbeat.deadline().unwrap_or_else(Instant::now)
+    ));
+    loop {
+        let step = match parser.parse(reader.buf) {
+            Ok(Some(frame)) => match reader.on_frame(frame).await {
+                None if conn.is_ending() => Some(End::ServerClosed),
+                step => step,
+            },
+            Ok(None) => reader.wait(beat.as_mut()).await,
+            Err(e) => Some(reader.violation(e)),
+        };
+        if let Some(end) = step {
+            return end;
+        }
+    }
+}
+
+impl<H: MessageHandler> Reader<'_, H> {
+    /// No complete frame is buffered: waits for more input, for the connection to end, or for
+    /// the heartbeat's deadline. `Some` when the connection must end.
+    async fn wait(&mut self, mut beat: Pin<&mut Sleep>) -> Option<End> {
+        if self.buf.is_empty() {
+            // Nothing pending: give the buffer back while we wait.
+            *self.buf = BytesMut::new();
+        } else if let Some((opcode, key, masked)) = frame::incomplete_frame(self.buf) {
+            // Invalid UTF-8 inside a text frame still arriving fails now, not once the whole
+            // frame is in (RFC 6455 §8.1: fail fast).
+            if let Err(e) = self.assembler.check_incomplete(opcode, key, masked) {
+                return Some(self.violation(e));
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = self.conn.ended() => Some(End::ServerClosed),
+            read = self.inbound.read_some(self.buf) => match read {
+                Ok(0) | Err(_) => Some(End::Eof),
+                Ok(_) => {
+                    self.heartbeat.heard();
+                    None
+                }
+            },
+            _ = &mut beat, if self.heartbeat.deadline().is_some() => self.on_beat(beat),
+        }
+    }
+
+    /// The heartbeat timer fired. It is not moved when the client is heard (that would cost a
+    /// timer update per message): it fires at the old deadline and is set again to the current
+    /// one. Past the pong timeout the connection ends; otherwise a ping goes out.
+    fn on_beat(&mut self, mut beat: Pin<&mut Sleep>) -> Option<End> {
+        let due = self.heartbeat.deadline().unwrap_or_else(Instant::now);
+        if Instant::now() < due {
+            beat.as_mut().reset(due);
+            return None;
+        }
+        if self.heartbeat.timed_out() {
+            tracing::debug!("heartbeat timeout");
+            self.conn
+                .close(close_code::GOING_AWAY, "ping timeout", false);
+            return Some(End::ServerClosed);
+        }
+        self.conn.push_control(frame::encode(OpCode::Ping, b""));
+        self.heartbeat.pinged();
+        if let Some(at) = self.heartbeat.deadline() {
+            beat.as_mut().reset(at);
+        }
+        None
+    }
+
+    /// One parsed frame: control frames are answered here, data frames assembled into messages.
+    async fn on_frame(&mut self, frame: Frame) -> Option<End> {
+        match frame.opcode {
+            OpCode::Ping => {
+                self.conn
+                    .push_control(frame::encode(OpCode::Pong, &frame.payload));
+                None
+            }
+            OpCode::Pong => None,
+            OpCode::Close => Some(match frame::parse_close_payload(&frame.payload) {
+                Ok(code) => {
+                    self.conn
+                        .close(code.unwrap_or(close_code::NORMAL), "", true);
+                    End::ClientClosed
+                }
+                Err(e) => self.violation(e),
+            }),
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                match self.assembler.push(frame) {
+                    Ok(None) => None,
+                    Ok(Some(message)) => self.on_message(message).await,
+                    Err(e) => Some(self.violation(e)),
+                }
+            }
+        }
+    }
+
+    /// One complete message: counted, rate-limited, then handed to the handler. A panicking
+    /// handler closes this connection with 1011 and nothing else.
+    async fn on_message(&mut self, message: Message) -> Option<End> {
+        let (service, conn, ctx) = (self.service, self.conn, self.ctx);
+        service.runtime.metrics.message_in();
+        match self.limiter.as_mut().map_or(Admit::Yes, RateLimiter::admit) {
+            Admit::Yes => {}
+            Admit::DropAndTell => {
+                send_error(ctx, "Rate limit exceeded: message dropped");
+                return None;
+            }
+            Admit::Drop => return None,
+            Admit::Close => {
+                conn.close(close_code::POLICY_VIOLATION, "rate limit exceeded", false);
+                return Some(End::ServerClosed);
+            }
+        }
+        match message {
+            Message::Text(mut text) => {
+                // Boxed: the decode-handle-publish future (a Redis publish among it) is the
+                // largest state of this loop, and a future's size is that of its largest state.
+                // Inline, every idle connection would carry it.
+                let handled = AssertUnwindSafe(Box::pin(handle_text(service, ctx, &mut text)))
+                    .catch_unwind()
+                    .await;
+                if handled.is_err() {
+                    tracing::error!("message handler panicked");
+                    conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+                    return Some(End::ServerClosed);
+                }
+            }
+            Message::Binary(data) => {
+                let handled = AssertUnwindSafe(service.handler.handle_binary_message(&data, ctx))
+                    .catch_unwind()
+                    .await;
+                match handled {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => send_error(ctx, &e.client_message()),
+                    Err(_) => {
+                        tracing::error!("binary message handler panicked");
+                        conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+                        return Some(End::ServerClosed);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// A protocol violation: counted, and the connection closed with its code after what was
+    /// already queued (echoes of earlier messages).
+    fn violation(&self, e: frame::ProtocolError) -> End {
+        tracing::debug!(code = e.code, reason = e.reason, "protocol violation");
+        self.service.runtime.metrics.protocol_error();
+        self.conn.close(e.code, e.reason, true);
+        End::ServerClosed
+    }
+}
+
+/// Parses one text message and routes it: direct handler first, broadcast on `Ok(None)`.
+async fn handle_text<H: MessageHandler>(
+    service: &WebsocketService<H>,
+    ctx: &ConnectionContext<H::AppState, H::UserId>,
+    text: &mut [u8],
+) {
+    let handler = &service.handler;
+    // The message buffer is ours and is dropped afterwards: a decoder may parse in place.
+    let msg = match handler.decode(text) {
+        Ok(msg) => msg,
+        Err(e) => {
+            send_error(ctx, &e);
+            return;
+        }
+    };
+    match handler.handle_direct_message(&msg, ctx).await {
+        Ok(Some(reply)) => {
+            let _ = ctx.sink.send_json(&reply);
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            send_error(ctx, &e.client_message());
+            return;
+        }
+    }
+    match handler.handle_broadcast_message(msg, ctx).await {
+        Ok(Some(event)) => {
+            let published = match serde_json::to_vec(&event) {
+                Ok(json) => service.runtime.publish(&ctx.topic, Bytes::from(json)).await,
+                Err(e) => Err(crate::broker::PublishError::Serialize(e)),
+            };
+            if let Err(e) = published {
+                tracing::warn!(error = %e, "publish failed");
+                send_error(ctx, &format!("Failed to broadcast event: {e}"));
+            }
+        }
+        Ok(None) => {}
+        Err(e) => send_error(ctx, &e.client_message()),
+    }
+}
+
+/// Sends `{"type":"error","message":…}` to this connection alone.
+fn send_error<S: Send + Sync, U: Send + Sync>(ctx: &ConnectionContext<S, U>, message: &str) {
+    let _ = ctx.sink.send_json(&serde_json::json!({
+        "type": "error",
+        "message": message,
+    }));
+}
+
+/// After we sent a close: skip input, frame by frame and without buffering payloads, until the
+/// client's close frame or EOF. Reading it all keeps unread input from turning our close into a
+/// TCP reset that could destroy the close frame before the client reads it.
+pub(super) async fn drain_until_close(inbound: &mut Inbound, buf: &mut BytesMut) {
+    let mut skip: u64 = 0;
+    loop {
+        if skip > 0 {
+            let n = skip.min(buf.len() as u64) as usize;
+            buf.advance(n);
+            skip -= n as u64;
+        }
+        if skip == 0 {
+            match frame::peek_extent(buf) {
+                Some((0x8, _)) => return,
+                Some((_, total)) => {
+                    skip = total;
+                    continue;
+                }
+                None => {}
+            }
+        }
+        if buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        match inbound.read_some(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_read_into_an_empty_buffer_allocates_only_what_came() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut client, server) = (client.unwrap(), accepted.unwrap().0);
+        let mut inbound = Inbound::Tcp(Arc::new(server));
+
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(inbound.read_some(&mut buf).await.unwrap(), 5);
+        assert_eq!(&buf[..], b"hello");
+        assert!(buf.capacity() < READ_CHUNK, "holds {}", buf.capacity());
+
+        // A message larger than one chunk arrives over several reads, appended in order.
+        let big: Vec<u8> = (0..3 * READ_CHUNK as u32).map(|i| i as u8).collect();
+        client.write_all(&big).await.unwrap();
+        while buf.len() < 5 + big.len() {
+            assert!(inbound.read_some(&mut buf).await.unwrap() > 0);
+        }
+        assert_eq!(&buf[5..], &big[..]);
+    }
+}

@@ -1,0 +1,570 @@
+//! The outbound side of a connection: its queue, who writes to its socket, and when.
+//!
+//! - [`queue`]: the byte-bounded queue of pre-encoded frames and the slow-consumer policies.
+//! - [`gate`]: the one place that decides "write this frame now, or let it wait for a batch".
+//! - [`writer`]: the writer task and its vectored writes.
+//! - here: [`Conn`], the state a connection's tasks and its shard share, and the holder model of
+//!   the socket's write side.
+//!
+//! # Guards
+//! `Conn::state` is a `std::sync::Mutex`: it is held to push a frame, to take the queue, or for
+//! one non-blocking `write`, never across an `.await`. It is contended by at most one shard and
+//! the connection's own tasks — never by two shards, because a connection belongs to exactly one
+//! shard (invariant 3, docs/architecture.md).
+//!
+//! # Who writes to the socket
+//! A TCP connection's stream is one `Arc<TcpStream>` with three holders:
+//! - the **reader** (the connection task) only reads;
+//! - the **writer** task writes whatever it took from the queue;
+//! - the **`Conn`** holds it (`State::socket`) so that the shard can write a delivered frame
+//!   itself ([`Conn::push_or_write`]).
+//!
+//! Writes never overlap, because both writers decide under the `Conn`'s lock: the shard writes
+//! only while holding it, and only when [`Pace::may_write_directly`](gate::Pace) says the writer
+//! holds nothing unwritten and nothing else is pending. Whatever a direct write leaves unwritten
+//! becomes the queue's `partial` frame, which the writer sends before anything else.
+//!
+//! The socket is attached in one place, when the writer starts ([`writer::spawn`]), and
+//! detached in one place, [`Conn::detach_socket`]: by the writer whenever it ends (its close
+//! written, a failed write, or the task aborted) and by [`Conn::fail`]. After that only the
+//! reader and the writer's own handle keep the stream, so it closes with the connection's tasks
+//! even while the application still holds a [`WsSink`](crate::sink::WsSink) to the `Conn`.
+//!
+//! Bytes written to sockets are counted where they are written, into a [`WriteTally`], and
+//! reported to the metrics once per delivery or per batch, not once per frame.
+
+mod gate;
+mod queue;
+mod writer;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::frame;
+use crate::metrics::Metrics;
+use gate::Pace;
+use queue::{Queue, Queued};
+
+pub(crate) use gate::{Delivered, DirectGate};
+pub use queue::SlowConsumerPolicy;
+pub(crate) use queue::{NO_TOPIC, TopicKey};
+pub(crate) use writer::{WriteSide, spawn as spawn_writer};
+
+/// What happened to a frame handed to [`Conn::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// Queued for the writer.
+    Queued,
+    /// Queued, after dropping this many older frames (policies `DropOldest`, `LatestPerTopic`).
+    QueuedDropping(u64),
+    /// Written straight to the socket, in full or in part (any rest is queued first).
+    Written,
+    /// The connection is closing or gone; the frame was dropped.
+    Closed,
+    /// The frame would pass the queue's byte bound: the queue was cleared and the connection is
+    /// being closed with 1008 (slow-consumer policy `Close`).
+    Overflow,
+}
+
+/// Bytes written to client sockets, summed where they are written and reported in one update.
+#[derive(Debug, Default)]
+pub(crate) struct WriteTally(u64);
+
+impl WriteTally {
+    fn add(&mut self, bytes: usize) {
+        self.0 += bytes as u64;
+    }
+
+    /// Bytes counted so far.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> u64 {
+        self.0
+    }
+
+    /// Adds what was counted to `metrics`' `bytes_written`.
+    pub(crate) fn report(self, metrics: &Metrics) {
+        if self.0 > 0 {
+            metrics.add_bytes_written(self.0);
+        }
+    }
+}
+
+/// Everything behind a connection's lock.
+#[derive(Debug, Default)]
+struct State {
+    queue: Queue,
+    pace: Pace,
+    /// The socket, for the shard's direct writes (TCP only, between attach and detach).
+    socket: Option<DirectSocket>,
+}
+
+/// What a direct write needs: the socket, and the connection's write delay for the [`gate`].
+#[derive(Debug)]
+struct DirectSocket {
+    stream: Arc<TcpStream>,
+    write_delay: Duration,
+}
+
+/// The shared part of one connection: its outbound queue and the signals between its tasks.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: Uuid,
+    /// Index of the shard that owns this connection.
+    pub(crate) shard: usize,
+    max_queue_bytes: usize,
+    policy: SlowConsumerPolicy,
+    state: Mutex<State>,
+    /// Wakes the writer. `notify_one` keeps a permit, so a push between the writer's drain and
+    /// its next wait is never missed.
+    writer_wake: Notify,
+    /// Set once the connection must end (close queued, or the socket failed); wakes the reader.
+    ending: AtomicBool,
+    reader_wake: Notify,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        id: Uuid,
+        shard: usize,
+        max_queue_bytes: usize,
+        policy: SlowConsumerPolicy,
+    ) -> Self {
+        Self {
+            id,
+            shard,
+            max_queue_bytes,
+            policy,
+            state: Mutex::new(State::default()),
+            writer_wake: Notify::new(),
+            ending: AtomicBool::new(false),
+            reader_wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the guard is held cannot leave `State` inconsistent (every update is a
+        // single push or swap), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a data frame of `topic` (or [`NO_TOPIC`]). Never blocks and never awaits: safe on
+    /// the dispatch path. Past the byte bound, the slow-consumer policy decides.
+    pub(crate) fn push(&self, frame: Bytes, topic: TopicKey) -> Push {
+        self.push_locked(self.lock(), frame, topic)
+    }
+
+    /// Like [`push`](Self::push), but writes the frame to the socket at once when the [`gate`]
+    /// allows it for this connection at `now` (nothing pending, writer idle, not batching),
+    /// counting what it wrote into `tally`. Never blocks: a socket that does not take the whole
+    /// frame gets the rest queued for the writer.
+    pub(crate) fn push_or_write(
+        &self,
+        frame: Bytes,
+        topic: TopicKey,
+        now: Instant,
+        tally: &mut WriteTally,
+    ) -> Push {
+        let mut st = self.lock();
+        let st_ref = &mut *st;
+        let direct = st_ref.socket.as_ref().filter(|s| {
+            st_ref.queue.close.is_none()
+                && st_ref
+                    .pace
+                    .may_write_directly(st_ref.queue.pending(), now, s.write_delay)
+        });
+        if let Some(socket) = direct {
+            match socket.stream.try_write(&frame) {
+                Ok(n) => {
+                    tally.add(n);
+                    st.pace.wrote_directly(now);
+                    if n < frame.len() {
+                        st.queue.partial = Some(frame.slice(n..));
+                        drop(st);
+                        self.writer_wake.notify_one();
+                    }
+                    return Push::Written;
+                }
+                // Full: the writer waits for room.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    drop(st);
+                    tracing::debug!(conn_id = %self.id, error = %e, "write failed");
+                    self.fail();
+                    return Push::Closed;
+                }
+            }
+        }
+        self.push_locked(st, frame, topic)
+    }
+
+    fn push_locked(&self, mut st: MutexGuard<'_, State>, frame: Bytes, topic: TopicKey) -> Push {
+        let was_empty = !st.queue.pending();
+        match st
+            .queue
+            .push(frame, topic, self.max_queue_bytes, self.policy)
+        {
+            Queued::Yes { dropped } => {
+                drop(st);
+                if was_empty {
+                    self.writer_wake.notify_one();
+                }
+                if dropped > 0 {
+                    Push::QueuedDropping(dropped)
+                } else {
+                    Push::Queued
+                }
+            }
+            // The frame alone is larger than the bound: it is the one dropped.
+            Queued::DroppedItself { dropped } => Push::QueuedDropping(dropped + 1),
+            Queued::Overflow => {
+                drop(st);
+                self.wake_all();
+                Push::Overflow
+            }
+            Queued::Closed => Push::Closed,
+        }
+    }
+
+    /// Queues a control frame (a pong, a ping) ahead of any queued data. Past
+    /// [`MAX_PENDING_CONTROL`](queue::MAX_PENDING_CONTROL) pending frames of its kind, the
+    /// oldest is dropped: RFC 6455 §5.5.3 lets a pong answer only the most recent ping, and a
+    /// client that pings without reading must not grow the queue. (Autobahn 2.10/2.11 expect
+    /// every one of 10 pings answered.)
+    pub(crate) fn push_control(&self, frame: Bytes) {
+        let queued = self.lock().queue.push_control(frame);
+        if queued {
+            self.writer_wake.notify_one();
+        }
+    }
+
+    /// Starts the closing handshake. With `flush`, queued data is written first (shutdown, an
+    /// answer to the client's close); without, it is dropped (protocol error, slow consumer).
+    /// Only the first close counts.
+    pub(crate) fn close(&self, code: u16, reason: &str, flush: bool) {
+        let mut st = self.lock();
+        if st.queue.close.is_some() {
+            return;
+        }
+        if !flush {
+            st.queue.clear_data();
+        }
+        st.queue.close = Some(frame::encode_close(code, reason));
+        drop(st);
+        self.wake_all();
+    }
+
+    /// Whether a close has been queued or the socket has failed.
+    pub(crate) fn is_ending(&self) -> bool {
+        // Acquire pairs with the Release in `wake_all`: whoever sees the flag also sees the
+        // close that was queued before it.
+        self.ending.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection must end.
+    pub(crate) async fn ended(&self) {
+        loop {
+            let notified = self.reader_wake.notified();
+            if self.is_ending() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn wake_all(&self) {
+        self.ending.store(true, Ordering::Release);
+        self.writer_wake.notify_one();
+        self.reader_wake.notify_one();
+    }
+
+    /// Takes everything queued into `batch` (a partial frame's rest, control frames, data, then
+    /// the close frame) for the writer, which holds it until [`written`](Self::written). Returns
+    /// whether the batch ends with the close frame.
+    pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> bool {
+        let mut st = self.lock();
+        st.pace.writer_took();
+        st.queue.take_into(batch)
+    }
+
+    /// Lets the shard write to `stream` directly (see [`push_or_write`](Self::push_or_write)).
+    fn attach_socket(&self, stream: Arc<TcpStream>, write_delay: Duration) {
+        let mut st = self.lock();
+        if st.queue.close.is_none() {
+            st.socket = Some(DirectSocket {
+                stream,
+                write_delay,
+            });
+        }
+    }
+
+    /// Stops direct writes and lets go of the socket (see the module docs).
+    fn detach_socket(&self) {
+        let socket = self.lock().socket.take();
+        // Dropped outside the lock: the last holder's drop closes the socket.
+        drop(socket);
+    }
+
+    /// The writer finished writing `frames` frames; direct writes may resume.
+    fn written(&self, frames: usize) {
+        self.lock().pace.writer_wrote(frames, Instant::now());
+    }
+
+    /// Whether a writer woken now waits `write_delay` before taking the queue.
+    fn writer_waits_first(&self, write_delay: Duration) -> bool {
+        let st = self.lock();
+        st.pace
+            .waits_first(st.queue.partial.is_some(), Instant::now(), write_delay)
+    }
+
+    /// Marks the socket as failed: further frames are dropped, the socket is detached and the
+    /// reader is woken.
+    pub(crate) fn fail(&self) {
+        let mut st = self.lock();
+        st.queue.clear_all();
+        let socket = st.socket.take();
+        if st.queue.close.is_none() {
+            st.queue.close = Some(Bytes::new());
+        }
+        drop(st);
+        drop(socket);
+        self.wake_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue::MAX_PENDING_CONTROL;
+    use super::writer::{TcpWriter, write_frames};
+    use super::*;
+
+    #[test]
+    fn queue_is_bounded_in_bytes() {
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close);
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345"), NO_TOPIC),
+            Push::Queued
+        );
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345"), NO_TOPIC),
+            Push::Queued
+        );
+        assert_eq!(
+            conn.push(Bytes::from_static(b"1"), NO_TOPIC),
+            Push::Overflow
+        );
+        assert!(conn.is_ending());
+        assert_eq!(conn.push(Bytes::from_static(b"1"), NO_TOPIC), Push::Closed);
+        let mut batch = Vec::new();
+        assert!(conn.take(&mut batch));
+        // Only the 1008 close frame is left.
+        assert_eq!(batch.len(), 1);
+        assert_eq!(&batch[0][2..4], &1008u16.to_be_bytes());
+    }
+
+    #[test]
+    fn close_with_flush_keeps_queued_data_first() {
+        let conn = Conn::new(Uuid::nil(), 0, 100, SlowConsumerPolicy::Close);
+        conn.push(Bytes::from_static(b"a"), NO_TOPIC);
+        conn.push_control(Bytes::from_static(b"p"));
+        conn.close(1001, "bye", true);
+        let mut batch = Vec::new();
+        assert!(conn.take(&mut batch));
+        assert_eq!(&batch[0][..], b"p");
+        assert_eq!(&batch[1][..], b"a");
+        assert_eq!(&batch[2][2..4], &1001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn control_frames_keep_only_the_newest_few_of_each_kind() {
+        let conn = Conn::new(Uuid::nil(), 0, 100, SlowConsumerPolicy::Close);
+        for i in 0..1000u16 {
+            conn.push_control(frame::encode(frame::OpCode::Pong, &i.to_be_bytes()));
+        }
+        conn.push_control(frame::encode(frame::OpCode::Ping, b""));
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch.len(), MAX_PENDING_CONTROL + 1);
+        assert_eq!(
+            &batch[0][2..],
+            &(1000 - MAX_PENDING_CONTROL as u16).to_be_bytes()
+        );
+        assert_eq!(&batch[MAX_PENDING_CONTROL - 1][2..], &999u16.to_be_bytes());
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_the_connection() {
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::DropOldest);
+        for f in [&b"aaaa"[..], b"bbbb", b"cccc"] {
+            conn.push(Bytes::from_static(f), NO_TOPIC);
+        }
+        assert!(!conn.is_ending());
+        let mut batch = Vec::new();
+        assert!(!conn.take(&mut batch));
+        assert_eq!(batch, vec![&b"bbbb"[..], b"cccc"]);
+        // A frame larger than the whole bound is the one dropped.
+        assert_eq!(
+            conn.push(Bytes::from(vec![0; 11]), NO_TOPIC),
+            Push::QueuedDropping(1)
+        );
+    }
+
+    #[test]
+    fn latest_per_topic_conflates_when_full() {
+        let conn = Conn::new(Uuid::nil(), 0, 12, SlowConsumerPolicy::LatestPerTopic);
+        // Under the bound nothing is replaced.
+        assert_eq!(conn.push(Bytes::from_static(b"a1"), 1), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"b1"), 2), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"a2"), 1), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"d1"), NO_TOPIC), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"b2"), 2), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"a3"), 1), Push::Queued);
+        // Full: compacted to the newest of each topic, the incoming one replacing a3.
+        assert_eq!(
+            conn.push(Bytes::from_static(b"a4"), 1),
+            Push::QueuedDropping(4)
+        );
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch, vec![&b"d1"[..], b"b2", b"a4"]);
+    }
+
+    /// `push_or_write` of a frame without a topic: what happened to it, and how many of its
+    /// bytes went straight to the socket.
+    fn offer(conn: &Conn, frame: Bytes, now: Instant) -> (Push, u64) {
+        let mut tally = WriteTally::default();
+        let push = conn.push_or_write(frame, NO_TOPIC, now, &mut tally);
+        (push, tally.bytes())
+    }
+
+    /// A connected loopback pair: the server's end (shared, as the writer and the shard hold
+    /// it) and the client's.
+    async fn tcp_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (Arc::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    async fn read_exactly(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        tokio::io::AsyncReadExt::read_exact(client, &mut buf)
+            .await
+            .unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_written_directly_only_while_nothing_else_is_pending() {
+        let (socket, mut client) = tcp_pair().await;
+        let conn = Conn::new(Uuid::nil(), 0, 1 << 30, SlowConsumerPolicy::Close);
+        let delay = Duration::from_millis(20);
+        conn.attach_socket(socket.clone(), delay);
+        // Wait until tokio has seen the new socket writable: until then a write is refused.
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+
+        let a = Bytes::from_static(b"first");
+        assert_eq!(offer(&conn, a.clone(), t0), (Push::Written, 5));
+        assert_eq!(read_exactly(&mut client, 5).await, b"first");
+
+        // Written 0 ms ago: the connection counts as batching, so the next frame is queued.
+        let b = Bytes::from_static(b"second");
+        assert_eq!(offer(&conn, b.clone(), t0), (Push::Queued, 0));
+        // Queued data goes first, whatever the time: a direct write would overtake it.
+        let later = t0 + Duration::from_secs(1);
+        let c = Bytes::from_static(b"third");
+        assert_eq!(offer(&conn, c.clone(), later), (Push::Queued, 0));
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch, vec![b.clone(), c.clone()]);
+        // The writer has taken frames and not finished: still no direct write.
+        let d = Bytes::from_static(b"fourth");
+        assert_eq!(offer(&conn, d, later), (Push::Queued, 0));
+        conn.take(&mut batch);
+        conn.written(batch.len());
+
+        // Idle again, and long enough after its last write.
+        let much_later = Instant::now() + Duration::from_secs(1);
+        let e = Bytes::from_static(b"fifth");
+        assert_eq!(offer(&conn, e, much_later), (Push::Written, 5));
+        assert_eq!(read_exactly(&mut client, 5).await, b"fifth");
+
+        // A closing connection takes nothing more, directly or not.
+        conn.close(1000, "", true);
+        let f = Bytes::from_static(b"sixth");
+        assert_eq!(offer(&conn, f, much_later), (Push::Closed, 0));
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_partly_written_frame_goes_first_and_is_never_dropped() {
+        let (socket, mut client) = tcp_pair().await;
+        // A bound smaller than the frame: the rest must be kept anyway.
+        let conn = Conn::new(Uuid::nil(), 0, 16, SlowConsumerPolicy::DropOldest);
+        conn.attach_socket(socket.clone(), Duration::from_millis(20));
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
+        // Larger than any loopback socket buffer: the socket takes only part of it.
+        let big: Bytes = (0..64u32 << 20)
+            .map(|i| i as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let (push, n) = offer(&conn, big.clone(), Instant::now());
+        assert_eq!(push, Push::Written, "the first frame is written directly");
+        let n = n as usize;
+        assert!(n > 0 && n < big.len(), "wrote {n} of {}", big.len());
+        // The writer sends the rest at once: the delay would only hold up this frame.
+        assert!(!conn.writer_waits_first(Duration::from_millis(20)));
+        // Later frames queue behind the rest; the policy drops those, never the rest.
+        for _ in 0..4 {
+            conn.push(Bytes::from_static(b"0123456789"), NO_TOPIC);
+        }
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0], big.slice(n..));
+        assert_eq!(&batch[1][..], b"0123456789");
+
+        // The writer finishes the frame: the client gets it whole, then the queued frame.
+        let mut writer = TcpWriter(socket);
+        let reading = tokio::spawn(async move {
+            let got = read_exactly(&mut client, big.len() + 10).await;
+            got[..big.len()] == big[..] && &got[big.len()..] == b"0123456789"
+        });
+        write_frames(&mut writer, &batch, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(reading.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn write_frames_survives_partial_writes() {
+        // A duplex pipe with a tiny buffer forces many partial writes.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let frames: Vec<Bytes> = (0..50u8)
+            .map(|i| Bytes::from(vec![i; (i as usize % 13) + 1]))
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut out)
+                .await
+                .unwrap();
+            out
+        });
+        write_frames(&mut a, &frames, Duration::from_secs(10))
+            .await
+            .unwrap();
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expected);
+    }
+}

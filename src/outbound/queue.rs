@@ -1,0 +1,208 @@
+//! One connection's outbound queue: pre-encoded frames waiting for its socket, bounded in
+//! bytes, and what happens past the bound (the [`SlowConsumerPolicy`]).
+//!
+//! The queue holds complete frames ([`Bytes`]): a broadcast frame is shared by every subscriber,
+//! so queuing it costs a refcount and a slot, never a copy (invariant 2, docs/architecture.md).
+//! Data frames are bounded in bytes and control frames in count, so nothing a client does or
+//! fails to do grows it without limit (invariants 4 and 7).
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::frame;
+
+/// What a connection whose client reads too slowly gets, once its outbound queue would pass its
+/// byte bound ([`outbound_queue_bytes`](crate::WebsocketServiceBuilder::outbound_queue_bytes)).
+///
+/// ## Lagging
+/// A client that reads slower than messages arrive falls behind; its queue grows until the
+/// bound. What happens then is decided per connection, and never slows other clients or the
+/// shard delivering to it:
+/// - [`Close`](Self::Close) (default): everything queued is dropped and the client receives a
+///   close frame with code 1008 (`"slow consumer: outbound queue full"`). Counted in
+///   `slow_consumer_closes`. The client knows it missed messages and can reconnect and resync.
+/// - [`DropOldest`](Self::DropOldest): the oldest queued messages are dropped until the new one
+///   fits; the connection stays open. The client silently misses a run of messages (a gap), then
+///   continues with the newest ones. Counted in `slow_consumer_drops`.
+/// - [`LatestPerTopic`](Self::LatestPerTopic): conflation. When the queue is full, it is
+///   compacted to the newest message of each topic (direct replies are kept), the incoming
+///   message replacing its topic's; only if that is still too big are the oldest dropped, like
+///   `DropOldest`. A client that keeps up gets every message; a lagging dashboard gets the
+///   latest value of every topic instead of a backlog. Counted in `slow_consumer_drops`.
+///
+/// Independently, a write that makes no progress for the write timeout closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SlowConsumerPolicy {
+    /// Close with 1008 and drop what was queued.
+    #[default]
+    Close,
+    /// Drop the oldest queued messages; keep the connection.
+    DropOldest,
+    /// Keep only the newest queued message of each topic; keep the connection.
+    LatestPerTopic,
+}
+
+/// A queued frame's topic, for conflation: the address of the shard's interned topic name, or
+/// [`NO_TOPIC`] for direct frames. Only compared, never dereferenced.
+pub(crate) type TopicKey = usize;
+pub(crate) const NO_TOPIC: TopicKey = 0;
+
+/// Most control frames of one kind (pong, ping) waiting to be written.
+pub(super) const MAX_PENDING_CONTROL: usize = 16;
+
+/// What [`Queue::push`] did with a data frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Queued {
+    /// Queued, after dropping this many older frames (0 when nothing was dropped).
+    Yes { dropped: u64 },
+    /// Not queued: the frame alone is larger than the bound (`DropOldest`, `LatestPerTopic`).
+    DroppedItself { dropped: u64 },
+    /// Past the bound under [`SlowConsumerPolicy::Close`]: the queue was cleared and the 1008
+    /// close frame queued.
+    Overflow,
+    /// A close is queued: nothing more is accepted.
+    Closed,
+}
+
+/// Frames waiting to be written, in the order they go out: the rest of a partly written frame,
+/// control frames, data frames, then the close frame.
+#[derive(Debug, Default)]
+pub(super) struct Queue {
+    /// The rest of a frame a direct write left unfinished: written before anything else, and
+    /// never dropped by a slow-consumer policy (the stream would lose its framing).
+    pub(super) partial: Option<Bytes>,
+    /// Control frames (pongs, heartbeat pings) sent before queued data: at most
+    /// [`MAX_PENDING_CONTROL`] of each kind, the newest, so a ping flood cannot grow it.
+    control: Vec<Bytes>,
+    /// Data frames with their topic, in delivery order.
+    data: VecDeque<(TopicKey, Bytes)>,
+    /// Sum of `data` lengths.
+    data_bytes: usize,
+    /// Close frame to send once `data` is written; after it nothing else is accepted. An empty
+    /// frame marks a failed socket: nothing is written any more.
+    pub(super) close: Option<Bytes>,
+}
+
+impl Queue {
+    /// Whether anything waits to be written: a partial frame's rest, control frames or data.
+    pub(super) fn pending(&self) -> bool {
+        self.partial.is_some() || !self.control.is_empty() || !self.data.is_empty()
+    }
+
+    /// Queues a data frame of `topic`; past `max_bytes`, `policy` decides.
+    pub(super) fn push(
+        &mut self,
+        frame: Bytes,
+        topic: TopicKey,
+        max_bytes: usize,
+        policy: SlowConsumerPolicy,
+    ) -> Queued {
+        if self.close.is_some() {
+            return Queued::Closed;
+        }
+        let mut dropped = 0u64;
+        if self.data_bytes + frame.len() > max_bytes && policy == SlowConsumerPolicy::LatestPerTopic
+        {
+            dropped += self.conflate(topic);
+        }
+        if self.data_bytes + frame.len() > max_bytes {
+            match policy {
+                SlowConsumerPolicy::Close => {
+                    self.clear_data();
+                    self.close = Some(frame::encode_close(
+                        frame::close_code::POLICY_VIOLATION,
+                        "slow consumer: outbound queue full",
+                    ));
+                    return Queued::Overflow;
+                }
+                SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::LatestPerTopic => {
+                    while self.data_bytes + frame.len() > max_bytes {
+                        match self.data.pop_front() {
+                            Some((_, old)) => {
+                                self.data_bytes -= old.len();
+                                dropped += 1;
+                            }
+                            None => return Queued::DroppedItself { dropped },
+                        }
+                    }
+                }
+            }
+        }
+        self.data_bytes += frame.len();
+        self.data.push_back((topic, frame));
+        Queued::Yes { dropped }
+    }
+
+    /// Queues a control frame ahead of any queued data. Past [`MAX_PENDING_CONTROL`] pending
+    /// frames of its kind, the oldest is dropped. `false` once a close is queued.
+    pub(super) fn push_control(&mut self, frame: Bytes) -> bool {
+        if self.close.is_some() {
+            return false;
+        }
+        let kind = frame.first().copied();
+        let same_kind = self
+            .control
+            .iter()
+            .filter(|f| f.first().copied() == kind)
+            .count();
+        if same_kind >= MAX_PENDING_CONTROL {
+            if let Some(oldest) = self.control.iter().position(|f| f.first().copied() == kind) {
+                self.control.remove(oldest);
+            }
+        }
+        self.control.push(frame);
+        true
+    }
+
+    /// Drops every queued data frame (not the partial rest, which keeps the stream framed).
+    pub(super) fn clear_data(&mut self) {
+        self.data.clear();
+        self.data_bytes = 0;
+    }
+
+    /// Drops everything: the socket failed.
+    pub(super) fn clear_all(&mut self) {
+        self.clear_data();
+        self.control.clear();
+        self.partial = None;
+    }
+
+    /// Moves everything queued into `batch`, in the order it goes out. Returns whether the batch
+    /// ends with the close frame.
+    pub(super) fn take_into(&mut self, batch: &mut Vec<Bytes>) -> bool {
+        batch.extend(self.partial.take());
+        batch.append(&mut self.control);
+        batch.extend(self.data.drain(..).map(|(_, frame)| frame));
+        self.data_bytes = 0;
+        match &self.close {
+            Some(close) => {
+                batch.push(close.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keeps, of each topic's queued frames, only the newest — and none of `incoming`'s topic,
+    /// whose newer frame is about to be queued. Direct frames stay. Returns how many frames were
+    /// dropped.
+    fn conflate(&mut self, incoming: TopicKey) -> u64 {
+        let mut seen = ahash::AHashSet::new();
+        if incoming != NO_TOPIC {
+            seen.insert(incoming);
+        }
+        let before = self.data.len();
+        let mut kept = VecDeque::with_capacity(before);
+        for (topic, frame) in self.data.drain(..).rev() {
+            if topic == NO_TOPIC || seen.insert(topic) {
+                kept.push_front((topic, frame));
+            } else {
+                self.data_bytes -= frame.len();
+            }
+        }
+        self.data = kept;
+        (before - self.data.len()) as u64
+    }
+}
