@@ -55,7 +55,7 @@ impl Default for Config {
             outbound_queue_bytes: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Close,
             write_timeout: Duration::from_secs(10),
-            // Measured (PERF.md, sections 13 and 20b): paid only by connections that receive more
+            // Measured (PERF.md#chat-path-write-delay, PERF.md#write-delay-batching-rule): paid only by connections that receive more
             // than 250 frames/s or whose writes carry three frames or more. 20 ms against 10 took
             // the chat test's passing steps (p99 ≤ 100 ms) from 20 000-25 000 to 30 000-45 000
             // messages/s; 30 ms was no better.

@@ -1,13 +1,13 @@
 //! The WebSocket frame codec (RFC 6455 §5), server side.
 //!
 //! Outbound frames are encoded **once** into a single [`Bytes`] holding header and payload, so the
-//! same buffer can be handed to every subscriber of a topic (a refcount bump each, never a copy).
-//! Server frames are never masked.
+//! same buffer can be handed to every subscriber of a topic (a refcount bump each, never a copy:
+//! invariant 2, docs/architecture.md). Server frames are never masked.
 //!
 //! Inbound frames are parsed by [`FrameParser`], which enforces what fastwebsockets 0.10 does not:
 //! client frames must be masked, control frames must be final and at most 125 bytes, reserved bits
 //! and opcodes are rejected, and a frame larger than the configured limit is refused from its
-//! header alone, before any of its payload is buffered.
+//! header alone, before any of its payload is buffered (invariant 7).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 

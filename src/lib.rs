@@ -13,18 +13,29 @@
 //! [migrating from 0.1.0](guides::migrating_from_0_1).
 //!
 //! # Layout
-//! - [`auth`]: `TokenValidator` and the `WsAuth` extractor (feature `auth`).
+//! From the application's side down to the socket and the broker; a module uses only those
+//! below it. `docs/architecture.md` in the repository has the task and lock model and the
+//! numbered invariants that the code cites.
 //! - [`ws`]: the public facade at 0.1.0's paths — `handler`, `service`, `upgrade`, `types`.
-//! - `connection`: one connection's life: read, parse, run the handler, close, clean up.
-//! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
-//! - `outbound`: each connection's byte-bounded queue and the writer that drains it in
-//!   vectored writes.
-//! - `shard`: topic maps, each owned by one task; the dispatcher that frames each published
-//!   message once and hands it to every shard.
+//!   [`auth`] (feature `auth`): `TokenValidator` and the `WsAuth` extractor. [`bind`] and
+//!   [`shutdown_signal`] for serving.
+//! - `service`: [`WebsocketService`](ws::service::WebsocketService) and its builder: the
+//!   runtime, the application's handler and its state.
+//! - `handler`: the [`MessageHandler`](ws::handler::MessageHandler) trait a connection calls.
+//! - `connection`: one connection's life: admitted, subscribed, spawned; read, parse, run the
+//!   handler; close, clean up.
+//! - `sink`: [`WsSink`](ws::types::WsSink), which queues frames for one connection.
+//! - `runtime`: wires shards, dispatcher and broker together; joins and leaves; connection
+//!   accounting; shutdown.
+//! - `topic`: which topic names are allowed.
 //! - `broker`: where publishes go and deliveries come from (in-process; Redis with `REDIS_URL`).
-//! - `runtime`: wires shards, dispatcher and broker together; connection accounting; shutdown.
-//! - `config`, `metrics`: settings and counters.
-//! - [`bind`]: a TCP listener with an accept queue long enough for handshake bursts.
+//! - `dispatch`: frames each published message once and hands the frame to every shard, in the
+//!   broker's order.
+//! - `shard`: topic maps, each owned by one task, and delivery to local subscribers.
+//! - `outbound`: each connection's byte-bounded queue, the one rule that decides between a
+//!   direct write and a batch, and the writer that drains the queue in vectored writes.
+//! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
+//! - `config`, `metrics`, `shrink`: settings, counters, giving memory back after a peak.
 //! - [`guides`]: scaling out, tuning, migrating from 0.1.0 (documentation only).
 //!
 //! # Data path
@@ -32,9 +43,11 @@
 //! client ─GET /ws/{topic}─► WsAuth ─► validator ─► upgrade ─► connection (shard = id % N)
 //!   reader: frames ─► JSON ──────► MessageHandler ─┬─ direct reply ─► this connection's queue
 //!                                                  └─ ServerEvent ─► serialize once ─► broker
-//! broker ─► dispatcher: encode ONE frame (Bytes) ─► every shard
-//! shard: for each local subscriber of the topic ─► push the same Bytes (refcount) ─► writer
-//! writer: everything queued ─► one vectored write
+//! broker ─► dispatcher: encode ONE frame (Bytes) ─► every shard, in the broker's order
+//! shard: for each local subscriber of the topic
+//!   ├─ quiet connection, gate open ─► one non-blocking write of the frame to its socket
+//!   └─ otherwise ─► push the same Bytes (a refcount) onto its queue ─► writer
+//! writer: wait write_delay while batching, then everything queued ─► one vectored write
 //! ```
 //!
 //! # Feature flags

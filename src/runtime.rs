@@ -16,7 +16,9 @@ use crate::metrics::Metrics;
 use crate::outbound::Conn;
 use crate::shard::{self, Command};
 
-/// Capacity of the channel between the broker and the dispatcher.
+/// Capacity of the channel between the broker and the dispatcher. Every channel of the runtime is
+/// bounded: a producer that gets ahead waits instead of queuing without limit (invariant 4,
+/// docs/architecture.md).
 const DISPATCH_CHANNEL: usize = 8192;
 
 /// What a connection needs to join and leave topics: the shards and the broker. Shared (in an

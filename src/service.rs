@@ -227,7 +227,8 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// `ZERO` never waits and lets batches form only from what queues up while a write is in
     /// progress. For a busy connection the delay trades that much latency for far fewer
     /// syscalls per delivered message, which is what keeps a saturated core from queueing
-    /// without bound; PERF.md (sections 4, 9, 13, 20 and 21) shows the measured trade-off.
+    /// without bound; PERF.md#write-delay-fixed, #adaptive-write-delay, #chat-path-write-delay,
+    /// #write-delay-batching-rule and #direct-writes show the measured trade-off.
     pub fn write_delay(mut self, delay: Duration) -> Self {
         self.config.write_delay = delay;
         self

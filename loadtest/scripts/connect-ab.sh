@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interleaved connect runs of two builds of basic_chat (and of the second one with mimalloc's
-# default purge delay), unpinned, with a private Redis: the before/after of PERF.md section 12.
+# default purge delay), unpinned, with a private Redis: the before/after of PERF.md#accept-queue-and-allocator.
 #
 #   loadtest/scripts/connect-ab.sh BEFORE_BIN AFTER_BIN [REPS]
 #

@@ -11,9 +11,9 @@
 //! - it reads continuously into one buffer (Redis never drops it for a full output buffer while
 //!   the dispatcher keeps up), and hands payloads on as `Bytes` slices of that buffer;
 //! - its hand-off to the dispatcher is a bounded channel (redis-rs's pub/sub stream is unbounded);
-//! - subscriptions are reference-counted per instance: a topic is SUBSCRIBEd when its first shard
-//!   gains a subscriber and UNSUBSCRIBEd when its last shard loses one, changes coalesced into
-//!   batched commands of at most [`BATCH`] channels;
+//! - subscriptions are reference-counted per instance (invariant 5, docs/architecture.md): a
+//!   topic is SUBSCRIBEd when its first shard gains a subscriber and UNSUBSCRIBEd when its last
+//!   shard loses one, changes coalesced into batched commands of at most [`BATCH`] channels;
 //! - after a reconnect (capped exponential backoff with jitter) every live topic is re-subscribed
 //!   in one pipelined write, and no client has to reconnect;
 //! - a probe published on an instance-private channel every [`PROBE_INTERVAL`] must come back
@@ -365,7 +365,7 @@ impl Subscriber {
                 _ = tick.tick() => {
                     // An empty read buffer is given back; the next read takes a new one. The
                     // buffer in use when a load ends was allocated during it, and one 64 KiB
-                    // block keeps a whole 512 KiB allocator page resident (PERF.md, section 19).
+                    // block keeps a whole 512 KiB allocator page resident (PERF.md#what-a-load-leaves-behind).
                     // At most one allocation per tick.
                     if buf.is_empty() {
                         buf = BytesMut::new();
