@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use serde::Serialize;
 
-/// A server the harness can start. All speak the basic_chat protocol (DESIGN.md §5).
+/// A server the harness can start. All speak the `basic_chat` example's protocol (its module docs;
+/// summarized in docs/architecture.md, "The example's contract").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum System {

@@ -1,5 +1,6 @@
 //! What the three load-test peers share: environment, tokens, topic rules and the message shapes
-//! of the `basic_chat` contract (DESIGN.md §5).
+//! of the `basic_chat` example's protocol (its module docs; summarized in docs/architecture.md,
+//! "The example's contract").
 //!
 //! The peers are `peer_reference` (the published `axum-realtime-kit` 0.1.0), `peer_axum`
 //! (hand-written axum + redis-rs) and `peer_limit` (raw tokio, the machine's ceiling). Each one

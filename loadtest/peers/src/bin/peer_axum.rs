@@ -1,7 +1,7 @@
 //! Load-test peer: what a Rust developer writes by hand without our crate. axum 0.8's built-in
 //! WebSocket, one `tokio::sync::broadcast` channel per topic, one redis-rs subscriber connection
 //! feeding them and one shared multiplexed connection for publishing. Serves the `basic_chat`
-//! contract (DESIGN.md §5).
+//! example's protocol (its module docs).
 //!
 //! Environment: `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (required).
 

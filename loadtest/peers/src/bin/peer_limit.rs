@@ -3,7 +3,7 @@
 //! One thread (a current-thread tokio runtime), a hand-parsed HTTP upgrade, a hand-written
 //! RESP2 subscriber and publisher, and fan-out that encodes each Redis payload once into a
 //! complete unmasked text frame and writes that buffer to every subscriber of the topic. It
-//! serves the `basic_chat` contract (DESIGN.md §5).
+//! serves the `basic_chat` example's protocol (its module docs).
 //!
 //! Environment:
 //! - `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (required, `redis://` over TCP).

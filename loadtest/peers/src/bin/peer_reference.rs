@@ -1,6 +1,6 @@
 //! Load-test peer: the published `axum-realtime-kit` 0.1.0 (renamed `seedkit` here), used the way
-//! a user of that release would, through its public API only, serving the `basic_chat` contract
-//! (DESIGN.md §5). Deliberately not tuned.
+//! a user of that release would, through its public API only, serving the `basic_chat` example's
+//! protocol (its module docs). Deliberately not tuned.
 //!
 //! Environment: `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (required).
 
