@@ -125,6 +125,10 @@ struct CompareArgs {
     /// Extra KEY=VALUE environment for our server.
     #[arg(long = "ours-env", value_delimiter = ',')]
     ours_env: Vec<String>,
+    /// Another build of basic_chat, run as the system `baseline` with the same settings as
+    /// `ours` (e.g. `--systems ours,baseline --baseline /tmp/before/basic_chat`).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 fn workspace_root() -> PathBuf {
@@ -253,20 +257,26 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
     for rep in 0..args.reps.max(1) {
         for &sys in &args.systems {
             eprintln!("== {} (rep {}/{})", sys.name(), rep + 1, args.reps.max(1));
-            let env = if sys == System::Ours {
+            let like_ours = matches!(sys, System::Ours | System::Baseline);
+            let env = if like_ours {
                 system::env_pairs(&args.ours_env)
             } else {
                 Vec::new()
             };
             let opts = StartOpts {
                 redis_url: Some(redis_url.clone()),
-                shards: if sys == System::Ours {
-                    args.shards
+                shards: if like_ours { args.shards } else { None },
+                cpus: args.pin.then(|| "0".to_string()),
+                env,
+                binary: if sys == System::Baseline {
+                    Some(
+                        args.baseline
+                            .clone()
+                            .ok_or("--systems baseline needs --baseline PATH")?,
+                    )
                 } else {
                     None
                 },
-                cpus: args.pin.then(|| "0".to_string()),
-                env,
             };
             let result = async {
                 let mut server =

@@ -354,6 +354,7 @@ pub(crate) async fn soak(root: &Path, args: &SoakArgs) -> Result<SoakResult, Str
         shards: args.shards,
         cpus: None,
         env: system::env_pairs(&args.server_env),
+        binary: None,
     };
     let mut server =
         system::start_system(System::Ours, &target_dir, &opts).map_err(|e| e.to_string())?;

@@ -15,6 +15,9 @@ use serde::Serialize;
 pub(crate) enum System {
     /// This crate's `examples/basic_chat`.
     Ours,
+    /// Another build of `examples/basic_chat` (`compare --baseline PATH`), run exactly like
+    /// `ours`: a before/after comparison of two builds in one interleaved run.
+    Baseline,
     /// axum-realtime-kit 0.1.0 from crates.io (`loadtest/peers`, `peer_reference`).
     Reference,
     /// axum's built-in WebSocket + a tokio broadcast channel per topic + redis-rs.
@@ -29,6 +32,7 @@ impl System {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Ours => "ours",
+            Self::Baseline => "ours (baseline)",
             Self::Reference => "reference 0.1.0",
             Self::Axum => "axum + broadcast",
             Self::LimitSingle => "limit (single)",
@@ -38,7 +42,7 @@ impl System {
 
     fn binary(self, target: &Path) -> PathBuf {
         match self {
-            Self::Ours => target.join("examples/basic_chat"),
+            Self::Ours | Self::Baseline => target.join("examples/basic_chat"),
             Self::Reference => target.join("peer_reference"),
             Self::Axum => target.join("peer_axum"),
             Self::LimitSingle | Self::LimitBatch => target.join("peer_limit"),
@@ -188,6 +192,8 @@ pub(crate) struct StartOpts {
     pub(crate) cpus: Option<String>,
     /// Extra environment, e.g. `WRITE_DELAY_MS`.
     pub(crate) env: Vec<(String, String)>,
+    /// The server binary, instead of the system's own (`System::Baseline`).
+    pub(crate) binary: Option<PathBuf>,
 }
 
 /// The server's standard error: discarded, unless `LOADTEST_SERVER_STDERR` names a file to
@@ -210,7 +216,7 @@ pub(crate) fn start_system(
     opts: &StartOpts,
 ) -> std::io::Result<Proc> {
     let port = free_port();
-    let bin = system.binary(target);
+    let bin = opts.binary.clone().unwrap_or_else(|| system.binary(target));
     if !bin.exists() {
         return Err(std::io::Error::other(format!(
             "{} is not built (run without --no-build)",
