@@ -19,15 +19,14 @@
 //! - [`ws`]: the public facade at 0.1.0's paths — `handler`, `service`, `upgrade`, `types`.
 //!   [`auth`] (feature `auth`): `TokenValidator` and the `WsAuth` extractor. [`bind`] and
 //!   [`shutdown_signal`] for serving.
+//! - `connection`: one connection's life: admitted, subscribed, spawned; read, parse, run the
+//!   handler; close, clean up.
 //! - `service`: [`WebsocketService`](ws::service::WebsocketService) and its builder: the
 //!   runtime, the application's handler and its state.
 //! - `handler`: the [`MessageHandler`](ws::handler::MessageHandler) trait a connection calls.
-//! - `connection`: one connection's life: admitted, subscribed, spawned; read, parse, run the
-//!   handler; close, clean up.
 //! - `sink`: [`WsSink`](ws::types::WsSink), which queues frames for one connection.
 //! - `runtime`: wires shards, dispatcher and broker together; joins and leaves; connection
 //!   accounting; shutdown.
-//! - `topic`: which topic names are allowed.
 //! - `broker`: where publishes go and deliveries come from (in-process; Redis with `REDIS_URL`).
 //! - `dispatch`: frames each published message once and hands the frame to every shard, in the
 //!   broker's order.
@@ -35,6 +34,7 @@
 //! - `outbound`: each connection's byte-bounded queue, the one rule that decides between a
 //!   direct write and a batch, and the writer that drains the queue in vectored writes.
 //! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
+//! - `topic`: which topic names are allowed.
 //! - `config`, `metrics`, `shrink`: settings, counters, giving memory back after a peak.
 //! - [`guides`]: scaling out, tuning, migrating from 0.1.0 (documentation only).
 //!
