@@ -263,27 +263,10 @@ impl Client {
     }
 }
 
+/// A client frame as [`Client::send_frame`] sends it: `mask: false` breaks RFC 6455 on purpose.
 pub fn encode_client_frame(fin: bool, opcode: u8, payload: &[u8], mask: bool) -> Vec<u8> {
-    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-    let mask_bit = if mask { 0x80 } else { 0 };
-    let len = payload.len();
-    if len < 126 {
-        out.push(mask_bit | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(mask_bit | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(mask_bit | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    if mask {
-        let key = [0x12, 0x34, 0x56, 0x78];
-        out.extend_from_slice(&key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
-    out
+    let key = mask.then_some([0x12, 0x34, 0x56, 0x78]);
+    axum_realtime_kit::bench_api::client_frame(fin, opcode, payload, key).into()
 }
 
 fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
