@@ -14,21 +14,13 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum_realtime_kit::WebsocketServiceBuilder;
 use axum_realtime_kit::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 #[derive(Debug, Deserialize)]
 pub enum ClientMessage {
     SendMessage { room: String, text: String },
     Ping,
-}
-
-#[derive(Debug, Serialize)]
-pub enum ServerEvent {
-    NewMessage {
-        room: String,
-        username: String,
-        text: String,
-    },
 }
 
 /// Users are known by their name.
@@ -38,7 +30,7 @@ pub struct ChatHandler;
 #[async_trait]
 impl MessageHandler for ChatHandler {
     type ClientMessage = ClientMessage;
-    type ServerEvent = ServerEvent;
+    type ServerEvent = Value;
     type AppState = ();
     type UserId = String;
 
@@ -46,15 +38,15 @@ impl MessageHandler for ChatHandler {
         &self,
         msg: &ClientMessage,
         _ctx: &ConnectionContext<(), String>,
-    ) -> Result<Option<serde_json::Value>, HandlerError> {
-        Ok(matches!(msg, ClientMessage::Ping).then(|| "Pong".into()))
+    ) -> Result<Option<Value>, HandlerError> {
+        Ok(matches!(msg, ClientMessage::Ping).then(|| json!("Pong")))
     }
 
     async fn handle_broadcast_message(
         &self,
         msg: ClientMessage,
         ctx: &ConnectionContext<(), String>,
-    ) -> Result<Option<ServerEvent>, HandlerError> {
+    ) -> Result<Option<Value>, HandlerError> {
         let ClientMessage::SendMessage { room, text } = msg else {
             return Ok(None);
         };
@@ -62,12 +54,10 @@ impl MessageHandler for ChatHandler {
             let why = format!("Cannot send to room '{room}' from topic '{}'", ctx.topic);
             return Err(HandlerError::Custom(StatusCode::BAD_REQUEST, Some(why)));
         }
-        let username = ctx.user_id.clone();
-        Ok(Some(ServerEvent::NewMessage {
-            room,
-            username,
-            text,
-        }))
+        let username = &ctx.user_id;
+        Ok(Some(
+            json!({"NewMessage": {"room": room, "username": username, "text": text}}),
+        ))
     }
 }
 
