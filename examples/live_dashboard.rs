@@ -237,28 +237,6 @@ async fn publish_samples(service: Service, instance: String) {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-}
-
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
@@ -315,7 +293,7 @@ async fn main() {
     let for_shutdown = service.clone();
     let served = axum::serve(listener, dashboard_router(service))
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            axum_realtime_kit::shutdown_signal().await;
             tracing::info!("shutting down: closing every connection with 1001");
             for_shutdown.shutdown().await;
         })

@@ -332,3 +332,23 @@ impl FrameDeduper {
         self.0.frame_for(payload)
     }
 }
+
+/// A router that accepts every topic for one fixed user: `GET /ws/{topic}` upgrades through
+/// [`upgrade_handler`](crate::ws::upgrade::upgrade_handler) with a validator that always says
+/// yes, and no token is asked for. For tests and tools only: a real application authenticates
+/// and authorizes.
+pub fn open_router<H: crate::ws::handler::MessageHandler>(
+    service: std::sync::Arc<crate::ws::service::WebsocketService<H>>,
+    user: H::UserId,
+) -> axum::Router {
+    use axum::extract::{Path, State};
+    let route = move |ws: crate::ws::upgrade::WebSocketUpgrade,
+                      service: State<std::sync::Arc<crate::ws::service::WebsocketService<H>>>,
+                      Path(topic): Path<String>| async move {
+        let always = |_, _, _| async { Ok(()) };
+        crate::ws::upgrade::upgrade_handler(ws, service, user, topic, always).await
+    };
+    axum::Router::new()
+        .route("/ws/{topic}", axum::routing::get(route))
+        .with_state(service)
+}

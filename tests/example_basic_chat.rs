@@ -3,55 +3,15 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use support::redis_server::start_redis;
 use support::*;
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn start_example(port: u16) -> Running {
-    start_example_with(port, None).await
-}
-
-async fn start_example_with(port: u16, redis_url: Option<&str>) -> Running {
-    let mut cmd = Command::new(example_binary("basic_chat"));
-    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("SHARDS", "2")
-        .env_remove("REDIS_URL");
-    if let Some(url) = redis_url {
-        cmd.env("REDIS_URL", url);
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let running = Running(child);
-    tokio::time::timeout(WAIT, async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("example did not start listening");
-    running
-}
-
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits_0() {
     let port = free_port();
-    let mut server = start_example(port).await;
+    let mut server = spawn_example("basic_chat", port, &[]);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut alice = connect(addr, "general", ALICE).await;
     let mut bob = connect(addr, "random", BOB).await;
@@ -59,7 +19,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
     assert_eq!(alice.recv_json().await["NewMessage"]["username"], "alice");
     bob.assert_nothing_pending().await;
 
-    let pid = server.0.id().to_string();
+    let pid = server.pid().to_string();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -71,9 +31,8 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
         assert_eq!(c.expect_close().await, 1001);
         c.finish_close().await;
     }
-    let status = tokio::task::spawn_blocking(move || server.0.wait())
+    let status = tokio::task::spawn_blocking(move || server.wait())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
@@ -108,7 +67,7 @@ fn sample(exposition: &str, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_serves_prometheus_metrics() {
     let port = free_port();
-    let _server = start_example(port).await;
+    let _server = spawn_example("basic_chat", port, &[]);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut alice = connect(addr, "general", ALICE).await;
     let mut bob = connect(addr, "general", BOB).await;
@@ -160,8 +119,8 @@ async fn two_processes_share_rooms_through_redis() {
         return;
     };
     let (pa, pb) = (free_port(), free_port());
-    let _a = start_example_with(pa, Some(&redis.url())).await;
-    let _b = start_example_with(pb, Some(&redis.url())).await;
+    let _a = spawn_example("basic_chat", pa, &[("REDIS_URL", &redis.url())]);
+    let _b = spawn_example("basic_chat", pb, &[("REDIS_URL", &redis.url())]);
     for port in [pa, pb] {
         let ok = tokio::time::timeout(WAIT, async {
             while http_status(port, "/ready").await != 200 {
@@ -186,7 +145,7 @@ async fn without_a_reachable_redis_health_is_ok_and_ready_is_503() {
     // Nothing listens on this port.
     let dead = format!("redis://127.0.0.1:{}/", free_port());
     let port = free_port();
-    let _server = start_example_with(port, Some(&dead)).await;
+    let _server = spawn_example("basic_chat", port, &[("REDIS_URL", &dead)]);
     assert_eq!(http_status(port, "/health").await, 200);
     assert_eq!(http_status(port, "/ready").await, 503);
     // A chat message cannot be broadcast: the sender is told, and the connection stays open.

@@ -1,5 +1,5 @@
 //! The `basic_chat` example's `POST /broadcast/{topic}`: authorized like `/ws/{topic}`, and the
-//! JSON body reaches every subscriber of the topic verbatim.
+//! JSON body reaches every subscriber of the topic verbatim. The example runs as a process.
 
 mod support;
 
@@ -59,7 +59,7 @@ async fn expect_text(client: &mut Client, payload: &[u8]) {
 
 #[tokio::test]
 async fn a_posted_body_reaches_every_subscriber_of_the_topic_verbatim() {
-    let server = chat_server(2).await;
+    let server = basic_chat(2, None);
     let mut alice = connect(server.addr, "general", ALICE).await;
     let mut bob = connect(server.addr, "general", BOB).await;
     let mut elsewhere = connect(server.addr, "random", BOB).await;
@@ -123,7 +123,7 @@ async fn a_posted_body_reaches_every_subscriber_of_the_topic_verbatim() {
 
 #[tokio::test]
 async fn the_token_and_topic_are_checked_like_the_websocket_route() {
-    let server = chat_server(1).await;
+    let server = basic_chat(1, None);
     let mut alice = connect(server.addr, "general", ALICE).await;
     let addr = server.addr;
     // (path, Authorization header, expected status)
@@ -158,7 +158,7 @@ async fn the_token_and_topic_are_checked_like_the_websocket_route() {
 
 #[tokio::test]
 async fn a_body_that_is_not_utf8_json_is_400_and_not_published() {
-    let server = chat_server(1).await;
+    let server = basic_chat(1, None);
     let mut alice = connect(server.addr, "general", ALICE).await;
     let path = format!("/broadcast/general?token={ALICE}");
     for body in [
@@ -180,8 +180,8 @@ async fn a_body_that_is_not_utf8_json_is_400_and_not_published() {
 async fn a_failed_publish_is_503_with_the_reason() {
     // Nothing listens on this port: every publish fails.
     let dead = format!("redis://127.0.0.1:{}/", free_port());
-    let service = chat::chat_service(Some(dead), Some(1));
-    let addr = serve_chat(service).await.addr;
+    let server = basic_chat(1, Some(&dead));
+    let addr = server.addr;
 
     let (status, text) = post(
         addr,

@@ -6,9 +6,7 @@ mod support;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use axum::Router;
-use axum::extract::{Path, State};
-use axum::routing::get;
+use axum_realtime_kit::bench_api::open_router;
 use axum_realtime_kit::prelude::*;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -275,19 +273,7 @@ async fn joiner_server(redis_url: String) -> (std::net::SocketAddr, Arc<Websocke
     let service = WebsocketService::builder(Joiner, Arc::new(()))
         .redis_url(Some(redis_url))
         .build();
-    let router = Router::new()
-        .route(
-            "/ws/{topic}",
-            get(
-                |ws: WebSocketUpgrade,
-                 State(s): State<Arc<WebsocketService<Joiner>>>,
-                 Path(t): Path<String>| async move {
-                    upgrade_handler(ws, State(s), 1, t, |_, _, _| async { Ok(()) }).await
-                },
-            ),
-        )
-        .with_state(service.clone());
-    let addr = support::serve(router).await;
+    let addr = support::serve(open_router(service.clone(), 1)).await;
     let ready = service.clone();
     wait_until("joiner ready", move || ready.is_ready()).await;
     (addr, service)

@@ -1,4 +1,5 @@
-//! Authentication and topic authorization happen before the upgrade, with plain HTTP statuses.
+//! Authentication and topic authorization happen before the upgrade, with plain HTTP statuses: the
+//! `basic_chat` example's rules, checked on the example run as a process.
 
 mod support;
 
@@ -6,7 +7,7 @@ use support::*;
 
 #[tokio::test]
 async fn token_in_query_or_bearer_header_is_accepted() {
-    let server = chat_server(2).await;
+    let server = basic_chat(2, None);
     let (status, _) = try_connect(server.addr, &format!("/ws/general?token={ALICE}"), &[]).await;
     assert_eq!(status, 101);
     let bearer = format!("Bearer {BOB}");
@@ -21,7 +22,7 @@ async fn token_in_query_or_bearer_header_is_accepted() {
 
 #[tokio::test]
 async fn missing_or_invalid_token_is_401() {
-    let server = chat_server(1).await;
+    let server = basic_chat(1, None);
     for path in [
         "/ws/general".to_string(),
         "/ws/general?token=".to_string(),
@@ -49,7 +50,7 @@ async fn missing_or_invalid_token_is_401() {
 
 #[tokio::test]
 async fn topics_are_authorized() {
-    let server = chat_server(1).await;
+    let server = basic_chat(1, None);
     let own = format!("/ws/private-user-{ALICE_ID}?token={ALICE}");
     assert_eq!(try_connect(server.addr, &own, &[]).await.0, 101);
     let foreign = format!("/ws/private-user-{ALICE_ID}?token={BOB}");
@@ -70,7 +71,7 @@ async fn topics_are_authorized() {
 
 #[tokio::test]
 async fn plain_http_requests_get_statuses_not_upgrades() {
-    let server = chat_server(1).await;
+    let server = basic_chat(1, None);
     let get = |path: String| async move {
         let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

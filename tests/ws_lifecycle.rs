@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use axum::Router;
-use axum::extract::{Path, State};
-use axum::routing::get;
+use axum_realtime_kit::bench_api::open_router;
 use axum_realtime_kit::prelude::*;
 use support::{WAIT, try_connect};
 
@@ -55,19 +53,7 @@ async fn hooks_server(shards: usize) -> (std::net::SocketAddr, Arc<WebsocketServ
     let service = WebsocketService::builder(Hooks, Arc::new(Counts::default()))
         .shards(shards)
         .build();
-    let router = Router::new()
-        .route(
-            "/ws/{topic}",
-            get(
-                |ws: WebSocketUpgrade,
-                 State(s): State<Arc<WebsocketService<Hooks>>>,
-                 Path(t): Path<String>| async move {
-                    upgrade_handler(ws, State(s), 7, t, |_, _, _| async { Ok(()) }).await
-                },
-            ),
-        )
-        .with_state(service.clone());
-    let addr = support::serve(router).await;
+    let addr = support::serve(open_router(service.clone(), 7)).await;
     (addr, service)
 }
 

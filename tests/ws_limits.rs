@@ -2,18 +2,16 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum_realtime_kit::ws::service::{WebsocketService, WebsocketServiceBuilder};
-use support::chat::{AppState, ChatHandler};
+use axum_realtime_kit::WebsocketServiceBuilder;
+use support::chat::ChatHandler;
 use support::*;
 
 async fn serve(
     configure: impl FnOnce(WebsocketServiceBuilder<ChatHandler>) -> WebsocketServiceBuilder<ChatHandler>,
 ) -> Server {
-    let service = configure(WebsocketService::builder(ChatHandler, Arc::new(AppState))).build();
-    serve_chat(service).await
+    serve_chat(configure(chat::builder()).build()).await
 }
 
 #[tokio::test]

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum_realtime_kit::SlowConsumerPolicy;
-use axum_realtime_kit::ws::service::WebsocketService;
-use support::chat::{AppState, ChatHandler};
 use support::*;
 
 const MESSAGES: usize = 4_000;
@@ -16,7 +14,7 @@ const MESSAGES: usize = 4_000;
 const WINDOW: usize = 100;
 
 async fn serve(policy: SlowConsumerPolicy) -> Server {
-    let service = WebsocketService::builder(ChatHandler, Arc::new(AppState))
+    let service = chat::builder()
         .outbound_queue_bytes(512 * 1024)
         .slow_consumer_policy(policy)
         .build();

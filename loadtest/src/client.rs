@@ -132,22 +132,8 @@ pub(crate) async fn handshake(
 }
 
 /// A masked client text frame with a zero key (valid, and leaves the payload as it is).
-pub(crate) fn client_text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push(0x81);
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
-    out
+pub(crate) fn client_text_frame(payload: &[u8]) -> bytes::BytesMut {
+    axum_realtime_kit::bench_api::masked_client_frame(payload, [0; 4])
 }
 
 /// Reads frames until the stream ends, recording every marked frame.

@@ -8,11 +8,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+pub use super::Process;
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -47,40 +49,10 @@ pub fn browser_available(test: &str) -> bool {
     false
 }
 
-/// A process killed (SIGKILL, by PID) and reaped when dropped.
-pub struct Process {
-    child: Child,
-}
-
-impl Process {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts example `name` on `127.0.0.1:<port>` with `env` (and no inherited `REDIS_URL`), and
-/// waits until `GET /ready` answers 200.
+/// Starts example `name` on `127.0.0.1:<port>` with `env` (see
+/// [`spawn_example`](super::spawn_example)), and waits until `GET /ready` answers 200.
 pub fn start_example(name: &str, port: u16, env: &[(&str, &str)]) -> Process {
-    let mut cmd = Command::new(super::example_binary(name));
-    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("SHARDS", "2")
-        .env_remove("REDIS_URL");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn example {name}: {e}"));
-    let process = Process { child };
+    let process = super::spawn_example(name, port, env);
     poll(
         &format!("example {name} ready on {port}"),
         super::WAIT,

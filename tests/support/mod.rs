@@ -1,15 +1,15 @@
-//! Shared fixtures: a raw WebSocket client that can also break the protocol on purpose, and the
-//! `basic_chat` example's router served on a free loopback port.
+//! Shared fixtures: a raw WebSocket client that can also break the protocol on purpose; the tests'
+//! own chat (see `chat`) served in-process on a free loopback port; and the examples run as
+//! processes.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod browser;
-#[allow(dead_code, missing_docs)]
-#[path = "../../examples/basic_chat.rs"]
 pub mod chat;
 pub mod proxy;
 pub mod redis_server;
 
 use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,27 +52,100 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     dir.join("examples").join(name)
 }
 
+/// A process killed (SIGKILL, by PID) and reaped when dropped.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts example `name` on `127.0.0.1:<port>` with `SHARDS=2`, no inherited `REDIS_URL`, then
+/// `env`; returns once the port accepts connections.
+pub fn spawn_example(name: &str, port: u16, env: &[(&str, &str)]) -> Process {
+    let mut cmd = Command::new(example_binary(name));
+    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("SHARDS", "2")
+        .env_remove("REDIS_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn example {name}: {e}"));
+    let process = Process { child };
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "example {name} did not start listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    process
+}
+
+/// The `basic_chat` example running as a process.
+pub struct ExampleServer {
+    pub addr: SocketAddr,
+    pub process: Process,
+}
+
+/// Runs the `basic_chat` example on a free port with `shards` shards, and the in-process broker
+/// or `redis_url`.
+pub fn basic_chat(shards: usize, redis_url: Option<&str>) -> ExampleServer {
+    let port = free_port();
+    let shards = test_shards(shards).to_string();
+    let mut env = vec![("SHARDS", shards.as_str())];
+    env.extend(redis_url.map(|url| ("REDIS_URL", url)));
+    let process = spawn_example("basic_chat", port, &env);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    ExampleServer { addr, process }
+}
+
+/// `shards`, unless `RTK_TEST_SHARDS` overrides the shard count of every test server, to run the
+/// whole suite with one layout: `RTK_TEST_SHARDS=1 cargo test`, `RTK_TEST_SHARDS=4 cargo test`.
+fn test_shards(shards: usize) -> usize {
+    std::env::var("RTK_TEST_SHARDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(shards)
+}
+
 /// A running chat server.
 pub struct Server {
     pub addr: SocketAddr,
     pub service: Arc<WebsocketService<chat::ChatHandler>>,
 }
 
-/// Serves the example's router with `shards` shards and the in-process broker.
+/// Serves the tests' chat with `shards` shards and the in-process broker.
 pub async fn chat_server(shards: usize) -> Server {
     chat_server_with(None, shards).await
 }
 
-/// Serves the example's router; with `redis_url`, waits until the instance is ready.
-///
-/// `RTK_TEST_SHARDS` overrides the shard count of every test server, to run the whole suite with
-/// one layout: `RTK_TEST_SHARDS=1 cargo test`, `RTK_TEST_SHARDS=4 cargo test`.
+/// Serves the tests' chat; with `redis_url`, waits until the instance is ready.
 pub async fn chat_server_with(redis_url: Option<String>, shards: usize) -> Server {
-    let shards = std::env::var("RTK_TEST_SHARDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(shards);
-    let service = chat::chat_service(redis_url, Some(shards));
+    let service = chat::builder()
+        .redis_url(redis_url)
+        .shards(test_shards(shards))
+        .build();
     let server = serve_chat(service).await;
     let ready = server.service.clone();
     wait_until("instance ready", move || ready.is_ready()).await;
@@ -87,9 +160,9 @@ pub async fn serve(router: axum::Router) -> SocketAddr {
     addr
 }
 
-/// Serves the example's router for an already built `service`.
+/// Serves the tests' chat for an already built `service`.
 pub async fn serve_chat(service: Arc<WebsocketService<chat::ChatHandler>>) -> Server {
-    let addr = serve(chat::chat_router(service.clone())).await;
+    let addr = serve(chat::router(service.clone())).await;
     Server { addr, service }
 }
 
@@ -263,27 +336,10 @@ impl Client {
     }
 }
 
+/// A client frame as [`Client::send_frame`] sends it: `mask: false` breaks RFC 6455 on purpose.
 pub fn encode_client_frame(fin: bool, opcode: u8, payload: &[u8], mask: bool) -> Vec<u8> {
-    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-    let mask_bit = if mask { 0x80 } else { 0 };
-    let len = payload.len();
-    if len < 126 {
-        out.push(mask_bit | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(mask_bit | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(mask_bit | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    if mask {
-        let key = [0x12, 0x34, 0x56, 0x78];
-        out.extend_from_slice(&key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
-    out
+    let key = mask.then_some([0x12, 0x34, 0x56, 0x78]);
+    axum_realtime_kit::bench_api::client_frame(fin, opcode, payload, key).into()
 }
 
 fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {

@@ -16,9 +16,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
-use axum::Router;
-use axum::extract::{Path, State};
-use axum::routing::get;
+use axum_realtime_kit::bench_api::open_router;
 use axum_realtime_kit::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -98,18 +96,7 @@ async fn main() {
         .shards(2)
         .metrics_interval(std::time::Duration::ZERO)
         .build();
-    let router = Router::new()
-        .route(
-            "/ws/{topic}",
-            get(
-                |ws: WebSocketUpgrade,
-                 State(s): State<Arc<WebsocketService<Idle>>>,
-                 Path(topic): Path<String>| async move {
-                    upgrade_handler(ws, State(s), 1, topic, |_, _, _| async { Ok(()) }).await
-                },
-            ),
-        )
-        .with_state(service.clone());
+    let router = open_router(service.clone(), 1);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await });

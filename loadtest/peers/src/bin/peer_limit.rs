@@ -1010,7 +1010,7 @@ async fn main() {
         .run_until(async move {
             tokio::select! {
                 () = run(addr, target, mode, batch) => {}
-                () = rtk_peers::shutdown_signal() => {}
+                () = axum_realtime_kit::shutdown_signal() => {}
             }
         })
         .await;

@@ -130,7 +130,7 @@ async fn main() {
                 std::process::exit(1);
             }
         }
-        () = rtk_peers::shutdown_signal() => {}
+        () = axum_realtime_kit::shutdown_signal() => {}
     }
     std::process::exit(0);
 }

@@ -22,6 +22,11 @@
 //!   403/404): the body goes verbatim to every subscriber of the topic on every instance. 202 when
 //!   published, 400 when the body is not JSON, 503 when the broker refused it.
 //! - SIGTERM or Ctrl-C: every client gets close 1001, then the process exits 0.
+//!
+//! `alloc.rs` sets up the allocator (mimalloc, tuned for a small idle footprint); the chat does
+//! not depend on it.
+
+mod alloc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,78 +42,6 @@ use axum_realtime_kit::prelude::*;
 use axum_realtime_kit::prometheus::Prometheus;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Lets mimalloc return freed pages to the OS as soon as they are free, unless
-/// `MIMALLOC_PURGE_DELAY` says otherwise.
-///
-/// By default mimalloc keeps a freed page for a second before returning it, and only does so
-/// when the thread that owns it allocates again. After a burst of handshakes (each one holds
-/// hyper's buffers until its upgrade) an idle server's threads allocate nothing, so that memory
-/// stayed resident: 4.3 to 4.7 KiB of RSS per idle connection at 10 000 instead of 3.8. Purging
-/// at once cost nothing measurable in the project's fan-out and connect load tests (PERF.md).
-fn return_freed_memory_promptly() {
-    // `mi_option_purge_delay` in mimalloc.h (v2 and v3); libmimalloc-sys names no constant for it.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one integer option; mimalloc reads options atomically.
-        #[allow(unsafe_code)]
-        unsafe {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0)
-        };
-    }
-}
-
-/// Turns transparent huge pages off for this process (Linux), unless `MIMALLOC_ALLOW_THP` says
-/// otherwise.
-///
-/// mimalloc asks the kernel for huge pages for its arena (`MADV_HUGEPAGE`). A huge page is 2 MiB
-/// resident however little of it is in use, and the kernel's khugepaged keeps merging the arena's
-/// sparsely used regions into huge pages in the background: an idle `basic_chat` held 8 to
-/// 10 MiB of anonymous memory instead of 1, and its RSS moved in 2 MiB steps with no client
-/// connected (PERF.md, section 18). Fan-out throughput did not change measurably without them.
-fn no_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-        // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes one flag of this process;
-        // it cannot affect memory safety. A kernel without it returns an error, ignored here.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0)
-        };
-    }
-}
-
-/// Runs on a worker thread each time it runs out of work: lets mimalloc take back what other
-/// threads freed of this thread's allocations, at most once a second per thread.
-///
-/// A connection's task is allocated on one worker and often freed on another; mimalloc hands
-/// such a block back to its own thread's pages only when that thread next allocates or
-/// collects, and only then can the page be returned to the OS. A worker that parks after a peak
-/// may not allocate again for a long time. Without this, three rounds of 2 000 connections left
-/// 4.6 to 9.4 MiB more resident than before them once everyone had gone; with it, at most
-/// 1.4 MiB (PERF.md, section 17). A collection walks the thread's whole heap, so its cost grows
-/// with the connections: at most every 10 ms, it added 3.7 µs of CPU per delivery with 10 000
-/// subscribers and doubled p99 (PERF.md, section 20).
-fn collect_when_idle() {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-    thread_local! {
-        static LAST: std::cell::Cell<Option<std::time::Instant>> =
-            const { std::cell::Cell::new(None) };
-    }
-    LAST.with(|last| {
-        if last.get().is_none_or(|at| at.elapsed() >= EVERY) {
-            last.set(Some(std::time::Instant::now()));
-            // SAFETY: `mi_collect` only gives back what this thread's heap no longer uses.
-            #[allow(unsafe_code)]
-            unsafe {
-                libmimalloc_sys::mi_collect(false)
-            };
-        }
-    });
-}
 
 /// The user a token names: `<uuid>:<name>`.
 #[derive(Debug, Clone)]
@@ -320,7 +253,7 @@ async fn ws_route(
 }
 
 /// The browser client: plain HTML and JavaScript, compiled into the binary.
-const CHAT_PAGE: &str = include_str!("static/chat.html");
+const CHAT_PAGE: &str = include_str!("../static/chat.html");
 
 async fn chat_page() -> Html<&'static str> {
     Html(CHAT_PAGE)
@@ -360,35 +293,12 @@ async fn ready(State(state): State<ServerState>) -> impl IntoResponse {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-}
-
 fn main() {
-    no_transparent_huge_pages();
-    return_freed_memory_promptly();
-    // What `#[tokio::main]` builds, plus the allocator hook above.
+    alloc::tune();
+    // What `#[tokio::main]` builds, plus the allocator's idle hook.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(collect_when_idle)
+        .on_thread_park(alloc::collect_when_idle)
         .build();
     match runtime {
         Ok(runtime) => runtime.block_on(serve()),
@@ -442,7 +352,7 @@ async fn serve() {
     let for_shutdown = service.clone();
     let served = axum::serve(listener, chat_router(service))
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            axum_realtime_kit::shutdown_signal().await;
             tracing::info!("shutting down: closing every connection with 1001");
             for_shutdown.shutdown().await;
         })
