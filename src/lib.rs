@@ -8,7 +8,8 @@
 //! [`upgrade_handler`](ws::upgrade::upgrade_handler) does the rest. The public API is the one of
 //! 0.1.0, with one import changed.
 //!
-//! **Guides:** [scaling out with Redis](guides::scaling_out) ·
+//! **Guides:** [authentication and authorisation](guides::auth) ·
+//! [scaling out with Redis](guides::scaling_out) ·
 //! [tuning shards, queues and limits](guides::tuning) ·
 //! [migrating from 0.1.0](guides::migrating_from_0_1).
 //!
@@ -97,6 +98,9 @@ pub mod ws;
 /// Guides: longer documentation that is not about one item. Each is a Markdown file in
 /// `docs/guides/`, shown here and on GitHub alike; their Rust examples are compiled as doc tests.
 pub mod guides {
+    #[doc = include_str!("../docs/guides/auth.md")]
+    pub mod auth {}
+
     #[doc = include_str!("../docs/guides/scaling-out.md")]
     pub mod scaling_out {}
 

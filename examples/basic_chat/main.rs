@@ -98,6 +98,8 @@ impl std::fmt::Display for AuthError {
 
 impl std::error::Error for AuthError {}
 
+/// Accepts any `<uuid>:<name>`: for demonstration only, since nothing signs it and anyone can
+/// forge it; see the auth guide (`docs/guides/auth.md`) for a real validator.
 #[async_trait]
 impl TokenValidator for AppState {
     type User = User;
