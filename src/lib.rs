@@ -37,7 +37,7 @@
 //! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
 //! - `topic`: which topic names are allowed.
 //! - `config`, `metrics`, `shrink`: settings, counters, giving memory back after a peak.
-//! - [`guides`]: scaling out, tuning, migrating from 0.1.0 (documentation only).
+//! - [`guides`]: authentication, scaling out, tuning, migrating from 0.1.0 (documentation only).
 //!
 //! # Data path
 //! ```text
