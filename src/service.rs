@@ -193,8 +193,10 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         self
     }
 
-    /// Bound of each connection's outbound queue, in bytes. A client whose queue would pass it is
-    /// a slow consumer: its queue is dropped and it is closed with 1008. Default: 1 MiB.
+    /// Bound of each connection's outbound queue, in bytes: every data byte held for the
+    /// connection counts, queued or taken by its writer and not yet written. A client whose
+    /// queue would pass it is a slow consumer: its queue is dropped and it is closed with 1008.
+    /// Default: 1 MiB.
     pub fn outbound_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.outbound_queue_bytes = bytes;
         self

@@ -313,7 +313,9 @@ impl Conn {
 
     /// The writer finished writing `frames` frames; direct writes may resume.
     fn written(&self, frames: usize) {
-        self.lock().pace.writer_wrote(frames, Instant::now());
+        let mut st = self.lock();
+        st.queue.batch_written();
+        st.pace.writer_wrote(frames, Instant::now());
     }
 
     /// Whether a writer woken now waits `write_delay` before taking the queue.
@@ -366,6 +368,63 @@ mod tests {
         // Only the 1008 close frame is left.
         assert_eq!(batch.len(), 1);
         assert_eq!(&batch[0][2..4], &1008u16.to_be_bytes());
+    }
+
+    #[test]
+    fn the_bound_counts_what_the_writer_took_and_has_not_written() {
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close);
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345678"), NO_TOPIC),
+            Push::Queued
+        );
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        // The writer still holds those 8 bytes: 5 more would hold 13.
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345"), NO_TOPIC),
+            Push::Overflow
+        );
+
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::DropOldest);
+        conn.push(Bytes::from_static(b"12345678"), NO_TOPIC);
+        batch.clear();
+        conn.take(&mut batch);
+        assert_eq!(conn.push(Bytes::from_static(b"a"), NO_TOPIC), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"b"), NO_TOPIC), Push::Queued);
+        // 8 taken + 2 queued fill the bound: the oldest queued one makes room.
+        assert_eq!(
+            conn.push(Bytes::from_static(b"c"), NO_TOPIC),
+            Push::QueuedDropping(1)
+        );
+        // Once the batch is written, its bytes no longer count.
+        conn.written(batch.len());
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345678"), NO_TOPIC),
+            Push::Queued
+        );
+        batch.clear();
+        conn.take(&mut batch);
+        assert_eq!(batch, vec![&b"b"[..], b"c", b"12345678"]);
+    }
+
+    #[tokio::test]
+    async fn the_bound_counts_the_rest_of_a_partly_written_frame() {
+        let (socket, _client) = tcp_pair().await;
+        let big: Bytes = vec![7u8; 64 << 20].into();
+        let bound = big.len() + 16;
+        let conn = Conn::new(Uuid::nil(), 0, bound, SlowConsumerPolicy::Close);
+        conn.attach_socket(socket.clone(), Duration::from_millis(20));
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
+        let (push, n) = offer(&conn, big.clone(), Instant::now());
+        assert_eq!(push, Push::Written);
+        let rest = big.len() - n as usize;
+        assert!(rest > 16, "the socket took {n} of {} bytes", big.len());
+        // The rest is held for the writer: a frame that would take the total past the bound
+        // meets the policy.
+        let more = Bytes::from(vec![0u8; bound - rest + 1]);
+        assert_eq!(conn.push(more, NO_TOPIC), Push::Overflow);
     }
 
     #[test]

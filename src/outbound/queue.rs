@@ -15,6 +15,9 @@ use crate::frame;
 /// What a connection whose client reads too slowly gets, once its outbound queue would pass its
 /// byte bound ([`outbound_queue_bytes`](crate::WebsocketServiceBuilder::outbound_queue_bytes)).
 ///
+/// The bound counts every data byte the connection holds: frames queued, frames its writer has
+/// taken and not finished writing, and the rest of a partly written frame.
+///
 /// ## Lagging
 /// A client that reads slower than messages arrive falls behind; its queue grows until the
 /// bound. What happens then is decided per connection, and never slows other clients or the
@@ -80,6 +83,9 @@ pub(super) struct Queue {
     data: VecDeque<(TopicKey, Bytes)>,
     /// Sum of `data` lengths.
     data_bytes: usize,
+    /// Bytes of data the writer has taken (a partial rest included) and not finished writing:
+    /// still held in memory, so still counted against the bound ([`held`](Self::held)).
+    in_flight: usize,
     /// Close frame to send once `data` is written; after it nothing else is accepted. An empty
     /// frame marks a failed socket: nothing is written any more.
     pub(super) close: Option<Bytes>,
@@ -91,7 +97,16 @@ impl Queue {
         self.partial.is_some() || !self.control.is_empty() || !self.data.is_empty()
     }
 
-    /// Queues a data frame of `topic`; past `max_bytes`, `policy` decides.
+    /// Data bytes this connection holds: queued, taken by the writer and not yet written, and
+    /// the rest of a partly written direct write. What the byte bound limits.
+    pub(super) fn held(&self) -> usize {
+        self.data_bytes + self.in_flight + self.partial.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// Queues a data frame of `topic`; past `max_bytes` of [`held`](Self::held) data, `policy`
+    /// decides. Frames the writer already holds, and a partial rest, cannot be dropped: while
+    /// they alone fill the bound, `DropOldest` and `LatestPerTopic` still keep the newest frame
+    /// (so the client resumes with it), and the connection holds at most the bound plus it.
     pub(super) fn push(
         &mut self,
         frame: Bytes,
@@ -103,11 +118,10 @@ impl Queue {
             return Queued::Closed;
         }
         let mut dropped = 0u64;
-        if self.data_bytes + frame.len() > max_bytes && policy == SlowConsumerPolicy::LatestPerTopic
-        {
+        if self.held() + frame.len() > max_bytes && policy == SlowConsumerPolicy::LatestPerTopic {
             dropped += self.conflate(topic);
         }
-        if self.data_bytes + frame.len() > max_bytes {
+        if self.held() + frame.len() > max_bytes {
             match policy {
                 SlowConsumerPolicy::Close => {
                     self.clear_data();
@@ -118,13 +132,17 @@ impl Queue {
                     return Queued::Overflow;
                 }
                 SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::LatestPerTopic => {
-                    while self.data_bytes + frame.len() > max_bytes {
+                    while self.held() + frame.len() > max_bytes {
                         match self.data.pop_front() {
                             Some((_, old)) => {
                                 self.data_bytes -= old.len();
                                 dropped += 1;
                             }
-                            None => return Queued::DroppedItself { dropped },
+                            None if frame.len() > max_bytes => {
+                                return Queued::DroppedItself { dropped };
+                            }
+                            // Only what the writer holds is left: keep the newest frame.
+                            None => break,
                         }
                     }
                 }
@@ -167,11 +185,15 @@ impl Queue {
         self.clear_data();
         self.control.clear();
         self.partial = None;
+        self.in_flight = 0;
     }
 
     /// Moves everything queued into `batch`, in the order it goes out. Returns whether the batch
     /// ends with the close frame.
+    /// The data taken stays counted (`in_flight`) until
+    /// [`batch_written`](Self::batch_written).
     pub(super) fn take_into(&mut self, batch: &mut Vec<Bytes>) -> bool {
+        self.in_flight = self.held();
         batch.extend(self.partial.take());
         batch.append(&mut self.control);
         batch.extend(self.data.drain(..).map(|(_, frame)| frame));
@@ -183,6 +205,11 @@ impl Queue {
             }
             None => false,
         }
+    }
+
+    /// The writer finished (or gave up) the batch it took: its bytes are no longer held.
+    pub(super) fn batch_written(&mut self) {
+        self.in_flight = 0;
     }
 
     /// Keeps, of each topic's queued frames, only the newest — and none of `incoming`'s topic,
