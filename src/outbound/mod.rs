@@ -163,7 +163,8 @@ impl Conn {
     /// Like [`push`](Self::push), but writes the frame to the socket at once when the [`gate`]
     /// allows it for this connection at `now` (nothing pending, writer idle, not batching),
     /// counting what it wrote into `tally`. Never blocks: a socket that does not take the whole
-    /// frame gets the rest queued for the writer.
+    /// frame gets the rest queued for the writer. A frame larger than the byte bound is refused
+    /// by the policy here too, never written.
     pub(crate) fn push_or_write(
         &self,
         frame: Bytes,
@@ -173,8 +174,11 @@ impl Conn {
     ) -> Push {
         let mut st = self.lock();
         let st_ref = &mut *st;
+        // A frame larger than the whole bound is never written directly: it meets the policy
+        // in `push_locked`, as it would if the connection were busy.
         let direct = st_ref.socket.as_ref().filter(|s| {
-            st_ref.queue.close.is_none()
+            frame.len() <= self.max_queue_bytes
+                && st_ref.queue.close.is_none()
                 && st_ref
                     .pace
                     .may_write_directly(st_ref.queue.pending(), now, s.write_delay)
@@ -564,40 +568,75 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_rest_of_a_partly_written_frame_goes_first_and_is_never_dropped() {
+    async fn a_frame_larger_than_the_bound_is_refused_written_directly_or_queued() {
         let (socket, mut client) = tcp_pair().await;
-        // A bound smaller than the frame: the rest must be kept anyway.
-        let conn = Conn::new(Uuid::nil(), 0, 16, SlowConsumerPolicy::DropOldest);
-        conn.attach_socket(socket.clone(), Duration::from_millis(20));
         std::future::poll_fn(|cx| socket.poll_write_ready(cx))
             .await
             .unwrap();
+        let too_big = Bytes::from_static(b"12345678901");
+        let idle = Instant::now() + Duration::from_secs(1);
+        for direct in [true, false] {
+            for policy in [SlowConsumerPolicy::Close, SlowConsumerPolicy::DropOldest] {
+                let conn = Conn::new(Uuid::nil(), 0, 10, policy);
+                if direct {
+                    conn.attach_socket(socket.clone(), Duration::from_millis(20));
+                }
+                let push = offer(&conn, too_big.clone(), idle);
+                let expected = match policy {
+                    SlowConsumerPolicy::Close => (Push::Overflow, 0),
+                    _ => (Push::QueuedDropping(1), 0),
+                };
+                assert_eq!(push, expected, "{policy:?}, direct: {direct}");
+                assert_eq!(conn.is_ending(), policy == SlowConsumerPolicy::Close);
+            }
+        }
+        // Nothing reached the socket.
+        drop(socket);
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest)
+            .await
+            .unwrap();
+        assert!(rest.is_empty(), "written: {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_partly_written_frame_goes_first_and_is_never_dropped() {
+        let (socket, mut client) = tcp_pair().await;
         // Larger than any loopback socket buffer: the socket takes only part of it.
         let big: Bytes = (0..64u32 << 20)
             .map(|i| i as u8)
             .collect::<Vec<u8>>()
             .into();
+        // The bound just fits the frame: what follows its rest must make room for it.
+        let conn = Conn::new(Uuid::nil(), 0, big.len(), SlowConsumerPolicy::DropOldest);
+        conn.attach_socket(socket.clone(), Duration::from_millis(20));
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
         let (push, n) = offer(&conn, big.clone(), Instant::now());
         assert_eq!(push, Push::Written, "the first frame is written directly");
         let n = n as usize;
         assert!(n > 0 && n < big.len(), "wrote {n} of {}", big.len());
         // The writer sends the rest at once: the delay would only hold up this frame.
         assert!(!conn.writer_waits_first(Duration::from_millis(20)));
-        // Later frames queue behind the rest; the policy drops those, never the rest.
-        for _ in 0..4 {
-            conn.push(Bytes::from_static(b"0123456789"), NO_TOPIC);
+        // Later frames queue behind the rest; the policy drops those, never the rest. Frames of
+        // `n` bytes: one fits beside the rest, the next pushes out the one before it.
+        let later = |k: u8| Bytes::from(vec![k; n]);
+        assert_eq!(conn.push(later(1), NO_TOPIC), Push::Queued);
+        for k in 2..5 {
+            assert_eq!(conn.push(later(k), NO_TOPIC), Push::QueuedDropping(1));
         }
         let mut batch = Vec::new();
         conn.take(&mut batch);
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[0], big.slice(n..));
-        assert_eq!(&batch[1][..], b"0123456789");
+        assert_eq!(batch[1], later(4));
 
         // The writer finishes the frame: the client gets it whole, then the queued frame.
         let mut writer = TcpWriter(socket);
         let reading = tokio::spawn(async move {
-            let got = read_exactly(&mut client, big.len() + 10).await;
-            got[..big.len()] == big[..] && &got[big.len()..] == b"0123456789"
+            let got = read_exactly(&mut client, big.len() + n).await;
+            got[..big.len()] == big[..] && got[big.len()..].iter().all(|&b| b == 4)
         });
         write_frames(&mut writer, &batch, Duration::from_secs(10))
             .await

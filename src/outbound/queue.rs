@@ -16,7 +16,9 @@ use crate::frame;
 /// byte bound ([`outbound_queue_bytes`](crate::WebsocketServiceBuilder::outbound_queue_bytes)).
 ///
 /// The bound counts every data byte the connection holds: frames queued, frames its writer has
-/// taken and not finished writing, and the rest of a partly written frame.
+/// taken and not finished writing, and the rest of a partly written frame. A single message
+/// larger than the bound never fits: it meets the policy at once, whether the connection is busy
+/// or idle (`Close` closes with 1008, the others drop that message).
 ///
 /// ## Lagging
 /// A client that reads slower than messages arrive falls behind; its queue grows until the
