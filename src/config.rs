@@ -19,6 +19,11 @@ pub(crate) struct Config {
     pub(crate) outbound_queue_bytes: usize,
     /// What a connection past that bound gets.
     pub(crate) slow_consumer: SlowConsumerPolicy,
+    /// Under `SlowConsumerPolicy::Close`, how long a connection may stay over the bound.
+    pub(crate) slow_consumer_grace: Duration,
+    /// Under `SlowConsumerPolicy::Close`, what a connection may never hold past, grace or not;
+    /// `None`: 4× `outbound_queue_bytes`.
+    pub(crate) outbound_queue_ceiling: Option<usize>,
     /// A write that makes no progress for this long closes the connection.
     pub(crate) write_timeout: Duration,
     /// How long a writer under load waits, once woken, for more frames to share one write.
@@ -54,6 +59,11 @@ impl Default for Config {
             max_message_size: 64 * 1024,
             outbound_queue_bytes: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Close,
+            // A client that reads drains a burst over the bound in milliseconds on a LAN and
+            // within a second at ~10 Mbit/s; one that stopped reading is found within 1 s, far
+            // sooner than the write timeout.
+            slow_consumer_grace: crate::outbound::DEFAULT_GRACE,
+            outbound_queue_ceiling: None,
             write_timeout: Duration::from_secs(10),
             // Measured (PERF.md#chat-path-write-delay, PERF.md#write-delay-batching-rule): paid only by connections that receive more
             // than 250 frames/s or whose writes carry three frames or more. 20 ms against 10 took

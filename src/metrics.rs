@@ -23,6 +23,7 @@ pub(crate) struct Metrics {
     bytes_written: AtomicU64,
     /// Longest dispatch lag seen since it was last taken, in microseconds.
     dispatch_lag_max_us: AtomicU64,
+    outbound_queue_peak_bytes: AtomicU64,
 }
 
 /// A copy of the service's counters at one moment.
@@ -56,6 +57,10 @@ pub struct MetricsSnapshot {
     pub subscriptions: u64,
     /// Bytes written to client sockets (frames of every kind, after batching).
     pub bytes_written: u64,
+    /// Most data bytes one connection held while over its outbound bound (queued, being
+    /// written, and a partly written frame), over the connections that have ended; 0 while none
+    /// went over. Never more than the outbound ceiling under `SlowConsumerPolicy::Close`.
+    pub outbound_queue_peak_bytes: u64,
 }
 
 impl Metrics {
@@ -103,6 +108,13 @@ impl Metrics {
     pub(crate) fn add_bytes_written(&self, n: u64) {
         self.bytes_written.fetch_add(n, Relaxed);
     }
+    /// Folds in an ended connection's peak of data held over its bound (once per connection).
+    pub(crate) fn outbound_queue_peak(&self, bytes: usize) {
+        if bytes > 0 {
+            self.outbound_queue_peak_bytes
+                .fetch_max(bytes as u64, Relaxed);
+        }
+    }
     /// Records how long a published message took from the broker to the end of one shard's
     /// fan-out. Called once per message per shard.
     pub(crate) fn dispatch_lag(&self, lag: std::time::Duration) {
@@ -130,6 +142,7 @@ impl Metrics {
             slow_consumer_drops: self.slow_consumer_drops.load(Relaxed),
             subscriptions: self.subscriptions.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
+            outbound_queue_peak_bytes: self.outbound_queue_peak_bytes.load(Relaxed),
         }
     }
 }

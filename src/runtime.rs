@@ -146,12 +146,18 @@ impl Runtime {
     pub(crate) fn new_conn(&self) -> Arc<Conn> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let shard = (n % self.hub.shards.len() as u64) as usize;
-        Arc::new(Conn::new(
-            Uuid::from_u64_pair(self.instance, n),
-            shard,
-            self.config.outbound_queue_bytes,
-            self.config.slow_consumer,
-        ))
+        Arc::new(
+            Conn::new(
+                Uuid::from_u64_pair(self.instance, n),
+                shard,
+                self.config.outbound_queue_bytes,
+                self.config.slow_consumer,
+            )
+            .with_lag_limits(
+                self.config.outbound_queue_ceiling,
+                self.config.slow_consumer_grace,
+            ),
+        )
     }
 
     pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {

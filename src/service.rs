@@ -193,8 +193,12 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         self
     }
 
-    /// Bound of each connection's outbound queue, in bytes. A client whose queue would pass it is
-    /// a slow consumer: its queue is dropped and it is closed with 1008. Default: 1 MiB.
+    /// Bound of each connection's outbound queue, in bytes: every data byte held for the
+    /// connection counts, queued or taken by its writer and not yet written. Past it the
+    /// [`slow_consumer_policy`](Self::slow_consumer_policy) acts; under the default `Close`, a
+    /// client that stays over it for [`slow_consumer_grace`](Self::slow_consumer_grace) or would
+    /// pass [`outbound_queue_ceiling_bytes`](Self::outbound_queue_ceiling_bytes) has its queue
+    /// dropped and is closed with 1008. Default: 1 MiB.
     pub fn outbound_queue_bytes(mut self, bytes: usize) -> Self {
         self.config.outbound_queue_bytes = bytes;
         self
@@ -205,6 +209,35 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// Default: [`SlowConsumerPolicy::Close`].
     pub fn slow_consumer_policy(mut self, policy: SlowConsumerPolicy) -> Self {
         self.config.slow_consumer = policy;
+        self
+    }
+
+    /// Under [`SlowConsumerPolicy::Close`], how long a connection may stay over its
+    /// [`outbound_queue_bytes`](Self::outbound_queue_bytes) bound before it is closed with 1008.
+    /// Default: 1 s.
+    ///
+    /// A burst larger than the bound (100 messages of 16 KB is 1.6 MB) goes over it even for a
+    /// client that reads as fast as it can, until its socket buffers have grown; such a client
+    /// drains it in milliseconds and is not a slow consumer. One that stays over for the whole
+    /// grace is: the next message closes it, or, if none comes, its writer does once the grace
+    /// is over. `ZERO` closes at the bound, as the bound alone did before.
+    /// [`outbound_queue_ceiling_bytes`](Self::outbound_queue_ceiling_bytes) still caps what it
+    /// holds meanwhile. `DropOldest` and `LatestPerTopic` act at the bound and ignore the grace.
+    pub fn slow_consumer_grace(mut self, grace: Duration) -> Self {
+        self.config.slow_consumer_grace = grace;
+        self
+    }
+
+    /// Under [`SlowConsumerPolicy::Close`], the most data bytes a connection may hold, grace or
+    /// not: a message that would take it past is refused and the connection closed with 1008 at
+    /// once. Default: 4× [`outbound_queue_bytes`](Self::outbound_queue_bytes) (4 MiB); a value
+    /// under the bound counts as the bound.
+    ///
+    /// Frames are shared `Bytes`: a broadcast burst queued to many lagging subscribers costs its
+    /// size once, not once per subscriber, so the ceiling bounds the worst case (each connection
+    /// holding different frames) rather than the common one.
+    pub fn outbound_queue_ceiling_bytes(mut self, bytes: usize) -> Self {
+        self.config.outbound_queue_ceiling = Some(bytes);
         self
     }
 

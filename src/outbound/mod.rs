@@ -50,11 +50,11 @@ use uuid::Uuid;
 use crate::frame;
 use crate::metrics::Metrics;
 use gate::Pace;
-use queue::{Queue, Queued};
+use queue::{Limits, Queue, Queued};
 
 pub(crate) use gate::{Delivered, DirectGate};
 pub use queue::SlowConsumerPolicy;
-pub(crate) use queue::{NO_TOPIC, TopicKey};
+pub(crate) use queue::{DEFAULT_CEILING_FACTOR, DEFAULT_GRACE, NO_TOPIC, TopicKey};
 pub(crate) use writer::{WriteSide, spawn as spawn_writer};
 
 /// What happened to a frame handed to [`Conn::push`].
@@ -71,6 +71,17 @@ pub(crate) enum Push {
     /// The frame would pass the queue's byte bound: the queue was cleared and the connection is
     /// being closed with 1008 (slow-consumer policy `Close`).
     Overflow,
+}
+
+/// What a writer whose write makes no progress does next ([`Conn::writer_stalled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stalled {
+    /// Keep waiting for the socket.
+    Wait,
+    /// Stop at the next frame boundary: a close without flush is queued.
+    Cut,
+    /// The same, and the connection was just closed as a slow consumer (count it).
+    CutLagged,
 }
 
 /// Bytes written to client sockets, summed where they are written and reported in one update.
@@ -118,7 +129,7 @@ pub(crate) struct Conn {
     pub(crate) id: Uuid,
     /// Index of the shard that owns this connection.
     pub(crate) shard: usize,
-    max_queue_bytes: usize,
+    limits: Limits,
     policy: SlowConsumerPolicy,
     state: Mutex<State>,
     /// Wakes the writer. `notify_one` keeps a permit, so a push between the writer's drain and
@@ -139,13 +150,27 @@ impl Conn {
         Self {
             id,
             shard,
-            max_queue_bytes,
+            limits: Limits {
+                bound: max_queue_bytes,
+                ceiling: max_queue_bytes.saturating_mul(DEFAULT_CEILING_FACTOR),
+                grace: DEFAULT_GRACE,
+            },
             policy,
             state: Mutex::new(State::default()),
             writer_wake: Notify::new(),
             ending: AtomicBool::new(false),
             reader_wake: Notify::new(),
         }
+    }
+
+    /// Sets how far over its bound (`ceiling`, default 4× the bound) and for how long (`grace`)
+    /// a connection under [`SlowConsumerPolicy::Close`] may hold data before it is closed.
+    pub(crate) fn with_lag_limits(mut self, ceiling: Option<usize>, grace: Duration) -> Self {
+        if let Some(ceiling) = ceiling {
+            self.limits.ceiling = ceiling.max(self.limits.bound);
+        }
+        self.limits.grace = grace;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -157,13 +182,14 @@ impl Conn {
     /// Queues a data frame of `topic` (or [`NO_TOPIC`]). Never blocks and never awaits: safe on
     /// the dispatch path. Past the byte bound, the slow-consumer policy decides.
     pub(crate) fn push(&self, frame: Bytes, topic: TopicKey) -> Push {
-        self.push_locked(self.lock(), frame, topic)
+        self.push_locked(self.lock(), frame, topic, None)
     }
 
     /// Like [`push`](Self::push), but writes the frame to the socket at once when the [`gate`]
     /// allows it for this connection at `now` (nothing pending, writer idle, not batching),
     /// counting what it wrote into `tally`. Never blocks: a socket that does not take the whole
-    /// frame gets the rest queued for the writer.
+    /// frame gets the rest queued for the writer. A frame larger than the byte bound is refused
+    /// by the policy here too, never written.
     pub(crate) fn push_or_write(
         &self,
         frame: Bytes,
@@ -173,8 +199,11 @@ impl Conn {
     ) -> Push {
         let mut st = self.lock();
         let st_ref = &mut *st;
+        // A frame larger than the whole bound is never written directly: it meets the policy
+        // in `push_locked`, as it would if the connection were busy.
         let direct = st_ref.socket.as_ref().filter(|s| {
-            st_ref.queue.close.is_none()
+            frame.len() <= self.limits.bound
+                && st_ref.queue.close.is_none()
                 && st_ref
                     .pace
                     .may_write_directly(st_ref.queue.pending(), now, s.write_delay)
@@ -201,15 +230,19 @@ impl Conn {
                 }
             }
         }
-        self.push_locked(st, frame, topic)
+        self.push_locked(st, frame, topic, Some(now))
     }
 
-    fn push_locked(&self, mut st: MutexGuard<'_, State>, frame: Bytes, topic: TopicKey) -> Push {
+    fn push_locked(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        frame: Bytes,
+        topic: TopicKey,
+        now: Option<Instant>,
+    ) -> Push {
         let was_empty = !st.queue.pending();
-        match st
-            .queue
-            .push(frame, topic, self.max_queue_bytes, self.policy)
-        {
+        let now = || now.unwrap_or_else(Instant::now);
+        match st.queue.push(frame, topic, self.limits, self.policy, now) {
             Queued::Yes { dropped } => {
                 drop(st);
                 if was_empty {
@@ -254,6 +287,7 @@ impl Conn {
         }
         if !flush {
             st.queue.clear_data();
+            st.queue.discard = true;
         }
         st.queue.close = Some(frame::encode_close(code, reason));
         drop(st);
@@ -313,7 +347,56 @@ impl Conn {
 
     /// The writer finished writing `frames` frames; direct writes may resume.
     fn written(&self, frames: usize) {
-        self.lock().pace.writer_wrote(frames, Instant::now());
+        let mut st = self.lock();
+        st.queue.batch_written(self.limits.bound);
+        st.pace.writer_wrote(frames, Instant::now());
+    }
+
+    /// How often a writer whose write makes no progress asks
+    /// [`writer_stalled`](Self::writer_stalled): every grace under policy `Close`, so a connection that stays
+    /// over its bound with nothing more pushed is still closed; otherwise only at the timeout.
+    fn stall_check_every(&self, write_timeout: Duration) -> Duration {
+        match self.policy {
+            SlowConsumerPolicy::Close if !self.limits.grace.is_zero() => {
+                self.limits.grace.min(write_timeout)
+            }
+            _ => write_timeout,
+        }
+    }
+
+    /// Asked by a writer whose write has made no progress for a while: may it stop writing its
+    /// batch at the next frame boundary? Yes once a close without flush is queued, and (policy
+    /// `Close`) once the connection has stayed over its bound for the whole grace, which queues
+    /// the 1008 close now.
+    fn writer_stalled(&self) -> Stalled {
+        let mut st = self.lock();
+        if st.queue.discard {
+            return Stalled::Cut;
+        }
+        if self.policy == SlowConsumerPolicy::Close
+            && st.queue.close.is_none()
+            && st.queue.lagged(self.limits, Instant::now())
+        {
+            st.queue.close_slow_consumer();
+            drop(st);
+            self.wake_all();
+            return Stalled::CutLagged;
+        }
+        Stalled::Wait
+    }
+
+    /// The writer stopped its batch after `frames` whole frames (see
+    /// [`writer_stalled`](Self::writer_stalled)); `rest` is what is left of the frame it was in, which goes first.
+    fn cut(&self, frames: usize, rest: Option<Bytes>) {
+        let mut st = self.lock();
+        st.queue.batch_written(self.limits.bound);
+        st.queue.partial = rest;
+        st.pace.writer_wrote(frames, Instant::now());
+    }
+
+    /// Most data bytes this connection held while over its bound (0 if it never went over).
+    fn peak(&self) -> usize {
+        self.lock().queue.peak
     }
 
     /// Whether a writer woken now waits `write_delay` before taking the queue.
@@ -344,9 +427,13 @@ mod tests {
     use super::writer::{TcpWriter, write_frames};
     use super::*;
 
+    const TEN_S: Duration = Duration::from_secs(10);
+
     #[test]
     fn queue_is_bounded_in_bytes() {
-        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close);
+        // No grace: closed at the bound.
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close)
+            .with_lag_limits(None, Duration::ZERO);
         assert_eq!(
             conn.push(Bytes::from_static(b"12345"), NO_TOPIC),
             Push::Queued
@@ -366,6 +453,111 @@ mod tests {
         // Only the 1008 close frame is left.
         assert_eq!(batch.len(), 1);
         assert_eq!(&batch[0][2..4], &1008u16.to_be_bytes());
+    }
+
+    #[test]
+    fn the_bound_counts_what_the_writer_took_and_has_not_written() {
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close)
+            .with_lag_limits(None, Duration::ZERO);
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345678"), NO_TOPIC),
+            Push::Queued
+        );
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        // The writer still holds those 8 bytes: 5 more would hold 13.
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345"), NO_TOPIC),
+            Push::Overflow
+        );
+
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::DropOldest);
+        conn.push(Bytes::from_static(b"12345678"), NO_TOPIC);
+        batch.clear();
+        conn.take(&mut batch);
+        assert_eq!(conn.push(Bytes::from_static(b"a"), NO_TOPIC), Push::Queued);
+        assert_eq!(conn.push(Bytes::from_static(b"b"), NO_TOPIC), Push::Queued);
+        // 8 taken + 2 queued fill the bound: the oldest queued one makes room.
+        assert_eq!(
+            conn.push(Bytes::from_static(b"c"), NO_TOPIC),
+            Push::QueuedDropping(1)
+        );
+        // Once the batch is written, its bytes no longer count.
+        conn.written(batch.len());
+        assert_eq!(
+            conn.push(Bytes::from_static(b"12345678"), NO_TOPIC),
+            Push::Queued
+        );
+        batch.clear();
+        conn.take(&mut batch);
+        assert_eq!(batch, vec![&b"b"[..], b"c", b"12345678"]);
+    }
+
+    #[tokio::test]
+    async fn the_bound_counts_the_rest_of_a_partly_written_frame() {
+        let (socket, _client) = tcp_pair().await;
+        let big: Bytes = vec![7u8; 64 << 20].into();
+        let bound = big.len() + 16;
+        let conn = Conn::new(Uuid::nil(), 0, bound, SlowConsumerPolicy::Close)
+            .with_lag_limits(None, Duration::ZERO);
+        conn.attach_socket(socket.clone(), Duration::from_millis(20));
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
+        let (push, n) = offer(&conn, big.clone(), Instant::now());
+        assert_eq!(push, Push::Written);
+        let rest = big.len() - n as usize;
+        assert!(rest > 16, "the socket took {n} of {} bytes", big.len());
+        // The rest is held for the writer: a frame that would take the total past the bound
+        // meets the policy.
+        let more = Bytes::from(vec![0u8; bound - rest + 1]);
+        assert_eq!(conn.push(more, NO_TOPIC), Push::Overflow);
+    }
+
+    #[test]
+    fn close_waits_out_the_grace_over_the_bound_and_never_passes_the_ceiling() {
+        let grace = Duration::from_secs(1);
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close)
+            .with_lag_limits(Some(25), grace);
+        let t0 = Instant::now() + Duration::from_secs(5);
+        let mut tally = WriteTally::default();
+        let mut push =
+            |n: usize, at| conn.push_or_write(Bytes::from(vec![0; n]), NO_TOPIC, at, &mut tally);
+        assert_eq!(push(8, t0), Push::Queued);
+        // Over the bound: the grace starts, the frame is queued.
+        assert_eq!(push(8, t0), Push::Queued);
+        assert_eq!(push(8, t0 + grace / 2), Push::Queued);
+        // Drained under the bound (the writer wrote its batch): the grace is over with it.
+        let mut batch = Vec::new();
+        conn.take(&mut batch);
+        conn.written(batch.len());
+        assert_eq!(push(8, t0 + grace * 2), Push::Queued);
+        assert_eq!(push(8, t0 + grace * 2), Push::Queued);
+        // Still over a whole grace later: closed.
+        assert_eq!(push(1, t0 + grace * 3), Push::Overflow);
+        assert!(conn.is_ending());
+
+        // Past the ceiling: closed at once, within the grace.
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close)
+            .with_lag_limits(Some(25), grace);
+        for _ in 0..3 {
+            assert_eq!(conn.push(Bytes::from(vec![0; 8]), NO_TOPIC), Push::Queued);
+        }
+        assert_eq!(conn.lock().queue.held(), 24);
+        assert_eq!(conn.push(Bytes::from(vec![0; 2]), NO_TOPIC), Push::Overflow);
+        assert_eq!(conn.peak(), 24);
+
+        // Over the bound and nothing more pushed: a stalled writer asking after the grace
+        // closes it.
+        let conn = Conn::new(Uuid::nil(), 0, 10, SlowConsumerPolicy::Close)
+            .with_lag_limits(None, Duration::from_millis(1));
+        conn.push(Bytes::from(vec![0; 8]), NO_TOPIC);
+        conn.take(&mut batch);
+        conn.push(Bytes::from(vec![0; 8]), NO_TOPIC);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(conn.writer_stalled(), Stalled::CutLagged);
+        assert!(conn.is_ending());
+        assert_eq!(conn.writer_stalled(), Stalled::Cut);
     }
 
     #[test]
@@ -505,42 +697,77 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_rest_of_a_partly_written_frame_goes_first_and_is_never_dropped() {
+    async fn a_frame_larger_than_the_bound_is_refused_written_directly_or_queued() {
         let (socket, mut client) = tcp_pair().await;
-        // A bound smaller than the frame: the rest must be kept anyway.
-        let conn = Conn::new(Uuid::nil(), 0, 16, SlowConsumerPolicy::DropOldest);
-        conn.attach_socket(socket.clone(), Duration::from_millis(20));
         std::future::poll_fn(|cx| socket.poll_write_ready(cx))
             .await
             .unwrap();
+        let too_big = Bytes::from_static(b"12345678901");
+        let idle = Instant::now() + Duration::from_secs(1);
+        for direct in [true, false] {
+            for policy in [SlowConsumerPolicy::Close, SlowConsumerPolicy::DropOldest] {
+                let conn = Conn::new(Uuid::nil(), 0, 10, policy);
+                if direct {
+                    conn.attach_socket(socket.clone(), Duration::from_millis(20));
+                }
+                let push = offer(&conn, too_big.clone(), idle);
+                let expected = match policy {
+                    SlowConsumerPolicy::Close => (Push::Overflow, 0),
+                    _ => (Push::QueuedDropping(1), 0),
+                };
+                assert_eq!(push, expected, "{policy:?}, direct: {direct}");
+                assert_eq!(conn.is_ending(), policy == SlowConsumerPolicy::Close);
+            }
+        }
+        // Nothing reached the socket.
+        drop(socket);
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest)
+            .await
+            .unwrap();
+        assert!(rest.is_empty(), "written: {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_partly_written_frame_goes_first_and_is_never_dropped() {
+        let (socket, mut client) = tcp_pair().await;
         // Larger than any loopback socket buffer: the socket takes only part of it.
         let big: Bytes = (0..64u32 << 20)
             .map(|i| i as u8)
             .collect::<Vec<u8>>()
             .into();
+        // The bound just fits the frame: what follows its rest must make room for it.
+        let conn = Conn::new(Uuid::nil(), 0, big.len(), SlowConsumerPolicy::DropOldest);
+        conn.attach_socket(socket.clone(), Duration::from_millis(20));
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .unwrap();
         let (push, n) = offer(&conn, big.clone(), Instant::now());
         assert_eq!(push, Push::Written, "the first frame is written directly");
         let n = n as usize;
         assert!(n > 0 && n < big.len(), "wrote {n} of {}", big.len());
         // The writer sends the rest at once: the delay would only hold up this frame.
         assert!(!conn.writer_waits_first(Duration::from_millis(20)));
-        // Later frames queue behind the rest; the policy drops those, never the rest.
-        for _ in 0..4 {
-            conn.push(Bytes::from_static(b"0123456789"), NO_TOPIC);
+        // Later frames queue behind the rest; the policy drops those, never the rest. Frames of
+        // `n` bytes: one fits beside the rest, the next pushes out the one before it.
+        let later = |k: u8| Bytes::from(vec![k; n]);
+        assert_eq!(conn.push(later(1), NO_TOPIC), Push::Queued);
+        for k in 2..5 {
+            assert_eq!(conn.push(later(k), NO_TOPIC), Push::QueuedDropping(1));
         }
         let mut batch = Vec::new();
         conn.take(&mut batch);
         assert_eq!(batch.len(), 2);
         assert_eq!(batch[0], big.slice(n..));
-        assert_eq!(&batch[1][..], b"0123456789");
+        assert_eq!(batch[1], later(4));
 
         // The writer finishes the frame: the client gets it whole, then the queued frame.
         let mut writer = TcpWriter(socket);
         let reading = tokio::spawn(async move {
-            let got = read_exactly(&mut client, big.len() + 10).await;
-            got[..big.len()] == big[..] && &got[big.len()..] == b"0123456789"
+            let got = read_exactly(&mut client, big.len() + n).await;
+            got[..big.len()] == big[..] && got[big.len()..].iter().all(|&b| b == 4)
         });
-        write_frames(&mut writer, &batch, Duration::from_secs(10))
+        write_frames(&mut writer, &batch, TEN_S, TEN_S, &mut || false)
             .await
             .unwrap();
         assert!(reading.await.unwrap());
@@ -561,7 +788,7 @@ mod tests {
                 .unwrap();
             out
         });
-        write_frames(&mut a, &frames, Duration::from_secs(10))
+        write_frames(&mut a, &frames, TEN_S, TEN_S, &mut || false)
             .await
             .unwrap();
         drop(a);

@@ -7,6 +7,7 @@
 //! fails to do grows it without limit (invariants 4 and 7).
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -15,16 +16,33 @@ use crate::frame;
 /// What a connection whose client reads too slowly gets, once its outbound queue would pass its
 /// byte bound ([`outbound_queue_bytes`](crate::WebsocketServiceBuilder::outbound_queue_bytes)).
 ///
+/// The bound counts every data byte the connection holds: frames queued, frames its writer has
+/// taken and not finished writing, and the rest of a partly written frame. A single message
+/// larger than the bound never fits: it meets the policy at once, whether the connection is busy
+/// or idle (`Close` closes with 1008, the others drop that message).
+///
 /// ## Lagging
 /// A client that reads slower than messages arrive falls behind; its queue grows until the
 /// bound. What happens then is decided per connection, and never slows other clients or the
 /// shard delivering to it:
-/// - [`Close`](Self::Close) (default): everything queued is dropped and the client receives a
-///   close frame with code 1008 (`"slow consumer: outbound queue full"`). Counted in
+/// - [`Close`](Self::Close) (default): "slow" means *not draining*. A burst can pass the bound
+///   even for a client that reads as fast as it can (its socket buffers have not grown yet), so
+///   the connection may stay over the bound for
+///   [`slow_consumer_grace`](crate::WebsocketServiceBuilder::slow_consumer_grace) (default 1 s,
+///   reset whenever it drains back under), but never past
+///   [`outbound_queue_ceiling_bytes`](crate::WebsocketServiceBuilder::outbound_queue_ceiling_bytes)
+///   (default 4× the bound). Still over after the grace (checked by the next message, or by the
+///   writer blocked on the full socket, once per grace) or about to pass the ceiling: everything
+///   queued is dropped, what the writer holds is cut at the next frame boundary, and the client
+///   receives what its socket already buffered, the rest of the frame in progress, then a close
+///   frame with code 1008 (`"slow consumer: outbound queue full"`). Counted in
 ///   `slow_consumer_closes`. The client knows it missed messages and can reconnect and resync.
+///   Frames are shared, so a broadcast burst held by many lagging connections costs its size
+///   once; the ceiling bounds the worst case.
 /// - [`DropOldest`](Self::DropOldest): the oldest queued messages are dropped until the new one
 ///   fits; the connection stays open. The client silently misses a run of messages (a gap), then
-///   continues with the newest ones. Counted in `slow_consumer_drops`.
+///   continues with the newest ones. Counted in `slow_consumer_drops`. No grace or ceiling:
+///   this policy acts at the bound (while frames the writer holds fill it, the newest is kept).
 /// - [`LatestPerTopic`](Self::LatestPerTopic): conflation. When the queue is full, it is
 ///   compacted to the newest message of each topic (direct replies are kept), the incoming
 ///   message replacing its topic's; only if that is still too big are the oldest dropped, like
@@ -51,6 +69,20 @@ pub(crate) const NO_TOPIC: TopicKey = 0;
 
 /// Most control frames of one kind (pong, ping) waiting to be written.
 pub(super) const MAX_PENDING_CONTROL: usize = 16;
+
+/// Default [`Limits::grace`]: see `Config::slow_consumer_grace`.
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(1);
+/// Default [`Limits::ceiling`], in multiples of the bound.
+pub(crate) const DEFAULT_CEILING_FACTOR: usize = 4;
+
+/// A connection's byte bound and how long, and how far, a `Close` connection may stay over it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub(super) bound: usize,
+    /// Never held past this, whatever the grace (at least `bound`).
+    pub(super) ceiling: usize,
+    pub(super) grace: Duration,
+}
 
 /// What [`Queue::push`] did with a data frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +112,17 @@ pub(super) struct Queue {
     data: VecDeque<(TopicKey, Bytes)>,
     /// Sum of `data` lengths.
     data_bytes: usize,
+    /// Bytes of data the writer has taken (a partial rest included) and not finished writing:
+    /// still held in memory, so still counted against the bound ([`held`](Self::held)).
+    in_flight: usize,
+    /// When [`held`](Self::held) data last went over the bound and has stayed over since
+    /// (policy `Close`): the start of the grace. Read only while over the bound.
+    pub(super) over_since: Option<Instant>,
+    /// Most data held while over the bound (0 if it never went over).
+    pub(super) peak: usize,
+    /// A close without flush is queued: what the writer holds unwritten may be cut at the next
+    /// frame boundary.
+    pub(super) discard: bool,
     /// Close frame to send once `data` is written; after it nothing else is accepted. An empty
     /// frame marks a failed socket: nothing is written any more.
     pub(super) close: Option<Bytes>,
@@ -91,40 +134,62 @@ impl Queue {
         self.partial.is_some() || !self.control.is_empty() || !self.data.is_empty()
     }
 
-    /// Queues a data frame of `topic`; past `max_bytes`, `policy` decides.
+    /// Data bytes this connection holds: queued, taken by the writer and not yet written, and
+    /// the rest of a partly written direct write. What the byte bound limits.
+    pub(super) fn held(&self) -> usize {
+        self.data_bytes + self.in_flight + self.partial.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// Queues a data frame of `topic`; past `max_bytes` of [`held`](Self::held) data, `policy`
+    /// decides. Frames the writer already holds, and a partial rest, cannot be dropped: while
+    /// they alone fill the bound, `DropOldest` and `LatestPerTopic` still keep the newest frame
+    /// (so the client resumes with it), and the connection holds at most the bound plus it.
+    ///
+    /// Under `Close`, going over the bound starts the grace: the frame is queued as long as the
+    /// total stays under `limits.ceiling` and the grace (from when it went over) has not run
+    /// out; `now` is read only then.
     pub(super) fn push(
         &mut self,
         frame: Bytes,
         topic: TopicKey,
-        max_bytes: usize,
+        limits: Limits,
         policy: SlowConsumerPolicy,
+        now: impl FnOnce() -> Instant,
     ) -> Queued {
         if self.close.is_some() {
             return Queued::Closed;
         }
+        let max_bytes = limits.bound;
         let mut dropped = 0u64;
-        if self.data_bytes + frame.len() > max_bytes && policy == SlowConsumerPolicy::LatestPerTopic
-        {
+        if self.held() + frame.len() > max_bytes && policy == SlowConsumerPolicy::LatestPerTopic {
             dropped += self.conflate(topic);
         }
-        if self.data_bytes + frame.len() > max_bytes {
+        if self.held() + frame.len() > max_bytes {
             match policy {
                 SlowConsumerPolicy::Close => {
-                    self.clear_data();
-                    self.close = Some(frame::encode_close(
-                        frame::close_code::POLICY_VIOLATION,
-                        "slow consumer: outbound queue full",
-                    ));
-                    return Queued::Overflow;
+                    let held = self.held() + frame.len();
+                    let refused = frame.len() > max_bytes || held > limits.ceiling || {
+                        let now = now();
+                        let since = *self.over_since.get_or_insert(now);
+                        now.saturating_duration_since(since) >= limits.grace
+                    };
+                    if refused {
+                        self.close_slow_consumer();
+                        return Queued::Overflow;
+                    }
                 }
                 SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::LatestPerTopic => {
-                    while self.data_bytes + frame.len() > max_bytes {
+                    while self.held() + frame.len() > max_bytes {
                         match self.data.pop_front() {
                             Some((_, old)) => {
                                 self.data_bytes -= old.len();
                                 dropped += 1;
                             }
-                            None => return Queued::DroppedItself { dropped },
+                            None if frame.len() > max_bytes => {
+                                return Queued::DroppedItself { dropped };
+                            }
+                            // Only what the writer holds is left: keep the newest frame.
+                            None => break,
                         }
                     }
                 }
@@ -132,7 +197,31 @@ impl Queue {
         }
         self.data_bytes += frame.len();
         self.data.push_back((topic, frame));
+        let held = self.held();
+        if held <= max_bytes {
+            self.over_since = None;
+        } else if held > self.peak {
+            self.peak = held;
+        }
         Queued::Yes { dropped }
+    }
+
+    /// Drops the queued data and queues the 1008 close (policy `Close`).
+    pub(super) fn close_slow_consumer(&mut self) {
+        self.clear_data();
+        self.discard = true;
+        self.close = Some(frame::encode_close(
+            frame::close_code::POLICY_VIOLATION,
+            "slow consumer: outbound queue full",
+        ));
+    }
+
+    /// Whether a `Close` connection has been over the bound for the whole grace at `now`.
+    pub(super) fn lagged(&self, limits: Limits, now: Instant) -> bool {
+        self.held() > limits.bound
+            && self
+                .over_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= limits.grace)
     }
 
     /// Queues a control frame ahead of any queued data. Past [`MAX_PENDING_CONTROL`] pending
@@ -167,11 +256,15 @@ impl Queue {
         self.clear_data();
         self.control.clear();
         self.partial = None;
+        self.in_flight = 0;
     }
 
     /// Moves everything queued into `batch`, in the order it goes out. Returns whether the batch
     /// ends with the close frame.
+    /// The data taken stays counted (`in_flight`) until
+    /// [`batch_written`](Self::batch_written).
     pub(super) fn take_into(&mut self, batch: &mut Vec<Bytes>) -> bool {
+        self.in_flight = self.held();
         batch.extend(self.partial.take());
         batch.append(&mut self.control);
         batch.extend(self.data.drain(..).map(|(_, frame)| frame));
@@ -182,6 +275,14 @@ impl Queue {
                 true
             }
             None => false,
+        }
+    }
+
+    /// The writer finished (or gave up) the batch it took: its bytes are no longer held.
+    pub(super) fn batch_written(&mut self, bound: usize) {
+        self.in_flight = 0;
+        if self.held() <= bound {
+            self.over_since = None;
         }
     }
 

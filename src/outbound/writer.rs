@@ -18,7 +18,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::{Conn, WriteTally};
+use super::{Conn, Stalled, WriteTally};
 use crate::metrics::Metrics;
 
 /// The write side of an upgraded connection, as the writer gets it.
@@ -50,12 +50,14 @@ pub(crate) fn spawn(
 }
 
 /// Detaches the socket from the `Conn` when the writer ends, however it ends: its close written,
-/// the socket failed, or the task aborted because the client stopped reading.
-struct Detach(Arc<Conn>);
+/// the socket failed, or the task aborted because the client stopped reading. Also reports how
+/// far over its bound the connection went.
+struct Detach(Arc<Conn>, Arc<Metrics>);
 
 impl Drop for Detach {
     fn drop(&mut self) {
         self.0.detach_socket();
+        self.1.outbound_queue_peak(self.0.peak());
     }
 }
 
@@ -69,8 +71,9 @@ async fn run<W>(
 ) where
     W: AsyncWrite + Unpin,
 {
-    let conn = Detach(conn);
+    let conn = Detach(conn, metrics.clone());
     let conn = &*conn.0;
+    let check_every = conn.stall_check_every(write_timeout);
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         conn.writer_wake.notified().await;
@@ -83,22 +86,48 @@ async fn run<W>(
                 tokio::time::sleep(write_delay).await;
             }
             let closing = conn.take(&mut batch);
-            write_frames(&mut io, &batch, write_timeout)
+            // A batch that ends with the close frame is written whole: cutting it would lose
+            // the close.
+            let mut stalled = || {
+                if closing {
+                    return false;
+                }
+                match conn.writer_stalled() {
+                    Stalled::Wait => false,
+                    Stalled::Cut => true,
+                    Stalled::CutLagged => {
+                        metrics.add_slow_consumers(1);
+                        true
+                    }
+                }
+            };
+            write_frames(&mut io, &batch, write_timeout, check_every, &mut stalled)
                 .await
-                .map(|()| closing)
+                .map(|wrote| (closing, wrote))
         })
         .await;
-        let closing = match written {
-            Ok(closing) => closing,
+        let (closing, wrote) = match written {
+            Ok(done) => done,
             Err(e) => {
                 tracing::debug!(conn_id = %conn.id, error = %e, "write failed");
                 conn.fail();
                 return;
             }
         };
-        conn.written(batch.len());
         let mut tally = WriteTally::default();
-        tally.add(batch.iter().map(Bytes::len).sum());
+        match wrote {
+            Wrote::All => {
+                conn.written(batch.len());
+                tally.add(batch.iter().map(Bytes::len).sum());
+            }
+            Wrote::Cut { frames, offset } => {
+                // The rest of the batch is dropped; what is left of the frame in progress
+                // goes first, before the close.
+                let rest = (offset > 0).then(|| batch[frames].slice(offset..));
+                conn.cut(frames, rest);
+                tally.add(batch[..frames].iter().map(Bytes::len).sum::<usize>() + offset);
+            }
+        }
         tally.report(&metrics);
         batch.clear();
         if closing {
@@ -171,26 +200,41 @@ impl AsyncWrite for TcpWriter {
 /// does not enlarge the writer task.
 const MAX_IOV: usize = 128;
 
+/// How [`write_frames`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wrote {
+    /// Every frame was written.
+    All,
+    /// Stopped, as `stalled` asked, after `frames` whole frames and `offset` bytes of the next.
+    Cut { frames: usize, offset: usize },
+}
+
 /// Writes `frames` in order with as few syscalls as the socket allows. A write that makes no
-/// progress for `timeout` fails with `TimedOut`.
+/// progress for `timeout` fails with `TimedOut`. While a write makes no progress, `stalled` is
+/// asked every `check_every`; once it says so, the batch stops where it is ([`Wrote::Cut`]).
+/// The timer is the one a blocked write has anyway, not one per frame or per write.
 pub(crate) async fn write_frames<W>(
     io: &mut W,
     frames: &[Bytes],
     timeout: Duration,
-) -> io::Result<()>
+    check_every: Duration,
+    stalled: &mut impl FnMut() -> bool,
+) -> io::Result<Wrote>
 where
     W: AsyncWrite + Unpin,
 {
-    let timed_out = || io::Error::from(io::ErrorKind::TimedOut);
     let (mut idx, mut offset) = (0usize, 0usize);
     while idx < frames.len() {
-        if idx + 1 == frames.len() {
-            let last = &frames[idx][offset..];
-            return tokio::time::timeout(timeout, io.write_all(last))
-                .await
-                .map_err(|_| timed_out())?;
+        if offset == frames[idx].len() {
+            // An empty frame (a failed socket's close marker) has nothing to write.
+            idx += 1;
+            offset = 0;
+            continue;
         }
         let write = poll_fn(|cx| {
+            if idx + 1 == frames.len() {
+                return Pin::new(&mut *io).poll_write(cx, &frames[idx][offset..]);
+            }
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for (k, f) in frames[idx..].iter().take(MAX_IOV).enumerate() {
@@ -199,9 +243,26 @@ where
             }
             Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
         });
-        let written = tokio::time::timeout(timeout, write)
-            .await
-            .map_err(|_| timed_out())??;
+        tokio::pin!(write);
+        let mut waited = Duration::ZERO;
+        let written = loop {
+            let slice = check_every.min(timeout - waited);
+            match tokio::time::timeout(slice, &mut write).await {
+                Ok(res) => break res?,
+                Err(_) => {
+                    waited += slice;
+                    if stalled() {
+                        return Ok(Wrote::Cut {
+                            frames: idx,
+                            offset,
+                        });
+                    }
+                    if waited >= timeout {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+            }
+        };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -218,5 +279,5 @@ where
             }
         }
     }
-    Ok(())
+    Ok(Wrote::All)
 }
