@@ -84,6 +84,7 @@
 //! | `rtk_broker_live` | gauge | 1 while the broker connection is live, else 0 |
 //! | `rtk_dispatch_lag_seconds` | gauge | longest time from the broker handing a message over to a shard finishing its fan-out, over the last report interval |
 //! | `rtk_runtime_alive_tasks` | gauge | tasks alive in the tokio runtime the service runs on |
+//! | `rtk_outbound_queue_peak_bytes` | gauge | most data bytes one connection held over its outbound bound (queued, being written, a partly written frame), over the connections that have ended; at most the outbound ceiling under `SlowConsumerPolicy::Close` |
 
 #![forbid(unsafe_code)]
 

@@ -194,6 +194,7 @@ pub(crate) const METRICS: &[(&str, Value, &str)] = &[
     ("rtk_broker_live", Value::Gauge(|r| if r.broker_live { 1.0 } else { 0.0 }), "1 while the broker connection is live"),
     ("rtk_dispatch_lag_seconds", Value::Gauge(|r| r.dispatch_lag.as_secs_f64()), "longest time from broker receipt to the end of a shard's fan-out, over the last export interval"),
     ("rtk_runtime_alive_tasks", Value::Gauge(|r| r.alive_tasks as f64), "tasks alive in the tokio runtime the service runs on"),
+    ("rtk_outbound_queue_peak_bytes", Value::Gauge(|r| r.snapshot.outbound_queue_peak_bytes as f64), "most data bytes one ended connection held over its outbound bound"),
 ];
 
 /// Reports the current values to the process's `metrics` recorder (a no-op without one).
