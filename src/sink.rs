@@ -32,7 +32,8 @@ pub enum SendError {
     /// The value could not be serialized to JSON.
     Serialize(serde_json::Error),
     /// The topic name is not allowed (the same rule as for `/ws/{topic}`: 1 to `max_topic_len`
-    /// bytes of printable ASCII without space, `"`, `\`, `*`, `?`, `[` or `]`).
+    /// bytes of printable ASCII without space, `"`, `\`, `*`, `?`, `[` or `]`, not starting
+    /// with `__rtk`, which the kit reserves for its own channels).
     InvalidTopic(&'static str),
 }
 
