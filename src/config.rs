@@ -33,6 +33,8 @@ pub(crate) struct Config {
     pub(crate) pong_timeout: Duration,
     /// Longest topic name accepted before the upgrade.
     pub(crate) max_topic_len: usize,
+    /// Most topics one connection may be in at once (the one it opened with included).
+    pub(crate) max_topics_per_connection: usize,
     /// Most open connections; further upgrades get 503.
     pub(crate) max_connections: usize,
     /// Data messages a connection may send per second on average (token bucket), and the
@@ -65,6 +67,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(30),
             max_topic_len: 256,
+            max_topics_per_connection: 128,
             max_connections: 100_000,
             rate_limit: Some((1_000, 20_000)),
             rate_limit_grace: Duration::from_secs(3),

@@ -323,6 +323,16 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
             Err(e) => panic!("axum-realtime-kit: {e}"),
         }
     }
+
+    /// Most topics one connection may be in at once, the one it opened with included. A
+    /// [`WsSink::join`](crate::ws::types::WsSink::join) past it returns
+    /// [`SendError::TooManyTopics`](crate::ws::types::SendError::TooManyTopics); leaving a topic
+    /// makes room. The count is exact however many joins and leaves run at once. Default: 128
+    /// (Centrifugo's default too); at least 1.
+    pub fn max_topics_per_connection(mut self, n: usize) -> Self {
+        self.config.max_topics_per_connection = n.max(1);
+        self
+    }
 }
 
 /// The URL without its password, for messages.

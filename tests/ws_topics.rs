@@ -101,3 +101,64 @@ async fn the_kits_own_channel_names_are_refused_as_topics() {
     assert_eq!(service.metrics().subscriptions, 3);
     assert_eq!(join(&mut client, &[], &[]).await, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_joins_at_most_128_topics_even_when_joining_concurrently() {
+    let (addr, service) = joiner_server(|b| b.shards(2)).await;
+    let (status, client) = try_connect(addr, "/ws/first", &[]).await;
+    assert_eq!(status, 101);
+    let mut client = client.unwrap();
+
+    // 200 joins at once, on top of the topic the connection opened with: 127 fit.
+    let names: Vec<String> = (0..200).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let results = join(&mut client, &refs, &[]).await;
+    let ok = results.iter().filter(|r| *r == "ok").count();
+    assert_eq!(ok, 127, "{results:?}");
+    assert!(
+        results.iter().all(|r| r == "ok" || r == "TooManyTopics"),
+        "{results:?}"
+    );
+    assert_eq!(service.metrics().subscriptions, 128);
+
+    // At the limit, joining a topic it is already in is still a no-op that succeeds.
+    assert_eq!(join(&mut client, &["first"], &[]).await, ["ok"]);
+    // Leaving 10 makes room for exactly 10 of 30 concurrent joins.
+    let joined: Vec<&str> = refs
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| *r == "ok")
+        .map(|(t, _)| *t)
+        .take(10)
+        .collect();
+    let more: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
+    let more: Vec<&str> = more.iter().map(String::as_str).collect();
+    let results = join(&mut client, &more, &joined).await;
+    assert_eq!(
+        results.iter().filter(|r| *r == "ok").count(),
+        10,
+        "{results:?}"
+    );
+    assert_eq!(service.metrics().subscriptions, 128);
+    // The connection stays open.
+    assert_eq!(join(&mut client, &[], &[]).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn the_topic_limit_is_a_builder_setting() {
+    let (addr, _service) = joiner_server(|b| b.max_topics_per_connection(2)).await;
+    let (_, client) = try_connect(addr, "/ws/first", &[]).await;
+    let mut client = client.unwrap();
+    assert_eq!(
+        join(&mut client, &["a", "b"], &[])
+            .await
+            .iter()
+            .filter(|r| *r == "ok")
+            .count(),
+        1
+    );
+    assert_eq!(
+        join(&mut client, &["c"], &["first", "a", "b"]).await,
+        ["ok"]
+    );
+}

@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::frame::close_code;
 use crate::handler::{ConnectionContext, MessageHandler};
 use crate::outbound::{self, Conn, WriteSide};
-use crate::runtime::Admission;
+use crate::runtime::{Admission, JoinOutcome};
 use crate::service::WebsocketService;
 use crate::sink::WsSink;
 
@@ -126,7 +126,9 @@ impl<H: MessageHandler> Admitted<H> {
         let weak = Arc::downgrade(&conn);
         let (joined_tx, joined) = oneshot::channel();
         let task = tokio::spawn(async move {
-            let subscribed = service.runtime.hub.join(&conn, &topic).await;
+            // A new connection is in no topic yet: only `Gone` can refuse it.
+            let subscribed =
+                service.runtime.hub.join(&conn, &topic).await == JoinOutcome::Subscribed;
             let _ = joined_tx.send(());
             match socket.await {
                 Some(socket) => {
