@@ -137,7 +137,6 @@ impl<H: MessageHandler> WebsocketService<H> {
 ///     .build();
 /// # }
 /// ```
-#[derive(Debug)]
 #[must_use]
 pub struct WebsocketServiceBuilder<H: MessageHandler> {
     handler: H,
@@ -145,6 +144,19 @@ pub struct WebsocketServiceBuilder<H: MessageHandler> {
     config: Config,
     redis_url: Option<String>,
     channel_prefix: String,
+}
+
+/// Prints the settings, with the Redis URL's password replaced by `***`, and the handler and
+/// state by their type names.
+impl<H: MessageHandler> std::fmt::Debug for WebsocketServiceBuilder<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebsocketServiceBuilder")
+            .field("handler", &std::any::type_name::<H>())
+            .field("config", &self.config)
+            .field("redis_url", &self.redis_url.as_deref().map(redact))
+            .field("channel_prefix", &self.channel_prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a service could not be built.
