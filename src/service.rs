@@ -345,6 +345,35 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         self.config.max_topics_per_connection = n.max(1);
         self
     }
+
+    /// Refuses, with `403 Forbidden` before the upgrade, a request whose `Origin` header is not
+    /// one of `origins` (`scheme://host[:port]`, e.g. `"https://chat.example.com"`). This stops
+    /// cross-site WebSocket hijacking: a page on another site opening a WebSocket to this server
+    /// in the user's browser, which sends the user's cookies along. Default: no check.
+    ///
+    /// Browsers always send `Origin` on a WebSocket upgrade and scripts cannot change it;
+    /// non-browser clients (servers, mobile apps, CLI tools) usually send none, and a request
+    /// without `Origin` is let through: it cannot come from another site's page. So the check
+    /// matters when your `TokenValidator` or upgrade validator authenticates with something the
+    /// browser attaches by itself (a cookie, HTTP auth); with a token the page must put in the URL
+    /// or a header, another site has no token to send.
+    ///
+    /// Origins are compared exactly, except that scheme and host are case-insensitive and a
+    /// default port (`:80` for `http`, `:443` for `https`) or a trailing `/` is ignored:
+    /// `https://example.com` does not allow `https://app.example.com` or `http://example.com`.
+    /// An empty list refuses every request that has an `Origin`.
+    pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let origins = origins
+            .into_iter()
+            .map(|o| crate::ws::upgrade::normalize_origin(o.as_ref()))
+            .collect();
+        self.config.allowed_origins = Some(origins);
+        self
+    }
 }
 
 /// The URL without its password, for messages.
