@@ -277,11 +277,15 @@ async fn broadcast(
     }
     match state.service.publish_raw(&topic, body).await {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("could not publish: {e}"),
-        )
-            .into_response(),
+        Err(e) => {
+            // The detail (the broker's address…) goes to the log, not to the client.
+            tracing::warn!(error = %e, %topic, "publish failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "could not publish: broker unavailable",
+            )
+                .into_response()
+        }
     }
 }
 
