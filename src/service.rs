@@ -43,8 +43,10 @@ impl<H: MessageHandler> WebsocketService<H> {
     /// it).
     ///
     /// # Panics
-    /// If `redis_url` is not empty and not a valid Redis URL. Use [`builder`](Self::builder) and
-    /// [`WebsocketServiceBuilder::try_build`] to handle that as an error.
+    /// If `redis_url` is not empty and not a usable Redis URL (only `redis://` over TCP is
+    /// supported: `rediss://` and `unix://` are refused too). To report a configuration error
+    /// instead, e.g. one line on stderr and a non-zero exit, use [`builder`](Self::builder) and
+    /// [`WebsocketServiceBuilder::try_build`], as `examples/basic_chat` does.
     pub fn new(redis_url: &str, handler: H, app_state: Arc<H::AppState>) -> Arc<Self> {
         let url = (!redis_url.is_empty()).then_some(redis_url);
         Self::builder(handler, app_state).redis_url(url).build()
@@ -328,7 +330,8 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// Builds and starts the service.
     ///
     /// # Panics
-    /// Where [`try_build`](Self::try_build) returns an error.
+    /// Where [`try_build`](Self::try_build) returns an error (an unusable Redis URL); call
+    /// `try_build` to handle that as an error.
     pub fn build(self) -> Arc<WebsocketService<H>> {
         match self.try_build() {
             Ok(s) => s,

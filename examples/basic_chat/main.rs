@@ -38,6 +38,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use axum_realtime_kit::BuildError;
 use axum_realtime_kit::prelude::*;
 use axum_realtime_kit::prometheus::Prometheus;
 use serde::{Deserialize, Serialize};
@@ -203,11 +204,12 @@ impl TokenValidator for ServerState {
     }
 }
 
-/// Builds the chat service: the in-process broker without `redis_url`.
+/// Builds the chat service: the in-process broker without `redis_url`. An unusable URL is an
+/// error to report, not a panic.
 pub fn chat_service(
     redis_url: Option<String>,
     shards: Option<usize>,
-) -> Arc<WebsocketService<ChatHandler>> {
+) -> Result<Arc<WebsocketService<ChatHandler>>, BuildError> {
     let mut builder =
         WebsocketService::builder(ChatHandler, Arc::new(AppState)).redis_url(redis_url);
     if let Some(n) = shards {
@@ -220,7 +222,7 @@ pub fn chat_service(
     {
         builder = builder.write_delay(std::time::Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
-    builder.build()
+    builder.try_build()
 }
 
 /// The chat routes.
@@ -343,7 +345,10 @@ async fn serve() {
         tracing::info!("REDIS_URL not set: using the in-process broker (single instance)");
     }
 
-    let service = chat_service(redis_url, shards);
+    let service = chat_service(redis_url, shards).unwrap_or_else(|e| {
+        eprintln!("REDIS_URL: {e}");
+        std::process::exit(2);
+    });
     let listener = match axum_realtime_kit::bind(addr) {
         Ok(l) => l,
         Err(e) => {
