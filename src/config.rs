@@ -1,6 +1,7 @@
 //! Tunables of one service instance, set through
 //! [`WebsocketServiceBuilder`](crate::ws::service::WebsocketServiceBuilder).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::outbound::SlowConsumerPolicy;
@@ -38,6 +39,11 @@ pub(crate) struct Config {
     pub(crate) pong_timeout: Duration,
     /// Longest topic name accepted before the upgrade.
     pub(crate) max_topic_len: usize,
+    /// Most topics one connection may be in at once (the one it opened with included).
+    pub(crate) max_topics_per_connection: usize,
+    /// Origins (normalized, see `ws::upgrade::normalize_origin`) a browser's upgrade request may
+    /// come from; `None`: no check.
+    pub(crate) allowed_origins: Option<Arc<[String]>>,
     /// Most open connections; further upgrades get 503.
     pub(crate) max_connections: usize,
     /// Data messages a connection may send per second on average (token bucket), and the
@@ -75,6 +81,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(30),
             max_topic_len: 256,
+            max_topics_per_connection: 128,
+            allowed_origins: None,
             max_connections: 100_000,
             rate_limit: Some((1_000, 20_000)),
             rate_limit_grace: Duration::from_secs(3),

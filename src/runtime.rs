@@ -29,23 +29,43 @@ pub(crate) struct Hub {
     pub(crate) broker: BrokerHandle,
     /// Longest topic name a connection may join.
     pub(crate) max_topic_len: usize,
+    /// Most topics one connection may be in at once.
+    pub(crate) max_topics: usize,
+}
+
+/// What came of [`Hub::join`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinOutcome {
+    /// Subscribed (or already was); with Redis, confirmed or given up waiting for.
+    Subscribed,
+    /// The connection is already in `max_topics_per_connection` topics.
+    TooManyTopics,
+    /// The runtime is gone.
+    Gone,
 }
 
 impl Hub {
-    /// Subscribes `conn` to `topic` in its shard, then waits until the broker delivers the topic
-    /// to this instance. `false` if the runtime is gone.
-    pub(crate) async fn join(&self, conn: &Arc<Conn>, topic: &str) -> bool {
+    /// Subscribes `conn` to `topic` in its shard (within the per-connection topic limit), then
+    /// waits until the broker delivers the topic to this instance.
+    pub(crate) async fn join(&self, conn: &Arc<Conn>, topic: &str) -> JoinOutcome {
         let (done, wait) = oneshot::channel();
         let cmd = Command::Subscribe {
             conn: conn.clone(),
             topic: Arc::from(topic),
+            max_topics: self.max_topics,
             done,
         };
-        let subscribed = self.shards[conn.shard].send(cmd).await.is_ok() && wait.await.is_ok();
-        if subscribed {
-            self.broker.wait_subscribed(topic).await;
+        if self.shards[conn.shard].send(cmd).await.is_err() {
+            return JoinOutcome::Gone;
         }
-        subscribed
+        match wait.await {
+            Ok(true) => {
+                self.broker.wait_subscribed(topic).await;
+                JoinOutcome::Subscribed
+            }
+            Ok(false) => JoinOutcome::TooManyTopics,
+            Err(_) => JoinOutcome::Gone,
+        }
     }
 
     /// Removes `conn` from `topic`.
@@ -107,6 +127,7 @@ impl Runtime {
             shards,
             broker,
             max_topic_len: config.max_topic_len,
+            max_topics: config.max_topics_per_connection.max(1),
         });
         let metric_labels: Arc<[metrics::Label]> = config
             .metrics_labels

@@ -43,8 +43,10 @@ impl<H: MessageHandler> WebsocketService<H> {
     /// it).
     ///
     /// # Panics
-    /// If `redis_url` is not empty and not a valid Redis URL. Use [`builder`](Self::builder) and
-    /// [`WebsocketServiceBuilder::try_build`] to handle that as an error.
+    /// If `redis_url` is not empty and not a usable Redis URL (only `redis://` over TCP is
+    /// supported: `rediss://` and `unix://` are refused too). To report a configuration error
+    /// instead, e.g. one line on stderr and a non-zero exit, use [`builder`](Self::builder) and
+    /// [`WebsocketServiceBuilder::try_build`], as `examples/basic_chat` does.
     pub fn new(redis_url: &str, handler: H, app_state: Arc<H::AppState>) -> Arc<Self> {
         let url = (!redis_url.is_empty()).then_some(redis_url);
         Self::builder(handler, app_state).redis_url(url).build()
@@ -137,7 +139,6 @@ impl<H: MessageHandler> WebsocketService<H> {
 ///     .build();
 /// # }
 /// ```
-#[derive(Debug)]
 #[must_use]
 pub struct WebsocketServiceBuilder<H: MessageHandler> {
     handler: H,
@@ -145,6 +146,19 @@ pub struct WebsocketServiceBuilder<H: MessageHandler> {
     config: Config,
     redis_url: Option<String>,
     channel_prefix: String,
+}
+
+/// Prints the settings, with the Redis URL's password replaced by `***`, and the handler and
+/// state by their type names.
+impl<H: MessageHandler> std::fmt::Debug for WebsocketServiceBuilder<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebsocketServiceBuilder")
+            .field("handler", &std::any::type_name::<H>())
+            .field("config", &self.config)
+            .field("redis_url", &self.redis_url.as_deref().map(redact))
+            .field("channel_prefix", &self.channel_prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a service could not be built.
@@ -349,12 +363,52 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// Builds and starts the service.
     ///
     /// # Panics
-    /// Where [`try_build`](Self::try_build) returns an error.
+    /// Where [`try_build`](Self::try_build) returns an error (an unusable Redis URL); call
+    /// `try_build` to handle that as an error.
     pub fn build(self) -> Arc<WebsocketService<H>> {
         match self.try_build() {
             Ok(s) => s,
             Err(e) => panic!("axum-realtime-kit: {e}"),
         }
+    }
+
+    /// Most topics one connection may be in at once, the one it opened with included. A
+    /// [`WsSink::join`](crate::ws::types::WsSink::join) past it returns
+    /// [`SendError::TooManyTopics`](crate::ws::types::SendError::TooManyTopics); leaving a topic
+    /// makes room. The count is exact however many joins and leaves run at once. Default: 128
+    /// (Centrifugo's default too); at least 1.
+    pub fn max_topics_per_connection(mut self, n: usize) -> Self {
+        self.config.max_topics_per_connection = n.max(1);
+        self
+    }
+
+    /// Refuses, with `403 Forbidden` before the upgrade, a request whose `Origin` header is not
+    /// one of `origins` (`scheme://host[:port]`, e.g. `"https://chat.example.com"`). This stops
+    /// cross-site WebSocket hijacking: a page on another site opening a WebSocket to this server
+    /// in the user's browser, which sends the user's cookies along. Default: no check.
+    ///
+    /// Browsers always send `Origin` on a WebSocket upgrade and scripts cannot change it;
+    /// non-browser clients (servers, mobile apps, CLI tools) usually send none, and a request
+    /// without `Origin` is let through: it cannot come from another site's page. So the check
+    /// matters when your `TokenValidator` or upgrade validator authenticates with something the
+    /// browser attaches by itself (a cookie, HTTP auth); with a token the page must put in the URL
+    /// or a header, another site has no token to send.
+    ///
+    /// Origins are compared exactly, except that scheme and host are case-insensitive and a
+    /// default port (`:80` for `http`, `:443` for `https`) or a trailing `/` is ignored:
+    /// `https://example.com` does not allow `https://app.example.com` or `http://example.com`.
+    /// An empty list refuses every request that has an `Origin`.
+    pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let origins = origins
+            .into_iter()
+            .map(|o| crate::ws::upgrade::normalize_origin(o.as_ref()))
+            .collect();
+        self.config.allowed_origins = Some(origins);
+        self
     }
 }
 

@@ -35,11 +35,15 @@ use crate::shrink::ShrinkWhenSparse;
 /// Commands a shard applies in arrival order.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// Add `conn` to `topic`; `done` fires once the subscription is in the map.
+    /// Add `conn` to `topic`, unless it is already in `max_topics` other topics; `done` fires
+    /// once the subscription is in the map (`true`) or was refused for the limit (`false`).
+    /// Counting here, where each connection's topics are known and commands apply one at a
+    /// time, keeps the limit exact under concurrent joins and leaves.
     Subscribe {
         conn: Arc<Conn>,
         topic: Arc<str>,
-        done: oneshot::Sender<()>,
+        max_topics: usize,
+        done: oneshot::Sender<bool>,
     },
     /// Remove the connection from one topic.
     Unsubscribe { conn_id: Uuid, topic: Arc<str> },
@@ -120,9 +124,19 @@ impl Shard {
                 self.metrics
                     .dispatch_lag(end.saturating_duration_since(since));
             }
-            Command::Subscribe { conn, topic, done } => {
-                self.subscribe(conn, topic);
-                let _ = done.send(());
+            Command::Subscribe {
+                conn,
+                topic,
+                max_topics,
+                done,
+            } => {
+                let allowed = self.conns.get(&conn.id).is_none_or(|(_, joined)| {
+                    joined.len() < max_topics || joined.iter().any(|(t, _)| *t == topic)
+                });
+                if allowed {
+                    self.subscribe(conn, topic);
+                }
+                let _ = done.send(allowed);
             }
             Command::Unsubscribe { conn_id, topic } => {
                 if let Some((_, joined)) = self.conns.get_mut(&conn_id) {

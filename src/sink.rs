@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::frame;
 use crate::outbound::{Conn, NO_TOPIC, Push};
-use crate::runtime::Hub;
+use crate::runtime::{Hub, JoinOutcome};
 
 /// A cheap, cloneable handle that queues frames for one connection.
 ///
@@ -32,8 +32,13 @@ pub enum SendError {
     /// The value could not be serialized to JSON.
     Serialize(serde_json::Error),
     /// The topic name is not allowed (the same rule as for `/ws/{topic}`: 1 to `max_topic_len`
-    /// bytes of printable ASCII without space, `"`, `\`, `*`, `?`, `[` or `]`).
+    /// bytes of printable ASCII without space, `"`, `\`, `*`, `?`, `[` or `]`, not starting
+    /// with `__rtk`, which the kit reserves for its own channels).
     InvalidTopic(&'static str),
+    /// The connection is already in as many topics as
+    /// [`max_topics_per_connection`](crate::ws::service::WebsocketServiceBuilder::max_topics_per_connection)
+    /// allows (the one it opened with included); leave one first.
+    TooManyTopics,
 }
 
 impl fmt::Display for SendError {
@@ -43,6 +48,7 @@ impl fmt::Display for SendError {
             Self::QueueFull => f.write_str("outbound queue full (slow consumer)"),
             Self::Serialize(e) => write!(f, "serialization failed: {e}"),
             Self::InvalidTopic(why) => f.write_str(why),
+            Self::TooManyTopics => f.write_str("connection is in too many topics"),
         }
     }
 }
@@ -67,13 +73,19 @@ impl WsSink {
     ///
     /// The runtime does not authorize topics: check the user's access (as your upgrade
     /// validator does) before calling it. It does check the name, as for `/ws/{topic}`
-    /// ([`SendError::InvalidTopic`]). Joining a topic twice is a no-op.
+    /// ([`SendError::InvalidTopic`]), and how many topics the connection is in
+    /// ([`SendError::TooManyTopics`]; the limit is exact however many joins and leaves run at
+    /// once). Joining a topic twice is a no-op.
     pub async fn join(&self, topic: &str) -> Result<(), SendError> {
         crate::topic::check(topic, self.hub.max_topic_len).map_err(SendError::InvalidTopic)?;
-        if self.conn.is_ending() || !self.hub.join(&self.conn, topic).await {
+        if self.conn.is_ending() {
             return Err(SendError::Closed);
         }
-        Ok(())
+        match self.hub.join(&self.conn, topic).await {
+            JoinOutcome::Subscribed => Ok(()),
+            JoinOutcome::TooManyTopics => Err(SendError::TooManyTopics),
+            JoinOutcome::Gone => Err(SendError::Closed),
+        }
     }
 
     /// Unsubscribes this connection from `topic` (the one it opened with included).

@@ -270,8 +270,10 @@ impl MessageHandler for Joiner {
 }
 
 async fn joiner_server(redis_url: String) -> (std::net::SocketAddr, Arc<WebsocketService<Joiner>>) {
+    // One connection joins up to 10 000 topics here, past the default limit of 128.
     let service = WebsocketService::builder(Joiner, Arc::new(()))
         .redis_url(Some(redis_url))
+        .max_topics_per_connection(10_000)
         .build();
     let addr = support::serve(open_router(service.clone(), 1)).await;
     let ready = service.clone();

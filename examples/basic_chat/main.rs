@@ -38,6 +38,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use axum_realtime_kit::BuildError;
 use axum_realtime_kit::prelude::*;
 use axum_realtime_kit::prometheus::Prometheus;
 use serde::{Deserialize, Serialize};
@@ -205,11 +206,12 @@ impl TokenValidator for ServerState {
     }
 }
 
-/// Builds the chat service: the in-process broker without `redis_url`.
+/// Builds the chat service: the in-process broker without `redis_url`. An unusable URL is an
+/// error to report, not a panic.
 pub fn chat_service(
     redis_url: Option<String>,
     shards: Option<usize>,
-) -> Arc<WebsocketService<ChatHandler>> {
+) -> Result<Arc<WebsocketService<ChatHandler>>, BuildError> {
     let mut builder =
         WebsocketService::builder(ChatHandler, Arc::new(AppState)).redis_url(redis_url);
     if let Some(n) = shards {
@@ -222,7 +224,7 @@ pub fn chat_service(
     {
         builder = builder.write_delay(std::time::Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
-    builder.build()
+    builder.try_build()
 }
 
 /// The chat routes.
@@ -279,11 +281,15 @@ async fn broadcast(
     }
     match state.service.publish_raw(&topic, body).await {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("could not publish: {e}"),
-        )
-            .into_response(),
+        Err(e) => {
+            // The detail (the broker's address…) goes to the log, not to the client.
+            tracing::warn!(error = %e, %topic, "publish failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "could not publish: broker unavailable",
+            )
+                .into_response()
+        }
     }
 }
 
@@ -341,7 +347,10 @@ async fn serve() {
         tracing::info!("REDIS_URL not set: using the in-process broker (single instance)");
     }
 
-    let service = chat_service(redis_url, shards);
+    let service = chat_service(redis_url, shards).unwrap_or_else(|e| {
+        eprintln!("REDIS_URL: {e}");
+        std::process::exit(2);
+    });
     let listener = match axum_realtime_kit::bind(addr) {
         Ok(l) => l,
         Err(e) => {

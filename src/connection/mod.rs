@@ -3,8 +3,8 @@
 //!
 //! Every connection starts the same way, whether [`upgrade_handler`] accepted it or a bench
 //! drives one over a pipe: [`admit`] takes a connection slot, [`Admitted::join_and_spawn`]
-//! subscribes a new [`Conn`] to its topic and spawns its task, which waits for the upgraded
-//! socket and then runs [`run`].
+//! spawns a new [`Conn`]'s task, which subscribes it to its topic (the caller waits for that),
+//! then waits for the upgraded socket and runs [`run`].
 //!
 //! Two tasks serve a connection. The connection task reads ([`read`]): it parses frames, answers
 //! pings, runs the handler, and owns the lifecycle. The writer task
@@ -26,13 +26,14 @@ use std::sync::{Arc, Weak};
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::frame::close_code;
 use crate::handler::{ConnectionContext, MessageHandler};
 use crate::outbound::{self, Conn, WriteSide};
-use crate::runtime::Admission;
+use crate::runtime::{Admission, JoinOutcome};
 use crate::service::WebsocketService;
 use crate::sink::WsSink;
 
@@ -97,14 +98,20 @@ pub(crate) struct Spawned {
 }
 
 impl<H: MessageHandler> Admitted<H> {
-    /// Subscribes a new connection to `topic`, then spawns its task: it waits for `socket` (the
-    /// upgrade completing) and runs the connection. A `socket` that resolves to `None` (the
-    /// upgrade never completed) undoes the subscription. The slot is released when the task
-    /// ends.
+    /// Spawns a new connection's task, which subscribes it to `topic`, then waits for `socket`
+    /// (the upgrade completing) and runs the connection; resolves once the subscription is in
+    /// place. A `socket` that resolves to `None` (the upgrade never completed) undoes the
+    /// subscription. The slot is released when the task ends.
     ///
     /// Subscribing comes first so that a client that saw the upgrade succeed receives everything
     /// published from then on (with Redis: once Redis confirmed the subscription). What arrives
     /// before the writer starts waits in the connection's bounded queue.
+    ///
+    /// The join runs in the spawned task, not in the caller's future: hyper drops the request's
+    /// future when the client hangs up before the 101, and a join dropped halfway would leave
+    /// the `Conn` in its shard and its Redis subscription behind, with no task left to remove
+    /// them and its slot released. The task finishes the join whatever becomes of the caller,
+    /// and then finds the upgrade failed and removes the connection.
     pub(crate) async fn join_and_spawn<F>(
         self,
         topic: String,
@@ -116,9 +123,13 @@ impl<H: MessageHandler> Admitted<H> {
     {
         let Self { service, admission } = self;
         let conn = service.runtime.new_conn();
-        let subscribed = service.runtime.hub.join(&conn, &topic).await;
         let weak = Arc::downgrade(&conn);
+        let (joined_tx, joined) = oneshot::channel();
         let task = tokio::spawn(async move {
+            // A new connection is in no topic yet: only `Gone` can refuse it.
+            let subscribed =
+                service.runtime.hub.join(&conn, &topic).await == JoinOutcome::Subscribed;
+            let _ = joined_tx.send(());
             match socket.await {
                 Some(socket) => {
                     let joined = Joined {
@@ -137,6 +148,8 @@ impl<H: MessageHandler> Admitted<H> {
             }
             drop(admission);
         });
+        // Err only if the task panicked before the join finished; the task is over then.
+        let _ = joined.await;
         Spawned { task, conn: weak }
     }
 }

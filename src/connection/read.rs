@@ -335,7 +335,15 @@ async fn handle_text<H: MessageHandler>(
             };
             if let Err(e) = published {
                 tracing::warn!(error = %e, "publish failed");
-                send_error(ctx, &format!("Failed to broadcast event: {e}"));
+                // The detail (the broker's address, the OS error) is for the log, not clients.
+                use crate::broker::PublishError as E;
+                let why = match e {
+                    E::Unavailable(_) => "broker unavailable",
+                    E::Timeout => "broker did not confirm in time",
+                    E::Closed => "service is shutting down",
+                    E::Serialize(_) => "event could not be serialized",
+                };
+                send_error(ctx, &format!("Failed to broadcast event: {why}"));
             }
         }
         Ok(None) => {}

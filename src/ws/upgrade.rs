@@ -34,6 +34,58 @@ use crate::service::WebsocketService;
 /// [`upgrade_handler`] with `400 Bad Request` once those checks have passed.
 pub struct WebSocketUpgrade {
     inner: Result<IncomingUpgrade, StatusCode>,
+    origin: Origin,
+}
+
+/// The request's `Origin` header, for the allow-list.
+#[derive(Debug)]
+enum Origin {
+    /// No `Origin` header: not a browser.
+    Absent,
+    /// One `Origin`, normalized.
+    One(String),
+    /// More than one, or not text: never allowed.
+    Invalid,
+}
+
+impl Origin {
+    fn of(parts: &Parts) -> Self {
+        let mut values = parts.headers.get_all(axum::http::header::ORIGIN).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Self::Absent,
+            (Some(v), None) => v
+                .to_str()
+                .map_or(Self::Invalid, |v| Self::One(normalize_origin(v))),
+            (Some(_), Some(_)) => Self::Invalid,
+        }
+    }
+
+    /// Whether `allowed` (normalized origins; `None`: no check) lets this request through.
+    fn allowed_by(&self, allowed: Option<&[String]>) -> bool {
+        match (allowed, self) {
+            (None, _) | (Some(_), Self::Absent) => true,
+            (Some(list), Self::One(origin)) => list.iter().any(|a| a == origin),
+            (Some(_), Self::Invalid) => false,
+        }
+    }
+}
+
+/// An origin in the form the allow-list compares: `scheme://host[:port]` lowercased (scheme and
+/// host are case-insensitive), without a trailing `/` or the scheme's default port.
+pub(crate) fn normalize_origin(origin: &str) -> String {
+    let mut o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    for (scheme, port) in [
+        ("http://", ":80"),
+        ("https://", ":443"),
+        ("ws://", ":80"),
+        ("wss://", ":443"),
+    ] {
+        if o.starts_with(scheme) && o.ends_with(port) {
+            o.truncate(o.len() - port.len());
+            break;
+        }
+    }
+    o
 }
 
 impl std::fmt::Debug for WebSocketUpgrade {
@@ -62,7 +114,10 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
         } else {
             Err(StatusCode::BAD_REQUEST)
         };
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            origin: Origin::of(parts),
+        })
     }
 }
 
@@ -76,10 +131,12 @@ fn header_has(parts: &Parts, name: &str, token: &str) -> bool {
 
 /// Authorizes and upgrades one connection, then hands it to `service`.
 ///
-/// In order: refuses with 503 while the service shuts down; runs `validator` (your topic check,
-/// e.g. 403 for someone else's private topic, 404 for an unknown one); refuses a request that
-/// is not a WebSocket upgrade with 400; then answers `101 Switching Protocols` and runs the
-/// connection in a task of its own.
+/// In order: refuses with 503 while the service shuts down; with
+/// [`allowed_origins`](crate::ws::service::WebsocketServiceBuilder::allowed_origins) set, refuses
+/// with 403 a request whose `Origin` is not listed; refuses with 400 a topic name that is not
+/// allowed; runs `validator` (your topic check, e.g. 403 for someone else's private topic, 404
+/// for an unknown one); refuses a request that is not a WebSocket upgrade with 400; then answers
+/// `101 Switching Protocols` and runs the connection in a task of its own.
 pub async fn upgrade_handler<H, V, F>(
     ws: WebSocketUpgrade,
     State(service): State<Arc<WebsocketService<H>>>,
@@ -94,6 +151,13 @@ where
 {
     if service.runtime.is_shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    if !ws
+        .origin
+        .allowed_by(service.runtime.config.allowed_origins.as_deref())
+    {
+        tracing::debug!(origin = ?ws.origin, %topic, "upgrade refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
     if let Err(why) = crate::topic::check(&topic, service.runtime.config.max_topic_len) {
         return (StatusCode::BAD_REQUEST, why).into_response();

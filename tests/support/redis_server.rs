@@ -71,6 +71,22 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id, to pause it (`kill -STOP`) and resume it (`kill -CONT`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
+    /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to this server's process, by PID.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{signal} {} failed", self.pid());
+    }
+
     /// Kills the server (SIGKILL, by PID) and waits for it to be gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
