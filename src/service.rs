@@ -305,7 +305,7 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
 
     /// Longest topic name, in bytes; a longer one is refused with 400 before the upgrade.
     /// Default: 256. (Characters are always checked: printable ASCII without space, `"`, `\`,
-    /// `*`, `?`, `[` or `]`.)
+    /// `*`, `?`, `[` or `]`; names starting with `__rtk` are the kit's own and refused.)
     pub fn max_topic_len(mut self, bytes: usize) -> Self {
         self.config.max_topic_len = bytes;
         self
