@@ -70,7 +70,8 @@ struct Interest {
     dirty: AHashSet<Arc<str>>,
     /// Topics Redis confirmed on the current subscriber connection.
     confirmed: AHashSet<Arc<str>>,
-    /// Connections waiting for a topic's confirmation.
+    /// Connections waiting for a topic's confirmation: only joins under way (a waiter that times
+    /// out removes itself; a topic no longer wanted takes its waiters with it).
     waiters: AHashMap<Arc<str>, Vec<oneshot::Sender<()>>>,
 }
 
@@ -119,6 +120,11 @@ impl TopicInterest for Shared {
         if *n == 0 {
             st.counts.remove(topic);
             st.counts.shrink_when_sparse();
+            // Whoever waited for this topic has left it: the waiters go now, not at the next
+            // reconcile, which does not run while Redis is unreachable.
+            if st.waiters.remove(topic).is_some() {
+                st.waiters.shrink_when_sparse();
+            }
             st.dirty.insert(topic.clone());
             drop(st);
             self.wake.notify_one();
@@ -210,7 +216,8 @@ impl RedisBroker {
 
     /// Resolves once Redis confirmed `topic` on the subscriber connection, or after
     /// [`SUBSCRIBE_WAIT`] (Redis down: the connection proceeds and is covered by the
-    /// re-subscription once Redis is back).
+    /// re-subscription once Redis is back). A waiter that gives up removes its entry, so the
+    /// waiters are never more than the joins under way.
     pub(crate) async fn wait_subscribed(&self, topic: &str) {
         let rx = {
             let mut st = self.shared.lock();
@@ -225,7 +232,17 @@ impl RedisBroker {
             st.waiters.entry(key).or_default().push(tx);
             rx
         };
-        let _ = tokio::time::timeout(SUBSCRIBE_WAIT, rx).await;
+        if tokio::time::timeout(SUBSCRIBE_WAIT, rx).await.is_err() {
+            // Timed out: this waiter's receiver is gone; prune every closed one of the topic.
+            let mut st = self.shared.lock();
+            if let Some(list) = st.waiters.get_mut(topic) {
+                list.retain(|w| !w.is_closed());
+                if list.is_empty() {
+                    st.waiters.remove(topic);
+                    st.waiters.shrink_when_sparse();
+                }
+            }
+        }
     }
 }
 
@@ -600,5 +617,66 @@ mod tests {
             );
         }
         assert!(backoff(1) < Duration::from_millis(100));
+    }
+
+    /// A stand-in for a Redis that accepts connections and never says anything.
+    async fn silent_redis() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        format!("redis://127.0.0.1:{port}/")
+    }
+
+    fn broker(url: &str) -> (RedisBroker, mpsc::Receiver<Published>) {
+        let (tx, rx) = mpsc::channel(16);
+        let broker = RedisBroker::start(url, String::new(), 1, tx, Arc::default()).unwrap();
+        (broker, rx)
+    }
+
+    fn waiting(broker: &RedisBroker) -> usize {
+        broker.shared.lock().waiters.values().map(Vec::len).sum()
+    }
+
+    #[tokio::test]
+    async fn timed_out_waiters_do_not_stay_in_the_map() {
+        let (broker, _rx) = broker(&silent_redis().await);
+        let topic: Arc<str> = Arc::from("room");
+        broker.interest().first_in_shard(&topic);
+        let waits = (0..200).map(|_| broker.wait_subscribed("room"));
+        futures_util::future::join_all(waits).await;
+        assert_eq!(waiting(&broker), 0, "every waiter timed out");
+        broker.stop();
+    }
+
+    #[tokio::test]
+    async fn waiters_of_a_topic_left_during_an_outage_are_dropped() {
+        // Nothing listens: the subscriber is between connection attempts.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (broker, _rx) = broker(&format!("redis://127.0.0.1:{port}/"));
+        let topic: Arc<str> = Arc::from("room");
+        let interest = broker.interest();
+        interest.first_in_shard(&topic);
+        let b = broker.clone();
+        let wait = tokio::spawn(async move { b.wait_subscribed("room").await });
+        while waiting(&broker) == 0 {
+            tokio::task::yield_now().await;
+        }
+        interest.last_in_shard(&topic);
+        assert_eq!(
+            waiting(&broker),
+            0,
+            "the waiter of a topic no longer wanted was kept"
+        );
+        wait.await.unwrap();
+        broker.stop();
     }
 }
