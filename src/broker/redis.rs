@@ -276,7 +276,8 @@ struct Subscriber {
     probe_channel: Bytes,
     /// Topics subscribed (or being subscribed) on the current connection.
     actual: AHashSet<Arc<str>>,
-    /// SUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet.
+    /// SUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet, kept for a
+    /// topic left meanwhile too, until its acknowledgements are in.
     pending_acks: AHashMap<Arc<str>, u32>,
     metrics: Arc<Metrics>,
 }
@@ -532,7 +533,13 @@ impl Subscriber {
                 if channel == self.probe_channel {
                     return Ok(());
                 }
-                let Some(topic) = self.topic_of(&channel) else {
+                // A topic left before its acknowledgement came is no longer in `actual`, but
+                // the acknowledgement still settles its count: the topic may be joined again,
+                // and its next SUBSCRIBE's acknowledgement must then be the last one owed.
+                let Some(topic) = self
+                    .topic_of(&channel)
+                    .or_else(|| self.pending_topic(&channel))
+                else {
                     return Ok(());
                 };
                 let done = match self.pending_acks.get_mut(&topic) {
@@ -545,6 +552,10 @@ impl Subscriber {
                 if done {
                     self.pending_acks.remove(&topic);
                     self.pending_acks.shrink_when_sparse();
+                    if !self.actual.contains(&topic) {
+                        // Left meanwhile: nothing to confirm.
+                        return Ok(());
+                    }
                     let mut st = self.shared.lock();
                     st.confirmed.insert(topic.clone());
                     for w in st.waiters.remove(&topic).unwrap_or_default() {
@@ -555,6 +566,15 @@ impl Subscriber {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The topic of a channel whose SUBSCRIBE is still unacknowledged (no allocation).
+    fn pending_topic(&self, channel: &[u8]) -> Option<Arc<str>> {
+        let name = channel.strip_prefix(self.shared.prefix.as_bytes())?;
+        let name = std::str::from_utf8(name).ok()?;
+        self.pending_acks
+            .get_key_value(name)
+            .map(|(t, _)| t.clone())
     }
 
     /// The interned topic of a channel this connection subscribed to (no allocation).
@@ -678,5 +698,70 @@ mod tests {
         );
         wait.await.unwrap();
         broker.stop();
+    }
+
+    /// A subscriber task's state, driven by hand (no connection).
+    fn subscriber() -> Subscriber {
+        let (dispatch, _) = mpsc::channel(1);
+        let target = Target::from_url("redis://127.0.0.1:1/").unwrap();
+        Subscriber {
+            shared: Arc::new(Shared {
+                interest: Mutex::new(Interest::default()),
+                wake: Notify::new(),
+                live: AtomicBool::new(false),
+                publisher_ok: AtomicBool::new(true),
+                prefix: String::new(),
+                stopped: AtomicBool::new(false),
+                stop: Notify::new(),
+            }),
+            publisher: Arc::new(Publisher::new(target.clone())),
+            target,
+            dispatch,
+            probe_channel: Bytes::from_static(b"__rtk_probe:1"),
+            actual: AHashSet::new(),
+            pending_acks: AHashMap::new(),
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Redis's acknowledgement of one channel of a SUBSCRIBE or UNSUBSCRIBE.
+    fn ack(kind: &'static [u8], channel: &'static [u8]) -> Value {
+        Value::Array(Some(vec![
+            Value::Bulk(Some(Bytes::from_static(kind))),
+            Value::Bulk(Some(Bytes::from_static(channel))),
+            Value::Int(1),
+        ]))
+    }
+
+    #[tokio::test]
+    async fn a_late_ack_of_a_topic_left_meanwhile_does_not_leave_the_next_join_unconfirmed() {
+        let mut sub = subscriber();
+        let interest: Arc<dyn TopicInterest> = sub.shared.clone();
+        let topic: Arc<str> = Arc::from("room");
+        let (mut probe, mut failures, mut out) = (Probe::new(), 0, Vec::new());
+
+        // Joined: SUBSCRIBE sent. Left before Redis answered: UNSUBSCRIBE sent.
+        interest.first_in_shard(&topic);
+        sub.reconcile(&mut out);
+        interest.last_in_shard(&topic);
+        sub.reconcile(&mut out);
+        // The SUBSCRIBE's acknowledgement arrives now, after the topic was left.
+        sub.handle(ack(b"subscribe", b"room"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        // Joined again: SUBSCRIBE sent; Redis answers the UNSUBSCRIBE, then this SUBSCRIBE.
+        interest.first_in_shard(&topic);
+        sub.reconcile(&mut out);
+        sub.handle(ack(b"unsubscribe", b"room"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        sub.handle(ack(b"subscribe", b"room"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        assert!(
+            sub.shared.lock().confirmed.contains("room"),
+            "the second join was never confirmed"
+        );
+        assert!(sub.pending_acks.is_empty(), "{:?}", sub.pending_acks);
     }
 }
