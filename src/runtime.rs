@@ -102,7 +102,10 @@ impl Runtime {
         let shards: Arc<[_]> = (0..config.shards.max(1))
             .map(|_| shard::spawn_shard(config.shard_channel, interest.clone(), metrics.clone()))
             .collect();
-        tokio::spawn(Dispatcher::new(shards.clone()).run(pub_rx));
+        tokio::spawn(
+            Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
+                .run(pub_rx),
+        );
         let hub = Arc::new(Hub {
             shards,
             broker,

@@ -34,6 +34,10 @@ pub enum PublishError {
     Timeout,
     /// The service is shutting down.
     Closed,
+    /// [`publish_raw`](crate::ws::service::WebsocketService::publish_raw) was given a payload
+    /// that is not UTF-8: subscribers receive text frames, and a browser fails the connection on
+    /// a text frame that is not UTF-8. Nothing was published.
+    NotText,
 }
 
 impl PublishError {
@@ -50,6 +54,7 @@ impl fmt::Display for PublishError {
             Self::Unavailable(e) => write!(f, "broker unavailable: {e}"),
             Self::Timeout => f.write_str("broker did not confirm the publish in time"),
             Self::Closed => f.write_str("service is shutting down"),
+            Self::NotText => f.write_str("payload is not UTF-8 and cannot be sent as text"),
         }
     }
 }
