@@ -21,8 +21,14 @@
 //!   open but no longer delivering. The broker counts as live (readiness) only while probes come
 //!   back, which proves the whole path: publisher → Redis → subscriber.
 //!
-//! After a publish fails, further publishes fail at once (no queuing, no waiting on reconnect
-//! attempts) until a probe publish succeeds again, which is tried every [`PROBE_RETRY`].
+//! A publish that fails fails alone as long as the publishing connection stays: Redis's error
+//! reply, or a timeout on a connection that kept answering, leaves the others unaffected. Only a
+//! failure that left no connection (it was lost and could not be made again, or went silent for
+//! a caller's whole [`PUBLISH_TIMEOUT`](super::publisher::PUBLISH_TIMEOUT)) closes a gate: then
+//! further publishes fail at once (no queuing, no waiting on reconnect attempts) until a probe
+//! publish succeeds again. The first is tried [`PROBE_RETRY`] after the failure and again every
+//! [`PROBE_RETRY`] until one succeeds, so the gate reopens within [`PROBE_RETRY`] of Redis
+//! answering again.
 //!
 //! Delivery is at-most-once across an outage, like Redis Pub/Sub itself.
 
@@ -83,9 +89,12 @@ struct Shared {
     wake: Notify,
     /// True while the last probe came back: publish → Redis → our subscriber connection works.
     live: AtomicBool,
-    /// False after a publish failed, until a probe publish succeeds again. While false, publishes
-    /// fail at once instead of each waiting for a reconnect attempt.
+    /// False after a publish failure left the publisher without a connection, until a probe
+    /// publish succeeds again. While false, publishes fail at once instead of each waiting for a
+    /// reconnect attempt.
     publisher_ok: AtomicBool,
+    /// A task retries probe publishes every [`PROBE_RETRY`] to reopen `publisher_ok`.
+    recovering: AtomicBool,
     /// `<prefix>` prepended to every topic to form the channel name.
     prefix: String,
     /// Set when the service is dropped; the subscriber task then ends.
@@ -137,6 +146,8 @@ impl TopicInterest for Shared {
 pub(crate) struct RedisBroker {
     publisher: Arc<Publisher>,
     shared: Arc<Shared>,
+    /// The instance's probe channel, also published on to reopen `publisher_ok`.
+    probe_channel: Bytes,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -165,23 +176,28 @@ impl RedisBroker {
             wake: Notify::new(),
             live: AtomicBool::new(false),
             publisher_ok: AtomicBool::new(true),
+            recovering: AtomicBool::new(false),
             prefix,
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
         });
-        let probe_channel = format!("{}__rtk_probe:{instance:016x}", shared.prefix);
+        let probe_channel = Bytes::from(format!("{}__rtk_probe:{instance:016x}", shared.prefix));
         let task = Subscriber {
             shared: shared.clone(),
             target,
             publisher: publisher.clone(),
             dispatch,
-            probe_channel: Bytes::from(probe_channel),
+            probe_channel: probe_channel.clone(),
             actual: AHashSet::new(),
             pending_acks: AHashMap::new(),
             metrics,
         };
         tokio::spawn(task.run());
-        Ok(Self { publisher, shared })
+        Ok(Self {
+            publisher,
+            shared,
+            probe_channel,
+        })
     }
 
     pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
@@ -194,10 +210,38 @@ impl RedisBroker {
         channel.extend_from_slice(self.shared.prefix.as_bytes());
         channel.extend_from_slice(topic.as_bytes());
         let res = self.publisher.publish(channel.freeze(), payload).await;
-        if res.is_err() {
+        if res.is_err() && self.publisher.link_down() {
             self.shared.publisher_ok.store(false, Ordering::Release);
+            self.recover();
         }
         res
+    }
+
+    /// Unless a recovery already runs: tries a probe publish every [`PROBE_RETRY`] until one
+    /// succeeds, then reopens `publisher_ok`.
+    fn recover(&self) {
+        if self.shared.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (publisher, shared) = (self.publisher.clone(), self.shared.clone());
+        let channel = self.probe_channel.clone();
+        tokio::spawn(async move {
+            loop {
+                // Not `stop.notified()`: its one permit is the subscriber task's.
+                tokio::time::sleep(PROBE_RETRY).await;
+                if shared.stopped.load(Ordering::Acquire)
+                    || shared.publisher_ok.load(Ordering::Acquire)
+                {
+                    break;
+                }
+                let probe = Bytes::from_static(b"probe");
+                if publisher.publish(channel.clone(), probe).await.is_ok() {
+                    shared.publisher_ok.store(true, Ordering::Release);
+                    break;
+                }
+            }
+            shared.recovering.store(false, Ordering::Release);
+        });
     }
 
     /// Ends the subscriber task (the service is going away).
@@ -710,6 +754,7 @@ mod tests {
                 wake: Notify::new(),
                 live: AtomicBool::new(false),
                 publisher_ok: AtomicBool::new(true),
+                recovering: AtomicBool::new(false),
                 prefix: String::new(),
                 stopped: AtomicBool::new(false),
                 stop: Notify::new(),
@@ -763,5 +808,68 @@ mod tests {
             "the second join was never confirmed"
         );
         assert!(sub.pending_acks.is_empty(), "{:?}", sub.pending_acks);
+    }
+
+    /// A stand-in for Redis that acknowledges every SUBSCRIBE, answers PUBLISH with `:1`, and
+    /// refuses a publish of `refuse me` with an error.
+    async fn answering_redis() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = BytesMut::new();
+                    loop {
+                        while let Some(Value::Array(Some(parts))) = resp::parse(&mut buf).unwrap() {
+                            let arg = |i: usize| match parts.get(i) {
+                                Some(Value::Bulk(Some(b))) => b.clone(),
+                                _ => Bytes::new(),
+                            };
+                            let mut out = Vec::new();
+                            match &arg(0)[..] {
+                                b"SUBSCRIBE" => {
+                                    for i in 1..parts.len() {
+                                        let ch = arg(i);
+                                        out.extend_from_slice(
+                                            format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len())
+                                                .as_bytes(),
+                                        );
+                                        out.extend_from_slice(&ch);
+                                        out.extend_from_slice(format!("\r\n:{i}\r\n").as_bytes());
+                                    }
+                                }
+                                b"PUBLISH" if &arg(2)[..] == b"refuse me" => {
+                                    out.extend_from_slice(b"-ERR refused for the test\r\n")
+                                }
+                                _ => out.extend_from_slice(b":1\r\n"),
+                            }
+                            if stream.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                        if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("redis://127.0.0.1:{port}/")
+    }
+
+    #[tokio::test]
+    async fn a_publish_redis_refused_does_not_fail_the_next_one() {
+        let (broker, _rx) = broker(&answering_redis().await);
+        let refused = broker
+            .publish("room", Bytes::from_static(b"refuse me"))
+            .await;
+        assert!(
+            matches!(&refused, Err(PublishError::Unavailable(e)) if e.contains("refused for the test")),
+            "{refused:?}"
+        );
+        let next = broker.publish("room", Bytes::from_static(b"fine")).await;
+        assert!(next.is_ok(), "{next:?}");
+        broker.stop();
     }
 }
