@@ -31,21 +31,50 @@ pub(crate) struct Hub {
     pub(crate) max_topic_len: usize,
 }
 
+/// Why a join failed.
+#[derive(Debug)]
+pub(crate) enum JoinError {
+    /// The runtime is gone.
+    Closed,
+    /// The broker refused the subscription (a Redis ACL, say), with its reason.
+    Refused(String),
+}
+
 impl Hub {
     /// Subscribes `conn` to `topic` in its shard, then waits until the broker delivers the topic
-    /// to this instance. `false` if the runtime is gone.
+    /// to this instance. `false` if the runtime is gone, or if the broker refused the topic:
+    /// then the connection is left out of it and closed with 1008.
     pub(crate) async fn join(&self, conn: &Arc<Conn>, topic: &str) -> bool {
+        match self.try_join(conn, topic).await {
+            Ok(()) => true,
+            Err(JoinError::Closed) => false,
+            Err(JoinError::Refused(_)) => {
+                conn.close(
+                    close_code::POLICY_VIOLATION,
+                    "topic refused by the broker",
+                    true,
+                );
+                false
+            }
+        }
+    }
+
+    /// [`join`](Self::join) that reports why it failed, and leaves the connection open.
+    pub(crate) async fn try_join(&self, conn: &Arc<Conn>, topic: &str) -> Result<(), JoinError> {
         let (done, wait) = oneshot::channel();
         let cmd = Command::Subscribe {
             conn: conn.clone(),
             topic: Arc::from(topic),
             done,
         };
-        let subscribed = self.shards[conn.shard].send(cmd).await.is_ok() && wait.await.is_ok();
-        if subscribed {
-            self.broker.wait_subscribed(topic).await;
+        if self.shards[conn.shard].send(cmd).await.is_err() || wait.await.is_err() {
+            return Err(JoinError::Closed);
         }
-        subscribed
+        if let Err(why) = self.broker.wait_subscribed(topic).await {
+            self.leave(conn, topic).await;
+            return Err(JoinError::Refused(why));
+        }
+        Ok(())
     }
 
     /// Removes `conn` from `topic`.

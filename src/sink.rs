@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::frame;
 use crate::outbound::{Conn, NO_TOPIC, Push};
-use crate::runtime::Hub;
+use crate::runtime::{Hub, JoinError};
 
 /// A cheap, cloneable handle that queues frames for one connection.
 ///
@@ -34,6 +34,9 @@ pub enum SendError {
     /// The topic name is not allowed (the same rule as for `/ws/{topic}`: 1 to `max_topic_len`
     /// bytes of printable ASCII without space, `"`, `\`, `*`, `?`, `[` or `]`).
     InvalidTopic(&'static str),
+    /// The broker refused to subscribe the topic, with its reason (a Redis ACL that forbids the
+    /// channel: `NOPERM …`). Nothing was joined; the connection stays open.
+    TopicRefused(String),
 }
 
 impl fmt::Display for SendError {
@@ -43,6 +46,7 @@ impl fmt::Display for SendError {
             Self::QueueFull => f.write_str("outbound queue full (slow consumer)"),
             Self::Serialize(e) => write!(f, "serialization failed: {e}"),
             Self::InvalidTopic(why) => f.write_str(why),
+            Self::TopicRefused(why) => write!(f, "the broker refused the topic: {why}"),
         }
     }
 }
@@ -67,13 +71,18 @@ impl WsSink {
     ///
     /// The runtime does not authorize topics: check the user's access (as your upgrade
     /// validator does) before calling it. It does check the name, as for `/ws/{topic}`
-    /// ([`SendError::InvalidTopic`]). Joining a topic twice is a no-op.
+    /// ([`SendError::InvalidTopic`]). Joining a topic twice is a no-op. A topic the broker
+    /// refuses (a Redis ACL) is [`SendError::TopicRefused`].
     pub async fn join(&self, topic: &str) -> Result<(), SendError> {
         crate::topic::check(topic, self.hub.max_topic_len).map_err(SendError::InvalidTopic)?;
-        if self.conn.is_ending() || !self.hub.join(&self.conn, topic).await {
+        if self.conn.is_ending() {
             return Err(SendError::Closed);
         }
-        Ok(())
+        match self.hub.try_join(&self.conn, topic).await {
+            Ok(()) => Ok(()),
+            Err(JoinError::Closed) => Err(SendError::Closed),
+            Err(JoinError::Refused(why)) => Err(SendError::TopicRefused(why)),
+        }
     }
 
     /// Unsubscribes this connection from `topic` (the one it opened with included).

@@ -5,7 +5,11 @@
 mod support;
 
 use axum_realtime_kit::PublishError;
+use axum_realtime_kit::bench_api::open_router;
+use axum_realtime_kit::prelude::*;
+use axum_realtime_kit::ws::types::SendError;
 use redis::AsyncCommands;
+use serde_json::json;
 use support::redis_server::start_redis;
 use support::*;
 
@@ -81,4 +85,106 @@ async fn publish_raw_refuses_a_payload_that_is_not_utf8() {
     let local = chat_server_with(None, 1).await;
     let res = local.service.publish_raw("general", &b"\xc3"[..]).await;
     assert!(matches!(res, Err(PublishError::NotText)), "{res:?}");
+}
+
+/// Joins the topic a client names (`{"join": "t"}`) and answers how it went.
+#[derive(Debug)]
+struct JoinOne;
+
+#[async_trait::async_trait]
+impl MessageHandler for JoinOne {
+    type ClientMessage = serde_json::Value;
+    type ServerEvent = serde_json::Value;
+    type AppState = ();
+    type UserId = u32;
+
+    async fn handle_direct_message(
+        &self,
+        msg: &serde_json::Value,
+        ctx: &ConnectionContext<(), u32>,
+    ) -> Result<Option<serde_json::Value>, HandlerError> {
+        let topic = msg["join"].as_str().unwrap_or_default();
+        Ok(Some(match ctx.sink.join(topic).await {
+            Ok(()) => json!({ "joined": topic }),
+            Err(e) => json!({
+                "refused": refused_by_broker(&e),
+                "error": e.to_string(),
+            }),
+        }))
+    }
+
+    async fn handle_broadcast_message(
+        &self,
+        _msg: serde_json::Value,
+        _ctx: &ConnectionContext<(), u32>,
+    ) -> Result<Option<serde_json::Value>, HandlerError> {
+        Ok(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_the_redis_user_may_not_subscribe_is_refused_and_the_rest_works() {
+    let redis = redis_or_skip!("a_channel_the_redis_user_may_not_subscribe_is_refused");
+    let mut admin = redis.client().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "limited",
+            "on",
+            ">secret",
+            "resetchannels",
+            "&open:*",
+            "&__rtk_probe:*",
+            "+@all",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://limited:secret@127.0.0.1:{}/", redis.port);
+    let service = WebsocketService::builder(JoinOne, std::sync::Arc::new(()))
+        .redis_url(Some(url))
+        .build();
+    let addr = serve(open_router(service.clone(), 1)).await;
+    let ready = service.clone();
+    wait_until("instance ready", move || ready.is_ready()).await;
+    let reconnects = service.metrics().broker_reconnects;
+
+    let (_, client) = try_connect(addr, "/ws/open:lobby", &[]).await;
+    let mut client = client.unwrap();
+    client
+        .send_text(&json!({ "join": "closed:secret" }).to_string())
+        .await;
+    let reply = client.recv_json().await;
+    assert_eq!(reply["refused"], true, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("NOPERM"),
+        "{reply}"
+    );
+    client
+        .send_text(&json!({ "join": "open:news" }).to_string())
+        .await;
+    assert_eq!(client.recv_json().await["joined"], "open:news");
+
+    // Both allowed topics deliver, on the connection the refusal did not cost.
+    let _: i64 = admin.publish("open:news", "news").await.unwrap();
+    let _: i64 = admin.publish("open:lobby", "lobby").await.unwrap();
+    for want in ["news", "lobby"] {
+        let f = client.recv_frame().await.unwrap();
+        assert_eq!(f.payload, want.as_bytes());
+    }
+    // A connection opened on the forbidden topic is closed with 1008 at once.
+    let (status, refused) = try_connect(addr, "/ws/closed:other", &[]).await;
+    assert_eq!(status, 101);
+    assert_eq!(refused.unwrap().expect_close().await, 1008);
+    // Nothing else is queued: the next frame answers this join of a topic already joined.
+    client
+        .send_text(&json!({ "join": "open:lobby" }).to_string())
+        .await;
+    assert_eq!(client.recv_json().await["joined"], "open:lobby");
+    assert_eq!(service.metrics().broker_reconnects, reconnects);
+    assert!(service.is_ready());
+}
+
+fn refused_by_broker(e: &SendError) -> bool {
+    matches!(e, SendError::TopicRefused(_))
 }

@@ -100,10 +100,12 @@ impl BrokerHandle {
         }
     }
 
-    /// Resolves once the broker delivers `topic` to this instance (at once in-process).
-    pub(crate) async fn wait_subscribed(&self, topic: &str) {
-        if let Self::Redis(b) = self {
-            b.wait_subscribed(topic).await;
+    /// Resolves once the broker delivers `topic` to this instance (at once in-process); `Err`
+    /// with the broker's reason if it refused the subscription.
+    pub(crate) async fn wait_subscribed(&self, topic: &str) -> Result<(), String> {
+        match self {
+            Self::Redis(b) => b.wait_subscribed(topic).await,
+            Self::Local(_) => Ok(()),
         }
     }
 

@@ -32,6 +32,7 @@
 //!
 //! Delivery is at-most-once across an outage, like Redis Pub/Sub itself.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -65,6 +66,9 @@ pub(crate) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// A join waiting for its topic's confirmation; told `Err(Redis's error)` if Redis refused it.
+type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
+
 /// Subscription bookkeeping shared by the shards (through [`TopicInterest`]), the connections
 /// waiting for confirmation, and the subscriber task.
 #[derive(Debug, Default)]
@@ -78,7 +82,10 @@ struct Interest {
     confirmed: AHashSet<Arc<str>>,
     /// Connections waiting for a topic's confirmation: only joins under way (a waiter that times
     /// out removes itself; a topic no longer wanted takes its waiters with it).
-    waiters: AHashMap<Arc<str>, Vec<oneshot::Sender<()>>>,
+    waiters: AHashMap<Arc<str>, Vec<Waiter>>,
+    /// Topics Redis refused to subscribe (an ACL, say), with its error: their joins fail until
+    /// the topic is no longer wanted, and the next join tries again.
+    refused: AHashMap<Arc<str>, Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -133,6 +140,9 @@ impl TopicInterest for Shared {
             // reconcile, which does not run while Redis is unreachable.
             if st.waiters.remove(topic).is_some() {
                 st.waiters.shrink_when_sparse();
+            }
+            if st.refused.remove(topic).is_some() {
+                st.refused.shrink_when_sparse();
             }
             st.dirty.insert(topic.clone());
             drop(st);
@@ -189,6 +199,8 @@ impl RedisBroker {
             dispatch,
             probe_channel: probe_channel.clone(),
             actual: AHashSet::new(),
+            sent: VecDeque::new(),
+            resend: Vec::new(),
             pending_acks: AHashMap::new(),
             metrics,
         };
@@ -261,22 +273,30 @@ impl RedisBroker {
     /// Resolves once Redis confirmed `topic` on the subscriber connection, or after
     /// [`SUBSCRIBE_WAIT`] (Redis down: the connection proceeds and is covered by the
     /// re-subscription once Redis is back). A waiter that gives up removes its entry, so the
-    /// waiters are never more than the joins under way.
-    pub(crate) async fn wait_subscribed(&self, topic: &str) {
+    /// waiters are never more than the joins under way. `Err` carries Redis's error when it
+    /// refused the subscription (an ACL that forbids the channel, say).
+    pub(crate) async fn wait_subscribed(&self, topic: &str) -> Result<(), String> {
         let rx = {
             let mut st = self.shared.lock();
             if st.confirmed.contains(topic) {
-                return;
+                return Ok(());
+            }
+            if let Some(why) = st.refused.get(topic) {
+                return Err(why.to_string());
             }
             let Some((key, _)) = st.counts.get_key_value(topic) else {
-                return;
+                return Ok(());
             };
             let key = key.clone();
             let (tx, rx) = oneshot::channel();
             st.waiters.entry(key).or_default().push(tx);
             rx
         };
-        if tokio::time::timeout(SUBSCRIBE_WAIT, rx).await.is_err() {
+        let answer = tokio::time::timeout(SUBSCRIBE_WAIT, rx).await;
+        if let Ok(Ok(Err(why))) = answer {
+            return Err(why.to_string());
+        }
+        if answer.is_err() {
             // Timed out: this waiter's receiver is gone; prune every closed one of the topic.
             let mut st = self.shared.lock();
             if let Some(list) = st.waiters.get_mut(topic) {
@@ -287,6 +307,7 @@ impl RedisBroker {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -320,6 +341,11 @@ struct Subscriber {
     probe_channel: Bytes,
     /// Topics subscribed (or being subscribed) on the current connection.
     actual: AHashSet<Arc<str>>,
+    /// Commands sent whose replies have not all arrived, oldest first: Redis answers a SUBSCRIBE
+    /// or UNSUBSCRIBE with one reply per channel, or refuses the whole command with one error.
+    sent: VecDeque<Sent>,
+    /// Topics of a refused batch, to be subscribed one per command to find the refused ones.
+    resend: Vec<Arc<str>>,
     /// SUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet, kept for a
     /// topic left meanwhile too, until its acknowledgements are in.
     pending_acks: AHashMap<Arc<str>, u32>,
@@ -346,8 +372,15 @@ impl Subscriber {
             self.shared.live.store(false, Ordering::Release);
             self.metrics.broker_reconnect();
             self.actual.clear();
+            self.sent.clear();
+            self.resend.clear();
             self.pending_acks.clear();
-            self.shared.lock().confirmed.clear();
+            {
+                let mut st = self.shared.lock();
+                st.confirmed.clear();
+                // The next connection tries refused topics again (the ACL may have changed).
+                st.refused.clear();
+            }
             failures = failures.saturating_add(1);
             let delay = backoff(failures);
             tracing::warn!(error = %lost, retry_in = ?delay, "redis subscriber connection lost");
@@ -371,6 +404,10 @@ impl Subscriber {
             &mut out,
             [&b"SUBSCRIBE"[..], &self.probe_channel].into_iter(),
         );
+        self.sent.push_back(Sent {
+            topics: None,
+            replies: 1,
+        });
         self.subscribe_cmds(&mut out, wanted);
         if let Err(e) = stream.write_all(&out).await {
             return Lost::Io(e);
@@ -392,6 +429,15 @@ impl Subscriber {
                     }
                     Ok(None) => break,
                     Err(e) => return Lost::Protocol(e.to_string()),
+                }
+            }
+            if !self.resend.is_empty() {
+                let mut out = Vec::new();
+                for t in std::mem::take(&mut self.resend) {
+                    self.subscribe_cmds(&mut out, vec![t]);
+                }
+                if let Err(e) = stream.write_all(&out).await {
+                    return Lost::Io(e);
                 }
             }
             tokio::select! {
@@ -476,9 +522,13 @@ impl Subscriber {
         self.channel_cmds(out, b"SUBSCRIBE", &topics);
     }
 
-    fn channel_cmds(&self, out: &mut Vec<u8>, verb: &[u8], topics: &[Arc<str>]) {
+    fn channel_cmds(&mut self, out: &mut Vec<u8>, verb: &[u8], topics: &[Arc<str>]) {
         let prefix = self.shared.prefix.as_bytes();
         for chunk in topics.chunks(BATCH) {
+            self.sent.push_back(Sent {
+                topics: (verb == b"SUBSCRIBE").then(|| chunk.to_vec()),
+                replies: chunk.len(),
+            });
             let channels: Vec<Vec<u8>> = chunk
                 .iter()
                 .map(|t| [prefix, t.as_bytes()].concat())
@@ -532,7 +582,18 @@ impl Subscriber {
         let items = match v {
             Value::Array(Some(items)) => items,
             Value::Error(e) => {
-                return Err(Lost::Protocol(String::from_utf8_lossy(&e).into_owned()));
+                let why: Arc<str> = String::from_utf8_lossy(&e).into();
+                return match self.sent.pop_front() {
+                    Some(Sent {
+                        topics: Some(topics),
+                        ..
+                    }) => {
+                        self.refused(topics, why);
+                        Ok(())
+                    }
+                    // The probe channel's SUBSCRIBE, or an error that answers nothing we sent.
+                    _ => Err(Lost::Protocol(why.to_string())),
+                };
             }
             _ => return Ok(()),
         };
@@ -544,6 +605,15 @@ impl Subscriber {
             Value::Bulk(Some(c)) => c,
             _ => return Ok(()),
         };
+        if &kind[..] == b"subscribe" || &kind[..] == b"unsubscribe" {
+            // One reply of the oldest command still owed some.
+            if let Some(front) = self.sent.front_mut() {
+                front.replies -= 1;
+                if front.replies == 0 {
+                    self.sent.pop_front();
+                }
+            }
+        }
         match &kind[..] {
             b"message" => {
                 let Some(Value::Bulk(Some(payload))) = it.next() else {
@@ -603,13 +673,43 @@ impl Subscriber {
                     let mut st = self.shared.lock();
                     st.confirmed.insert(topic.clone());
                     for w in st.waiters.remove(&topic).unwrap_or_default() {
-                        let _ = w.send(());
+                        let _ = w.send(Ok(()));
                     }
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Redis refused the SUBSCRIBE of `topics` with `why`. A batch is sent again one topic per
+    /// command, so that only the refused ones fail; a single topic is refused: its joins fail
+    /// with `why`, and the connection stays.
+    fn refused(&mut self, topics: Vec<Arc<str>>, why: Arc<str>) {
+        for t in &topics {
+            if let Some(n) = self.pending_acks.get_mut(t) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_acks.remove(t);
+                }
+            }
+        }
+        if topics.len() > 1 {
+            self.resend
+                .extend(topics.into_iter().filter(|t| self.actual.contains(t)));
+            return;
+        }
+        let mut st = self.shared.lock();
+        for t in topics {
+            if !self.actual.remove(&t) || !st.counts.contains_key(&t) {
+                continue;
+            }
+            tracing::warn!(topic = %t, error = %why, "redis refused a subscription");
+            st.refused.insert(t.clone(), why.clone());
+            for w in st.waiters.remove(&t).unwrap_or_default() {
+                let _ = w.send(Err(why.clone()));
+            }
+        }
     }
 
     /// The topic of a channel whose SUBSCRIBE is still unacknowledged (no allocation).
@@ -627,6 +727,15 @@ impl Subscriber {
         let name = std::str::from_utf8(name).ok()?;
         self.actual.get(name).cloned()
     }
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE command whose replies are still owed.
+#[derive(Debug)]
+struct Sent {
+    /// The topics of a SUBSCRIBE of topics; `None` for the probe channel's and for UNSUBSCRIBE.
+    topics: Option<Vec<Arc<str>>>,
+    /// Replies still owed: one per channel.
+    replies: usize,
 }
 
 /// The liveness probe of one subscriber connection: a message published on the instance's probe
@@ -740,7 +849,7 @@ mod tests {
             0,
             "the waiter of a topic no longer wanted was kept"
         );
-        wait.await.unwrap();
+        assert!(wait.await.unwrap().is_ok());
         broker.stop();
     }
 
@@ -764,6 +873,8 @@ mod tests {
             dispatch,
             probe_channel: Bytes::from_static(b"__rtk_probe:1"),
             actual: AHashSet::new(),
+            sent: VecDeque::new(),
+            resend: Vec::new(),
             pending_acks: AHashMap::new(),
             metrics: Arc::default(),
         }
