@@ -18,7 +18,9 @@
 //!   in one pipelined write, and no client has to reconnect;
 //! - a probe published on an instance-private channel every [`PROBE_INTERVAL`] must come back
 //!   within [`PROBE_TIMEOUT`], or the connection is rebuilt: this catches a connection that is
-//!   open but no longer delivering. The broker counts as live (readiness) only while probes come
+//!   open but no longer delivering. Time the subscriber spends blocked handing messages to a
+//!   dispatcher that is behind does not count: it reads nothing then, so it could not see the
+//!   probe's answer. The broker counts as live (readiness) only while probes come
 //!   back, which proves the whole path: publisher → Redis → subscriber.
 //!
 //! A publish that fails fails alone as long as the publishing connection stays: Redis's error
@@ -479,7 +481,10 @@ impl Subscriber {
                         buf = BytesMut::new();
                     }
                     let now = Instant::now();
-                    if probe.unanswered_since.is_some_and(|t| now - t > PROBE_TIMEOUT) {
+                    if probe
+                        .unanswered_since
+                        .is_some_and(|t| now.saturating_duration_since(t) > PROBE_TIMEOUT)
+                    {
                         return Lost::ProbeTimeout;
                     }
                     if !probe.in_flight && now >= probe.next_at {
@@ -630,17 +635,23 @@ impl Subscriber {
                 let Some(topic) = self.topic_of(&channel) else {
                     return Ok(());
                 };
-                if self
-                    .dispatch
-                    .send(Published {
-                        topic,
-                        payload,
-                        since: std::time::Instant::now(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return Err(Lost::Shutdown);
+                let msg = Published {
+                    topic,
+                    payload,
+                    since: std::time::Instant::now(),
+                };
+                match self.dispatch.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(msg)) => {
+                        // The dispatcher is behind: this task waits, reading nothing, so the
+                        // probe's answer cannot be seen meanwhile. That time is not the probe's.
+                        let blocked = Instant::now();
+                        if self.dispatch.send(msg).await.is_err() {
+                            return Err(Lost::Shutdown);
+                        }
+                        probe.stalled(blocked.elapsed());
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(Lost::Shutdown),
                 }
             }
             b"subscribe" => {
@@ -757,6 +768,14 @@ impl Probe {
             in_flight: false,
             unanswered_since: None,
             next_at: Instant::now(),
+        }
+    }
+
+    /// The subscriber was blocked for `d` handing messages to the dispatcher: the unanswered
+    /// probe's deadline moves by as much.
+    fn stalled(&mut self, d: Duration) {
+        if let Some(since) = &mut self.unanswered_since {
+            *since += d;
         }
     }
 
@@ -981,6 +1000,130 @@ mod tests {
         );
         let next = broker.publish("room", Bytes::from_static(b"fine")).await;
         assert!(next.is_ok(), "{next:?}");
+        broker.stop();
+    }
+
+    /// A stand-in for Redis's pub/sub whose delivery the test drives: SUBSCRIBE is acknowledged
+    /// and the connection becomes the subscriber connection (its writes go through the returned
+    /// sender); every PUBLISH is answered `:1` and handed to the test, which decides when (and
+    /// whether) the subscriber connection receives it.
+    async fn driven_redis() -> (
+        String,
+        mpsc::UnboundedReceiver<(Bytes, Bytes)>,
+        Arc<Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (published_tx, published) = mpsc::unbounded_channel();
+        let sub: Arc<Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>> = Arc::default();
+        let sub_slot = sub.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (published_tx, sub_slot) = (published_tx.clone(), sub_slot.clone());
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let (mut read, mut write) = stream.into_split();
+                    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+                    tokio::spawn(async move {
+                        while let Some(bytes) = out_rx.recv().await {
+                            if write.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let mut buf = BytesMut::new();
+                    loop {
+                        while let Some(Value::Array(Some(parts))) = resp::parse(&mut buf).unwrap() {
+                            let arg = |i: usize| match parts.get(i) {
+                                Some(Value::Bulk(Some(b))) => b.clone(),
+                                _ => Bytes::new(),
+                            };
+                            let mut out = Vec::new();
+                            if &arg(0)[..] == b"SUBSCRIBE" {
+                                *sub_slot.lock().unwrap() = Some(out_tx.clone());
+                                for i in 1..parts.len() {
+                                    let ch = arg(i);
+                                    out.extend_from_slice(
+                                        format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len())
+                                            .as_bytes(),
+                                    );
+                                    out.extend_from_slice(&ch);
+                                    out.extend_from_slice(format!("\r\n:{i}\r\n").as_bytes());
+                                }
+                            } else {
+                                if &arg(0)[..] == b"PUBLISH" {
+                                    let _ = published_tx.send((arg(1), arg(2)));
+                                }
+                                out.extend_from_slice(b":1\r\n");
+                            }
+                            let _ = out_tx.send(out);
+                        }
+                        if read.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (format!("redis://127.0.0.1:{port}/"), published, sub)
+    }
+
+    /// A `message` push as Redis sends it on a subscriber connection.
+    fn message(channel: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        resp::encode_command(&mut out, [&b"message"[..], channel, payload].into_iter());
+        out
+    }
+
+    #[tokio::test]
+    async fn time_blocked_on_a_full_dispatch_channel_does_not_count_against_the_probe() {
+        let (url, mut published, sub) = driven_redis().await;
+        // Room for one message: the dispatcher (this test) does not read while it stalls.
+        let (tx, mut rx) = mpsc::channel(1);
+        let metrics = Arc::new(Metrics::default());
+        let broker = RedisBroker::start(&url, String::new(), 1, tx, metrics.clone()).unwrap();
+        let send_to_subscriber = |bytes: Vec<u8>| {
+            let sub = sub.lock().unwrap().clone().expect("subscribed");
+            sub.send(bytes).unwrap();
+        };
+        let deadline = Duration::from_secs(10);
+        // The first probe comes back at once: the broker is live.
+        let (channel, payload) = tokio::time::timeout(deadline, published.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        send_to_subscriber(message(&channel, &payload));
+        broker.interest().first_in_shard(&Arc::from("room"));
+        assert!(broker.wait_subscribed("room").await.is_ok());
+        assert!(broker.is_live());
+
+        // The next probe is published and held back; meanwhile the subscriber gets more than
+        // the dispatcher takes, and stays blocked handing it over for longer than PROBE_TIMEOUT.
+        let (channel, payload) = tokio::time::timeout(deadline, published.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        for n in 0..3 {
+            send_to_subscriber(message(b"room", format!("m{n}").as_bytes()));
+        }
+        tokio::time::sleep(PROBE_TIMEOUT + Duration::from_secs(1)).await;
+        for n in 0..3 {
+            let m = tokio::time::timeout(deadline, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.payload, format!("m{n}").as_bytes());
+        }
+        // The subscriber has caught up; the probe's answer comes a moment later.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send_to_subscriber(message(&channel, &payload));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            metrics.snapshot().broker_reconnects,
+            0,
+            "the probe timed out on time the subscriber spent waiting for the dispatcher"
+        );
+        assert!(broker.is_live());
         broker.stop();
     }
 }
