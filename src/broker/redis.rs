@@ -1126,4 +1126,42 @@ mod tests {
         assert!(broker.is_live());
         broker.stop();
     }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_retried_one_topic_per_command_and_only_the_refused_one_fails() {
+        let mut sub = subscriber();
+        let interest: Arc<dyn TopicInterest> = sub.shared.clone();
+        let (mut probe, mut failures, mut out) = (Probe::new(), 0, Vec::new());
+        for t in ["open", "closed"] {
+            interest.first_in_shard(&Arc::from(t));
+        }
+        sub.reconcile(&mut out);
+        assert_eq!(sub.sent.len(), 1, "one SUBSCRIBE of both topics");
+        let noperm = || Value::Error(Bytes::from_static(b"NOPERM no access to a channel"));
+        // Refused as a whole: each topic is sent again on its own.
+        sub.handle(noperm(), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        let mut resend = std::mem::take(&mut sub.resend);
+        resend.sort();
+        assert_eq!(resend, [Arc::from("closed"), Arc::from("open")]);
+        for t in resend {
+            sub.subscribe_cmds(&mut out, vec![t]);
+        }
+        // Redis refuses "closed" and acknowledges "open".
+        sub.handle(noperm(), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        sub.handle(ack(b"subscribe", b"open"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        let st = sub.shared.lock();
+        assert!(st.confirmed.contains("open"));
+        assert!(
+            st.refused
+                .get("closed")
+                .is_some_and(|e| e.contains("NOPERM"))
+        );
+        assert!(sub.sent.is_empty() && sub.pending_acks.is_empty());
+    }
 }
