@@ -2,19 +2,28 @@
 //!
 //! The broker hands over each message it receives as a [`Published`], in its own order, through
 //! one bounded channel. The [`Dispatcher`] frames the payload once — a WebSocket text frame in
-//! shared [`Bytes`] — and sends that frame to every shard over each shard's FIFO command channel
-//! (invariant 2, encode once). Being a single task that awaits each send in turn, it keeps the
+//! shared [`Bytes`], or a binary frame for a payload that is not UTF-8 (any program may publish
+//! on the instances' Redis channels, and a browser fails a connection on a text frame that is not
+//! UTF-8) — and sends that frame to every shard over each shard's FIFO command channel
+//! (invariant 2, encode once). A payload whose frame is larger than the outbound queue bound
+//! (`outbound_queue_bytes`) could never be queued for anyone and would close every subscriber it
+//! is queued for: it is dropped here, counted (`broker_oversized_drops`) and logged at most once
+//! every [`OVERSIZED_LOG_EVERY`]. Being a single task that awaits each send in turn, it keeps the
 //! broker's order for every shard (invariant 1), and it waits only when a shard's channel is
 //! full: never on a client (invariant 3).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::frame;
+use crate::metrics::Metrics;
 use crate::shard::Command;
+
+/// Most one warning about dropped oversized payloads per this long.
+pub(crate) const OVERSIZED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One message as the broker delivered it: the topic and the payload to send verbatim.
 #[derive(Debug)]
@@ -34,27 +43,79 @@ pub(crate) struct Dispatcher {
     /// frame's own copy of it, so no slice of the broker's read buffer is kept: one would keep
     /// the whole buffer (64 KiB) allocated for as long as the frame is cached.
     last: Option<Bytes>,
+    /// Largest frame a connection's outbound queue can hold (`outbound_queue_bytes`).
+    max_frame: usize,
+    metrics: Arc<Metrics>,
+    /// Oversized payloads dropped since the last warning, and when that was.
+    oversized: (u64, Option<Instant>),
 }
 
 impl Dispatcher {
+    /// A dispatcher without a frame bound (the benches' and tests' one).
     pub(crate) fn new(shards: Arc<[mpsc::Sender<Command>]>) -> Self {
-        Self { shards, last: None }
+        Self::bounded(shards, usize::MAX, Arc::default())
     }
 
-    /// Frames `payload` once (or reuses the frame of an identical previous payload).
+    /// A dispatcher that drops (and counts in `metrics`) a payload whose frame exceeds
+    /// `max_frame` bytes.
+    pub(crate) fn bounded(
+        shards: Arc<[mpsc::Sender<Command>]>,
+        max_frame: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            shards,
+            last: None,
+            max_frame,
+            metrics,
+            oversized: (0, None),
+        }
+    }
+
+    /// Frames `payload` once (or reuses the frame of an identical previous payload): a text
+    /// frame, or a binary one if the payload is not UTF-8.
     pub(crate) fn frame_for(&mut self, payload: &Bytes) -> Bytes {
         if let Some(frame) = &self.last {
             if frame::encoded_payload(frame) == Some(&payload[..]) {
                 return frame.clone();
             }
         }
-        let frame = frame::encode_text(payload);
+        let frame = if std::str::from_utf8(payload).is_ok() {
+            frame::encode_text(payload)
+        } else {
+            frame::encode(frame::OpCode::Binary, payload)
+        };
         self.last = Some(frame.clone());
         frame
     }
 
+    /// Counts a dropped oversized payload; warns at most once per [`OVERSIZED_LOG_EVERY`].
+    fn oversized(&mut self, msg: &Published) {
+        self.metrics.broker_oversized_drop();
+        self.oversized.0 += 1;
+        let now = Instant::now();
+        if self
+            .oversized
+            .1
+            .is_none_or(|at| now.duration_since(at) >= OVERSIZED_LOG_EVERY)
+        {
+            tracing::warn!(
+                topic = %msg.topic,
+                bytes = msg.payload.len(),
+                max = self.max_frame,
+                dropped = self.oversized.0,
+                "broker payloads larger than the outbound queue bound dropped"
+            );
+            self.oversized = (0, Some(now));
+        }
+    }
+
     /// Sends one message to every shard, in order. Waits only when a shard's channel is full.
     pub(crate) async fn dispatch(&mut self, msg: Published) {
+        if frame_len(msg.payload.len()) > self.max_frame {
+            self.oversized(&msg);
+            return;
+        }
         let frame = self.frame_for(&msg.payload);
         for shard in self.shards.iter() {
             let _ = shard
@@ -78,6 +139,16 @@ impl Dispatcher {
     }
 }
 
+/// The length of the frame `frame::encode` writes for a payload of `len` bytes.
+fn frame_len(len: usize) -> usize {
+    let header = match len {
+        0..126 => 2,
+        126..65536 => 4,
+        _ => 10,
+    };
+    len.saturating_add(header)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +167,13 @@ mod tests {
         let (a, b) = (d.frame_for(&long), d.frame_for(&long.clone()));
         assert_eq!(a.as_ptr(), b.as_ptr());
         assert_eq!(frame::encoded_payload(&a), Some(&long[..]));
+    }
+
+    #[test]
+    fn frame_len_is_the_encoded_length() {
+        for len in [0, 125, 126, 65535, 65536, 70000] {
+            let payload = vec![b'x'; len];
+            assert_eq!(frame_len(len), frame::encode_text(&payload).len(), "{len}");
+        }
     }
 }

@@ -81,6 +81,7 @@
 //! | `rtk_slow_consumer_drops_total` | counter | queued messages dropped by `DropOldest` / `LatestPerTopic` |
 //! | `rtk_protocol_errors_total` | counter | connections closed for a WebSocket protocol violation |
 //! | `rtk_broker_reconnects_total` | counter | times the broker's subscriber connection was lost or a reconnection attempt failed (grows with every retry during an outage) |
+//! | `rtk_broker_oversized_drops_total` | counter | broker messages dropped because their frame was larger than the outbound queue bound (`outbound_queue_bytes`); logged at most once per 10 s |
 //! | `rtk_broker_live` | gauge | 1 while the broker connection is live, else 0 |
 //! | `rtk_dispatch_lag_seconds` | gauge | longest time from the broker handing a message over to a shard finishing its fan-out, over the last report interval |
 //! | `rtk_runtime_alive_tasks` | gauge | tasks alive in the tokio runtime the service runs on |

@@ -21,6 +21,7 @@ pub(crate) struct Metrics {
     slow_consumer_drops: AtomicU64,
     subscriptions: AtomicU64,
     bytes_written: AtomicU64,
+    broker_oversized_drops: AtomicU64,
     /// Longest dispatch lag seen since it was last taken, in microseconds.
     dispatch_lag_max_us: AtomicU64,
     outbound_queue_peak_bytes: AtomicU64,
@@ -61,6 +62,9 @@ pub struct MetricsSnapshot {
     /// written, and a partly written frame), over the connections that have ended; 0 while none
     /// went over. Never more than the outbound ceiling under `SlowConsumerPolicy::Close`.
     pub outbound_queue_peak_bytes: u64,
+    /// Broker messages dropped because their frame was larger than the outbound queue bound
+    /// (`outbound_queue_bytes`): no subscriber could have queued them.
+    pub broker_oversized_drops: u64,
 }
 
 impl Metrics {
@@ -105,6 +109,9 @@ impl Metrics {
     pub(crate) fn unsubscribed(&self) {
         self.subscriptions.fetch_sub(1, Relaxed);
     }
+    pub(crate) fn broker_oversized_drop(&self) {
+        self.broker_oversized_drops.fetch_add(1, Relaxed);
+    }
     pub(crate) fn add_bytes_written(&self, n: u64) {
         self.bytes_written.fetch_add(n, Relaxed);
     }
@@ -143,6 +150,7 @@ impl Metrics {
             subscriptions: self.subscriptions.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             outbound_queue_peak_bytes: self.outbound_queue_peak_bytes.load(Relaxed),
+            broker_oversized_drops: self.broker_oversized_drops.load(Relaxed),
         }
     }
 }
@@ -191,6 +199,7 @@ pub(crate) const METRICS: &[(&str, Value, &str)] = &[
     ("rtk_slow_consumer_drops_total", Value::Counter(|r| r.snapshot.slow_consumer_drops), "queued messages dropped by DropOldest / LatestPerTopic"),
     ("rtk_protocol_errors_total", Value::Counter(|r| r.snapshot.protocol_errors), "connections closed for a WebSocket protocol violation"),
     ("rtk_broker_reconnects_total", Value::Counter(|r| r.snapshot.broker_reconnects), "times the broker subscriber connection was lost or a reconnection attempt failed"),
+    ("rtk_broker_oversized_drops_total", Value::Counter(|r| r.snapshot.broker_oversized_drops), "broker messages dropped because their frame exceeded the outbound queue bound"),
     ("rtk_broker_live", Value::Gauge(|r| if r.broker_live { 1.0 } else { 0.0 }), "1 while the broker connection is live"),
     ("rtk_dispatch_lag_seconds", Value::Gauge(|r| r.dispatch_lag.as_secs_f64()), "longest time from broker receipt to the end of a shard's fan-out, over the last export interval"),
     ("rtk_runtime_alive_tasks", Value::Gauge(|r| r.alive_tasks as f64), "tasks alive in the tokio runtime the service runs on"),

@@ -34,19 +34,23 @@ pub(crate) struct Hub {
 }
 
 /// What came of [`Hub::join`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum JoinOutcome {
     /// Subscribed (or already was); with Redis, confirmed or given up waiting for.
     Subscribed,
     /// The connection is already in `max_topics_per_connection` topics.
     TooManyTopics,
+    /// The broker refused the subscription (a Redis ACL, say), with its reason; the connection
+    /// was taken out of the topic again.
+    Refused(String),
     /// The runtime is gone.
     Gone,
 }
 
 impl Hub {
     /// Subscribes `conn` to `topic` in its shard (within the per-connection topic limit), then
-    /// waits until the broker delivers the topic to this instance.
+    /// waits until the broker delivers the topic to this instance. A topic the broker refuses
+    /// is left again.
     pub(crate) async fn join(&self, conn: &Arc<Conn>, topic: &str) -> JoinOutcome {
         let (done, wait) = oneshot::channel();
         let cmd = Command::Subscribe {
@@ -59,10 +63,13 @@ impl Hub {
             return JoinOutcome::Gone;
         }
         match wait.await {
-            Ok(true) => {
-                self.broker.wait_subscribed(topic).await;
-                JoinOutcome::Subscribed
-            }
+            Ok(true) => match self.broker.wait_subscribed(topic).await {
+                Ok(()) => JoinOutcome::Subscribed,
+                Err(why) => {
+                    self.leave(conn, topic).await;
+                    JoinOutcome::Refused(why)
+                }
+            },
             Ok(false) => JoinOutcome::TooManyTopics,
             Err(_) => JoinOutcome::Gone,
         }
@@ -122,7 +129,10 @@ impl Runtime {
         let shards: Arc<[_]> = (0..config.shards.max(1))
             .map(|_| shard::spawn_shard(config.shard_channel, interest.clone(), metrics.clone()))
             .collect();
-        tokio::spawn(Dispatcher::new(shards.clone()).run(pub_rx));
+        tokio::spawn(
+            Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
+                .run(pub_rx),
+        );
         let hub = Arc::new(Hub {
             shards,
             broker,

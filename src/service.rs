@@ -84,13 +84,23 @@ impl<H: MessageHandler> WebsocketService<H> {
         self.runtime.publish(topic, Bytes::from(payload)).await
     }
 
-    /// Publishes `payload` verbatim (it is sent as a text frame, so it must be UTF-8).
+    /// Publishes `payload` verbatim; subscribers receive it as a text frame.
+    ///
+    /// A payload that is not UTF-8 is refused with [`PublishError::NotText`] and nothing is
+    /// published. (What another program publishes on the Redis channel directly is not checked
+    /// there: a payload that is not UTF-8 reaches subscribers as a binary frame, and one whose
+    /// frame is larger than [`outbound_queue_bytes`](WebsocketServiceBuilder::outbound_queue_bytes)
+    /// is dropped and counted in [`MetricsSnapshot::broker_oversized_drops`].)
     pub async fn publish_raw(
         &self,
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<(), PublishError> {
-        self.runtime.publish(topic, payload.into()).await
+        let payload = payload.into();
+        if std::str::from_utf8(&payload).is_err() {
+            return Err(PublishError::NotText);
+        }
+        self.runtime.publish(topic, payload).await
     }
 
     /// Whether the broker connection is live (always true for the in-process broker). Serve it

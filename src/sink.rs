@@ -39,6 +39,9 @@ pub enum SendError {
     /// [`max_topics_per_connection`](crate::ws::service::WebsocketServiceBuilder::max_topics_per_connection)
     /// allows (the one it opened with included); leave one first.
     TooManyTopics,
+    /// The broker refused to subscribe the topic, with its reason (a Redis ACL that forbids the
+    /// channel: `NOPERM …`). Nothing was joined; the connection stays open.
+    TopicRefused(String),
 }
 
 impl fmt::Display for SendError {
@@ -49,6 +52,7 @@ impl fmt::Display for SendError {
             Self::Serialize(e) => write!(f, "serialization failed: {e}"),
             Self::InvalidTopic(why) => f.write_str(why),
             Self::TooManyTopics => f.write_str("connection is in too many topics"),
+            Self::TopicRefused(why) => write!(f, "the broker refused the topic: {why}"),
         }
     }
 }
@@ -75,7 +79,8 @@ impl WsSink {
     /// validator does) before calling it. It does check the name, as for `/ws/{topic}`
     /// ([`SendError::InvalidTopic`]), and how many topics the connection is in
     /// ([`SendError::TooManyTopics`]; the limit is exact however many joins and leaves run at
-    /// once). Joining a topic twice is a no-op.
+    /// once). Joining a topic twice is a no-op. A topic the broker refuses (a Redis ACL) is
+    /// [`SendError::TopicRefused`].
     pub async fn join(&self, topic: &str) -> Result<(), SendError> {
         crate::topic::check(topic, self.hub.max_topic_len).map_err(SendError::InvalidTopic)?;
         if self.conn.is_ending() {
@@ -84,6 +89,7 @@ impl WsSink {
         match self.hub.join(&self.conn, topic).await {
             JoinOutcome::Subscribed => Ok(()),
             JoinOutcome::TooManyTopics => Err(SendError::TooManyTopics),
+            JoinOutcome::Refused(why) => Err(SendError::TopicRefused(why)),
             JoinOutcome::Gone => Err(SendError::Closed),
         }
     }

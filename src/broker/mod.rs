@@ -34,6 +34,10 @@ pub enum PublishError {
     Timeout,
     /// The service is shutting down.
     Closed,
+    /// [`publish_raw`](crate::ws::service::WebsocketService::publish_raw) was given a payload
+    /// that is not UTF-8: subscribers receive text frames, and a browser fails the connection on
+    /// a text frame that is not UTF-8. Nothing was published.
+    NotText,
 }
 
 impl PublishError {
@@ -50,6 +54,7 @@ impl fmt::Display for PublishError {
             Self::Unavailable(e) => write!(f, "broker unavailable: {e}"),
             Self::Timeout => f.write_str("broker did not confirm the publish in time"),
             Self::Closed => f.write_str("service is shutting down"),
+            Self::NotText => f.write_str("payload is not UTF-8 and cannot be sent as text"),
         }
     }
 }
@@ -95,10 +100,12 @@ impl BrokerHandle {
         }
     }
 
-    /// Resolves once the broker delivers `topic` to this instance (at once in-process).
-    pub(crate) async fn wait_subscribed(&self, topic: &str) {
-        if let Self::Redis(b) = self {
-            b.wait_subscribed(topic).await;
+    /// Resolves once the broker delivers `topic` to this instance (at once in-process); `Err`
+    /// with the broker's reason if it refused the subscription.
+    pub(crate) async fn wait_subscribed(&self, topic: &str) -> Result<(), String> {
+        match self {
+            Self::Redis(b) => b.wait_subscribed(topic).await,
+            Self::Local(_) => Ok(()),
         }
     }
 

@@ -14,8 +14,12 @@
 //!   connection. That can duplicate only a message the old server processed but never
 //!   acknowledged before it went away.
 //! - Every publish is bounded by [`PUBLISH_TIMEOUT`]: past it the caller gets
-//!   [`PublishError::Timeout`] and the connection is replaced, since one that went silent (a
-//!   frozen server) would otherwise time out forever.
+//!   [`PublishError::Timeout`]. The connection is replaced only if Redis answered nothing on it
+//!   during that caller's whole wait (a frozen server, which would otherwise time out forever);
+//!   a connection that kept answering is only slow, and the other publishes in flight on it
+//!   are still answered (the late reply to the timed-out one is read and discarded in order).
+//! - Redis's error reply fails that publish alone; the connection stays.
+//! - [`Publisher::link_down`] tells the broker whether the last failure left no connection.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +63,8 @@ struct Request {
 struct Link {
     generation: u64,
     queue: mpsc::Sender<Request>,
+    /// Replies read on this connection so far.
+    answers: Arc<AtomicU64>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -76,23 +82,36 @@ impl Publisher {
         }
     }
 
-    /// The current connection's generation and queue, starting one if there is none.
-    fn current(&self) -> (u64, mpsc::Sender<Request>) {
+    /// The current connection's generation, queue and reply count, starting one if there is
+    /// none.
+    fn current(&self) -> (u64, mpsc::Sender<Request>, Arc<AtomicU64>) {
         let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
         let (last, slot) = &mut *link;
         if let Some(l) = slot {
-            return (l.generation, l.queue.clone());
+            return (l.generation, l.queue.clone(), l.answers.clone());
         }
         *last += 1;
         let (queue, rx) = mpsc::channel(QUEUE);
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(run(self.target.clone(), rx, stopped));
+        let answers = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(self.target.clone(), rx, stopped, answers.clone()));
         *slot = Some(Link {
             generation: *last,
             queue: queue.clone(),
+            answers: answers.clone(),
             _stop: stop,
         });
-        (*last, queue)
+        (*last, queue, answers)
+    }
+
+    /// Whether there is no connection now: the last one was lost or given up as silent (and
+    /// none was started since).
+    pub(crate) fn link_down(&self) -> bool {
+        self.link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .is_none()
     }
 
     /// Drops connection `generation`, if it is still the current one.
@@ -105,12 +124,15 @@ impl Publisher {
 
     /// Publishes `payload` on `channel`, within [`PUBLISH_TIMEOUT`].
     pub(crate) async fn publish(&self, channel: Bytes, payload: Bytes) -> Result<(), PublishError> {
-        let used = AtomicU64::new(0);
+        // The connection the request went to last, and its reply count before it was sent.
+        let used: Mutex<Option<(u64, Arc<AtomicU64>, u64)>> = Mutex::new(None);
         let attempt = async {
             let mut retried = false;
             loop {
-                let (generation, queue) = self.current();
-                used.store(generation, Ordering::Relaxed);
+                let (generation, queue, answers) = self.current();
+                let before = answers.load(Ordering::Acquire);
+                *used.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((generation, answers, before));
                 let (reply, answer) = oneshot::channel();
                 let request = Request {
                     channel: channel.clone(),
@@ -140,7 +162,14 @@ impl Publisher {
         match tokio::time::timeout(PUBLISH_TIMEOUT, attempt).await {
             Ok(res) => res,
             Err(_) => {
-                self.drop_link(used.load(Ordering::Relaxed));
+                let used = used.into_inner().unwrap_or_else(|e| e.into_inner());
+                if let Some((generation, answers, before)) = used {
+                    // Silent for this caller's whole wait: dead, or a frozen server. A
+                    // connection that answered meanwhile is kept for the publishes behind.
+                    if answers.load(Ordering::Acquire) == before {
+                        self.drop_link(generation);
+                    }
+                }
                 Err(PublishError::Timeout)
             }
         }
@@ -162,11 +191,16 @@ impl Owed {
 /// Runs one connection: connects, then writes requests and answers them from Redis's replies
 /// until the connection fails, `stop` fires or every sender of `queue` is gone. Whatever was
 /// not answered then fails with [`Failure::Lost`].
-async fn run(target: Arc<Target>, mut queue: mpsc::Receiver<Request>, stop: oneshot::Receiver<()>) {
+async fn run(
+    target: Arc<Target>,
+    mut queue: mpsc::Receiver<Request>,
+    stop: oneshot::Receiver<()>,
+    answers: Arc<AtomicU64>,
+) {
     let owed = Owed::default();
     let why = tokio::select! {
         _ = stop => "connection replaced".to_string(),
-        why = serve(&target, &mut queue, &owed) => why,
+        why = serve(&target, &mut queue, &owed, &answers) => why,
     };
     tracing::debug!(error = %why, "redis publisher connection ended");
     for reply in owed.lock().drain(..) {
@@ -179,7 +213,12 @@ async fn run(target: Arc<Target>, mut queue: mpsc::Receiver<Request>, stop: ones
 }
 
 /// The connection's work; returns why it ended.
-async fn serve(target: &Target, queue: &mut mpsc::Receiver<Request>, owed: &Owed) -> String {
+async fn serve(
+    target: &Target,
+    queue: &mut mpsc::Receiver<Request>,
+    owed: &Owed,
+    answers: &AtomicU64,
+) -> String {
     let stream = match connect(target).await {
         Ok(stream) => stream,
         Err(e) => return format!("connect to {}:{}: {e}", target.host, target.port),
@@ -237,6 +276,7 @@ async fn serve(target: &Target, queue: &mut mpsc::Receiver<Request>, owed: &Owed
                 let Some(reply) = owed.lock().pop_front() else {
                     return "a reply that answers no request".to_string();
                 };
+                answers.fetch_add(1, Ordering::Release);
                 let _ = reply.send(match value {
                     Value::Error(e) => Err(Failure::Refused(String::from_utf8_lossy(&e).into())),
                     _ => Ok(()),
@@ -409,5 +449,59 @@ mod tests {
             Err(PublishError::Unavailable(e)) => assert!(e.contains("connect to"), "{e}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_timeout_of_one_publish_does_not_fail_the_others_the_connection_answers() {
+        // The first connection answers in order, each command no sooner than its delay after it
+        // arrived: "slow" takes longer than PUBLISH_TIMEOUT, "early" a little. Every later
+        // connection never answers.
+        let publisher = Arc::new(
+            fake_redis(|n, stream| async move {
+                let (mut read, mut write) = stream.into_split();
+                if n > 0 {
+                    let mut buf = Vec::new();
+                    let _ = read.read_to_end(&mut buf).await;
+                    return;
+                }
+                let (due_tx, mut due_rx) = mpsc::unbounded_channel::<tokio::time::Instant>();
+                tokio::spawn(async move {
+                    while let Some(due) = due_rx.recv().await {
+                        tokio::time::sleep_until(due).await;
+                        if write.write_all(b":1\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut buf = BytesMut::new();
+                let mut last = tokio::time::Instant::now();
+                loop {
+                    while let Some(Value::Array(Some(parts))) = resp::parse(&mut buf).unwrap() {
+                        let delay = match &payload_of(&parts)[..] {
+                            b"slow" => PUBLISH_TIMEOUT + Duration::from_millis(300),
+                            b"early" => Duration::from_millis(400),
+                            _ => Duration::ZERO,
+                        };
+                        last = last.max(tokio::time::Instant::now() + delay);
+                        let _ = due_tx.send(last);
+                    }
+                    if read.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+            })
+            .await,
+        );
+        let (p1, p2) = (publisher.clone(), publisher.clone());
+        let early = tokio::spawn(async move { publish(&p1, b"early").await });
+        let slow = tokio::spawn(async move { publish(&p2, b"slow").await });
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Written behind "slow" on a connection that answers: "slow" times out, and this one
+        // is still answered on the same connection.
+        let later = publish(&publisher, b"later").await;
+        assert!(early.await.unwrap().is_ok());
+        let slow = slow.await.unwrap();
+        assert!(matches!(slow, Err(PublishError::Timeout)), "{slow:?}");
+        assert!(later.is_ok(), "{later:?}");
     }
 }

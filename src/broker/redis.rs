@@ -18,14 +18,23 @@
 //!   in one pipelined write, and no client has to reconnect;
 //! - a probe published on an instance-private channel every [`PROBE_INTERVAL`] must come back
 //!   within [`PROBE_TIMEOUT`], or the connection is rebuilt: this catches a connection that is
-//!   open but no longer delivering. The broker counts as live (readiness) only while probes come
+//!   open but no longer delivering. Time the subscriber spends blocked handing messages to a
+//!   dispatcher that is behind does not count: it reads nothing then, so it could not see the
+//!   probe's answer. The broker counts as live (readiness) only while probes come
 //!   back, which proves the whole path: publisher → Redis → subscriber.
 //!
-//! After a publish fails, further publishes fail at once (no queuing, no waiting on reconnect
-//! attempts) until a probe publish succeeds again, which is tried every [`PROBE_RETRY`].
+//! A publish that fails fails alone as long as the publishing connection stays: Redis's error
+//! reply, or a timeout on a connection that kept answering, leaves the others unaffected. Only a
+//! failure that left no connection (it was lost and could not be made again, or went silent for
+//! a caller's whole [`PUBLISH_TIMEOUT`](super::publisher::PUBLISH_TIMEOUT)) closes a gate: then
+//! further publishes fail at once (no queuing, no waiting on reconnect attempts) until a probe
+//! publish succeeds again. The first is tried [`PROBE_RETRY`] after the failure and again every
+//! [`PROBE_RETRY`] until one succeeds, so the gate reopens within [`PROBE_RETRY`] of Redis
+//! answering again.
 //!
 //! Delivery is at-most-once across an outage, like Redis Pub/Sub itself.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -59,6 +68,9 @@ pub(crate) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// A join waiting for its topic's confirmation; told `Err(Redis's error)` if Redis refused it.
+type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
+
 /// Subscription bookkeeping shared by the shards (through [`TopicInterest`]), the connections
 /// waiting for confirmation, and the subscriber task.
 #[derive(Debug, Default)]
@@ -70,8 +82,12 @@ struct Interest {
     dirty: AHashSet<Arc<str>>,
     /// Topics Redis confirmed on the current subscriber connection.
     confirmed: AHashSet<Arc<str>>,
-    /// Connections waiting for a topic's confirmation.
-    waiters: AHashMap<Arc<str>, Vec<oneshot::Sender<()>>>,
+    /// Connections waiting for a topic's confirmation: only joins under way (a waiter that times
+    /// out removes itself; a topic no longer wanted takes its waiters with it).
+    waiters: AHashMap<Arc<str>, Vec<Waiter>>,
+    /// Topics Redis refused to subscribe (an ACL, say), with its error: their joins fail until
+    /// the topic is no longer wanted, and the next join tries again.
+    refused: AHashMap<Arc<str>, Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -82,9 +98,12 @@ struct Shared {
     wake: Notify,
     /// True while the last probe came back: publish → Redis → our subscriber connection works.
     live: AtomicBool,
-    /// False after a publish failed, until a probe publish succeeds again. While false, publishes
-    /// fail at once instead of each waiting for a reconnect attempt.
+    /// False after a publish failure left the publisher without a connection, until a probe
+    /// publish succeeds again. While false, publishes fail at once instead of each waiting for a
+    /// reconnect attempt.
     publisher_ok: AtomicBool,
+    /// A task retries probe publishes every [`PROBE_RETRY`] to reopen `publisher_ok`.
+    recovering: AtomicBool,
     /// `<prefix>` prepended to every topic to form the channel name.
     prefix: String,
     /// Set when the service is dropped; the subscriber task then ends.
@@ -119,6 +138,14 @@ impl TopicInterest for Shared {
         if *n == 0 {
             st.counts.remove(topic);
             st.counts.shrink_when_sparse();
+            // Whoever waited for this topic has left it: the waiters go now, not at the next
+            // reconcile, which does not run while Redis is unreachable.
+            if st.waiters.remove(topic).is_some() {
+                st.waiters.shrink_when_sparse();
+            }
+            if st.refused.remove(topic).is_some() {
+                st.refused.shrink_when_sparse();
+            }
             st.dirty.insert(topic.clone());
             drop(st);
             self.wake.notify_one();
@@ -131,6 +158,8 @@ impl TopicInterest for Shared {
 pub(crate) struct RedisBroker {
     publisher: Arc<Publisher>,
     shared: Arc<Shared>,
+    /// The instance's probe channel, also published on to reopen `publisher_ok`.
+    probe_channel: Bytes,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -159,23 +188,30 @@ impl RedisBroker {
             wake: Notify::new(),
             live: AtomicBool::new(false),
             publisher_ok: AtomicBool::new(true),
+            recovering: AtomicBool::new(false),
             prefix,
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
         });
-        let probe_channel = format!("{}__rtk_probe:{instance:016x}", shared.prefix);
+        let probe_channel = Bytes::from(format!("{}__rtk_probe:{instance:016x}", shared.prefix));
         let task = Subscriber {
             shared: shared.clone(),
             target,
             publisher: publisher.clone(),
             dispatch,
-            probe_channel: Bytes::from(probe_channel),
+            probe_channel: probe_channel.clone(),
             actual: AHashSet::new(),
+            sent: VecDeque::new(),
+            resend: Vec::new(),
             pending_acks: AHashMap::new(),
             metrics,
         };
         tokio::spawn(task.run());
-        Ok(Self { publisher, shared })
+        Ok(Self {
+            publisher,
+            shared,
+            probe_channel,
+        })
     }
 
     pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
@@ -188,10 +224,38 @@ impl RedisBroker {
         channel.extend_from_slice(self.shared.prefix.as_bytes());
         channel.extend_from_slice(topic.as_bytes());
         let res = self.publisher.publish(channel.freeze(), payload).await;
-        if res.is_err() {
+        if res.is_err() && self.publisher.link_down() {
             self.shared.publisher_ok.store(false, Ordering::Release);
+            self.recover();
         }
         res
+    }
+
+    /// Unless a recovery already runs: tries a probe publish every [`PROBE_RETRY`] until one
+    /// succeeds, then reopens `publisher_ok`.
+    fn recover(&self) {
+        if self.shared.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (publisher, shared) = (self.publisher.clone(), self.shared.clone());
+        let channel = self.probe_channel.clone();
+        tokio::spawn(async move {
+            loop {
+                // Not `stop.notified()`: its one permit is the subscriber task's.
+                tokio::time::sleep(PROBE_RETRY).await;
+                if shared.stopped.load(Ordering::Acquire)
+                    || shared.publisher_ok.load(Ordering::Acquire)
+                {
+                    break;
+                }
+                let probe = Bytes::from_static(b"probe");
+                if publisher.publish(channel.clone(), probe).await.is_ok() {
+                    shared.publisher_ok.store(true, Ordering::Release);
+                    break;
+                }
+            }
+            shared.recovering.store(false, Ordering::Release);
+        });
     }
 
     /// Ends the subscriber task (the service is going away).
@@ -210,22 +274,42 @@ impl RedisBroker {
 
     /// Resolves once Redis confirmed `topic` on the subscriber connection, or after
     /// [`SUBSCRIBE_WAIT`] (Redis down: the connection proceeds and is covered by the
-    /// re-subscription once Redis is back).
-    pub(crate) async fn wait_subscribed(&self, topic: &str) {
+    /// re-subscription once Redis is back). A waiter that gives up removes its entry, so the
+    /// waiters are never more than the joins under way. `Err` carries Redis's error when it
+    /// refused the subscription (an ACL that forbids the channel, say).
+    pub(crate) async fn wait_subscribed(&self, topic: &str) -> Result<(), String> {
         let rx = {
             let mut st = self.shared.lock();
             if st.confirmed.contains(topic) {
-                return;
+                return Ok(());
+            }
+            if let Some(why) = st.refused.get(topic) {
+                return Err(why.to_string());
             }
             let Some((key, _)) = st.counts.get_key_value(topic) else {
-                return;
+                return Ok(());
             };
             let key = key.clone();
             let (tx, rx) = oneshot::channel();
             st.waiters.entry(key).or_default().push(tx);
             rx
         };
-        let _ = tokio::time::timeout(SUBSCRIBE_WAIT, rx).await;
+        let answer = tokio::time::timeout(SUBSCRIBE_WAIT, rx).await;
+        if let Ok(Ok(Err(why))) = answer {
+            return Err(why.to_string());
+        }
+        if answer.is_err() {
+            // Timed out: this waiter's receiver is gone; prune every closed one of the topic.
+            let mut st = self.shared.lock();
+            if let Some(list) = st.waiters.get_mut(topic) {
+                list.retain(|w| !w.is_closed());
+                if list.is_empty() {
+                    st.waiters.remove(topic);
+                    st.waiters.shrink_when_sparse();
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -259,7 +343,13 @@ struct Subscriber {
     probe_channel: Bytes,
     /// Topics subscribed (or being subscribed) on the current connection.
     actual: AHashSet<Arc<str>>,
-    /// SUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet.
+    /// Commands sent whose replies have not all arrived, oldest first: Redis answers a SUBSCRIBE
+    /// or UNSUBSCRIBE with one reply per channel, or refuses the whole command with one error.
+    sent: VecDeque<Sent>,
+    /// Topics of a refused batch, to be subscribed one per command to find the refused ones.
+    resend: Vec<Arc<str>>,
+    /// SUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet, kept for a
+    /// topic left meanwhile too, until its acknowledgements are in.
     pending_acks: AHashMap<Arc<str>, u32>,
     metrics: Arc<Metrics>,
 }
@@ -284,8 +374,15 @@ impl Subscriber {
             self.shared.live.store(false, Ordering::Release);
             self.metrics.broker_reconnect();
             self.actual.clear();
+            self.sent.clear();
+            self.resend.clear();
             self.pending_acks.clear();
-            self.shared.lock().confirmed.clear();
+            {
+                let mut st = self.shared.lock();
+                st.confirmed.clear();
+                // The next connection tries refused topics again (the ACL may have changed).
+                st.refused.clear();
+            }
             failures = failures.saturating_add(1);
             let delay = backoff(failures);
             tracing::warn!(error = %lost, retry_in = ?delay, "redis subscriber connection lost");
@@ -309,6 +406,10 @@ impl Subscriber {
             &mut out,
             [&b"SUBSCRIBE"[..], &self.probe_channel].into_iter(),
         );
+        self.sent.push_back(Sent {
+            topics: None,
+            replies: 1,
+        });
         self.subscribe_cmds(&mut out, wanted);
         if let Err(e) = stream.write_all(&out).await {
             return Lost::Io(e);
@@ -330,6 +431,15 @@ impl Subscriber {
                     }
                     Ok(None) => break,
                     Err(e) => return Lost::Protocol(e.to_string()),
+                }
+            }
+            if !self.resend.is_empty() {
+                let mut out = Vec::new();
+                for t in std::mem::take(&mut self.resend) {
+                    self.subscribe_cmds(&mut out, vec![t]);
+                }
+                if let Err(e) = stream.write_all(&out).await {
+                    return Lost::Io(e);
                 }
             }
             tokio::select! {
@@ -371,7 +481,10 @@ impl Subscriber {
                         buf = BytesMut::new();
                     }
                     let now = Instant::now();
-                    if probe.unanswered_since.is_some_and(|t| now - t > PROBE_TIMEOUT) {
+                    if probe
+                        .unanswered_since
+                        .is_some_and(|t| now.saturating_duration_since(t) > PROBE_TIMEOUT)
+                    {
                         return Lost::ProbeTimeout;
                     }
                     if !probe.in_flight && now >= probe.next_at {
@@ -414,9 +527,13 @@ impl Subscriber {
         self.channel_cmds(out, b"SUBSCRIBE", &topics);
     }
 
-    fn channel_cmds(&self, out: &mut Vec<u8>, verb: &[u8], topics: &[Arc<str>]) {
+    fn channel_cmds(&mut self, out: &mut Vec<u8>, verb: &[u8], topics: &[Arc<str>]) {
         let prefix = self.shared.prefix.as_bytes();
         for chunk in topics.chunks(BATCH) {
+            self.sent.push_back(Sent {
+                topics: (verb == b"SUBSCRIBE").then(|| chunk.to_vec()),
+                replies: chunk.len(),
+            });
             let channels: Vec<Vec<u8>> = chunk
                 .iter()
                 .map(|t| [prefix, t.as_bytes()].concat())
@@ -470,7 +587,18 @@ impl Subscriber {
         let items = match v {
             Value::Array(Some(items)) => items,
             Value::Error(e) => {
-                return Err(Lost::Protocol(String::from_utf8_lossy(&e).into_owned()));
+                let why: Arc<str> = String::from_utf8_lossy(&e).into();
+                return match self.sent.pop_front() {
+                    Some(Sent {
+                        topics: Some(topics),
+                        ..
+                    }) => {
+                        self.refused(topics, why);
+                        Ok(())
+                    }
+                    // The probe channel's SUBSCRIBE, or an error that answers nothing we sent.
+                    _ => Err(Lost::Protocol(why.to_string())),
+                };
             }
             _ => return Ok(()),
         };
@@ -482,6 +610,15 @@ impl Subscriber {
             Value::Bulk(Some(c)) => c,
             _ => return Ok(()),
         };
+        if &kind[..] == b"subscribe" || &kind[..] == b"unsubscribe" {
+            // One reply of the oldest command still owed some.
+            if let Some(front) = self.sent.front_mut() {
+                front.replies -= 1;
+                if front.replies == 0 {
+                    self.sent.pop_front();
+                }
+            }
+        }
         match &kind[..] {
             b"message" => {
                 let Some(Value::Bulk(Some(payload))) = it.next() else {
@@ -498,24 +635,36 @@ impl Subscriber {
                 let Some(topic) = self.topic_of(&channel) else {
                     return Ok(());
                 };
-                if self
-                    .dispatch
-                    .send(Published {
-                        topic,
-                        payload,
-                        since: std::time::Instant::now(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return Err(Lost::Shutdown);
+                let msg = Published {
+                    topic,
+                    payload,
+                    since: std::time::Instant::now(),
+                };
+                match self.dispatch.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(msg)) => {
+                        // The dispatcher is behind: this task waits, reading nothing, so the
+                        // probe's answer cannot be seen meanwhile. That time is not the probe's.
+                        let blocked = Instant::now();
+                        if self.dispatch.send(msg).await.is_err() {
+                            return Err(Lost::Shutdown);
+                        }
+                        probe.stalled(blocked.elapsed());
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(Lost::Shutdown),
                 }
             }
             b"subscribe" => {
                 if channel == self.probe_channel {
                     return Ok(());
                 }
-                let Some(topic) = self.topic_of(&channel) else {
+                // A topic left before its acknowledgement came is no longer in `actual`, but
+                // the acknowledgement still settles its count: the topic may be joined again,
+                // and its next SUBSCRIBE's acknowledgement must then be the last one owed.
+                let Some(topic) = self
+                    .topic_of(&channel)
+                    .or_else(|| self.pending_topic(&channel))
+                else {
                     return Ok(());
                 };
                 let done = match self.pending_acks.get_mut(&topic) {
@@ -528,10 +677,14 @@ impl Subscriber {
                 if done {
                     self.pending_acks.remove(&topic);
                     self.pending_acks.shrink_when_sparse();
+                    if !self.actual.contains(&topic) {
+                        // Left meanwhile: nothing to confirm.
+                        return Ok(());
+                    }
                     let mut st = self.shared.lock();
                     st.confirmed.insert(topic.clone());
                     for w in st.waiters.remove(&topic).unwrap_or_default() {
-                        let _ = w.send(());
+                        let _ = w.send(Ok(()));
                     }
                 }
             }
@@ -540,12 +693,60 @@ impl Subscriber {
         Ok(())
     }
 
+    /// Redis refused the SUBSCRIBE of `topics` with `why`. A batch is sent again one topic per
+    /// command, so that only the refused ones fail; a single topic is refused: its joins fail
+    /// with `why`, and the connection stays.
+    fn refused(&mut self, topics: Vec<Arc<str>>, why: Arc<str>) {
+        for t in &topics {
+            if let Some(n) = self.pending_acks.get_mut(t) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_acks.remove(t);
+                }
+            }
+        }
+        if topics.len() > 1 {
+            self.resend
+                .extend(topics.into_iter().filter(|t| self.actual.contains(t)));
+            return;
+        }
+        let mut st = self.shared.lock();
+        for t in topics {
+            if !self.actual.remove(&t) || !st.counts.contains_key(&t) {
+                continue;
+            }
+            tracing::warn!(topic = %t, error = %why, "redis refused a subscription");
+            st.refused.insert(t.clone(), why.clone());
+            for w in st.waiters.remove(&t).unwrap_or_default() {
+                let _ = w.send(Err(why.clone()));
+            }
+        }
+    }
+
+    /// The topic of a channel whose SUBSCRIBE is still unacknowledged (no allocation).
+    fn pending_topic(&self, channel: &[u8]) -> Option<Arc<str>> {
+        let name = channel.strip_prefix(self.shared.prefix.as_bytes())?;
+        let name = std::str::from_utf8(name).ok()?;
+        self.pending_acks
+            .get_key_value(name)
+            .map(|(t, _)| t.clone())
+    }
+
     /// The interned topic of a channel this connection subscribed to (no allocation).
     fn topic_of(&self, channel: &[u8]) -> Option<Arc<str>> {
         let name = channel.strip_prefix(self.shared.prefix.as_bytes())?;
         let name = std::str::from_utf8(name).ok()?;
         self.actual.get(name).cloned()
     }
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE command whose replies are still owed.
+#[derive(Debug)]
+struct Sent {
+    /// The topics of a SUBSCRIBE of topics; `None` for the probe channel's and for UNSUBSCRIBE.
+    topics: Option<Vec<Arc<str>>>,
+    /// Replies still owed: one per channel.
+    replies: usize,
 }
 
 /// The liveness probe of one subscriber connection: a message published on the instance's probe
@@ -567,6 +768,14 @@ impl Probe {
             in_flight: false,
             unanswered_since: None,
             next_at: Instant::now(),
+        }
+    }
+
+    /// The subscriber was blocked for `d` handing messages to the dispatcher: the unanswered
+    /// probe's deadline moves by as much.
+    fn stalled(&mut self, d: Duration) {
+        if let Some(since) = &mut self.unanswered_since {
+            *since += d;
         }
     }
 
@@ -600,5 +809,359 @@ mod tests {
             );
         }
         assert!(backoff(1) < Duration::from_millis(100));
+    }
+
+    /// A stand-in for a Redis that accepts connections and never says anything.
+    async fn silent_redis() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        format!("redis://127.0.0.1:{port}/")
+    }
+
+    fn broker(url: &str) -> (RedisBroker, mpsc::Receiver<Published>) {
+        let (tx, rx) = mpsc::channel(16);
+        let broker = RedisBroker::start(url, String::new(), 1, tx, Arc::default()).unwrap();
+        (broker, rx)
+    }
+
+    fn waiting(broker: &RedisBroker) -> usize {
+        broker.shared.lock().waiters.values().map(Vec::len).sum()
+    }
+
+    #[tokio::test]
+    async fn timed_out_waiters_do_not_stay_in_the_map() {
+        let (broker, _rx) = broker(&silent_redis().await);
+        let topic: Arc<str> = Arc::from("room");
+        broker.interest().first_in_shard(&topic);
+        let waits = (0..200).map(|_| broker.wait_subscribed("room"));
+        futures_util::future::join_all(waits).await;
+        assert_eq!(waiting(&broker), 0, "every waiter timed out");
+        broker.stop();
+    }
+
+    #[tokio::test]
+    async fn waiters_of_a_topic_left_during_an_outage_are_dropped() {
+        // Nothing listens: the subscriber is between connection attempts.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (broker, _rx) = broker(&format!("redis://127.0.0.1:{port}/"));
+        let topic: Arc<str> = Arc::from("room");
+        let interest = broker.interest();
+        interest.first_in_shard(&topic);
+        let b = broker.clone();
+        let wait = tokio::spawn(async move { b.wait_subscribed("room").await });
+        while waiting(&broker) == 0 {
+            tokio::task::yield_now().await;
+        }
+        interest.last_in_shard(&topic);
+        assert_eq!(
+            waiting(&broker),
+            0,
+            "the waiter of a topic no longer wanted was kept"
+        );
+        assert!(wait.await.unwrap().is_ok());
+        broker.stop();
+    }
+
+    /// A subscriber task's state, driven by hand (no connection).
+    fn subscriber() -> Subscriber {
+        let (dispatch, _) = mpsc::channel(1);
+        let target = Target::from_url("redis://127.0.0.1:1/").unwrap();
+        Subscriber {
+            shared: Arc::new(Shared {
+                interest: Mutex::new(Interest::default()),
+                wake: Notify::new(),
+                live: AtomicBool::new(false),
+                publisher_ok: AtomicBool::new(true),
+                recovering: AtomicBool::new(false),
+                prefix: String::new(),
+                stopped: AtomicBool::new(false),
+                stop: Notify::new(),
+            }),
+            publisher: Arc::new(Publisher::new(target.clone())),
+            target,
+            dispatch,
+            probe_channel: Bytes::from_static(b"__rtk_probe:1"),
+            actual: AHashSet::new(),
+            sent: VecDeque::new(),
+            resend: Vec::new(),
+            pending_acks: AHashMap::new(),
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Redis's acknowledgement of one channel of a SUBSCRIBE or UNSUBSCRIBE.
+    fn ack(kind: &'static [u8], channel: &'static [u8]) -> Value {
+        Value::Array(Some(vec![
+            Value::Bulk(Some(Bytes::from_static(kind))),
+            Value::Bulk(Some(Bytes::from_static(channel))),
+            Value::Int(1),
+        ]))
+    }
+
+    #[tokio::test]
+    async fn a_late_ack_of_a_topic_left_meanwhile_does_not_leave_the_next_join_unconfirmed() {
+        let mut sub = subscriber();
+        let interest: Arc<dyn TopicInterest> = sub.shared.clone();
+        let topic: Arc<str> = Arc::from("room");
+        let (mut probe, mut failures, mut out) = (Probe::new(), 0, Vec::new());
+
+        // Joined: SUBSCRIBE sent. Left before Redis answered: UNSUBSCRIBE sent.
+        interest.first_in_shard(&topic);
+        sub.reconcile(&mut out);
+        interest.last_in_shard(&topic);
+        sub.reconcile(&mut out);
+        // The SUBSCRIBE's acknowledgement arrives now, after the topic was left.
+        sub.handle(ack(b"subscribe", b"room"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        // Joined again: SUBSCRIBE sent; Redis answers the UNSUBSCRIBE, then this SUBSCRIBE.
+        interest.first_in_shard(&topic);
+        sub.reconcile(&mut out);
+        sub.handle(ack(b"unsubscribe", b"room"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        sub.handle(ack(b"subscribe", b"room"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        assert!(
+            sub.shared.lock().confirmed.contains("room"),
+            "the second join was never confirmed"
+        );
+        assert!(sub.pending_acks.is_empty(), "{:?}", sub.pending_acks);
+    }
+
+    /// A stand-in for Redis that acknowledges every SUBSCRIBE, answers PUBLISH with `:1`, and
+    /// refuses a publish of `refuse me` with an error.
+    async fn answering_redis() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = BytesMut::new();
+                    loop {
+                        while let Some(Value::Array(Some(parts))) = resp::parse(&mut buf).unwrap() {
+                            let arg = |i: usize| match parts.get(i) {
+                                Some(Value::Bulk(Some(b))) => b.clone(),
+                                _ => Bytes::new(),
+                            };
+                            let mut out = Vec::new();
+                            match &arg(0)[..] {
+                                b"SUBSCRIBE" => {
+                                    for i in 1..parts.len() {
+                                        let ch = arg(i);
+                                        out.extend_from_slice(
+                                            format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len())
+                                                .as_bytes(),
+                                        );
+                                        out.extend_from_slice(&ch);
+                                        out.extend_from_slice(format!("\r\n:{i}\r\n").as_bytes());
+                                    }
+                                }
+                                b"PUBLISH" if &arg(2)[..] == b"refuse me" => {
+                                    out.extend_from_slice(b"-ERR refused for the test\r\n")
+                                }
+                                _ => out.extend_from_slice(b":1\r\n"),
+                            }
+                            if stream.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                        if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("redis://127.0.0.1:{port}/")
+    }
+
+    #[tokio::test]
+    async fn a_publish_redis_refused_does_not_fail_the_next_one() {
+        let (broker, _rx) = broker(&answering_redis().await);
+        let refused = broker
+            .publish("room", Bytes::from_static(b"refuse me"))
+            .await;
+        assert!(
+            matches!(&refused, Err(PublishError::Unavailable(e)) if e.contains("refused for the test")),
+            "{refused:?}"
+        );
+        let next = broker.publish("room", Bytes::from_static(b"fine")).await;
+        assert!(next.is_ok(), "{next:?}");
+        broker.stop();
+    }
+
+    /// A stand-in for Redis's pub/sub whose delivery the test drives: SUBSCRIBE is acknowledged
+    /// and the connection becomes the subscriber connection (its writes go through the returned
+    /// sender); every PUBLISH is answered `:1` and handed to the test, which decides when (and
+    /// whether) the subscriber connection receives it.
+    async fn driven_redis() -> (
+        String,
+        mpsc::UnboundedReceiver<(Bytes, Bytes)>,
+        Arc<Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (published_tx, published) = mpsc::unbounded_channel();
+        let sub: Arc<Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>> = Arc::default();
+        let sub_slot = sub.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (published_tx, sub_slot) = (published_tx.clone(), sub_slot.clone());
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let (mut read, mut write) = stream.into_split();
+                    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+                    tokio::spawn(async move {
+                        while let Some(bytes) = out_rx.recv().await {
+                            if write.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let mut buf = BytesMut::new();
+                    loop {
+                        while let Some(Value::Array(Some(parts))) = resp::parse(&mut buf).unwrap() {
+                            let arg = |i: usize| match parts.get(i) {
+                                Some(Value::Bulk(Some(b))) => b.clone(),
+                                _ => Bytes::new(),
+                            };
+                            let mut out = Vec::new();
+                            if &arg(0)[..] == b"SUBSCRIBE" {
+                                *sub_slot.lock().unwrap() = Some(out_tx.clone());
+                                for i in 1..parts.len() {
+                                    let ch = arg(i);
+                                    out.extend_from_slice(
+                                        format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len())
+                                            .as_bytes(),
+                                    );
+                                    out.extend_from_slice(&ch);
+                                    out.extend_from_slice(format!("\r\n:{i}\r\n").as_bytes());
+                                }
+                            } else {
+                                if &arg(0)[..] == b"PUBLISH" {
+                                    let _ = published_tx.send((arg(1), arg(2)));
+                                }
+                                out.extend_from_slice(b":1\r\n");
+                            }
+                            let _ = out_tx.send(out);
+                        }
+                        if read.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (format!("redis://127.0.0.1:{port}/"), published, sub)
+    }
+
+    /// A `message` push as Redis sends it on a subscriber connection.
+    fn message(channel: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        resp::encode_command(&mut out, [&b"message"[..], channel, payload].into_iter());
+        out
+    }
+
+    #[tokio::test]
+    async fn time_blocked_on_a_full_dispatch_channel_does_not_count_against_the_probe() {
+        let (url, mut published, sub) = driven_redis().await;
+        // Room for one message: the dispatcher (this test) does not read while it stalls.
+        let (tx, mut rx) = mpsc::channel(1);
+        let metrics = Arc::new(Metrics::default());
+        let broker = RedisBroker::start(&url, String::new(), 1, tx, metrics.clone()).unwrap();
+        let send_to_subscriber = |bytes: Vec<u8>| {
+            let sub = sub.lock().unwrap().clone().expect("subscribed");
+            sub.send(bytes).unwrap();
+        };
+        let deadline = Duration::from_secs(10);
+        // The first probe comes back at once: the broker is live.
+        let (channel, payload) = tokio::time::timeout(deadline, published.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        send_to_subscriber(message(&channel, &payload));
+        broker.interest().first_in_shard(&Arc::from("room"));
+        assert!(broker.wait_subscribed("room").await.is_ok());
+        assert!(broker.is_live());
+
+        // The next probe is published and held back; meanwhile the subscriber gets more than
+        // the dispatcher takes, and stays blocked handing it over for longer than PROBE_TIMEOUT.
+        let (channel, payload) = tokio::time::timeout(deadline, published.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        for n in 0..3 {
+            send_to_subscriber(message(b"room", format!("m{n}").as_bytes()));
+        }
+        tokio::time::sleep(PROBE_TIMEOUT + Duration::from_secs(1)).await;
+        for n in 0..3 {
+            let m = tokio::time::timeout(deadline, rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.payload, format!("m{n}").as_bytes());
+        }
+        // The subscriber has caught up; the probe's answer comes a moment later.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send_to_subscriber(message(&channel, &payload));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            metrics.snapshot().broker_reconnects,
+            0,
+            "the probe timed out on time the subscriber spent waiting for the dispatcher"
+        );
+        assert!(broker.is_live());
+        broker.stop();
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_retried_one_topic_per_command_and_only_the_refused_one_fails() {
+        let mut sub = subscriber();
+        let interest: Arc<dyn TopicInterest> = sub.shared.clone();
+        let (mut probe, mut failures, mut out) = (Probe::new(), 0, Vec::new());
+        for t in ["open", "closed"] {
+            interest.first_in_shard(&Arc::from(t));
+        }
+        sub.reconcile(&mut out);
+        assert_eq!(sub.sent.len(), 1, "one SUBSCRIBE of both topics");
+        let noperm = || Value::Error(Bytes::from_static(b"NOPERM no access to a channel"));
+        // Refused as a whole: each topic is sent again on its own.
+        sub.handle(noperm(), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        let mut resend = std::mem::take(&mut sub.resend);
+        resend.sort();
+        assert_eq!(resend, [Arc::from("closed"), Arc::from("open")]);
+        for t in resend {
+            sub.subscribe_cmds(&mut out, vec![t]);
+        }
+        // Redis refuses "closed" and acknowledges "open".
+        sub.handle(noperm(), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        sub.handle(ack(b"subscribe", b"open"), &mut probe, &mut failures)
+            .await
+            .unwrap();
+        let st = sub.shared.lock();
+        assert!(st.confirmed.contains("open"));
+        assert!(
+            st.refused
+                .get("closed")
+                .is_some_and(|e| e.contains("NOPERM"))
+        );
+        assert!(sub.sent.is_empty() && sub.pending_acks.is_empty());
     }
 }

@@ -126,9 +126,8 @@ impl<H: MessageHandler> Admitted<H> {
         let weak = Arc::downgrade(&conn);
         let (joined_tx, joined) = oneshot::channel();
         let task = tokio::spawn(async move {
-            // A new connection is in no topic yet: only `Gone` can refuse it.
-            let subscribed =
-                service.runtime.hub.join(&conn, &topic).await == JoinOutcome::Subscribed;
+            // A new connection is in no topic yet: the topic limit cannot refuse it.
+            let subscribed = service.runtime.hub.join(&conn, &topic).await;
             let _ = joined_tx.send(());
             match socket.await {
                 Some(socket) => {
@@ -158,8 +157,8 @@ impl<H: MessageHandler> Admitted<H> {
 struct Joined<H: MessageHandler> {
     service: Arc<WebsocketService<H>>,
     conn: Arc<Conn>,
-    /// Whether the subscription worked (`false`: the runtime is gone).
-    subscribed: bool,
+    /// How the subscription to `topic` went.
+    subscribed: JoinOutcome,
     topic: String,
     user_id: H::UserId,
 }
@@ -211,8 +210,19 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
             app_state: service.app_state.clone(),
             sink: WsSink::new(conn.clone(), rt.hub.clone()),
         };
-        if !subscribed || rt.is_shutting_down() {
-            conn.close(close_code::GOING_AWAY, "server shutting down", true);
+        match &subscribed {
+            JoinOutcome::Refused(why) => {
+                tracing::warn!(reason = %why, "the broker refused the connection's topic");
+                conn.close(
+                    close_code::POLICY_VIOLATION,
+                    "topic refused by the broker",
+                    true,
+                );
+            }
+            outcome if *outcome != JoinOutcome::Subscribed || rt.is_shutting_down() => {
+                conn.close(close_code::GOING_AWAY, "server shutting down", true);
+            }
+            _ => {}
         }
         // Invariant 6: on_connect runs after the subscription is in place.
         if AssertUnwindSafe(service.handler.on_connect(&ctx))

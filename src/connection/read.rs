@@ -342,6 +342,7 @@ async fn handle_text<H: MessageHandler>(
                     E::Timeout => "broker did not confirm in time",
                     E::Closed => "service is shutting down",
                     E::Serialize(_) => "event could not be serialized",
+                    E::NotText => "event is not text",
                 };
                 send_error(ctx, &format!("Failed to broadcast event: {why}"));
             }
