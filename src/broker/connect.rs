@@ -14,12 +14,24 @@ use super::resp::{self, Value};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where and how to connect, taken from the URL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) host: String,
     pub(crate) port: u16,
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
+}
+
+/// Never prints the password: a `Target` may end up in a log line or a panic message.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Target {
@@ -80,4 +92,19 @@ pub(crate) async fn connect(t: &Target) -> std::io::Result<TcpStream> {
         }
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_never_prints_its_password() {
+        let target = Target::from_url("redis://app:s3cret@127.0.0.1:6380/").unwrap();
+        assert_eq!(target.password.as_deref(), Some("s3cret"));
+        for shown in [format!("{target:?}"), format!("{target:#?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("127.0.0.1"), "{shown}");
+        }
+    }
 }
