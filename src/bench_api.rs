@@ -155,6 +155,26 @@ impl MessageAssembler {
             Err(e) => Err(e.code),
         }
     }
+
+    /// What the reader does while no frame is complete: if `buf` starts with a text frame whose
+    /// payload is still arriving, validates the UTF-8 received since the previous call (RFC 6455
+    /// §8.1 fail fast). `Err(1007)` for text no further bytes could make valid. Until that frame
+    /// is [`push`](Self::push)ed, `buf` must start with the same frame.
+    pub fn check_arriving(&mut self, buf: &[u8]) -> Result<(), u16> {
+        match frame::incomplete_frame(buf) {
+            Some((opcode, key, masked)) => self
+                .0
+                .check_incomplete(opcode, key, masked)
+                .map_err(|e| e.code),
+            None => Ok(()),
+        }
+    }
+
+    /// How many bytes were passed to the UTF-8 validator so far (each payload byte of a text
+    /// message once, however it arrived).
+    pub fn utf8_bytes_fed(&self) -> u64 {
+        self.0.utf8_bytes_fed()
+    }
 }
 
 /// A connection started by [`spawn_connection`].

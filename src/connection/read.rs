@@ -173,7 +173,9 @@ impl<H: MessageHandler> Reader<'_, H> {
             *self.buf = BytesMut::new();
         } else if let Some((opcode, key, masked)) = frame::incomplete_frame(self.buf) {
             // Invalid UTF-8 inside a text frame still arriving fails now, not once the whole
-            // frame is in (RFC 6455 §8.1: fail fast).
+            // frame is in (RFC 6455 §8.1: fail fast). The assembler validates only the bytes
+            // that came since the last check, so a frame trickled in one byte per read costs
+            // linear time, not quadratic.
             if let Err(e) = self.assembler.check_incomplete(opcode, key, masked) {
                 return Some(self.violation(e));
             }
