@@ -72,6 +72,20 @@ impl FrameParser {
             Err(e) => Err(e.code),
         }
     }
+
+    /// Like [`parse_frame`](Self::parse_frame), as the reader calls it: a continuation frame
+    /// that would take `assembler`'s message in progress past its limit is refused (1009) from
+    /// its header.
+    pub fn parse_frame_for(
+        &self,
+        buf: &mut BytesMut,
+        assembler: &MessageAssembler,
+    ) -> Result<Option<Frame>, u16> {
+        match self.0.parse_for(buf, assembler.0.continuation_room()) {
+            Ok(frame) => Ok(frame.map(Frame)),
+            Err(e) => Err(e.code),
+        }
+    }
 }
 
 /// One parsed and unmasked client frame.

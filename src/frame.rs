@@ -201,12 +201,24 @@ impl FrameParser {
         Self { max_frame }
     }
 
+    /// [`parse_for`](Self::parse_for) outside a fragmented message: only the frame limit applies.
+    #[cfg(any(test, feature = "__bench_api"))]
+    pub(crate) fn parse(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        self.parse_for(buf, usize::MAX)
+    }
+
     /// Takes one complete frame off the front of `buf`.
     ///
     /// `Ok(None)` means more bytes are needed; nothing is consumed until a whole frame is there.
     /// Errors are decided from the header alone, so an oversized or malformed frame is refused
-    /// without buffering its payload.
-    pub(crate) fn parse(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+    /// without buffering its payload. That includes a continuation frame of more than
+    /// `continuation_room` bytes ([`MessageAssembler::continuation_room`]): the fragmented
+    /// message would pass its limit, and at most the limit is ever held.
+    pub(crate) fn parse_for(
+        &self,
+        buf: &mut BytesMut,
+        continuation_room: usize,
+    ) -> Result<Option<Frame>, ProtocolError> {
         if buf.len() < 2 {
             return Ok(None);
         }
@@ -267,6 +279,12 @@ impl FrameParser {
         }
         if len > self.max_frame as u64 {
             return Err(ProtocolError::new(close_code::TOO_BIG, "message too big"));
+        }
+        if opcode == OpCode::Continuation && len > continuation_room as u64 {
+            return Err(ProtocolError::new(
+                close_code::TOO_BIG,
+                "fragmented message too big",
+            ));
         }
         let len = len as usize;
         let header = 2 + len_bytes + 4;
@@ -473,6 +491,14 @@ impl MessageAssembler {
     #[cfg(any(test, feature = "__bench_api"))]
     pub(crate) fn utf8_bytes_fed(&self) -> u64 {
         self.utf8_fed
+    }
+
+    /// How many payload bytes the next continuation frame may bring: the message limit less
+    /// what the fragmented message in progress holds. [`FrameParser::parse_for`] refuses a
+    /// larger one from its header.
+    pub(crate) fn continuation_room(&self) -> usize {
+        let held = self.partial.as_ref().map_or(0, |p| p.data.len());
+        self.max_message.saturating_sub(held)
     }
 
     /// Fails fast on a text frame whose payload is still arriving: `masked` is the part received
@@ -919,5 +945,27 @@ mod tests {
                 }
             }
         }
+    }
+    #[test]
+    fn a_continuation_past_the_message_limit_is_refused_from_its_header() {
+        let parser = FrameParser::new(100);
+        let mut assembler = MessageAssembler::new(100);
+        assert_eq!(assembler.continuation_room(), 100);
+        let mut buf = client_frame(false, 0x2, &[7; 90], Some([1, 2, 3, 4]));
+        let first = parser.parse_for(&mut buf, 100).unwrap().unwrap();
+        assert!(assembler.push(first).unwrap().is_none());
+        assert_eq!(assembler.continuation_room(), 10);
+        // Exactly the room left: taken.
+        let mut exact = client_frame(true, 0x0, &[7; 10], Some([1, 2, 3, 4]));
+        assert!(parser.parse_for(&mut exact, 10).unwrap().is_some());
+        // One byte more: refused from the header alone, the payload not there yet.
+        let mut header = client_frame(true, 0x0, &[7; 11], Some([1, 2, 3, 4]));
+        header.truncate(6);
+        let e = parser.parse_for(&mut header, 10).unwrap_err();
+        assert_eq!(e.code, 1009);
+        // Only continuations count against the message in progress.
+        let mut other = client_frame(true, 0x2, &[7; 11], Some([1, 2, 3, 4]));
+        other.truncate(6);
+        assert!(parser.parse_for(&mut other, 10).unwrap().is_none());
     }
 }

@@ -77,3 +77,29 @@ async fn text_trickled_a_byte_at_a_time_across_fragments_is_read_whole() {
         json!({"NewMessage": {"room": "general", "username": "alice", "text": text}})
     );
 }
+
+#[tokio::test]
+async fn a_fragment_that_would_pass_the_size_limit_is_closed_1009_from_its_header() {
+    let limit = 64 * 1024; // the default `max_message_size`
+    let server = chat_server(1).await;
+    let mut bystander = connect(server.addr, "general", BOB).await;
+    let mut c = connect(server.addr, "general", ALICE).await;
+    // Fragments adding up to the limit exactly are fine (the text is not JSON: an error reply).
+    c.send_frame(false, 0x1, &vec![b' '; limit - 10], true)
+        .await;
+    c.send_frame(true, 0x0, &[b' '; 10], true).await;
+    assert_eq!(c.recv_json().await["type"], "error");
+    // The first fragment again, then only the header of one announcing 100 bytes more: refused
+    // from that header, before any of its payload is buffered.
+    c.send_frame(false, 0x1, &vec![b' '; limit - 10], true)
+        .await;
+    let header = frame_start(true, 0x0, &[b' '; 100], 0);
+    c.send_raw(&header).await;
+    assert_eq!(c.expect_close().await, 1009);
+    // Its payload, then the client's close: the server skips the one and ends.
+    c.send_raw(&encode_client_frame(true, 0x0, &[b' '; 100], true)[header.len()..])
+        .await;
+    c.finish_close().await;
+    bystander.assert_nothing_pending().await;
+    assert_eq!(server.service.metrics().protocol_errors, 1);
+}

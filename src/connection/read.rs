@@ -150,7 +150,10 @@ pub(super) async fn read_loop<H: MessageHandler>(
         reader.heartbeat.deadline().unwrap_or_else(Instant::now)
     ));
     loop {
-        let step = match parser.parse(reader.buf) {
+        // A continuation frame that would take the message past its limit is refused from its
+        // header, before its payload is buffered.
+        let room = reader.assembler.continuation_room();
+        let step = match parser.parse_for(reader.buf, room) {
             Ok(Some(frame)) => match reader.on_frame(frame).await {
                 None if conn.is_ending() => Some(End::ServerClosed),
                 step => step,
