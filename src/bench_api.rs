@@ -72,6 +72,20 @@ impl FrameParser {
             Err(e) => Err(e.code),
         }
     }
+
+    /// Like [`parse_frame`](Self::parse_frame), as the reader calls it: a continuation frame
+    /// that would take `assembler`'s message in progress past its limit is refused (1009) from
+    /// its header.
+    pub fn parse_frame_for(
+        &self,
+        buf: &mut BytesMut,
+        assembler: &MessageAssembler,
+    ) -> Result<Option<Frame>, u16> {
+        match self.0.parse_for(buf, assembler.0.continuation_room()) {
+            Ok(frame) => Ok(frame.map(Frame)),
+            Err(e) => Err(e.code),
+        }
+    }
 }
 
 /// One parsed and unmasked client frame.
@@ -154,6 +168,26 @@ impl MessageAssembler {
             Ok(Some(frame::Message::Binary(b))) => Ok(Some(Message::Binary(b))),
             Err(e) => Err(e.code),
         }
+    }
+
+    /// What the reader does while no frame is complete: if `buf` starts with a text frame whose
+    /// payload is still arriving, validates the UTF-8 received since the previous call (RFC 6455
+    /// §8.1 fail fast). `Err(1007)` for text no further bytes could make valid. Until that frame
+    /// is [`push`](Self::push)ed, `buf` must start with the same frame.
+    pub fn check_arriving(&mut self, buf: &[u8]) -> Result<(), u16> {
+        match frame::incomplete_frame(buf) {
+            Some((opcode, key, masked)) => self
+                .0
+                .check_incomplete(opcode, key, masked)
+                .map_err(|e| e.code),
+            None => Ok(()),
+        }
+    }
+
+    /// How many bytes were passed to the UTF-8 validator so far (each payload byte of a text
+    /// message once, however it arrived).
+    pub fn utf8_bytes_fed(&self) -> u64 {
+        self.0.utf8_bytes_fed()
     }
 }
 

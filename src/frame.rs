@@ -201,12 +201,24 @@ impl FrameParser {
         Self { max_frame }
     }
 
+    /// [`parse_for`](Self::parse_for) outside a fragmented message: only the frame limit applies.
+    #[cfg(any(test, feature = "__bench_api"))]
+    pub(crate) fn parse(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        self.parse_for(buf, usize::MAX)
+    }
+
     /// Takes one complete frame off the front of `buf`.
     ///
     /// `Ok(None)` means more bytes are needed; nothing is consumed until a whole frame is there.
     /// Errors are decided from the header alone, so an oversized or malformed frame is refused
-    /// without buffering its payload.
-    pub(crate) fn parse(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+    /// without buffering its payload. That includes a continuation frame of more than
+    /// `continuation_room` bytes ([`MessageAssembler::continuation_room`]): the fragmented
+    /// message would pass its limit, and at most the limit is ever held.
+    pub(crate) fn parse_for(
+        &self,
+        buf: &mut BytesMut,
+        continuation_room: usize,
+    ) -> Result<Option<Frame>, ProtocolError> {
         if buf.len() < 2 {
             return Ok(None);
         }
@@ -267,6 +279,12 @@ impl FrameParser {
         }
         if len > self.max_frame as u64 {
             return Err(ProtocolError::new(close_code::TOO_BIG, "message too big"));
+        }
+        if opcode == OpCode::Continuation && len > continuation_room as u64 {
+            return Err(ProtocolError::new(
+                close_code::TOO_BIG,
+                "fragmented message too big",
+            ));
         }
         let len = len as usize;
         let header = 2 + len_bytes + 4;
@@ -360,14 +378,95 @@ pub(crate) fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, Protoco
     }
 }
 
+/// Validates UTF-8 that arrives in pieces: what was fed so far is valid up to at most the first
+/// three bytes of a character still to be completed, which it keeps.
+#[derive(Debug, Clone, Copy, Default)]
+struct Utf8Stream {
+    /// The bytes of a character cut off at the end of what was fed (a valid prefix).
+    pending: [u8; 4],
+    pending_len: u8,
+}
+
+impl Utf8Stream {
+    /// Validates `bytes`, which follow what was fed before. `Err` if no further bytes could make
+    /// the text valid; a character cut off at the end is kept for the next call.
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), ()> {
+        if self.pending_len > 0 {
+            let have = usize::from(self.pending_len);
+            let width = match self.pending[0] {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let take = (width - have).min(bytes.len());
+            self.pending[have..have + take].copy_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            match std::str::from_utf8(&self.pending[..have + take]) {
+                Ok(_) => self.pending_len = 0,
+                Err(e) if e.error_len().is_none() => {
+                    // Still cut off: `bytes` was all taken.
+                    self.pending_len = (have + take) as u8;
+                    return Ok(());
+                }
+                Err(_) => return Err(()),
+            }
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let rest = &bytes[e.valid_up_to()..];
+                self.pending[..rest.len()].copy_from_slice(rest);
+                self.pending_len = rest.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(()),
+        }
+    }
+
+    /// Whether the text fed so far ends on a character boundary.
+    fn is_complete(&self) -> bool {
+        self.pending_len == 0
+    }
+}
+
+fn invalid_utf8() -> ProtocolError {
+    ProtocolError::new(
+        close_code::INVALID_PAYLOAD,
+        "text message is not valid UTF-8",
+    )
+}
+
+/// A fragmented message in progress.
+#[derive(Debug)]
+struct Partial {
+    kind: OpCode,
+    data: BytesMut,
+    /// For text, the decoder's state after `data`.
+    utf8: Utf8Stream,
+}
+
+/// The text frame whose payload is still arriving at the front of the read buffer.
+#[derive(Debug)]
+struct Arriving {
+    /// How many of its payload bytes were validated already.
+    validated: usize,
+    /// The decoder's state after them (and after the fragments before this frame).
+    utf8: Utf8Stream,
+}
+
 /// Reassembles fragmented messages under a total size cap.
 #[derive(Debug)]
 pub(crate) struct MessageAssembler {
     max_message: usize,
-    /// Opcode and collected payload of the message in progress, if any.
-    /// Opcode, collected payload, and how much of it is known to be valid UTF-8, of the
-    /// message in progress.
-    partial: Option<(OpCode, BytesMut, usize)>,
+    /// The fragmented message in progress, if any.
+    partial: Option<Partial>,
+    /// Set by [`check_incomplete`](Self::check_incomplete) while a text frame arrives, taken by
+    /// [`push`](Self::push) once it is complete: each payload byte is validated once, in
+    /// linear time however the frame is cut into reads.
+    arriving: Option<Arriving>,
+    /// How many bytes were passed to the UTF-8 validator, for the tests that prove it linear.
+    #[cfg_attr(not(any(test, feature = "__bench_api")), allow(dead_code))]
+    utf8_fed: u64,
 }
 
 /// A complete data message.
@@ -383,38 +482,71 @@ impl MessageAssembler {
         Self {
             max_message,
             partial: None,
+            arriving: None,
+            utf8_fed: 0,
         }
+    }
+
+    /// How many bytes were passed to the UTF-8 validator so far.
+    #[cfg(any(test, feature = "__bench_api"))]
+    pub(crate) fn utf8_bytes_fed(&self) -> u64 {
+        self.utf8_fed
+    }
+
+    /// How many payload bytes the next continuation frame may bring: the message limit less
+    /// what the fragmented message in progress holds. [`FrameParser::parse_for`] refuses a
+    /// larger one from its header.
+    pub(crate) fn continuation_room(&self) -> usize {
+        let held = self.partial.as_ref().map_or(0, |p| p.data.len());
+        self.max_message.saturating_sub(held)
     }
 
     /// Fails fast on a text frame whose payload is still arriving: `masked` is the part received
     /// so far (from the start of the payload), `key` its masking key. An error means no further
     /// bytes could make the message valid UTF-8; a character cut off at the end is fine.
+    ///
+    /// Only the bytes that arrived since the previous call are unmasked (into a scratch buffer:
+    /// the parser unmasks the whole frame once it is complete) and validated; the frame must be
+    /// the one the previous call saw, until it is [`push`](Self::push)ed.
     pub(crate) fn check_incomplete(
-        &self,
+        &mut self,
         opcode: OpCode,
         key: [u8; 4],
         masked: &[u8],
     ) -> Result<(), ProtocolError> {
-        let carried: &[u8] = match (opcode, &self.partial) {
-            (OpCode::Text, None) => &[],
-            // The bytes of a character the previous fragment ended inside of.
-            (OpCode::Continuation, Some((OpCode::Text, data, checked))) => &data[*checked..],
-            _ => return Ok(()),
+        let arriving = match &mut self.arriving {
+            Some(arriving) => arriving,
+            None => {
+                let utf8 = match (opcode, &self.partial) {
+                    (OpCode::Text, None) => Utf8Stream::default(),
+                    // Carries a character the previous fragment ended inside of.
+                    (OpCode::Continuation, Some(p)) if p.kind == OpCode::Text => p.utf8,
+                    _ => return Ok(()),
+                };
+                self.arriving.insert(Arriving { validated: 0, utf8 })
+            }
         };
-        if masked.is_empty() {
+        debug_assert!(
+            masked.len() >= arriving.validated,
+            "not the frame seen before"
+        );
+        let Some(new) = masked.get(arriving.validated..) else {
             return Ok(());
+        };
+        // The key as it applies from the first new byte on; chunks of the scratch buffer's size
+        // (a multiple of 4) keep that phase.
+        let phase = arriving.validated % 4;
+        let key = [0, 1, 2, 3].map(|i| key[(phase + i) % 4]);
+        let mut scratch = [0u8; 256];
+        for piece in new.chunks(scratch.len()) {
+            let plain = &mut scratch[..piece.len()];
+            plain.copy_from_slice(piece);
+            apply_mask(plain, key);
+            self.utf8_fed += plain.len() as u64;
+            arriving.utf8.feed(plain).map_err(|()| invalid_utf8())?;
         }
-        let mut text = Vec::with_capacity(carried.len() + masked.len());
-        text.extend_from_slice(carried);
-        text.extend_from_slice(masked);
-        apply_mask(&mut text[carried.len()..], key);
-        match std::str::from_utf8(&text) {
-            Err(e) if e.error_len().is_some() => Err(ProtocolError::new(
-                close_code::INVALID_PAYLOAD,
-                "text message is not valid UTF-8",
-            )),
-            _ => Ok(()),
-        }
+        arriving.validated = masked.len();
+        Ok(())
     }
 
     /// Feeds one data frame (text, binary or continuation). Returns a message once it is complete.
@@ -424,22 +556,31 @@ impl MessageAssembler {
             opcode,
             payload,
         } = frame;
-        let (kind, data, checked) = match (opcode, self.partial.take()) {
+        let arriving = self.arriving.take();
+        let len = payload.len();
+        let (kind, data, utf8) = match (opcode, self.partial.take()) {
             (OpCode::Continuation, None) => {
                 return Err(ProtocolError::new(
                     close_code::PROTOCOL_ERROR,
                     "continuation frame without a message to continue",
                 ));
             }
-            (OpCode::Continuation, Some((kind, mut data, checked))) => {
-                if data.len() + payload.len() > self.max_message {
+            (
+                OpCode::Continuation,
+                Some(Partial {
+                    kind,
+                    mut data,
+                    utf8,
+                }),
+            ) => {
+                if data.len() + len > self.max_message {
                     return Err(ProtocolError::new(
                         close_code::TOO_BIG,
                         "fragmented message too big",
                     ));
                 }
                 data.extend_from_slice(&payload);
-                (kind, data, checked)
+                (kind, data, utf8)
             }
             (_, Some(_)) => {
                 return Err(ProtocolError::new(
@@ -447,39 +588,32 @@ impl MessageAssembler {
                     "new data frame inside a fragmented message",
                 ));
             }
-            (kind, None) => (kind, payload, 0),
+            (kind, None) => (kind, payload, Utf8Stream::default()),
         };
-        let invalid = || {
-            ProtocolError::new(
-                close_code::INVALID_PAYLOAD,
-                "text message is not valid UTF-8",
-            )
-        };
-        if !fin {
-            // Fail fast: a fragment may end inside a character, but never with bytes that no
-            // continuation could make valid. Only the new bytes are checked.
-            let checked = if kind == OpCode::Text {
-                match std::str::from_utf8(&data[checked..]) {
-                    Ok(_) => data.len(),
-                    Err(e) if e.error_len().is_none() => checked + e.valid_up_to(),
-                    Err(_) => return Err(invalid()),
-                }
-            } else {
-                0
+        let mut utf8 = utf8;
+        if kind == OpCode::Text {
+            // Only what the checks while the frame arrived did not see. A fragment may end inside
+            // a character, but never with bytes no continuation could make valid (fail fast).
+            let (state, seen) = match arriving {
+                Some(a) if a.validated <= len => (a.utf8, a.validated),
+                _ => (utf8, 0),
             };
-            self.partial = Some((kind, data, checked));
+            utf8 = state;
+            let new = &data[data.len() - len + seen..];
+            self.utf8_fed += new.len() as u64;
+            utf8.feed(new).map_err(|()| invalid_utf8())?;
+            if fin && !utf8.is_complete() {
+                return Err(invalid_utf8());
+            }
+        }
+        if !fin {
+            self.partial = Some(Partial { kind, data, utf8 });
             return Ok(None);
         }
-        match kind {
-            OpCode::Text => {
-                if std::str::from_utf8(&data[checked..]).is_ok() {
-                    Ok(Some(Message::Text(data)))
-                } else {
-                    Err(invalid())
-                }
-            }
-            _ => Ok(Some(Message::Binary(data))),
-        }
+        Ok(Some(match kind {
+            OpCode::Text => Message::Text(data),
+            _ => Message::Binary(data),
+        }))
     }
 }
 
@@ -655,7 +789,7 @@ mod tests {
         text.extend_from_slice(b"edited");
         let whole = client_frame(true, 0x1, &text, Some(key));
         let parser = FrameParser::new(1024);
-        let assembler = MessageAssembler::new(1024);
+        let mut assembler = MessageAssembler::new(1024);
         let header = whole.len() - text.len();
         // Cut inside the first character: nothing wrong yet.
         let mut buf = BytesMut::from(&whole[..header + 1]);
@@ -675,6 +809,7 @@ mod tests {
         // A binary frame with the same bytes is not text.
         let bin = client_frame(true, 0x2, &text, Some(key));
         let (op, k, masked) = incomplete_frame(&bin[..header + cut]).unwrap();
+        let mut assembler = MessageAssembler::new(1024);
         assert!(assembler.check_incomplete(op, k, masked).is_ok());
         // A complete frame is not "incomplete".
         assert!(incomplete_frame(&whole).is_none());
@@ -683,19 +818,24 @@ mod tests {
     #[test]
     fn fail_fast_carries_a_character_split_across_fragments() {
         let key = [9, 8, 7, 6];
-        let mut assembler = MessageAssembler::new(1024);
         // The first fragment ends inside "é" (0xC3 0xA9).
-        let first = Frame {
-            fin: false,
-            opcode: OpCode::Text,
-            payload: BytesMut::from(&b"caf\xC3"[..]),
+        let after_first = || {
+            let mut assembler = MessageAssembler::new(1024);
+            let first = Frame {
+                fin: false,
+                opcode: OpCode::Text,
+                payload: BytesMut::from(&b"caf\xC3"[..]),
+            };
+            assert!(assembler.push(first).unwrap().is_none());
+            assembler
         };
-        assert!(assembler.push(first).unwrap().is_none());
+        let mut assembler = after_first();
         // The continuation's first byte completes it: fine.
         let ok = client_frame(true, 0x0, b"\xA9 au lait", Some(key));
         let (op, k, masked) = incomplete_frame(&ok[..ok.len() - 3]).unwrap();
         assert!(assembler.check_incomplete(op, k, masked).is_ok());
         // A continuation starting with a non-continuation byte cannot complete it.
+        let mut assembler = after_first();
         let bad = client_frame(true, 0x0, b"x more text", Some(key));
         let (op, k, masked) = incomplete_frame(&bad[..bad.len() - 3]).unwrap();
         assert_eq!(
@@ -712,5 +852,120 @@ mod tests {
         let mut masked = vec![0x82, 0xFF];
         masked.extend_from_slice(&(u64::MAX - 13).to_be_bytes());
         assert_eq!(peek_extent(&masked), Some((0x2, u64::MAX)));
+    }
+    /// Feeds `wire` to a parser and an assembler `chunk` bytes at a time, the way the reader
+    /// does: parse; when no frame is complete, the incremental check of the one arriving.
+    fn trickle(
+        wire: &[u8],
+        chunk: usize,
+        assembler: &mut MessageAssembler,
+    ) -> Result<Vec<Message>, ProtocolError> {
+        let parser = FrameParser::new(1 << 20);
+        let mut buf = BytesMut::new();
+        let mut messages = Vec::new();
+        for piece in wire.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            loop {
+                match parser.parse(&mut buf)? {
+                    Some(frame) => {
+                        if let Some(m) = assembler.push(frame)? {
+                            messages.push(m);
+                        }
+                    }
+                    None => {
+                        if let Some((op, k, masked)) = incomplete_frame(&buf) {
+                            assembler.check_incomplete(op, k, masked)?;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(messages)
+    }
+
+    #[test]
+    fn a_text_frame_trickled_one_byte_at_a_time_is_validated_in_linear_time() {
+        // 64 KiB of text with characters of every width, cut everywhere by 1-byte reads.
+        let mut text = "aé✓🚀 ".repeat(64 * 1024 / 11 + 1).into_bytes();
+        text.truncate(64 * 1024);
+        while std::str::from_utf8(&text).is_err() {
+            text.pop();
+        }
+        text.resize(64 * 1024, b'.');
+        let wire = client_frame(true, 0x1, &text, Some([0x37, 0xfa, 0x21, 0x3d]));
+        let mut assembler = MessageAssembler::new(1 << 20);
+        let messages = trickle(&wire, 1, &mut assembler).unwrap();
+        match &messages[..] {
+            [Message::Text(t)] => assert_eq!(&t[..], &text[..]),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Every payload byte is validated once: as it arrives, or with the complete frame.
+        assert_eq!(assembler.utf8_bytes_fed(), text.len() as u64);
+    }
+
+    #[test]
+    fn incremental_validation_agrees_with_a_whole_check_at_every_cut() {
+        let samples: [&[u8]; 10] = [
+            "aé✓🚀z".as_bytes(),
+            b"ab\xC3\xA9\xE2\x9C\x93",
+            b"\xED\xA0\x80x",        // a surrogate
+            b"\xC0\xAFx",            // overlong
+            b"\xF4\x90\x80\x80",     // past U+10FFFF
+            b"\xF0\x9F\x9A",         // cut off at the end
+            b"a\xE2\x82x",           // a character interrupted
+            b"\xF0\x9F\x9A\x80\x80", // a stray continuation byte
+            b"\xFFabc",
+            b"",
+        ];
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        for text in samples {
+            let valid = std::str::from_utf8(text).is_ok();
+            // Two fragments cut at every point, fed 1, 2 or 3 bytes at a time.
+            for cut in 0..=text.len() {
+                for chunk in 1..=3 {
+                    let mut wire = client_frame(false, 0x1, &text[..cut], Some(key));
+                    wire.extend_from_slice(&client_frame(true, 0x0, &text[cut..], Some(key)));
+                    let mut assembler = MessageAssembler::new(1024);
+                    let got = trickle(&wire, chunk, &mut assembler);
+                    match got {
+                        Ok(messages) => {
+                            assert!(valid, "{text:x?} cut at {cut} accepted");
+                            match &messages[..] {
+                                [Message::Text(t)] => assert_eq!(&t[..], text),
+                                other => panic!("unexpected {other:?}"),
+                            }
+                            assert_eq!(assembler.utf8_bytes_fed(), text.len() as u64);
+                        }
+                        Err(e) => {
+                            assert!(!valid, "{text:x?} cut at {cut}, chunk {chunk}: {e:?}");
+                            assert_eq!(e.code, 1007);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    #[test]
+    fn a_continuation_past_the_message_limit_is_refused_from_its_header() {
+        let parser = FrameParser::new(100);
+        let mut assembler = MessageAssembler::new(100);
+        assert_eq!(assembler.continuation_room(), 100);
+        let mut buf = client_frame(false, 0x2, &[7; 90], Some([1, 2, 3, 4]));
+        let first = parser.parse_for(&mut buf, 100).unwrap().unwrap();
+        assert!(assembler.push(first).unwrap().is_none());
+        assert_eq!(assembler.continuation_room(), 10);
+        // Exactly the room left: taken.
+        let mut exact = client_frame(true, 0x0, &[7; 10], Some([1, 2, 3, 4]));
+        assert!(parser.parse_for(&mut exact, 10).unwrap().is_some());
+        // One byte more: refused from the header alone, the payload not there yet.
+        let mut header = client_frame(true, 0x0, &[7; 11], Some([1, 2, 3, 4]));
+        header.truncate(6);
+        let e = parser.parse_for(&mut header, 10).unwrap_err();
+        assert_eq!(e.code, 1009);
+        // Only continuations count against the message in progress.
+        let mut other = client_frame(true, 0x2, &[7; 11], Some([1, 2, 3, 4]));
+        other.truncate(6);
+        assert!(parser.parse_for(&mut other, 10).unwrap().is_none());
     }
 }

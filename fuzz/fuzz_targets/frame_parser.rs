@@ -1,5 +1,8 @@
 //! Client bytes → `FrameParser` → `MessageAssembler`, the way the connection's read loop drives
-//! them, with the bytes arriving in chunks whose sizes come from the input.
+//! them, with the bytes arriving in chunks whose sizes come from the input: parse a frame (a
+//! continuation refused from its header if it would take the message past the limit); when none
+//! is complete, the incremental UTF-8 check of the text frame still arriving (fail fast), then
+//! the next chunk.
 //!
 //! Input: `[limit selector][chunking seed][stream…]`.
 //!
@@ -10,6 +13,8 @@
 //!   parser's word-at-a-time unmasking);
 //! - control frames are final and at most 125 bytes; no frame or message passes the limit;
 //!   text messages are UTF-8; errors carry 1002, 1007 or 1009;
+//! - each payload byte is passed to the UTF-8 validator at most once, however the stream is cut
+//!   (the incremental check resumes where it stopped: linear work);
 //! - the events are the same whether the stream arrives whole or in chunks.
 
 #![no_main]
@@ -77,7 +82,7 @@ fn read_loop(stream: &[u8], limit: usize, chunks: &mut Chunks) -> Vec<Event> {
         loop {
             let before = buf.clone();
             let extent = peek_extent(&before);
-            let frame = match parser.parse_frame(&mut buf) {
+            let frame = match parser.parse_frame_for(&mut buf, &assembler) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
                     assert_eq!(buf, before, "bytes consumed without a frame");
@@ -150,6 +155,19 @@ fn read_loop(stream: &[u8], limit: usize, chunks: &mut Chunks) -> Vec<Event> {
                 }
             }
         }
+        // As the read loop does before it waits: a text frame still arriving is checked now.
+        if !buf.is_empty() {
+            if let Err(code) = assembler.check_arriving(&buf) {
+                assert_eq!(code, 1007, "incremental check error {code}");
+                events.push(Event::Violation(code));
+                return events;
+            }
+        }
+        assert!(
+            assembler.utf8_bytes_fed() <= pos as u64,
+            "{} bytes validated of {pos} received",
+            assembler.utf8_bytes_fed()
+        );
         if pos == stream.len() {
             events.push(Event::Pending(buf.len()));
             return events;

@@ -150,7 +150,10 @@ pub(super) async fn read_loop<H: MessageHandler>(
         reader.heartbeat.deadline().unwrap_or_else(Instant::now)
     ));
     loop {
-        let step = match parser.parse(reader.buf) {
+        // A continuation frame that would take the message past its limit is refused from its
+        // header, before its payload is buffered.
+        let room = reader.assembler.continuation_room();
+        let step = match parser.parse_for(reader.buf, room) {
             Ok(Some(frame)) => match reader.on_frame(frame).await {
                 None if conn.is_ending() => Some(End::ServerClosed),
                 step => step,
@@ -173,7 +176,9 @@ impl<H: MessageHandler> Reader<'_, H> {
             *self.buf = BytesMut::new();
         } else if let Some((opcode, key, masked)) = frame::incomplete_frame(self.buf) {
             // Invalid UTF-8 inside a text frame still arriving fails now, not once the whole
-            // frame is in (RFC 6455 §8.1: fail fast).
+            // frame is in (RFC 6455 §8.1: fail fast). The assembler validates only the bytes
+            // that came since the last check, so a frame trickled in one byte per read costs
+            // linear time, not quadratic.
             if let Err(e) = self.assembler.check_incomplete(opcode, key, masked) {
                 return Some(self.violation(e));
             }
