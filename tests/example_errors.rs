@@ -3,31 +3,7 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Sends one HTTP/1.1 POST and returns the status and body of the response.
-async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
-        .await
-        .expect("response timed out")
-        .unwrap();
-    let out = String::from_utf8_lossy(&out).to_string();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
-    (status, body.unwrap_or_default())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_publish_does_not_tell_clients_the_brokers_address() {
@@ -51,6 +27,7 @@ async fn a_failed_publish_does_not_tell_clients_the_brokers_address() {
     let (status, text) = post(
         server.addr,
         &format!("/broadcast/general?token={ALICE}"),
+        &[],
         b"{}",
     )
     .await;
