@@ -352,6 +352,15 @@ impl Conn {
         st.pace.writer_wrote(frames, Instant::now());
     }
 
+    /// The writer's batch has `unwritten` bytes left after a write the socket took only part
+    /// of: the data it holds is at most that much now, so what the client has read no longer
+    /// counts against its bound.
+    fn batch_progress(&self, unwritten: usize) {
+        self.lock()
+            .queue
+            .batch_progress(unwritten, self.limits.bound);
+    }
+
     /// How often a writer whose write makes no progress asks
     /// [`writer_stalled`](Self::writer_stalled): every grace under policy `Close`, so a connection that stays
     /// over its bound with nothing more pushed is still closed; otherwise only at the timeout.
@@ -424,10 +433,14 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::queue::MAX_PENDING_CONTROL;
-    use super::writer::{TcpWriter, write_frames};
+    use super::writer::{TcpWriter, WriteTiming, write_frames};
     use super::*;
 
     const TEN_S: Duration = Duration::from_secs(10);
+    const TIMING: WriteTiming = WriteTiming {
+        timeout: TEN_S,
+        check_every: TEN_S,
+    };
 
     #[test]
     fn queue_is_bounded_in_bytes() {
@@ -767,7 +780,7 @@ mod tests {
             let got = read_exactly(&mut client, big.len() + n).await;
             got[..big.len()] == big[..] && got[big.len()..].iter().all(|&b| b == 4)
         });
-        write_frames(&mut writer, &batch, TEN_S, TEN_S, &mut || false)
+        write_frames(&mut writer, &batch, TIMING, &mut || false, &mut |_| {})
             .await
             .unwrap();
         assert!(reading.await.unwrap());
@@ -788,7 +801,7 @@ mod tests {
                 .unwrap();
             out
         });
-        write_frames(&mut a, &frames, TEN_S, TEN_S, &mut || false)
+        write_frames(&mut a, &frames, TIMING, &mut || false, &mut |_| {})
             .await
             .unwrap();
         drop(a);

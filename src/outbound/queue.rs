@@ -278,6 +278,15 @@ impl Queue {
         }
     }
 
+    /// The writer's batch has `unwritten` bytes left: the data it still holds is at most that
+    /// (control frames in the batch only make this an over-estimate).
+    pub(super) fn batch_progress(&mut self, unwritten: usize, bound: usize) {
+        self.in_flight = self.in_flight.min(unwritten);
+        if self.held() <= bound {
+            self.over_since = None;
+        }
+    }
+
     /// The writer finished (or gave up) the batch it took: its bytes are no longer held.
     pub(super) fn batch_written(&mut self, bound: usize) {
         self.in_flight = 0;

@@ -101,7 +101,13 @@ async fn run<W>(
                     }
                 }
             };
-            write_frames(&mut io, &batch, write_timeout, check_every, &mut stalled)
+            // A write the socket took only part of: what is left is all the batch still holds.
+            let mut progress = |unwritten| conn.batch_progress(unwritten);
+            let timing = WriteTiming {
+                timeout: write_timeout,
+                check_every,
+            };
+            write_frames(&mut io, &batch, timing, &mut stalled, &mut progress)
                 .await
                 .map(|wrote| (closing, wrote))
         })
@@ -209,20 +215,36 @@ pub(crate) enum Wrote {
     Cut { frames: usize, offset: usize },
 }
 
+/// How long [`write_frames`] waits on a write that makes no progress.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WriteTiming {
+    /// A write that makes no progress for this long fails with `TimedOut`.
+    pub(crate) timeout: Duration,
+    /// How often `stalled` is asked meanwhile.
+    pub(crate) check_every: Duration,
+}
+
 /// Writes `frames` in order with as few syscalls as the socket allows. A write that makes no
-/// progress for `timeout` fails with `TimedOut`. While a write makes no progress, `stalled` is
-/// asked every `check_every`; once it says so, the batch stops where it is ([`Wrote::Cut`]).
-/// The timer is the one a blocked write has anyway, not one per frame or per write.
+/// progress for `timing.timeout` fails with `TimedOut`. While a write makes no progress,
+/// `stalled` is asked every `timing.check_every`; once it says so, the batch stops where it is
+/// ([`Wrote::Cut`]). The timer is the one a blocked write has anyway, not one per frame or per
+/// write. After a write that leaves part of the batch unwritten (the socket is full),
+/// `progress` is told how many bytes are left; a batch written in one go costs no call.
 pub(crate) async fn write_frames<W>(
     io: &mut W,
     frames: &[Bytes],
-    timeout: Duration,
-    check_every: Duration,
+    timing: WriteTiming,
     stalled: &mut impl FnMut() -> bool,
+    progress: &mut impl FnMut(usize),
 ) -> io::Result<Wrote>
 where
     W: AsyncWrite + Unpin,
 {
+    let WriteTiming {
+        timeout,
+        check_every,
+    } = timing;
+    let mut unwritten: usize = frames.iter().map(Bytes::len).sum();
     let (mut idx, mut offset) = (0usize, 0usize);
     while idx < frames.len() {
         if offset == frames[idx].len() {
@@ -266,6 +288,7 @@ where
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        unwritten -= written;
         let mut left = written;
         while left > 0 {
             let rest = frames[idx].len() - offset;
@@ -277,6 +300,9 @@ where
                 offset += left;
                 left = 0;
             }
+        }
+        if unwritten > 0 {
+            progress(unwritten);
         }
     }
     Ok(Wrote::All)
