@@ -71,10 +71,11 @@ impl Default for Config {
             slow_consumer_grace: crate::outbound::DEFAULT_GRACE,
             outbound_queue_ceiling: None,
             write_timeout: Duration::from_secs(10),
-            // Measured (PERF.md#chat-path-write-delay, PERF.md#write-delay-batching-rule): paid only by connections that receive more
-            // than 250 frames/s or whose writes carry three frames or more. 20 ms against 10 took
-            // the chat test's passing steps (p99 ≤ 100 ms) from 20 000-25 000 to 30 000-45 000
-            // messages/s; 30 ms was no better.
+            // Measured (docs/performance-notes.md#chat-path-write-delay,
+            // docs/performance-notes.md#write-delay-batching-rule): paid only by connections that
+            // receive more than 250 frames/s or whose writes carry three frames or more. 20 ms
+            // against 10 took the chat test's passing steps (p99 ≤ 100 ms) from 20 000-25 000 to
+            // 30 000-45 000 messages/s; 30 ms was no better.
             write_delay: Duration::from_millis(20),
             close_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(5),

@@ -284,8 +284,9 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// `ZERO` never waits and lets batches form only from what queues up while a write is in
     /// progress. For a busy connection the delay trades that much latency for far fewer
     /// syscalls per delivered message, which is what keeps a saturated core from queueing
-    /// without bound; PERF.md#write-delay-fixed, #adaptive-write-delay, #chat-path-write-delay,
-    /// #write-delay-batching-rule and #direct-writes show the measured trade-off.
+    /// without bound. The measured trade-off (a fixed delay, the rules tried, why 20 ms, the
+    /// shard's direct writes): docs/performance-notes.md#write-delay and
+    /// docs/performance-notes.md#direct-writes.
     pub fn write_delay(mut self, delay: Duration) -> Self {
         self.config.write_delay = delay;
         self

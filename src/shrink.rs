@@ -8,7 +8,7 @@
 //! length: a collection that hovers around one size never reallocates back and forth, and the
 //! copying stays amortized O(1) per removal. An empty one gives back all of it, however small:
 //! the small table it would keep was allocated during the load, and one such block keeps a whole
-//! allocator page resident after the load (PERF.md#what-a-load-leaves-behind).
+//! allocator page resident after the load (docs/performance-notes.md#what-a-load-leaves-behind).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash};

@@ -45,8 +45,8 @@ fn return_freed_memory_promptly() {
 /// resident however little of it is in use, and the kernel's khugepaged keeps merging the arena's
 /// sparsely used regions into huge pages in the background: an idle `basic_chat` held 8 to
 /// 10 MiB of anonymous memory instead of 1, and its RSS moved in 2 MiB steps with no client
-/// connected (PERF.md#transparent-huge-pages). Fan-out throughput did not change measurably
-/// without them.
+/// connected (docs/performance-notes.md#transparent-huge-pages). Fan-out throughput did not
+/// change measurably without them.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
@@ -67,9 +67,10 @@ fn no_transparent_huge_pages() {
 /// collects, and only then can the page be returned to the OS. A worker that parks after a peak
 /// may not allocate again for a long time. Without this, three rounds of 2 000 connections left
 /// 4.6 to 9.4 MiB more resident than before them once everyone had gone; with it, at most
-/// 1.4 MiB (PERF.md#giving-peak-memory-back). A collection walks the thread's whole heap, so its
-/// cost grows with the connections: at most every 10 ms, it added 3.7 µs of CPU per delivery
-/// with 10 000 subscribers and doubled p99 (PERF.md#idle-collection-cost).
+/// 1.4 MiB (docs/performance-notes.md#giving-peak-memory-back). A collection walks the thread's
+/// whole heap, so its cost grows with the connections: at most every 10 ms, it added 3.7 µs of
+/// CPU per delivery with 10 000 subscribers and doubled p99
+/// (docs/performance-notes.md#idle-collection-cost).
 pub(crate) fn collect_when_idle() {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     thread_local! {

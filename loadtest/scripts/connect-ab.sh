@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Interleaved connect runs of two builds of basic_chat (and of the second one with mimalloc's
-# default purge delay), unpinned, with a private Redis: the before/after of PERF.md#accept-queue-and-allocator.
+# default purge delay), unpinned, with a private Redis: the before/after of
+# docs/performance-notes.md#accept-queue-and-allocator.
 #
 #   loadtest/scripts/connect-ab.sh BEFORE_BIN AFTER_BIN [REPS]
 #

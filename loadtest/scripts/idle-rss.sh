@@ -2,7 +2,7 @@
 # Resident memory of an idle server that no client ever connected to: starts BIN (basic_chat or
 # another build of it) with a private Redis, then prints its anonymous RSS at 1, 3, 6, 9 and 12 s
 # and, at the end, the resident size and transparent huge pages of its largest anonymous mapping
-# (mimalloc's arena). PERF.md#transparent-huge-pages.
+# (mimalloc's arena). docs/performance-notes.md#transparent-huge-pages.
 #
 #   loadtest/scripts/idle-rss.sh BIN [RUNS] [KEY=VALUE ...]
 #

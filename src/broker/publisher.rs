@@ -6,7 +6,8 @@
 //! with one system call; it reads Redis's replies in bulk and answers the callers in order. So
 //! under load one `write` and one `read` serve many publishes, and a publish costs no
 //! allocation beyond its reply slot. (redis-rs's multiplexed connection, used before, spent
-//! about 17% of the server's core at 30 000 publishes/s in the chat test: PERF.md#chat-path-profile.)
+//! about 17% of the server's core at 30 000 publishes/s in the chat test:
+//! docs/performance-notes.md#chat-path-profile.)
 //!
 //! # Failures
 //! - The connection is made on the first publish after none exists, and dropped when it fails.

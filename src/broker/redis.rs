@@ -475,7 +475,8 @@ impl Subscriber {
                 _ = tick.tick() => {
                     // An empty read buffer is given back; the next read takes a new one. The
                     // buffer in use when a load ends was allocated during it, and one 64 KiB
-                    // block keeps a whole 512 KiB allocator page resident (PERF.md#what-a-load-leaves-behind).
+                    // block keeps a whole 512 KiB allocator page resident
+                    // (docs/performance-notes.md#what-a-load-leaves-behind).
                     // At most one allocation per tick.
                     if buf.is_empty() {
                         buf = BytesMut::new();

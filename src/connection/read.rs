@@ -94,7 +94,7 @@ impl Inbound {
 /// back) is filled through a scratch array on the stack, and then holds exactly what came, a
 /// small allocation. Reserving a whole chunk per message instead cost a 4 KiB allocation that
 /// the allocator often had to take from a fresh, page-faulted page: 7% of a core in the chat
-/// test at 30 000 messages/s (PERF.md#chat-path-profile).
+/// test at 30 000 messages/s (docs/performance-notes.md#chat-path-profile).
 fn read_tcp(socket: &TcpStream, buf: &mut BytesMut) -> std::io::Result<(usize, usize)> {
     if buf.is_empty() {
         let mut scratch = [0u8; READ_CHUNK];
