@@ -221,7 +221,7 @@ async fn serve(
 ) -> String {
     let stream = match connect(target).await {
         Ok(stream) => stream,
-        Err(e) => return format!("connect to {}:{}: {e}", target.host, target.port),
+        Err(e) => return format!("connect to {target}: {e}"),
     };
     let (mut read, mut write) = stream.into_split();
     let writing = async {
@@ -254,7 +254,13 @@ async fn serve(
                     owed.push_back(r.reply);
                 }
             }
-            if let Err(e) = write.write_all(&out).await {
+            // `flush`: a TLS stream may hold the end of what it was given.
+            if let Err(e) = async {
+                write.write_all(&out).await?;
+                write.flush().await
+            }
+            .await
+            {
                 return format!("write: {e}");
             }
             out.clear();
@@ -323,12 +329,7 @@ mod tests {
     }
 
     fn loopback(port: u16) -> Target {
-        Target {
-            host: "127.0.0.1".into(),
-            port,
-            username: None,
-            password: None,
-        }
+        Target::from_url(&format!("redis://127.0.0.1:{port}/"), None).unwrap()
     }
 
     /// A stand-in whose first connection gets `first`, and every later one answers `:1`.

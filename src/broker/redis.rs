@@ -42,14 +42,14 @@ use std::time::Duration;
 use ahash::{AHashMap, AHashSet};
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::PublishError;
 use super::connect::{Target, connect};
 use super::publisher::Publisher;
 use super::resp::{self, Value};
+use super::stream::Stream;
+use super::{PublishError, RedisSettings};
 use crate::dispatch::Published;
 use crate::metrics::Metrics;
 use crate::shard::TopicInterest;
@@ -175,13 +175,13 @@ impl RedisBroker {
     /// Validates the URL, creates the (lazy) publisher and spawns the subscriber task. Nothing
     /// here waits for Redis: an instance starts, unready, while Redis is down.
     pub(crate) fn start(
-        url: &str,
-        prefix: String,
+        settings: RedisSettings,
         instance: u64,
         dispatch: mpsc::Sender<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
-        let target = Target::from_url(url)?;
+        let RedisSettings { url, prefix, tls } = settings;
+        let target = Target::from_url(&url, tls.as_ref())?;
         let publisher = Arc::new(Publisher::new(target.clone()));
         let shared = Arc::new(Shared {
             interest: Mutex::new(Interest::default()),
@@ -394,7 +394,7 @@ impl Subscriber {
     }
 
     /// Runs one connection until it is lost.
-    async fn serve(&mut self, mut stream: TcpStream, failures: &mut u32) -> Lost {
+    async fn serve(&mut self, mut stream: Stream, failures: &mut u32) -> Lost {
         // Re-subscribe everything wanted, the probe channel first, in one pipelined write.
         let wanted: Vec<Arc<str>> = {
             let mut st = self.shared.lock();
@@ -411,7 +411,7 @@ impl Subscriber {
             replies: 1,
         });
         self.subscribe_cmds(&mut out, wanted);
-        if let Err(e) = stream.write_all(&out).await {
+        if let Err(e) = send(&mut stream, &out).await {
             return Lost::Io(e);
         }
 
@@ -438,32 +438,23 @@ impl Subscriber {
                 for t in std::mem::take(&mut self.resend) {
                     self.subscribe_cmds(&mut out, vec![t]);
                 }
-                if let Err(e) = stream.write_all(&out).await {
+                if let Err(e) = send(&mut stream, &out).await {
                     return Lost::Io(e);
                 }
             }
             tokio::select! {
-                // Room is made only once there is something to read, so that an idle
-                // subscriber holds no buffer (see the tick below).
-                readable = stream.readable() => {
-                    if let Err(e) = readable {
-                        return Lost::Io(e);
-                    }
-                    if buf.capacity() - buf.len() < 4096 {
-                        buf.reserve(64 * 1024);
-                    }
-                    match stream.try_read_buf(&mut buf) {
-                        Ok(0) => return Lost::Io(std::io::ErrorKind::UnexpectedEof.into()),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Lost::Io(e),
-                    }
-                }
+                // On a plain socket room is made only once there is something to read, so
+                // that an idle subscriber holds no buffer (see the tick below).
+                read = stream.read_some(&mut buf) => match read {
+                    Ok(0) => return Lost::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => {}
+                    Err(e) => return Lost::Io(e),
+                },
                 _ = self.shared.wake.notified() => {
                     let mut out = Vec::new();
                     self.reconcile(&mut out);
                     if !out.is_empty() {
-                        if let Err(e) = stream.write_all(&out).await {
+                        if let Err(e) = send(&mut stream, &out).await {
                             return Lost::Io(e);
                         }
                     }
@@ -795,6 +786,12 @@ fn backoff(failures: u32) -> Duration {
     base.mul_f64(0.5 + jitter)
 }
 
+/// Writes `out` whole; `flush`, because a TLS stream may hold the end of what it was given.
+async fn send(stream: &mut Stream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -824,9 +821,17 @@ mod tests {
         format!("redis://127.0.0.1:{port}/")
     }
 
+    fn settings(url: &str) -> RedisSettings {
+        RedisSettings {
+            url: url.to_owned(),
+            prefix: String::new(),
+            tls: None,
+        }
+    }
+
     fn broker(url: &str) -> (RedisBroker, mpsc::Receiver<Published>) {
         let (tx, rx) = mpsc::channel(16);
-        let broker = RedisBroker::start(url, String::new(), 1, tx, Arc::default()).unwrap();
+        let broker = RedisBroker::start(settings(url), 1, tx, Arc::default()).unwrap();
         (broker, rx)
     }
 
@@ -875,7 +880,7 @@ mod tests {
     /// A subscriber task's state, driven by hand (no connection).
     fn subscriber() -> Subscriber {
         let (dispatch, _) = mpsc::channel(1);
-        let target = Target::from_url("redis://127.0.0.1:1/").unwrap();
+        let target = Target::from_url("redis://127.0.0.1:1/", None).unwrap();
         Subscriber {
             shared: Arc::new(Shared {
                 interest: Mutex::new(Interest::default()),
@@ -1081,7 +1086,7 @@ mod tests {
         // Room for one message: the dispatcher (this test) does not read while it stalls.
         let (tx, mut rx) = mpsc::channel(1);
         let metrics = Arc::new(Metrics::default());
-        let broker = RedisBroker::start(&url, String::new(), 1, tx, metrics.clone()).unwrap();
+        let broker = RedisBroker::start(settings(&url), 1, tx, metrics.clone()).unwrap();
         let send_to_subscriber = |bytes: Vec<u8>| {
             let sub = sub.lock().unwrap().clone().expect("subscribed");
             sub.send(bytes).unwrap();
