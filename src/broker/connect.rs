@@ -3,11 +3,14 @@
 //! `SELECT`.
 //!
 //! URLs: `redis://[user:password@]host[:port][/db]`, `rediss://…` (TLS),
-//! `redis+unix:///path/to/redis.sock[?db=N&user=U&pass=P]` and `unix:///…` alike.
+//! `redis+unix:///path/to/redis.sock[?db=N&user=U&pass=P]` and `unix:///…` alike, and
+//! `redis+sentinel://[user:password@]host:port[,host:port…]/service[/db]` (`rediss+sentinel://`
+//! for TLS; see [`super::sentinel`]).
 
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,16 +19,23 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UnixStream};
 
 use super::resp::{self, Value};
+use super::sentinel::Sentinels;
 use super::stream::Stream;
 
-/// Longest a connect, a TLS handshake, and then the `AUTH`/`SELECT` replies may each take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a connect, a TLS handshake, and then the replies to the set-up commands may each
+/// take.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Addr {
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
     Unix(PathBuf),
+    /// Whichever node the sentinels name as the primary, asked on every connect.
+    Sentinel(Arc<Sentinels>),
 }
 
 /// Where and how to connect, taken from the URL (and, for TLS, the service's [`RedisTls`]).
@@ -61,6 +71,15 @@ impl fmt::Display for Target {
             (Addr::Tcp { host, port }, false) => write!(f, "{host}:{port}"),
             (Addr::Tcp { host, port }, true) => write!(f, "tls {host}:{port}"),
             (Addr::Unix(path), _) => write!(f, "unix {}", path.display()),
+            (Addr::Sentinel(s), tls) => {
+                let tls = if tls { "tls " } else { "" };
+                write!(f, "{tls}primary of {:?} by sentinels ", s.service)?;
+                for (i, (host, port)) in s.nodes.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { "," };
+                    write!(f, "{sep}{host}:{port}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -124,6 +143,15 @@ impl Target {
     /// Parses a Redis URL; `tls` completes a `rediss://` one. A URL that asks to skip
     /// certificate checks (`#insecure`) is refused.
     pub(crate) fn from_url(url: &str, tls: Option<&RedisTls>) -> Result<Self, String> {
+        if let Some(parsed) = Sentinels::from_url(url) {
+            let (node_url, secure, sentinels) = parsed?;
+            let mut target = Self::from_url(&node_url, None)?;
+            if secure {
+                target.tls = Some(tls::Client::new(None, tls)?);
+            }
+            target.addr = Addr::Sentinel(Arc::new(sentinels));
+            return Ok(target);
+        }
         // redis-rs parses `rediss://` only when built with a TLS backend of its own, which this
         // crate does not use: the URL is parsed as `redis://` and TLS remembered.
         let (url, secure) = match url.strip_prefix("rediss://") {
@@ -148,7 +176,7 @@ impl Target {
             _ => return Err("unsupported Redis address".into()),
         };
         let tls = match (&addr, secure) {
-            (Addr::Tcp { host, .. }, true) => Some(tls::Client::new(host, tls)?),
+            (Addr::Tcp { host, .. }, true) => Some(tls::Client::new(Some(host), tls)?),
             _ => None,
         };
         let settings = info.redis_settings();
@@ -163,7 +191,7 @@ impl Target {
 }
 
 /// Turns an elapsed timeout into `TimedOut`, naming the step.
-async fn within<T>(
+pub(super) async fn within<T>(
     step: &str,
     fut: impl Future<Output = std::io::Result<T>>,
 ) -> std::io::Result<T> {
@@ -178,46 +206,87 @@ async fn within<T>(
 }
 
 /// Connects to Redis, completes the TLS handshake if the URL says so, authenticates and selects
-/// the database; each step within [`CONNECT_TIMEOUT`].
+/// the database; each step within [`CONNECT_TIMEOUT`]. Through sentinels, the node they name is
+/// asked to confirm that it is the primary (`ROLE`).
 pub(crate) async fn connect(t: &Target) -> std::io::Result<Stream> {
-    let mut stream = match &t.addr {
-        Addr::Tcp { host, port } => {
-            let tcp = within("connect", TcpStream::connect((host.as_str(), *port))).await?;
-            let _ = tcp.set_nodelay(true);
-            match &t.tls {
-                Some(client) => within("TLS handshake", client.handshake(tcp)).await?,
-                None => Stream::Tcp(tcp),
-            }
+    let (mut stream, check_role) = match &t.addr {
+        Addr::Tcp { host, port } => (open_tcp(host, *port, t.tls.as_ref()).await?, false),
+        Addr::Unix(path) => (
+            Stream::Unix(within("connect", UnixStream::connect(path)).await?),
+            false,
+        ),
+        Addr::Sentinel(sentinels) => {
+            let (host, port) = sentinels.primary(t.tls.as_ref()).await?;
+            (open_tcp(&host, port, t.tls.as_ref()).await?, true)
         }
-        Addr::Unix(path) => Stream::Unix(within("connect", UnixStream::connect(path)).await?),
     };
-    let mut cmds = Vec::new();
-    let mut replies = Vec::new();
+    let db = t.db.to_string();
+    let mut commands: Vec<Vec<&[u8]>> = Vec::new();
     if let Some(password) = &t.password {
         match &t.username {
-            Some(user) => resp::encode_command(
-                &mut cmds,
-                [&b"AUTH"[..], user.as_bytes(), password.as_bytes()].into_iter(),
-            ),
-            None => {
-                resp::encode_command(&mut cmds, [&b"AUTH"[..], password.as_bytes()].into_iter())
-            }
+            Some(user) => commands.push(vec![b"AUTH", user.as_bytes(), password.as_bytes()]),
+            None => commands.push(vec![b"AUTH", password.as_bytes()]),
         }
-        replies.push("AUTH");
     }
     if t.db != 0 {
-        let db = t.db.to_string();
-        resp::encode_command(&mut cmds, [&b"SELECT"[..], db.as_bytes()].into_iter());
-        replies.push("SELECT");
+        commands.push(vec![b"SELECT", db.as_bytes()]);
     }
-    if replies.is_empty() {
-        return Ok(stream);
+    if check_role {
+        commands.push(vec![b"ROLE"]);
     }
-    stream.write_all(&cmds).await?;
+    let replies = request(&mut stream, &commands).await?;
+    if check_role {
+        let role = match replies.last() {
+            Some(Value::Array(Some(items))) => match items.first() {
+                Some(Value::Bulk(Some(role))) => String::from_utf8_lossy(role).into_owned(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        if role != "master" {
+            return Err(std::io::Error::other(format!(
+                "the node the sentinels named as primary is a {role:?}, not the primary \
+                 (a failover is in progress?)"
+            )));
+        }
+    }
+    Ok(stream)
+}
+
+/// Opens a TCP connection to `host:port`, with TLS on it when `tls` is given.
+pub(super) async fn open_tcp(
+    host: &str,
+    port: u16,
+    tls: Option<&tls::Client>,
+) -> std::io::Result<Stream> {
+    let tcp = within("connect", TcpStream::connect((host, port))).await?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        Some(client) => within("TLS handshake", client.handshake(tcp, host)).await,
+        None => Ok(Stream::Tcp(tcp)),
+    }
+}
+
+/// Sends `commands` in one write and reads one reply each, within [`CONNECT_TIMEOUT`]. An
+/// error reply is an error naming its command.
+pub(super) async fn request(
+    stream: &mut Stream,
+    commands: &[Vec<&[u8]>],
+) -> std::io::Result<Vec<Value>> {
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for command in commands {
+        resp::encode_command(&mut out, command.iter().copied());
+    }
+    stream.write_all(&out).await?;
     stream.flush().await?;
     let mut buf = BytesMut::new();
-    for command in replies {
-        let reply = within(command, async {
+    let mut replies = Vec::with_capacity(commands.len());
+    for command in commands {
+        let name = String::from_utf8_lossy(command[0]).into_owned();
+        let reply = within(&name, async {
             loop {
                 if let Some(v) = resp::parse(&mut buf).map_err(std::io::Error::other)? {
                     return Ok(v);
@@ -228,14 +297,15 @@ pub(crate) async fn connect(t: &Target) -> std::io::Result<Stream> {
             }
         })
         .await?;
-        if let Value::Error(e) = reply {
+        if let Value::Error(e) = &reply {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                format!("{command} refused: {}", String::from_utf8_lossy(&e)),
+                format!("{name} refused: {}", String::from_utf8_lossy(e)),
             ));
         }
+        replies.push(reply);
     }
-    Ok(stream)
+    Ok(replies)
 }
 
 /// The TLS client: rustls with the `ring` provider.
@@ -252,15 +322,19 @@ pub(crate) mod tls {
     use super::RedisTls;
     use crate::broker::stream::Stream;
 
-    /// A handshake's settings, built once from the URL's host and [`RedisTls`].
+    /// A handshake's settings, built once from [`RedisTls`].
     #[derive(Clone)]
     pub(crate) struct Client {
         connector: TlsConnector,
-        name: ServerName<'static>,
     }
 
     impl Client {
-        pub(crate) fn new(host: &str, settings: Option<&RedisTls>) -> Result<Self, String> {
+        /// `host`, when known in advance, is checked to be a name a certificate can be for.
+        pub(crate) fn new(host: Option<&str>, settings: Option<&RedisTls>) -> Result<Self, String> {
+            if let Some(host) = host {
+                ServerName::try_from(host.to_owned())
+                    .map_err(|e| format!("TLS server name {host:?}: {e}"))?;
+            }
             let default = RedisTls::default();
             let settings = settings.unwrap_or(&default);
             let mut roots = RootCertStore::empty();
@@ -305,16 +379,20 @@ pub(crate) mod tls {
                 }
                 None => builder.with_no_client_auth(),
             };
-            let name = ServerName::try_from(host.to_owned())
-                .map_err(|e| format!("TLS server name {host:?}: {e}"))?;
             Ok(Self {
                 connector: TlsConnector::from(Arc::new(config)),
-                name,
             })
         }
 
-        pub(crate) async fn handshake(&self, tcp: TcpStream) -> std::io::Result<Stream> {
-            let tls = self.connector.connect(self.name.clone(), tcp).await?;
+        /// The handshake with `host`, whose name the server's certificate must carry.
+        pub(crate) async fn handshake(
+            &self,
+            tcp: TcpStream,
+            host: &str,
+        ) -> std::io::Result<Stream> {
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = self.connector.connect(name, tcp).await?;
             Ok(Stream::Tls(Box::new(tls)))
         }
     }
@@ -333,11 +411,11 @@ pub(crate) mod tls {
     pub(crate) enum Client {}
 
     impl Client {
-        pub(crate) fn new(_: &str, _: Option<&RedisTls>) -> Result<Self, String> {
+        pub(crate) fn new(_: Option<&str>, _: Option<&RedisTls>) -> Result<Self, String> {
             Err("rediss:// needs the `redis-tls` feature of axum-realtime-kit".into())
         }
 
-        pub(crate) async fn handshake(&self, _: TcpStream) -> std::io::Result<Stream> {
+        pub(crate) async fn handshake(&self, _: TcpStream, _: &str) -> std::io::Result<Stream> {
             match *self {}
         }
     }

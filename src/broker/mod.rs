@@ -19,6 +19,7 @@ pub(crate) mod local;
 mod publisher;
 pub(crate) mod redis;
 mod resp;
+mod sentinel;
 
 use std::fmt;
 use std::sync::Arc;

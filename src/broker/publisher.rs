@@ -114,6 +114,14 @@ impl Publisher {
             .is_none()
     }
 
+    /// Drops the current connection, whatever its state: the next publish makes a new one (to
+    /// the new primary, after a Sentinel failover). Publishes waiting on the old one are tried
+    /// once more on the new one.
+    pub(crate) fn reconnect(&self) {
+        let old = self.link.lock().unwrap_or_else(|e| e.into_inner()).1.take();
+        drop(old);
+    }
+
     /// Drops connection `generation`, if it is still the current one.
     fn drop_link(&self, generation: u64) {
         let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());

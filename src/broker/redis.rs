@@ -45,9 +45,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::connect::{Target, connect};
+use super::connect::{Addr, Target, connect};
 use super::publisher::Publisher;
 use super::resp::{self, Value};
+use super::sentinel;
 use super::stream::Stream;
 use super::{PublishError, RedisSettings};
 use crate::dispatch::Published;
@@ -109,6 +110,8 @@ struct Shared {
     /// Set when the service is dropped; the subscriber task then ends.
     stopped: AtomicBool,
     stop: Notify,
+    /// The sentinels named a new primary: the subscriber connection is made again at once.
+    failover: Notify,
 }
 
 impl Shared {
@@ -160,6 +163,8 @@ pub(crate) struct RedisBroker {
     shared: Arc<Shared>,
     /// The instance's probe channel, also published on to reopen `publisher_ok`.
     probe_channel: Bytes,
+    /// Through Sentinel: the task that follows failovers ([`sentinel::watch`]).
+    watcher: Option<Arc<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -192,6 +197,14 @@ impl RedisBroker {
             prefix,
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
+            failover: Notify::new(),
+        });
+        let watcher = matches!(target.addr, Addr::Sentinel(_)).then(|| {
+            let (publisher, shared) = (publisher.clone(), shared.clone());
+            Arc::new(tokio::spawn(sentinel::watch(target.clone(), move || {
+                publisher.reconnect();
+                shared.failover.notify_one();
+            })))
         });
         let probe_channel = Bytes::from(format!("{}__rtk_probe:{instance:016x}", shared.prefix));
         let task = Subscriber {
@@ -211,6 +224,7 @@ impl RedisBroker {
             publisher,
             shared,
             probe_channel,
+            watcher,
         })
     }
 
@@ -262,6 +276,9 @@ impl RedisBroker {
     pub(crate) fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Release);
         self.shared.stop.notify_one();
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
+        }
     }
 
     pub(crate) fn is_live(&self) -> bool {
@@ -319,6 +336,7 @@ enum Lost {
     Io(std::io::Error),
     Protocol(String),
     ProbeTimeout,
+    Failover,
     Shutdown,
 }
 
@@ -330,6 +348,7 @@ impl std::fmt::Display for Lost {
             Self::ProbeTimeout => {
                 write!(f, "liveness probe not delivered within {PROBE_TIMEOUT:?}")
             }
+            Self::Failover => f.write_str("the sentinels named a new primary"),
             Self::Shutdown => f.write_str("shutdown"),
         }
     }
@@ -484,6 +503,7 @@ impl Subscriber {
                         self.send_probe(probe_tx.clone());
                     }
                 }
+                _ = self.shared.failover.notified() => return Lost::Failover,
                 _ = self.dispatch.closed() => return Lost::Shutdown,
                 _ = self.shared.stop.notified() => return Lost::Shutdown,
             }
@@ -891,6 +911,7 @@ mod tests {
                 prefix: String::new(),
                 stopped: AtomicBool::new(false),
                 stop: Notify::new(),
+                failover: Notify::new(),
             }),
             publisher: Arc::new(Publisher::new(target.clone())),
             target,

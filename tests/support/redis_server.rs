@@ -192,3 +192,72 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A private `redis-sentinel` watching one primary as service `service`, with a quorum of one
+/// and a short down-after, so that killing the primary fails over within seconds. Its
+/// configuration file (Sentinel rewrites it) lives in a directory removed on drop.
+pub struct SentinelServer {
+    pub port: u16,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+pub fn start_sentinel(test: &str, primary_port: u16, service: &str) -> Option<SentinelServer> {
+    let found = Command::new("redis-sentinel")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        if std::env::var("RTK_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+            panic!("{test}: redis-sentinel not found and RTK_REQUIRE_REDIS=1");
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED {test}: redis-sentinel is not installed. \
+             Install it (Debian: apt-get install redis-sentinel) to run the Sentinel tests. ***\n"
+        );
+        return None;
+    }
+    let port = super::free_port();
+    assert_ne!(port, 26379);
+    let dir = std::env::temp_dir().join(format!("rtk-sentinel-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+             sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
+             sentinel down-after-milliseconds {service} 1000\n\
+             sentinel failover-timeout {service} 5000\n\
+             sentinel parallel-syncs {service} 1\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("redis-sentinel")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-sentinel");
+    let deadline = std::time::Instant::now() + super::WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-sentinel did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(SentinelServer { port, child, dir })
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
