@@ -137,6 +137,8 @@ mod sink;
 mod topic;
 
 pub use broker::PublishError;
+#[cfg(feature = "redis-tls")]
+pub use broker::RedisTls;
 pub use listener::{LISTEN_BACKLOG, bind, shutdown_signal};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;

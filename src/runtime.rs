@@ -8,7 +8,9 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::broker::{BrokerHandle, PublishError, local::LocalBroker, redis::RedisBroker};
+use crate::broker::{
+    BrokerHandle, PublishError, RedisSettings, local::LocalBroker, redis::RedisBroker,
+};
 use crate::config::Config;
 use crate::dispatch::{Dispatcher, Published};
 use crate::frame::close_code;
@@ -111,15 +113,14 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     /// Starts shards, dispatcher and broker. Must be called inside a tokio runtime.
-    pub(crate) fn start(config: Config, redis: Option<(&str, String)>) -> Result<Self, String> {
+    pub(crate) fn start(config: Config, redis: Option<RedisSettings>) -> Result<Self, String> {
         let metrics = Arc::new(Metrics::default());
         let instance = rand_u64();
         let (pub_tx, pub_rx) = mpsc::channel::<Published>(DISPATCH_CHANNEL);
         let broker = match redis {
             None => BrokerHandle::Local(LocalBroker::new(pub_tx)),
-            Some((url, prefix)) => BrokerHandle::Redis(RedisBroker::start(
-                url,
-                prefix,
+            Some(settings) => BrokerHandle::Redis(RedisBroker::start(
+                settings,
                 instance,
                 pub_tx,
                 metrics.clone(),

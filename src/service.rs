@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::broker::PublishError;
+use crate::broker::{PublishError, RedisSettings, TlsSettings};
 use crate::config::Config;
 use crate::handler::MessageHandler;
 use crate::metrics::MetricsSnapshot;
@@ -43,8 +43,8 @@ impl<H: MessageHandler> WebsocketService<H> {
     /// it).
     ///
     /// # Panics
-    /// If `redis_url` is not empty and not a usable Redis URL (only `redis://` over TCP is
-    /// supported: `rediss://` and `unix://` are refused too). To report a configuration error
+    /// If `redis_url` is not empty and not a usable Redis URL (`redis://`, `redis+unix://` or
+    /// `unix://`; `rediss://` with the `redis-tls` feature). To report a configuration error
     /// instead, e.g. one line on stderr and a non-zero exit, use [`builder`](Self::builder) and
     /// [`WebsocketServiceBuilder::try_build`], as `examples/basic_chat` does.
     pub fn new(redis_url: &str, handler: H, app_state: Arc<H::AppState>) -> Arc<Self> {
@@ -59,6 +59,7 @@ impl<H: MessageHandler> WebsocketService<H> {
             app_state,
             config: Config::default(),
             redis_url: None,
+            redis_tls: None,
             channel_prefix: String::new(),
         }
     }
@@ -155,6 +156,7 @@ pub struct WebsocketServiceBuilder<H: MessageHandler> {
     app_state: Arc<H::AppState>,
     config: Config,
     redis_url: Option<String>,
+    redis_tls: Option<TlsSettings>,
     channel_prefix: String,
 }
 
@@ -166,6 +168,7 @@ impl<H: MessageHandler> std::fmt::Debug for WebsocketServiceBuilder<H> {
             .field("handler", &std::any::type_name::<H>())
             .field("config", &self.config)
             .field("redis_url", &self.redis_url.as_deref().map(redact))
+            .field("redis_tls", &self.redis_tls)
             .field("channel_prefix", &self.channel_prefix)
             .finish_non_exhaustive()
     }
@@ -200,6 +203,16 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// The Redis URL to scale out with; `None` (the default) selects the in-process broker.
     pub fn redis_url(mut self, url: Option<impl Into<String>>) -> Self {
         self.redis_url = url.map(Into::into);
+        self
+    }
+
+    /// TLS settings for a `rediss://` URL: a CA file instead of the platform's root
+    /// certificates, a client certificate for mutual TLS. Without it, `rediss://` trusts the
+    /// platform's roots. Files are read by [`build`](Self::build); a file that cannot be read
+    /// or holds no usable certificate or key is a [`BuildError`].
+    #[cfg(feature = "redis-tls")]
+    pub fn redis_tls(mut self, tls: crate::RedisTls) -> Self {
+        self.redis_tls = Some(tls);
         self
     }
 
@@ -356,10 +369,11 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
 
     /// Builds and starts the service.
     pub fn try_build(self) -> Result<Arc<WebsocketService<H>>, BuildError> {
-        let redis = self
-            .redis_url
-            .as_deref()
-            .map(|url| (url, self.channel_prefix.clone()));
+        let redis = self.redis_url.clone().map(|url| RedisSettings {
+            url,
+            prefix: self.channel_prefix.clone(),
+            tls: self.redis_tls.clone(),
+        });
         let runtime = Runtime::start(self.config, redis).map_err(|e| {
             let url = self.redis_url.as_deref().unwrap_or_default();
             BuildError::InvalidRedisUrl(format!("{}: {e}", redact(url)))

@@ -10,10 +10,16 @@
 //! path then needs no boxing.
 
 mod connect;
+mod stream;
+
+#[cfg(feature = "redis-tls")]
+pub use connect::RedisTls;
+pub(crate) use connect::RedisTls as TlsSettings;
 pub(crate) mod local;
 mod publisher;
 pub(crate) mod redis;
 mod resp;
+mod sentinel;
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,6 +27,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::shard::TopicInterest;
+
+/// How to reach Redis: the URL, the channel prefix and, for `rediss://`, TLS settings.
+pub(crate) struct RedisSettings {
+    pub(crate) url: String,
+    pub(crate) prefix: String,
+    pub(crate) tls: Option<TlsSettings>,
+}
 
 /// Why a publish failed.
 #[derive(Debug)]

@@ -115,6 +115,14 @@ impl Publisher {
             .is_none()
     }
 
+    /// Drops the current connection, whatever its state: the next publish makes a new one (to
+    /// the new primary, after a Sentinel failover). Publishes waiting on the old one are tried
+    /// once more on the new one.
+    pub(crate) fn reconnect(&self) {
+        let old = self.link.lock().unwrap_or_else(|e| e.into_inner()).1.take();
+        drop(old);
+    }
+
     /// Drops connection `generation`, if it is still the current one.
     fn drop_link(&self, generation: u64) {
         let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
@@ -222,7 +230,7 @@ async fn serve(
 ) -> String {
     let stream = match connect(target).await {
         Ok(stream) => stream,
-        Err(e) => return format!("connect to {}:{}: {e}", target.host, target.port),
+        Err(e) => return format!("connect to {target}: {e}"),
     };
     let (mut read, mut write) = stream.into_split();
     let writing = async {
@@ -255,7 +263,13 @@ async fn serve(
                     owed.push_back(r.reply);
                 }
             }
-            if let Err(e) = write.write_all(&out).await {
+            // `flush`: a TLS stream may hold the end of what it was given.
+            if let Err(e) = async {
+                write.write_all(&out).await?;
+                write.flush().await
+            }
+            .await
+            {
                 return format!("write: {e}");
             }
             out.clear();
@@ -324,12 +338,7 @@ mod tests {
     }
 
     fn loopback(port: u16) -> Target {
-        Target {
-            host: "127.0.0.1".into(),
-            port,
-            username: None,
-            password: None,
-        }
+        Target::from_url(&format!("redis://127.0.0.1:{port}/"), None).unwrap()
     }
 
     /// A stand-in whose first connection gets `first`, and every later one answers `:1`.

@@ -42,14 +42,15 @@ use std::time::Duration;
 use ahash::{AHashMap, AHashSet};
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::PublishError;
-use super::connect::{Target, connect};
+use super::connect::{Addr, Target, connect};
 use super::publisher::Publisher;
 use super::resp::{self, Value};
+use super::sentinel;
+use super::stream::Stream;
+use super::{PublishError, RedisSettings};
 use crate::dispatch::Published;
 use crate::metrics::Metrics;
 use crate::shard::TopicInterest;
@@ -109,6 +110,8 @@ struct Shared {
     /// Set when the service is dropped; the subscriber task then ends.
     stopped: AtomicBool,
     stop: Notify,
+    /// The sentinels named a new primary: the subscriber connection is made again at once.
+    failover: Notify,
 }
 
 impl Shared {
@@ -160,6 +163,8 @@ pub(crate) struct RedisBroker {
     shared: Arc<Shared>,
     /// The instance's probe channel, also published on to reopen `publisher_ok`.
     probe_channel: Bytes,
+    /// Through Sentinel: the task that follows failovers ([`sentinel::watch`]).
+    watcher: Option<Arc<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -175,13 +180,13 @@ impl RedisBroker {
     /// Validates the URL, creates the (lazy) publisher and spawns the subscriber task. Nothing
     /// here waits for Redis: an instance starts, unready, while Redis is down.
     pub(crate) fn start(
-        url: &str,
-        prefix: String,
+        settings: RedisSettings,
         instance: u64,
         dispatch: mpsc::Sender<Published>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
-        let target = Target::from_url(url)?;
+        let RedisSettings { url, prefix, tls } = settings;
+        let target = Target::from_url(&url, tls.as_ref())?;
         let publisher = Arc::new(Publisher::new(target.clone()));
         let shared = Arc::new(Shared {
             interest: Mutex::new(Interest::default()),
@@ -192,6 +197,14 @@ impl RedisBroker {
             prefix,
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
+            failover: Notify::new(),
+        });
+        let watcher = matches!(target.addr, Addr::Sentinel(_)).then(|| {
+            let (publisher, shared) = (publisher.clone(), shared.clone());
+            Arc::new(tokio::spawn(sentinel::watch(target.clone(), move || {
+                publisher.reconnect();
+                shared.failover.notify_one();
+            })))
         });
         let probe_channel = Bytes::from(format!("{}__rtk_probe:{instance:016x}", shared.prefix));
         let task = Subscriber {
@@ -211,6 +224,7 @@ impl RedisBroker {
             publisher,
             shared,
             probe_channel,
+            watcher,
         })
     }
 
@@ -262,6 +276,9 @@ impl RedisBroker {
     pub(crate) fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Release);
         self.shared.stop.notify_one();
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
+        }
     }
 
     pub(crate) fn is_live(&self) -> bool {
@@ -319,6 +336,7 @@ enum Lost {
     Io(std::io::Error),
     Protocol(String),
     ProbeTimeout,
+    Failover,
     Shutdown,
 }
 
@@ -330,6 +348,7 @@ impl std::fmt::Display for Lost {
             Self::ProbeTimeout => {
                 write!(f, "liveness probe not delivered within {PROBE_TIMEOUT:?}")
             }
+            Self::Failover => f.write_str("the sentinels named a new primary"),
             Self::Shutdown => f.write_str("shutdown"),
         }
     }
@@ -394,7 +413,7 @@ impl Subscriber {
     }
 
     /// Runs one connection until it is lost.
-    async fn serve(&mut self, mut stream: TcpStream, failures: &mut u32) -> Lost {
+    async fn serve(&mut self, mut stream: Stream, failures: &mut u32) -> Lost {
         // Re-subscribe everything wanted, the probe channel first, in one pipelined write.
         let wanted: Vec<Arc<str>> = {
             let mut st = self.shared.lock();
@@ -411,7 +430,7 @@ impl Subscriber {
             replies: 1,
         });
         self.subscribe_cmds(&mut out, wanted);
-        if let Err(e) = stream.write_all(&out).await {
+        if let Err(e) = send(&mut stream, &out).await {
             return Lost::Io(e);
         }
 
@@ -438,32 +457,23 @@ impl Subscriber {
                 for t in std::mem::take(&mut self.resend) {
                     self.subscribe_cmds(&mut out, vec![t]);
                 }
-                if let Err(e) = stream.write_all(&out).await {
+                if let Err(e) = send(&mut stream, &out).await {
                     return Lost::Io(e);
                 }
             }
             tokio::select! {
-                // Room is made only once there is something to read, so that an idle
-                // subscriber holds no buffer (see the tick below).
-                readable = stream.readable() => {
-                    if let Err(e) = readable {
-                        return Lost::Io(e);
-                    }
-                    if buf.capacity() - buf.len() < 4096 {
-                        buf.reserve(64 * 1024);
-                    }
-                    match stream.try_read_buf(&mut buf) {
-                        Ok(0) => return Lost::Io(std::io::ErrorKind::UnexpectedEof.into()),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Lost::Io(e),
-                    }
-                }
+                // On a plain socket room is made only once there is something to read, so
+                // that an idle subscriber holds no buffer (see the tick below).
+                read = stream.read_some(&mut buf) => match read {
+                    Ok(0) => return Lost::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => {}
+                    Err(e) => return Lost::Io(e),
+                },
                 _ = self.shared.wake.notified() => {
                     let mut out = Vec::new();
                     self.reconcile(&mut out);
                     if !out.is_empty() {
-                        if let Err(e) = stream.write_all(&out).await {
+                        if let Err(e) = send(&mut stream, &out).await {
                             return Lost::Io(e);
                         }
                     }
@@ -494,6 +504,7 @@ impl Subscriber {
                         self.send_probe(probe_tx.clone());
                     }
                 }
+                _ = self.shared.failover.notified() => return Lost::Failover,
                 _ = self.dispatch.closed() => return Lost::Shutdown,
                 _ = self.shared.stop.notified() => return Lost::Shutdown,
             }
@@ -796,6 +807,12 @@ fn backoff(failures: u32) -> Duration {
     base.mul_f64(0.5 + jitter)
 }
 
+/// Writes `out` whole; `flush`, because a TLS stream may hold the end of what it was given.
+async fn send(stream: &mut Stream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -825,9 +842,17 @@ mod tests {
         format!("redis://127.0.0.1:{port}/")
     }
 
+    fn settings(url: &str) -> RedisSettings {
+        RedisSettings {
+            url: url.to_owned(),
+            prefix: String::new(),
+            tls: None,
+        }
+    }
+
     fn broker(url: &str) -> (RedisBroker, mpsc::Receiver<Published>) {
         let (tx, rx) = mpsc::channel(16);
-        let broker = RedisBroker::start(url, String::new(), 1, tx, Arc::default()).unwrap();
+        let broker = RedisBroker::start(settings(url), 1, tx, Arc::default()).unwrap();
         (broker, rx)
     }
 
@@ -876,7 +901,7 @@ mod tests {
     /// A subscriber task's state, driven by hand (no connection).
     fn subscriber() -> Subscriber {
         let (dispatch, _) = mpsc::channel(1);
-        let target = Target::from_url("redis://127.0.0.1:1/").unwrap();
+        let target = Target::from_url("redis://127.0.0.1:1/", None).unwrap();
         Subscriber {
             shared: Arc::new(Shared {
                 interest: Mutex::new(Interest::default()),
@@ -887,6 +912,7 @@ mod tests {
                 prefix: String::new(),
                 stopped: AtomicBool::new(false),
                 stop: Notify::new(),
+                failover: Notify::new(),
             }),
             publisher: Arc::new(Publisher::new(target.clone())),
             target,
@@ -1082,7 +1108,7 @@ mod tests {
         // Room for one message: the dispatcher (this test) does not read while it stalls.
         let (tx, mut rx) = mpsc::channel(1);
         let metrics = Arc::new(Metrics::default());
-        let broker = RedisBroker::start(&url, String::new(), 1, tx, metrics.clone()).unwrap();
+        let broker = RedisBroker::start(settings(&url), 1, tx, metrics.clone()).unwrap();
         let send_to_subscriber = |bytes: Vec<u8>| {
             let sub = sub.lock().unwrap().clone().expect("subscribed");
             sub.send(bytes).unwrap();

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod browser;
+pub mod certs;
 pub mod chat;
 pub mod proxy;
 pub mod redis_server;

@@ -6,11 +6,37 @@ use std::time::Duration;
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Listener and other settings beyond the defaults (TLS, a Unix socket, ACL users).
+    extra: Vec<String>,
+    /// Set for a server that listens only on this Unix socket.
+    unix: Option<std::path::PathBuf>,
+}
+
+/// How a [`RedisServer`] listens, beyond a plain TCP port.
+pub enum Listen {
+    /// TLS only, on its port, with these PEM files; `verify_clients` asks clients for a
+    /// certificate signed by `ca` (mutual TLS).
+    Tls {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+        ca: std::path::PathBuf,
+        verify_clients: bool,
+    },
+    /// A Unix socket only, at this path.
+    Unix(std::path::PathBuf),
+    /// Plain TCP with these extra arguments, one word each, e.g. an ACL user:
+    /// `["--user", "app", "on", ">pw", "~*", "&*", "+@all"]`.
+    Tcp(Vec<String>),
 }
 
 /// Starts a private Redis, or returns `None` (after saying so loudly) when `redis-server` is not
 /// installed. With `RTK_REQUIRE_REDIS=1` (set by `.ci/run`) a missing server fails the test.
 pub fn start_redis(test: &str) -> Option<RedisServer> {
+    start_redis_with(test, Listen::Tcp(Vec::new()))
+}
+
+/// Whether `redis-server` can be run; says so loudly when it cannot (see [`start_redis`]).
+fn installed(test: &str) -> bool {
     let found = Command::new("redis-server")
         .arg("--version")
         .stdout(Stdio::null())
@@ -28,10 +54,56 @@ pub fn start_redis(test: &str) -> Option<RedisServer> {
             "\n*** SKIPPED {test}: redis-server is not installed. \
              Install it (Debian: apt-get install redis-server) to run the Redis tests. ***\n"
         );
+    }
+    found
+}
+
+/// [`start_redis`] with another listener.
+pub fn start_redis_with(test: &str, listen: Listen) -> Option<RedisServer> {
+    if !installed(test) {
         return None;
     }
-    let port = super::free_port();
-    let mut server = RedisServer { port, child: None };
+    let mut server = RedisServer {
+        port: super::free_port(),
+        child: None,
+        extra: Vec::new(),
+        unix: None,
+    };
+    let port = server.port.to_string();
+    let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_owned();
+    server.extra = match listen {
+        Listen::Tls {
+            cert,
+            key,
+            ca,
+            verify_clients,
+        } => vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port,
+            "--tls-cert-file".into(),
+            path(&cert),
+            "--tls-key-file".into(),
+            path(&key),
+            "--tls-ca-cert-file".into(),
+            path(&ca),
+            "--tls-auth-clients".into(),
+            if verify_clients { "yes" } else { "no" }.into(),
+        ],
+        Listen::Unix(socket) => {
+            server.unix = Some(socket.clone());
+            vec![
+                "--port".into(),
+                "0".into(),
+                "--unixsocket".into(),
+                path(&socket),
+                "--unixsocketperm".into(),
+                "700".into(),
+            ]
+        }
+        Listen::Tcp(extra) => extra,
+    };
     server.spawn();
     Some(server)
 }
@@ -56,13 +128,18 @@ impl RedisServer {
                 "--protected-mode",
                 "yes",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + super::WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let listening = || match &self.unix {
+            Some(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            None => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+        };
+        while !listening() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start"
@@ -113,5 +190,74 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A private `redis-sentinel` watching one primary as service `service`, with a quorum of one
+/// and a short down-after, so that killing the primary fails over within seconds. Its
+/// configuration file (Sentinel rewrites it) lives in a directory removed on drop.
+pub struct SentinelServer {
+    pub port: u16,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+pub fn start_sentinel(test: &str, primary_port: u16, service: &str) -> Option<SentinelServer> {
+    let found = Command::new("redis-sentinel")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        if std::env::var("RTK_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+            panic!("{test}: redis-sentinel not found and RTK_REQUIRE_REDIS=1");
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED {test}: redis-sentinel is not installed. \
+             Install it (Debian: apt-get install redis-sentinel) to run the Sentinel tests. ***\n"
+        );
+        return None;
+    }
+    let port = super::free_port();
+    assert_ne!(port, 26379);
+    let dir = std::env::temp_dir().join(format!("rtk-sentinel-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+             sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
+             sentinel down-after-milliseconds {service} 1000\n\
+             sentinel failover-timeout {service} 5000\n\
+             sentinel parallel-syncs {service} 1\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("redis-sentinel")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-sentinel");
+    let deadline = std::time::Instant::now() + super::WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-sentinel did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(SentinelServer { port, child, dir })
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
