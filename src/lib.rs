@@ -85,6 +85,11 @@
 //! | `rtk_broker_live` | gauge | 1 while the broker connection is live, else 0 |
 //! | `rtk_dispatch_lag_seconds` | gauge | longest time from the broker handing a message over to a shard finishing its fan-out, over the last report interval |
 //! | `rtk_runtime_alive_tasks` | gauge | tasks alive in the tokio runtime the service runs on |
+//! | `rtk_recoveries_succeeded_total` | counter | subscriptions with a position (`rtk1`, `since`) on a topic with history that got every publication they missed |
+//! | `rtk_recoveries_failed_total` | counter | subscriptions with a position that could not recover (epoch changed, too many missed, expired): `recovered: false` |
+//! | `rtk_recovered_publications_total` | counter | publications re-sent by successful recoveries |
+//! | `rtk_insufficient_state_slow_consumer_total` | counter | `insufficient_state` sent because `DropOldest` / `LatestPerTopic` dropped a positioned frame |
+//! | `rtk_unpositioned_publishes_total` | counter | publications on topics without a policy while topic policies are configured: they have no position |
 //! | `rtk_outbound_queue_peak_bytes` | gauge | most data bytes one connection held over its outbound bound (queued, being written, a partly written frame), over the connections that have ended; at most the outbound ceiling under `SlowConsumerPolicy::Close` |
 
 #![forbid(unsafe_code)]
@@ -126,6 +131,7 @@ mod connection;
 mod dispatch;
 mod frame;
 mod handler;
+mod history;
 mod listener;
 mod metrics;
 mod outbound;
@@ -135,8 +141,10 @@ mod shard;
 mod shrink;
 mod sink;
 mod topic;
+mod wire;
 
 pub use broker::PublishError;
+pub use history::{HistoryEntry, HistoryPage, Position, TopicPolicy};
 pub use listener::{LISTEN_BACKLOG, bind, shutdown_signal};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;

@@ -280,7 +280,7 @@ async fn broadcast(
         return (StatusCode::BAD_REQUEST, "the body must be UTF-8 JSON").into_response();
     }
     match state.service.publish_raw(&topic, body).await {
-        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err(e) => {
             // The detail (the broker's address…) goes to the log, not to the client.
             tracing::warn!(error = %e, %topic, "publish failed");

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::history::Position;
 use crate::shard::TopicInterest;
 
 /// Why a publish failed.
@@ -76,11 +77,16 @@ pub(crate) enum BrokerHandle {
 }
 
 impl BrokerHandle {
-    /// Publishes `payload` verbatim on `topic`.
-    pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+    /// Publishes `payload` verbatim on `topic`; its position if the topic keeps history (the
+    /// in-process broker only, for now).
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Option<Position>, PublishError> {
         match self {
             Self::Local(b) => b.publish(topic, payload).await,
-            Self::Redis(b) => b.publish(topic, payload).await,
+            Self::Redis(b) => b.publish(topic, payload).await.map(|()| None),
         }
     }
 

@@ -49,12 +49,13 @@ use uuid::Uuid;
 
 use crate::frame;
 use crate::metrics::Metrics;
+use crate::wire::Format;
 use gate::Pace;
 use queue::{Limits, Queue, Queued};
 
 pub(crate) use gate::{Delivered, DirectGate};
 pub use queue::SlowConsumerPolicy;
-pub(crate) use queue::{DEFAULT_CEILING_FACTOR, DEFAULT_GRACE, NO_TOPIC, TopicKey};
+pub(crate) use queue::{DEFAULT_CEILING_FACTOR, DEFAULT_GRACE, NO_TOPIC, POSITIONED, TopicKey};
 pub(crate) use writer::{WriteSide, spawn as spawn_writer};
 
 /// What happened to a frame handed to [`Conn::push`].
@@ -129,6 +130,8 @@ pub(crate) struct Conn {
     pub(crate) id: Uuid,
     /// Index of the shard that owns this connection.
     pub(crate) shard: usize,
+    /// The format its frames are sent in, for its whole life.
+    pub(crate) format: Format,
     limits: Limits,
     policy: SlowConsumerPolicy,
     state: Mutex<State>,
@@ -150,6 +153,7 @@ impl Conn {
         Self {
             id,
             shard,
+            format: Format::Verbatim,
             limits: Limits {
                 bound: max_queue_bytes,
                 ceiling: max_queue_bytes.saturating_mul(DEFAULT_CEILING_FACTOR),
@@ -171,6 +175,18 @@ impl Conn {
         }
         self.limits.grace = grace;
         self
+    }
+
+    /// Sets the format the connection's frames are sent in.
+    pub(crate) fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The positioned topics (keys with [`POSITIONED`]) of which the slow-consumer policy
+    /// dropped a frame since the last call.
+    pub(crate) fn take_lost(&self) -> Vec<TopicKey> {
+        self.lock().queue.take_lost()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
