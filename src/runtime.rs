@@ -304,8 +304,10 @@ impl Runtime {
             return Err(PublishError::Closed);
         }
         let res = self.hub.broker.publish(topic, payload).await;
+        // Counted once the broker accepted it, as without positions: the position may come
+        // after the subscribers have it.
         self.metrics.published(res.is_ok());
-        res
+        Ok(res?.position().await)
     }
 
     /// Reserves a connection slot, or `None` at `max_connections`. The slot is released when the

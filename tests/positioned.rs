@@ -506,3 +506,62 @@ async fn a_slow_consumer_gets_insufficient_state_not_a_gap() {
     assert_eq!(next_pub(&mut a, "pos-slow").await, (TOTAL + 1, TOTAL + 1));
     assert_eq!(server.service.metrics().insufficient_state_slow_consumer, 1);
 }
+
+/// `basic_chat`: the rooms are positioned topics. An `rtk1` client reconnects with its
+/// position and gets the messages it missed; a plain client sees exactly today's frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_chat_rooms_recover_for_rtk1_clients() {
+    let server = support::basic_chat(2, None);
+    let addr = server.addr;
+    let token = ALICE;
+    let mut plain = support::connect(addr, "general", BOB).await;
+    let (status, client) =
+        try_connect(addr, &format!("/ws/general?token={token}&proto=rtk1"), &[]).await;
+    assert_eq!(status, 101);
+    let mut a = client.unwrap();
+    let s = subscribed(&mut a, "general").await;
+    assert_eq!(s["recoverable"], true, "{s}");
+    let epoch = s["e"].as_str().unwrap().to_owned();
+    let top = s["o"].as_u64().unwrap();
+
+    a.send_text(&support::send_message("general", "first"))
+        .await;
+    let m = a.recv_json().await;
+    assert_eq!(m["type"], "pub");
+    assert_eq!(m["o"], top + 1);
+    assert_eq!(m["d"]["NewMessage"]["text"], "first");
+    a.abort();
+
+    for text in ["second", "third"] {
+        plain
+            .send_text(&support::send_message("general", text))
+            .await;
+    }
+    for (user, text) in [("alice", "first"), ("bob", "second"), ("bob", "third")] {
+        assert_eq!(
+            plain.recv_json().await,
+            json!({"NewMessage":{"room":"general","username":user,"text":text}})
+        );
+    }
+    let path = format!(
+        "/ws/general?token={token}&proto=rtk1&since={}&epoch={epoch}",
+        top + 1
+    );
+    let (status, client) = try_connect(addr, &path, &[]).await;
+    assert_eq!(status, 101);
+    let mut a = client.unwrap();
+    let s = subscribed(&mut a, "general").await;
+    assert_eq!(s["recovered"], true, "{s}");
+    for (i, text) in ["second", "third"].into_iter().enumerate() {
+        let m = a.recv_json().await;
+        assert_eq!(m["o"], top + 2 + i as u64, "{m}");
+        assert_eq!(m["d"]["NewMessage"]["text"], text);
+    }
+    // Subscribe commands follow the rooms' rule: someone else's private topic is refused.
+    a.send_text(
+        &json!({"type":"subscribe","topic":"private-user-00000000-0000-0000-0000-000000000000"})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(a.recv_json().await["type"], "error");
+}

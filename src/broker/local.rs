@@ -9,9 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::PublishError;
+use super::{Pending, PublishError};
 use crate::dispatch::Published;
-use crate::history::Position;
 use crate::shard::TopicInterest;
 
 #[derive(Debug, Clone)]
@@ -26,13 +25,13 @@ impl LocalBroker {
         Self { tx, positions }
     }
 
-    /// Hands `payload` to the dispatcher; with history enabled, returns the position the
-    /// dispatcher assigned it (`None` on a topic without history).
+    /// Hands `payload` to the dispatcher; with history enabled, the position the dispatcher
+    /// assigns it follows (`None` on a topic without history).
     pub(crate) async fn publish(
         &self,
         topic: &str,
         payload: Bytes,
-    ) -> Result<Option<Position>, PublishError> {
+    ) -> Result<Pending, PublishError> {
         let (reply, position) = if self.positions {
             let (tx, rx) = tokio::sync::oneshot::channel();
             (Some(tx), Some(rx))
@@ -48,11 +47,10 @@ impl LocalBroker {
             })
             .await
             .map_err(|_| PublishError::Closed)?;
-        match position {
-            // A payload too large to deliver is dropped unanswered: no position.
-            Some(rx) => Ok(rx.await.unwrap_or(None)),
-            None => Ok(None),
-        }
+        Ok(match position {
+            Some(rx) => Pending::Assigning(rx),
+            None => Pending::Known(None),
+        })
     }
 }
 
