@@ -11,6 +11,7 @@
 //! **Guides:** [authentication and authorisation](guides::auth) ·
 //! [scaling out with Redis](guides::scaling_out) ·
 //! [tuning shards, queues and limits](guides::tuning) ·
+//! [history and reconnect recovery](guides::recovery) ·
 //! [migrating from 0.1.0](guides::migrating_from_0_1).
 //!
 //! # Layout
@@ -37,7 +38,11 @@
 //! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
 //! - `topic`: which topic names are allowed.
 //! - `config`, `metrics`, `shrink`: settings, counters, giving memory back after a peak.
-//! - [`guides`]: authentication, scaling out, tuning, migrating from 0.1.0 (documentation only).
+//! - `history`: positioned topics — [`TopicPolicy`], [`Position`], the in-process history.
+//! - `wire`: the formats a connection speaks (verbatim, `rtk1`) and a publication's frame in
+//!   each.
+//! - [`guides`]: authentication, scaling out, tuning, migrating from 0.1.0, history and
+//!   recovery (documentation only).
 //!
 //! # Data path
 //! ```text
@@ -116,6 +121,9 @@ pub mod guides {
 
     #[doc = include_str!("../docs/guides/migrating-from-0.1.md")]
     pub mod migrating_from_0_1 {}
+
+    #[doc = include_str!("../docs/guides/recovery.md")]
+    pub mod recovery {}
 }
 
 // For the criterion benches, the fuzz targets, the tests and the load-test tools; not a stable
