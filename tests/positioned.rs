@@ -446,9 +446,19 @@ async fn subscribe_commands_need_a_rule() {
 /// (`insufficient_state`), never left with a silent gap, and can subscribe again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_gets_insufficient_state_not_a_gap() {
+    slow_consumer_is_told(SlowConsumerPolicy::DropOldest).await;
+}
+
+/// The same under `LatestPerTopic`, whose conflation drops a positioned topic's older frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflated_consumer_gets_insufficient_state_not_a_gap() {
+    slow_consumer_is_told(SlowConsumerPolicy::LatestPerTopic).await;
+}
+
+async fn slow_consumer_is_told(policy: SlowConsumerPolicy) {
     let server = start(
         builder()
-            .slow_consumer_policy(SlowConsumerPolicy::DropOldest)
+            .slow_consumer_policy(policy)
             .outbound_queue_bytes(64 * 1024),
     )
     .await;

@@ -458,6 +458,30 @@ mod tests {
         check_every: TEN_S,
     };
 
+    /// Dropping a positioned frame records its topic once; dropping any other records nothing.
+    #[test]
+    fn dropped_positioned_frames_are_recorded_by_topic() {
+        for policy in [
+            SlowConsumerPolicy::DropOldest,
+            SlowConsumerPolicy::LatestPerTopic,
+        ] {
+            let conn = Conn::new(Uuid::nil(), 0, 10, policy);
+            let (plain, positioned) = (16 as TopicKey, 32 | POSITIONED);
+            conn.push(Bytes::from_static(b"aaaa"), plain);
+            conn.push(Bytes::from_static(b"bbbb"), plain);
+            assert!(matches!(
+                conn.push(Bytes::from_static(b"cccc"), plain),
+                Push::QueuedDropping(_)
+            ));
+            assert!(conn.take_lost().is_empty(), "{policy:?}");
+            for _ in 0..3 {
+                conn.push(Bytes::from_static(b"dddd"), positioned);
+            }
+            assert_eq!(conn.take_lost(), vec![positioned], "{policy:?}");
+            assert!(conn.take_lost().is_empty());
+        }
+    }
+
     #[test]
     fn queue_is_bounded_in_bytes() {
         // No grace: closed at the bound.
