@@ -417,15 +417,23 @@ impl Streams {
         }
     }
 
-    /// Drops publications past their TTL, and streams whose epoch outlived its TTL.
+    /// Drops publications past their TTL, streams whose epoch outlived its TTL, and streams
+    /// never published to that are older than the history TTL.
     pub(crate) fn sweep(&mut self, now: Instant) {
         let mut freed = (0, 0);
         self.streams.retain(|_, stream| {
             let f = Self::expire(stream, now);
             freed.0 += f.0;
             freed.1 += f.1;
-            !stream.entries.is_empty()
-                || now.saturating_duration_since(stream.touched) < stream.policy.epoch_ttl
+            // A stream nothing was published to yet (a subscriber or `stream_top` created
+            // it) is kept only as long as a publication would be: clients choose topic names,
+            // and those streams must not pile up for the epoch's lifetime.
+            let lifetime = if stream.top == 0 {
+                stream.policy.history_ttl
+            } else {
+                stream.policy.epoch_ttl
+            };
+            !stream.entries.is_empty() || now.saturating_duration_since(stream.touched) < lifetime
         });
         self.forget(freed);
     }
@@ -509,6 +517,22 @@ mod tests {
         let r = s.recover("pos", Some((&epoch, 14)), LIMITS, later);
         assert!(!r.subscribed.recovered && r.frames.is_empty());
         assert_eq!((s.kept, s.bytes), (0, 0));
+    }
+
+    #[test]
+    fn sweeping_forgets_expired_epochs_and_unused_streams() {
+        let now = Instant::now();
+        let mut s = streams(10, usize::MAX);
+        let used = publish(&mut s, "pos-used", now).unwrap();
+        assert_eq!(s.top("pos-idle", now).unwrap().offset, 0);
+        // Past the history TTL: the publication is gone, the epoch stays; the idle stream goes.
+        s.sweep(now + Duration::from_secs(61));
+        assert_eq!((s.kept, s.streams.len()), (0, 1));
+        assert_eq!(s.top("pos-used", now).unwrap(), used);
+        // Past the epoch's lifetime: a new epoch.
+        s.sweep(now + Duration::from_secs(25 * 3600));
+        assert!(s.streams.is_empty());
+        assert_ne!(s.top("pos-used", now).unwrap().epoch, used.epoch);
     }
 
     #[test]
