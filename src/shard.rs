@@ -252,18 +252,6 @@ impl Shard {
         }
     }
 
-    /// Delivers one publication: each subscriber gets the frame of its format. An `rtk1`
-    /// subscriber that joined after the publication was framed for verbatim subscribers only
-    /// gets an envelope framed here, once for all of them.
-    pub(crate) fn deliver_frames(
-        &mut self,
-        topic: &str,
-        frames: &Frames,
-        direct: Option<Instant>,
-    ) -> Delivered {
-        self.deliver_with(topic, frames, direct)
-    }
-
     /// Removes `conn_id` from `topic`'s subscribers, where it sits at `index`. The last
     /// subscriber moves into its place, and its recorded index is updated.
     fn unsubscribe(&mut self, conn_id: Uuid, topic: &Arc<str>, index: usize) {
@@ -298,19 +286,29 @@ impl Shard {
         }
     }
 
-    /// The hot path: per subscriber, one refcount and one queue push, or with `direct` (the time
-    /// now) one non-blocking write when the connection's writer is idle
-    /// ([`Conn::push_or_write`]). No await, no allocation.
+    /// [`deliver_frames`](Self::deliver_frames) of one verbatim frame (the benches' entry).
     pub(crate) fn deliver(
         &mut self,
         topic: &str,
         frame: &Bytes,
         direct: Option<Instant>,
     ) -> Delivered {
-        self.deliver_with(topic, &Frames::verbatim(frame.clone()), direct)
+        self.deliver_frames(topic, &Frames::verbatim(frame.clone()), direct)
     }
 
-    fn deliver_with(&mut self, topic: &str, frames: &Frames, direct: Option<Instant>) -> Delivered {
+    /// The hot path: per subscriber, the frame of its format ([`Frames::for_format`]), one
+    /// refcount and one queue push, or with `direct` (the time now) one non-blocking write when
+    /// the connection's writer is idle ([`Conn::push_or_write`]). No await; no allocation
+    /// unless a policy dropped a positioned frame (then `insufficient_state`, see
+    /// [`report_lost`](Self::report_lost)). An `rtk1` subscriber that joined after the
+    /// publication was framed for verbatim subscribers only gets an envelope framed here, once
+    /// for all of them.
+    pub(crate) fn deliver_frames(
+        &mut self,
+        topic: &str,
+        frames: &Frames,
+        direct: Option<Instant>,
+    ) -> Delivered {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return Delivered::default();
         };
