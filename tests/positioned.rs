@@ -406,6 +406,21 @@ async fn subscribe_and_unsubscribe_commands() {
         .await;
     assert_eq!(a.recv_json().await["type"], "error");
 
+    // Not a command after all (no topic): the handler gets it, and refuses it.
+    a.send_text(r#"{"type":"subscribe"}"#).await;
+    assert_eq!(a.recv_json().await["type"], "error");
+    // A plain client's messages are never taken as commands.
+    let mut plain = support::connect(server.addr, "pos-c", BOB).await;
+    plain
+        .send_text(&json!({"type":"subscribe","topic":"pos-d"}).to_string())
+        .await;
+    let e = plain.recv_json().await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("Invalid message"),
+        "{e}"
+    );
+
     // Unsubscribed: nothing more of pos-d; the marker on pos-c comes next.
     a.send_text(&json!({"type":"unsubscribe","topic":"pos-d"}).to_string())
         .await;
