@@ -444,10 +444,14 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         }
     }
 
-    /// Which topics keep history, and how much: `rule` is asked, for a topic that has no stream
-    /// yet, when it is first published to or subscribed to, and returns its [`TopicPolicy`],
-    /// or `None` for a topic that behaves exactly as without this rule (no positions, payloads
+    /// Which topics keep history, and how much: `rule` returns a topic's [`TopicPolicy`], or
+    /// `None` for a topic that behaves exactly as without this rule (no positions, payloads
     /// verbatim). Default: no topic keeps history.
+    ///
+    /// It is asked whenever a topic without a stream is published to or subscribed to (so for
+    /// every publication of a topic without a policy): keep it cheap, a match on the name. A
+    /// topic's policy is fixed while its stream lives. With a rule set, each publish waits until
+    /// the dispatcher has assigned its position (its place in the delivery order).
     ///
     /// Clients that open with `?proto=rtk1` (or the `rtk1` WebSocket subprotocol) then get each
     /// publication of such a topic with its position, and can reconnect with
