@@ -273,7 +273,7 @@ impl<H: MessageHandler> Reader<'_, H> {
                         .catch_unwind()
                         .await;
                 if handled.is_err() {
-                    tracing::error!("topic rule panicked");
+                    tracing::error!("the topic rule or the message handler panicked");
                     conn.close(close_code::INTERNAL_ERROR, "internal error", false);
                     return Some(End::ServerClosed);
                 }
