@@ -229,7 +229,7 @@ async fn publish_samples(service: Service, instance: String) {
             protocol_errors: m.protocol_errors,
         };
         match service.publish(TOPIC, &sample).await {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(PublishError::Closed) => return,
             // A broker outage: skip this sample, the next one may get through.
             Err(e) => tracing::warn!(error = %e, "could not publish a sample"),

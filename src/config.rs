@@ -55,6 +55,10 @@ pub(crate) struct Config {
     pub(crate) metrics_interval: Duration,
     /// Labels added to every reported metric.
     pub(crate) metrics_labels: Vec<(String, String)>,
+    /// Most bytes of history kept over all positioned topics.
+    pub(crate) history_max_bytes: usize,
+    /// Most publications one recovery re-sends.
+    pub(crate) recovery_max_publications: usize,
 }
 
 impl Default for Config {
@@ -89,6 +93,8 @@ impl Default for Config {
             rate_limit_grace: Duration::from_secs(3),
             metrics_interval: Duration::from_secs(1),
             metrics_labels: Vec::new(),
+            history_max_bytes: 64 * 1024 * 1024,
+            recovery_max_publications: 300,
         }
     }
 }

@@ -11,16 +11,34 @@
 //! every [`OVERSIZED_LOG_EVERY`]. Being a single task that awaits each send in turn, it keeps the
 //! broker's order for every shard (invariant 1), and it waits only when a shard's channel is
 //! full: never on a client (invariant 3).
+//!
+//! # Positions and recovery
+//! The dispatcher also owns the in-process history ([`Streams`]): on a topic with a policy it
+//! assigns each publication the next offset, frames it once per format ([`Frames`]), keeps the
+//! frames and hands them on, all in one step of one task, so offsets follow the delivery order
+//! exactly. A connection speaking `rtk1` joins a topic through the dispatcher
+//! ([`Request::Join`]): it reads the missed publications from the history and sends the shard
+//! one subscribe that carries them, behind every delivery it already sent and ahead of every
+//! later one. The shard queues them, then adds the connection to the topic: the seam between
+//! history and live has no gap and no duplicate, with nothing to buffer or merge.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::frame;
+use crate::history::{HistoryPage, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
+use crate::outbound::Conn;
 use crate::shard::Command;
+use crate::wire::{self, Frames};
+
+/// How often publications past their TTL and forgotten epochs are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Most one warning about dropped oversized payloads per this long.
 pub(crate) const OVERSIZED_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -32,6 +50,41 @@ pub(crate) struct Published {
     pub(crate) payload: Bytes,
     /// When the broker received it.
     pub(crate) since: Instant,
+    /// Told the publication's position (`None` on a topic without history).
+    pub(crate) reply: Option<oneshot::Sender<Option<Position>>>,
+}
+
+/// What connections and the service ask the dispatcher, the owner of the history.
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// Subscribe an `rtk1` connection to `topic`, recovering from `since` (an epoch and the
+    /// last offset the client has) if given: the shard gets the `subscribed` message and the
+    /// recovered publications with the subscription. `done` as in `Command::Subscribe`.
+    Join {
+        conn: Arc<Conn>,
+        topic: Arc<str>,
+        since: Option<(String, u64)>,
+        max_topics: usize,
+        done: oneshot::Sender<bool>,
+    },
+    /// The stream's top.
+    Top {
+        topic: Arc<str>,
+        reply: oneshot::Sender<Option<Position>>,
+    },
+    /// A page of history.
+    Page {
+        topic: Arc<str>,
+        since: Option<u64>,
+        limit: usize,
+        reverse: bool,
+        reply: oneshot::Sender<Option<HistoryPage>>,
+    },
+    /// Forget a stream.
+    Remove {
+        topic: Arc<str>,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// Encodes each published payload once and hands the frame to every shard.
@@ -48,6 +101,12 @@ pub(crate) struct Dispatcher {
     metrics: Arc<Metrics>,
     /// Oversized payloads dropped since the last warning, and when that was.
     oversized: (u64, Option<Instant>),
+    /// The history of positioned topics.
+    streams: Streams,
+    recovery: RecoveryLimits,
+    /// Connections speaking `rtk1` now: while there are none, topics without history are
+    /// framed verbatim only.
+    rtk1_conns: Arc<AtomicUsize>,
 }
 
 impl Dispatcher {
@@ -69,7 +128,27 @@ impl Dispatcher {
             max_frame,
             metrics,
             oversized: (0, None),
+            streams: Streams::new(None, 0),
+            recovery: RecoveryLimits {
+                count: 300,
+                bytes: max_frame / 2,
+            },
+            rtk1_conns: Arc::default(),
         }
+    }
+
+    /// Keeps history in `streams`, recovers within `recovery`, and frames for `rtk1` while
+    /// `rtk1_conns` is not zero.
+    pub(crate) fn with_positions(
+        mut self,
+        streams: Streams,
+        recovery: RecoveryLimits,
+        rtk1_conns: Arc<AtomicUsize>,
+    ) -> Self {
+        self.streams = streams;
+        self.recovery = recovery;
+        self.rtk1_conns = rtk1_conns;
+        self
     }
 
     /// Frames `payload` once (or reuses the frame of an identical previous payload): a text
@@ -110,30 +189,129 @@ impl Dispatcher {
         }
     }
 
+    /// Frames one publication in every format needed, assigning its position on a topic with
+    /// history (and keeping it there).
+    fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>) {
+        let verbatim = self.frame_for(&msg.payload);
+        let now = Instant::now();
+        let position = if self.streams.enabled() {
+            self.streams.next_position(&msg.topic, now)
+        } else {
+            None
+        };
+        let rtk1 = (position.is_some() || self.rtk1_conns.load(Ordering::Relaxed) > 0)
+            .then(|| wire::rtk1_pub(&msg.topic, position.as_ref(), &msg.payload));
+        let frames = Frames {
+            verbatim,
+            rtk1,
+            positioned: position.is_some(),
+        };
+        match &position {
+            Some(p) => self.streams.keep(&msg.topic, p.offset, frames.clone(), now),
+            None if self.streams.enabled() => self.metrics.unpositioned_publish(),
+            None => {}
+        }
+        (frames, position)
+    }
+
     /// Sends one message to every shard, in order. Waits only when a shard's channel is full.
-    pub(crate) async fn dispatch(&mut self, msg: Published) {
+    pub(crate) async fn dispatch(&mut self, mut msg: Published) {
         if frame_len(msg.payload.len()) > self.max_frame {
             self.oversized(&msg);
             return;
         }
-        let frame = self.frame_for(&msg.payload);
+        let (frames, position) = self.frames_for(&msg);
+        if let Some(reply) = msg.reply.take() {
+            let _ = reply.send(position);
+        }
         for shard in self.shards.iter() {
             let _ = shard
                 .send(Command::Deliver {
                     topic: msg.topic.clone(),
-                    frame: frame.clone(),
+                    frames: frames.clone(),
                     since: msg.since,
                 })
                 .await;
         }
     }
 
+    /// Answers one request; a join is handed to the connection's shard with what it recovers.
+    async fn request(&mut self, req: Request) {
+        let now = Instant::now();
+        match req {
+            Request::Join {
+                conn,
+                topic,
+                since,
+                max_topics,
+                done,
+            } => {
+                let since_ref = since.as_ref().map(|(e, o)| (e.as_str(), *o));
+                let recovery = self.streams.recover(&topic, since_ref, self.recovery, now);
+                if recovery.subscribed.was_recovering && recovery.subscribed.recoverable {
+                    self.metrics
+                        .recovery(recovery.subscribed.recovered, recovery.frames.len());
+                }
+                let mut prelude = Vec::with_capacity(1 + recovery.frames.len());
+                prelude.push(wire::rtk1_subscribed(&topic, &recovery.subscribed));
+                prelude.extend(recovery.frames);
+                let cmd = Command::Subscribe {
+                    topic,
+                    max_topics,
+                    done,
+                    prelude,
+                    positioned: recovery.subscribed.recoverable,
+                    conn: conn.clone(),
+                };
+                if let Some(shard) = self.shards.get(conn.shard) {
+                    let _ = shard.send(cmd).await;
+                }
+            }
+            Request::Top { topic, reply } => {
+                let _ = reply.send(self.streams.top(&topic, now));
+            }
+            Request::Page {
+                topic,
+                since,
+                limit,
+                reverse,
+                reply,
+            } => {
+                let _ = reply.send(self.streams.page(&topic, since, limit, reverse, now));
+            }
+            Request::Remove { topic, reply } => {
+                let _ = reply.send(self.streams.remove(&topic));
+            }
+        }
+    }
+
     /// Runs until every sender of `rx` is gone.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Published>) {
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Published>,
+        mut requests: mpsc::Receiver<Request>,
+    ) {
         let mut batch = Vec::with_capacity(64);
-        while rx.recv_many(&mut batch, 64).await > 0 {
-            for msg in batch.drain(..) {
-                self.dispatch(msg).await;
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut requests_open = true;
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 64) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for msg in batch.drain(..) {
+                        self.dispatch(msg).await;
+                    }
+                }
+                req = requests.recv(), if requests_open => match req {
+                    Some(req) => self.request(req).await,
+                    None => requests_open = false,
+                },
+                _ = sweep.tick(), if self.streams.enabled() => {
+                    self.streams.sweep(Instant::now());
+                }
             }
         }
     }

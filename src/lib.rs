@@ -11,6 +11,7 @@
 //! **Guides:** [authentication and authorisation](guides::auth) ·
 //! [scaling out with Redis](guides::scaling_out) ·
 //! [tuning shards, queues and limits](guides::tuning) ·
+//! [history and reconnect recovery](guides::recovery) ·
 //! [migrating from 0.1.0](guides::migrating_from_0_1).
 //!
 //! # Layout
@@ -37,7 +38,11 @@
 //! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
 //! - `topic`: which topic names are allowed.
 //! - `config`, `metrics`, `shrink`: settings, counters, giving memory back after a peak.
-//! - [`guides`]: authentication, scaling out, tuning, migrating from 0.1.0 (documentation only).
+//! - `history`: positioned topics — [`TopicPolicy`], [`Position`], the in-process history.
+//! - `wire`: the formats a connection speaks (verbatim, `rtk1`) and a publication's frame in
+//!   each.
+//! - [`guides`]: authentication, scaling out, tuning, migrating from 0.1.0, history and
+//!   recovery (documentation only).
 //!
 //! # Data path
 //! ```text
@@ -85,6 +90,11 @@
 //! | `rtk_broker_live` | gauge | 1 while the broker connection is live, else 0 |
 //! | `rtk_dispatch_lag_seconds` | gauge | longest time from the broker handing a message over to a shard finishing its fan-out, over the last report interval |
 //! | `rtk_runtime_alive_tasks` | gauge | tasks alive in the tokio runtime the service runs on |
+//! | `rtk_recoveries_succeeded_total` | counter | subscriptions with a position (`rtk1`, `since`) on a topic with history that got every publication they missed |
+//! | `rtk_recoveries_failed_total` | counter | subscriptions with a position that could not recover (epoch changed, too many missed, expired): `recovered: false` |
+//! | `rtk_recovered_publications_total` | counter | publications re-sent by successful recoveries |
+//! | `rtk_insufficient_state_slow_consumer_total` | counter | `insufficient_state` sent because `DropOldest` / `LatestPerTopic` dropped a positioned frame |
+//! | `rtk_unpositioned_publishes_total` | counter | publications on topics without a policy while topic policies are configured: they have no position |
 //! | `rtk_outbound_queue_peak_bytes` | gauge | most data bytes one connection held over its outbound bound (queued, being written, a partly written frame), over the connections that have ended; at most the outbound ceiling under `SlowConsumerPolicy::Close` |
 
 #![forbid(unsafe_code)]
@@ -111,6 +121,9 @@ pub mod guides {
 
     #[doc = include_str!("../docs/guides/migrating-from-0.1.md")]
     pub mod migrating_from_0_1 {}
+
+    #[doc = include_str!("../docs/guides/recovery.md")]
+    pub mod recovery {}
 }
 
 // For the criterion benches, the fuzz targets, the tests and the load-test tools; not a stable
@@ -126,6 +139,7 @@ mod connection;
 mod dispatch;
 mod frame;
 mod handler;
+mod history;
 mod listener;
 mod metrics;
 mod outbound;
@@ -135,10 +149,12 @@ mod shard;
 mod shrink;
 mod sink;
 mod topic;
+mod wire;
 
 pub use broker::PublishError;
 #[cfg(feature = "redis-tls")]
 pub use broker::RedisTls;
+pub use history::{HistoryEntry, HistoryPage, Position, TopicPolicy};
 pub use listener::{LISTEN_BACKLOG, bind, shutdown_signal};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;

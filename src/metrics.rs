@@ -25,6 +25,11 @@ pub(crate) struct Metrics {
     /// Longest dispatch lag seen since it was last taken, in microseconds.
     dispatch_lag_max_us: AtomicU64,
     outbound_queue_peak_bytes: AtomicU64,
+    recoveries_ok: AtomicU64,
+    recoveries_failed: AtomicU64,
+    recovered_publications: AtomicU64,
+    insufficient_state_slow: AtomicU64,
+    unpositioned_publishes: AtomicU64,
 }
 
 /// A copy of the service's counters at one moment.
@@ -65,6 +70,19 @@ pub struct MetricsSnapshot {
     /// Broker messages dropped because their frame was larger than the outbound queue bound
     /// (`outbound_queue_bytes`): no subscriber could have queued them.
     pub broker_oversized_drops: u64,
+    /// Subscriptions with a position on a topic with history that got every publication they
+    /// missed (`recovered: true`).
+    pub recoveries_succeeded: u64,
+    /// Subscriptions with a position that could not recover (epoch changed, too many missed,
+    /// expired): `recovered: false`, and none of the publications.
+    pub recoveries_failed: u64,
+    /// Publications re-sent by successful recoveries.
+    pub recovered_publications: u64,
+    /// `insufficient_state` sent because the slow-consumer policy dropped a positioned frame.
+    pub insufficient_state_slow_consumer: u64,
+    /// Publications on topics without a policy while policies are configured: they have no
+    /// position.
+    pub unpositioned_publishes: u64,
 }
 
 impl Metrics {
@@ -109,6 +127,21 @@ impl Metrics {
     pub(crate) fn unsubscribed(&self) {
         self.subscriptions.fetch_sub(1, Relaxed);
     }
+    pub(crate) fn recovery(&self, recovered: bool, publications: usize) {
+        if recovered {
+            self.recoveries_ok.fetch_add(1, Relaxed);
+            self.recovered_publications
+                .fetch_add(publications as u64, Relaxed);
+        } else {
+            self.recoveries_failed.fetch_add(1, Relaxed);
+        }
+    }
+    pub(crate) fn insufficient_state_slow(&self) {
+        self.insufficient_state_slow.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn unpositioned_publish(&self) {
+        self.unpositioned_publishes.fetch_add(1, Relaxed);
+    }
     pub(crate) fn broker_oversized_drop(&self) {
         self.broker_oversized_drops.fetch_add(1, Relaxed);
     }
@@ -151,6 +184,11 @@ impl Metrics {
             bytes_written: self.bytes_written.load(Relaxed),
             outbound_queue_peak_bytes: self.outbound_queue_peak_bytes.load(Relaxed),
             broker_oversized_drops: self.broker_oversized_drops.load(Relaxed),
+            recoveries_succeeded: self.recoveries_ok.load(Relaxed),
+            recoveries_failed: self.recoveries_failed.load(Relaxed),
+            recovered_publications: self.recovered_publications.load(Relaxed),
+            insufficient_state_slow_consumer: self.insufficient_state_slow.load(Relaxed),
+            unpositioned_publishes: self.unpositioned_publishes.load(Relaxed),
         }
     }
 }
@@ -204,6 +242,11 @@ pub(crate) const METRICS: &[(&str, Value, &str)] = &[
     ("rtk_dispatch_lag_seconds", Value::Gauge(|r| r.dispatch_lag.as_secs_f64()), "longest time from broker receipt to the end of a shard's fan-out, over the last export interval"),
     ("rtk_runtime_alive_tasks", Value::Gauge(|r| r.alive_tasks as f64), "tasks alive in the tokio runtime the service runs on"),
     ("rtk_outbound_queue_peak_bytes", Value::Gauge(|r| r.snapshot.outbound_queue_peak_bytes as f64), "most data bytes one ended connection held over its outbound bound"),
+    ("rtk_recoveries_succeeded_total", Value::Counter(|r| r.snapshot.recoveries_succeeded), "subscriptions with a position that recovered every missed publication"),
+    ("rtk_recoveries_failed_total", Value::Counter(|r| r.snapshot.recoveries_failed), "subscriptions with a position that could not recover (recovered: false)"),
+    ("rtk_recovered_publications_total", Value::Counter(|r| r.snapshot.recovered_publications), "publications re-sent by successful recoveries"),
+    ("rtk_insufficient_state_slow_consumer_total", Value::Counter(|r| r.snapshot.insufficient_state_slow_consumer), "insufficient_state sent because the slow-consumer policy dropped a positioned frame"),
+    ("rtk_unpositioned_publishes_total", Value::Counter(|r| r.snapshot.unpositioned_publishes), "publications without a position while topic policies are configured"),
 ];
 
 /// Reports the current values to the process's `metrics` recorder (a no-op without one).

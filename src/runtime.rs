@@ -12,16 +12,20 @@ use crate::broker::{
     BrokerHandle, PublishError, RedisSettings, local::LocalBroker, redis::RedisBroker,
 };
 use crate::config::Config;
-use crate::dispatch::{Dispatcher, Published};
+use crate::dispatch::{Dispatcher, Published, Request};
 use crate::frame::close_code;
+use crate::history::{HistoryPage, PolicyRule, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
 use crate::shard::{self, Command};
+use crate::wire::Format;
 
 /// Capacity of the channel between the broker and the dispatcher. Every channel of the runtime is
 /// bounded: a producer that gets ahead waits instead of queuing without limit (invariant 4,
 /// docs/architecture.md).
 const DISPATCH_CHANNEL: usize = 8192;
+/// Capacity of the channel of requests to the dispatcher (`rtk1` joins, history reads).
+const REQUEST_CHANNEL: usize = 1024;
 
 /// What a connection needs to join and leave topics: the shards and the broker. Shared (in an
 /// `Arc`) by the runtime and every [`WsSink`](crate::ws::types::WsSink).
@@ -29,6 +33,10 @@ const DISPATCH_CHANNEL: usize = 8192;
 pub(crate) struct Hub {
     shards: Arc<[mpsc::Sender<Command>]>,
     pub(crate) broker: BrokerHandle,
+    /// Requests to the dispatcher, the owner of the history.
+    requests: mpsc::Sender<Request>,
+    /// Connections speaking `rtk1` now (see [`Rtk1Conn`]).
+    pub(crate) rtk1_conns: Arc<AtomicUsize>,
     /// Longest topic name a connection may join.
     pub(crate) max_topic_len: usize,
     /// Most topics one connection may be in at once.
@@ -54,14 +62,40 @@ impl Hub {
     /// waits until the broker delivers the topic to this instance. A topic the broker refuses
     /// is left again.
     pub(crate) async fn join(&self, conn: &Arc<Conn>, topic: &str) -> JoinOutcome {
+        self.join_from(conn, topic, None).await
+    }
+
+    /// [`join`](Self::join), for an `rtk1` connection recovering from `since` (an epoch and
+    /// the last offset it has): the dispatcher subscribes it, with its `subscribed` message and
+    /// what it recovered (see `dispatch.rs`). A verbatim connection joins its shard directly.
+    pub(crate) async fn join_from(
+        &self,
+        conn: &Arc<Conn>,
+        topic: &str,
+        since: Option<(String, u64)>,
+    ) -> JoinOutcome {
         let (done, wait) = oneshot::channel();
-        let cmd = Command::Subscribe {
-            conn: conn.clone(),
-            topic: Arc::from(topic),
-            max_topics: self.max_topics,
-            done,
+        let sent = if conn.format == Format::Rtk1 {
+            let req = Request::Join {
+                conn: conn.clone(),
+                topic: Arc::from(topic),
+                since,
+                max_topics: self.max_topics,
+                done,
+            };
+            self.requests.send(req).await.is_ok()
+        } else {
+            let cmd = Command::Subscribe {
+                conn: conn.clone(),
+                topic: Arc::from(topic),
+                max_topics: self.max_topics,
+                done,
+                prelude: Vec::new(),
+                positioned: false,
+            };
+            self.shards[conn.shard].send(cmd).await.is_ok()
         };
-        if self.shards[conn.shard].send(cmd).await.is_err() {
+        if !sent {
             return JoinOutcome::Gone;
         }
         match wait.await {
@@ -84,6 +118,49 @@ impl Hub {
             topic: Arc::from(topic),
         };
         let _ = self.shards[conn.shard].send(cmd).await;
+    }
+
+    /// Asks the dispatcher; `None` if it is gone.
+    async fn ask<T>(&self, req: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(req(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The position of `topic`'s last publication; `None` for a topic without history.
+    pub(crate) async fn stream_top(&self, topic: &str) -> Option<Position> {
+        let topic = Arc::from(topic);
+        self.ask(|reply| Request::Top { topic, reply })
+            .await
+            .flatten()
+    }
+
+    /// A page of `topic`'s history; `None` for a topic without history.
+    pub(crate) async fn history(
+        &self,
+        topic: &str,
+        since: Option<u64>,
+        limit: usize,
+        reverse: bool,
+    ) -> Option<HistoryPage> {
+        let topic = Arc::from(topic);
+        self.ask(|reply| Request::Page {
+            topic,
+            since,
+            limit,
+            reverse,
+            reply,
+        })
+        .await
+        .flatten()
+    }
+
+    /// Forgets `topic`'s stream; whether it had one.
+    pub(crate) async fn remove_history(&self, topic: &str) -> bool {
+        let topic = Arc::from(topic);
+        self.ask(|reply| Request::Remove { topic, reply })
+            .await
+            .unwrap_or(false)
     }
 
     /// Removes `conn` from every topic it joined.
@@ -113,12 +190,26 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     /// Starts shards, dispatcher and broker. Must be called inside a tokio runtime.
-    pub(crate) fn start(config: Config, redis: Option<RedisSettings>) -> Result<Self, String> {
+    pub(crate) fn start(
+        config: Config,
+        redis: Option<RedisSettings>,
+        policy: Option<PolicyRule>,
+    ) -> Result<Self, String> {
         let metrics = Arc::new(Metrics::default());
         let instance = rand_u64();
         let (pub_tx, pub_rx) = mpsc::channel::<Published>(DISPATCH_CHANNEL);
+        let (req_tx, req_rx) = mpsc::channel::<Request>(REQUEST_CHANNEL);
+        // History is kept in-process only for now: with Redis, topics have no positions.
+        let policy = if redis.is_some() {
+            if policy.is_some() {
+                tracing::warn!("topic policies are not supported with Redis yet: no history kept");
+            }
+            None
+        } else {
+            policy
+        };
         let broker = match redis {
-            None => BrokerHandle::Local(LocalBroker::new(pub_tx)),
+            None => BrokerHandle::Local(LocalBroker::new(pub_tx, policy.is_some())),
             Some(settings) => BrokerHandle::Redis(RedisBroker::start(
                 settings,
                 instance,
@@ -130,13 +221,25 @@ impl Runtime {
         let shards: Arc<[_]> = (0..config.shards.max(1))
             .map(|_| shard::spawn_shard(config.shard_channel, interest.clone(), metrics.clone()))
             .collect();
+        let rtk1_conns = Arc::new(AtomicUsize::new(0));
+        let recovery = RecoveryLimits {
+            count: config.recovery_max_publications,
+            bytes: config.outbound_queue_bytes / 2,
+        };
         tokio::spawn(
             Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
-                .run(pub_rx),
+                .with_positions(
+                    Streams::new(policy, config.history_max_bytes),
+                    recovery,
+                    rtk1_conns.clone(),
+                )
+                .run(pub_rx, req_rx),
         );
         let hub = Arc::new(Hub {
             shards,
             broker,
+            requests: req_tx,
+            rtk1_conns,
             max_topic_len: config.max_topic_len,
             max_topics: config.max_topics_per_connection.max(1),
         });
@@ -174,8 +277,8 @@ impl Runtime {
         &self.hub.broker
     }
 
-    /// A new connection, assigned round-robin to a shard.
-    pub(crate) fn new_conn(&self) -> Arc<Conn> {
+    /// A new connection speaking `format`, assigned round-robin to a shard.
+    pub(crate) fn new_conn_as(&self, format: Format) -> Arc<Conn> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let shard = (n % self.hub.shards.len() as u64) as usize;
         Arc::new(
@@ -188,17 +291,24 @@ impl Runtime {
             .with_lag_limits(
                 self.config.outbound_queue_ceiling,
                 self.config.slow_consumer_grace,
-            ),
+            )
+            .with_format(format),
         )
     }
 
-    pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Option<Position>, PublishError> {
         if self.is_shutting_down() {
             return Err(PublishError::Closed);
         }
         let res = self.hub.broker.publish(topic, payload).await;
+        // Counted once the broker accepted it, as without positions: the position may come
+        // after the subscribers have it.
         self.metrics.published(res.is_ok());
-        res
+        Ok(res?.position().await)
     }
 
     /// Reserves a connection slot, or `None` at `max_connections`. The slot is released when the
@@ -284,6 +394,24 @@ async fn export_periodically(
         tick.tick().await;
         let Some(hub) = hub.upgrade() else { return };
         crate::metrics::export(&metrics, &labels, hub.broker.is_live());
+    }
+}
+
+/// Counts one connection speaking `rtk1` while it lives, so the dispatcher frames `rtk1`
+/// envelopes only while someone needs them.
+#[derive(Debug)]
+pub(crate) struct Rtk1Conn(Arc<AtomicUsize>);
+
+impl Rtk1Conn {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Rtk1Conn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

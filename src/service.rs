@@ -2,15 +2,19 @@
 //! application's handler and its state — and the builder that starts it. Public at
 //! `ws::service`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use bytes::Bytes;
 use serde::Serialize;
 
 use crate::broker::{PublishError, RedisSettings, TlsSettings};
 use crate::config::Config;
 use crate::handler::MessageHandler;
+use crate::history::{HistoryPage, PolicyRule, Position, TopicPolicy};
 use crate::metrics::MetricsSnapshot;
 use crate::outbound::SlowConsumerPolicy;
 use crate::runtime::Runtime;
@@ -24,7 +28,21 @@ pub struct WebsocketService<H: MessageHandler> {
     pub(crate) runtime: Runtime,
     pub(crate) handler: H,
     pub(crate) app_state: Arc<H::AppState>,
+    /// Authorises the topics `rtk1` clients subscribe to with a command.
+    pub(crate) topic_rule: Option<TopicRule<H>>,
 }
+
+/// The application's rule for a topic a client asks for: `Ok` to let it in, else the status it
+/// would have been refused with at the upgrade.
+pub(crate) type TopicRule<H> = Arc<
+    dyn Fn(
+            Arc<<H as MessageHandler>::AppState>,
+            <H as MessageHandler>::UserId,
+            String,
+        ) -> Pin<Box<dyn Future<Output = Result<(), StatusCode>> + Send>>
+        + Send
+        + Sync,
+>;
 
 impl<H: MessageHandler> std::fmt::Debug for WebsocketService<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,6 +79,8 @@ impl<H: MessageHandler> WebsocketService<H> {
             redis_url: None,
             redis_tls: None,
             channel_prefix: String::new(),
+            policy: None,
+            topic_rule: None,
         }
     }
 
@@ -76,11 +96,15 @@ impl<H: MessageHandler> WebsocketService<H> {
 
     /// Serializes `event` once and publishes it to every subscriber of `topic` on every instance.
     /// Callable from any route or task.
+    ///
+    /// On a topic with history (a [`TopicPolicy`], see
+    /// [`WebsocketServiceBuilder::topic_policy`]) it returns the publication's position;
+    /// `Ok(None)` otherwise.
     pub async fn publish<T: Serialize + ?Sized>(
         &self,
         topic: &str,
         event: &T,
-    ) -> Result<(), PublishError> {
+    ) -> Result<Option<Position>, PublishError> {
         let payload = serde_json::to_vec(event).map_err(PublishError::Serialize)?;
         self.runtime.publish(topic, Bytes::from(payload)).await
     }
@@ -92,16 +116,51 @@ impl<H: MessageHandler> WebsocketService<H> {
     /// there: a payload that is not UTF-8 reaches subscribers as a binary frame, and one whose
     /// frame is larger than [`outbound_queue_bytes`](WebsocketServiceBuilder::outbound_queue_bytes)
     /// is dropped and counted in [`MetricsSnapshot::broker_oversized_drops`].)
+    ///
+    /// Returns the publication's position on a topic with history, as
+    /// [`publish`](Self::publish) does.
     pub async fn publish_raw(
         &self,
         topic: &str,
         payload: impl Into<Bytes>,
-    ) -> Result<(), PublishError> {
+    ) -> Result<Option<Position>, PublishError> {
         let payload = payload.into();
         if std::str::from_utf8(&payload).is_err() {
             return Err(PublishError::NotText);
         }
         self.runtime.publish(topic, payload).await
+    }
+
+    /// Up to `limit` publications of `topic`'s history: those after offset `since` (from the
+    /// oldest kept without), oldest first; with `reverse`, the newest ones (before `since` if
+    /// given), newest first. With the stream's top, so the page can be placed in the stream.
+    /// `None` for a topic without history.
+    pub async fn history(
+        &self,
+        topic: &str,
+        since: Option<u64>,
+        limit: usize,
+        reverse: bool,
+    ) -> Option<HistoryPage> {
+        self.runtime.hub.history(topic, since, limit, reverse).await
+    }
+
+    /// The position of `topic`'s last publication (offset 0 before the first); `None` for a
+    /// topic without history.
+    ///
+    /// Lets an application load its own state and then have a client subscribe from that
+    /// position without a gap: read the top, load the state (which includes every publication
+    /// up to the top), and give the client both; it connects with `since`/`epoch` set to that
+    /// top and receives every later publication (see the recovery guide).
+    pub async fn stream_top(&self, topic: &str) -> Option<Position> {
+        self.runtime.hub.stream_top(topic).await
+    }
+
+    /// Forgets `topic`'s history and its stream's identity: the next publication starts a new
+    /// epoch, and clients recovering with a position of the old one get `recovered: false`.
+    /// Returns whether the topic had a stream.
+    pub async fn remove_history(&self, topic: &str) -> bool {
+        self.runtime.hub.remove_history(topic).await
     }
 
     /// Whether the broker connection is live (always true for the in-process broker). Serve it
@@ -158,6 +217,8 @@ pub struct WebsocketServiceBuilder<H: MessageHandler> {
     redis_url: Option<String>,
     redis_tls: Option<TlsSettings>,
     channel_prefix: String,
+    policy: Option<PolicyRule>,
+    topic_rule: Option<TopicRule<H>>,
 }
 
 /// Prints the settings, with the Redis URL's password replaced by `***`, and the handler and
@@ -374,7 +435,7 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
             prefix: self.channel_prefix.clone(),
             tls: self.redis_tls.clone(),
         });
-        let runtime = Runtime::start(self.config, redis).map_err(|e| {
+        let runtime = Runtime::start(self.config, redis, self.policy).map_err(|e| {
             let url = self.redis_url.as_deref().unwrap_or_default();
             BuildError::InvalidRedisUrl(format!("{}: {e}", redact(url)))
         })?;
@@ -382,6 +443,7 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
             runtime,
             handler: self.handler,
             app_state: self.app_state,
+            topic_rule: self.topic_rule,
         }))
     }
 
@@ -395,6 +457,63 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
             Ok(s) => s,
             Err(e) => panic!("axum-realtime-kit: {e}"),
         }
+    }
+
+    /// Which topics keep history, and how much: `rule` returns a topic's [`TopicPolicy`], or
+    /// `None` for a topic that behaves exactly as without this rule (no positions, payloads
+    /// verbatim). Default: no topic keeps history.
+    ///
+    /// It is asked whenever a topic without a stream is published to or subscribed to (so for
+    /// every publication of a topic without a policy): keep it cheap, a match on the name. A
+    /// topic's policy is fixed while its stream lives. With a rule set, each publish waits until
+    /// the dispatcher has assigned its position (its place in the delivery order).
+    ///
+    /// Clients that open with `?proto=rtk1` (or the `rtk1` WebSocket subprotocol) then get each
+    /// publication of such a topic with its position, and can reconnect with
+    /// `&since=<offset>&epoch=<epoch>` to receive everything they missed (see the recovery
+    /// guide). Clients that do not ask for `rtk1` receive the same verbatim frames as before.
+    ///
+    /// History is kept with the in-process broker; with Redis the rule is not used yet (a
+    /// warning is logged) and topics have no positions.
+    pub fn topic_policy<F>(mut self, rule: F) -> Self
+    where
+        F: Fn(&str) -> Option<TopicPolicy> + Send + Sync + 'static,
+    {
+        self.policy = Some(Arc::new(rule));
+        self
+    }
+
+    /// Most bytes of history kept over all topics; past it, the oldest publications of any
+    /// topic are dropped first (a client that needed them gets `recovered: false`). Default:
+    /// 64 MiB.
+    pub fn history_max_bytes(mut self, bytes: usize) -> Self {
+        self.config.history_max_bytes = bytes;
+        self
+    }
+
+    /// Most publications one recovery re-sends; a client that missed more gets
+    /// `recovered: false` and none of them. Default: 300. (Recoveries are also limited to half
+    /// of [`outbound_queue_bytes`](Self::outbound_queue_bytes), so a recovery never meets the
+    /// slow-consumer policy by itself.)
+    pub fn recovery_max_publications(mut self, n: usize) -> Self {
+        self.config.recovery_max_publications = n;
+        self
+    }
+
+    /// The rule that authorises a topic an `rtk1` client asks to join with a
+    /// `{"type":"subscribe","topic":…}` command: the same check your
+    /// [`upgrade_handler`](crate::ws::upgrade::upgrade_handler) validator makes for the topic
+    /// in the URL (pass the same function to both). Without it, subscribe commands are refused
+    /// with an error message.
+    pub fn authorize_topics<F, Fut>(mut self, rule: F) -> Self
+    where
+        F: Fn(Arc<H::AppState>, H::UserId, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), StatusCode>> + Send + 'static,
+    {
+        self.topic_rule = Some(Arc::new(move |state, user, topic| {
+            Box::pin(rule(state, user, topic))
+        }));
+        self
     }
 
     /// Most topics one connection may be in at once, the one it opened with included. A

@@ -28,9 +28,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbound::{Conn, Delivered, DirectGate, Push, TopicKey, WriteTally};
+use crate::outbound::{Conn, Delivered, DirectGate, POSITIONED, Push, TopicKey, WriteTally};
 use crate::shrink::ShrinkWhenSparse;
+use crate::wire::{self, Format, Frames};
 
 /// Commands a shard applies in arrival order.
 #[derive(Debug)]
@@ -39,20 +41,27 @@ pub(crate) enum Command {
     /// once the subscription is in the map (`true`) or was refused for the limit (`false`).
     /// Counting here, where each connection's topics are known and commands apply one at a
     /// time, keeps the limit exact under concurrent joins and leaves.
+    ///
+    /// `prelude` is queued to the connection just before it joins (an `rtk1` connection's
+    /// `subscribed` message and the publications it recovered), so it precedes every later
+    /// delivery of the topic; `positioned` says the topic has history (a dropped prelude
+    /// frame must then be reported, as a dropped delivery would).
     Subscribe {
         conn: Arc<Conn>,
         topic: Arc<str>,
         max_topics: usize,
         done: oneshot::Sender<bool>,
+        prelude: Vec<Bytes>,
+        positioned: bool,
     },
     /// Remove the connection from one topic.
     Unsubscribe { conn_id: Uuid, topic: Arc<str> },
     /// Remove the connection from every topic it joined.
     Remove { conn_id: Uuid },
-    /// Push an encoded frame to every local subscriber of `topic`.
+    /// Push a publication to every local subscriber of `topic`, each in its format.
     Deliver {
         topic: Arc<str>,
-        frame: Bytes,
+        frames: Frames,
         /// When the broker handed the message over, for the dispatch-lag gauge.
         since: Instant,
     },
@@ -113,12 +122,12 @@ impl Shard {
         match cmd {
             Command::Deliver {
                 topic,
-                frame,
+                frames,
                 since,
             } => {
                 let now = Instant::now();
                 let direct = self.gate.allows(now, since);
-                let done = self.deliver(&topic, &frame, direct.then_some(now));
+                let done = self.deliver_frames(&topic, &frames, direct.then_some(now));
                 let end = Instant::now();
                 self.gate.record(done, end.saturating_duration_since(now));
                 self.metrics
@@ -129,12 +138,14 @@ impl Shard {
                 topic,
                 max_topics,
                 done,
+                prelude,
+                positioned,
             } => {
                 let allowed = self.conns.get(&conn.id).is_none_or(|(_, joined)| {
                     joined.len() < max_topics || joined.iter().any(|(t, _)| *t == topic)
                 });
-                if allowed {
-                    self.subscribe(conn, topic);
+                if allowed && self.subscribe(conn.clone(), topic.clone()) {
+                    self.queue_prelude(&conn, &topic, prelude, positioned);
                 }
                 let _ = done.send(allowed);
             }
@@ -163,10 +174,11 @@ impl Shard {
         }
     }
 
-    pub(crate) fn subscribe(&mut self, conn: Arc<Conn>, topic: Arc<str>) {
+    /// Adds `conn` to `topic`; `false` if it was already in it or is ending.
+    pub(crate) fn subscribe(&mut self, conn: Arc<Conn>, topic: Arc<str>) -> bool {
         if conn.is_ending() {
             // Its `Remove` may already have been applied: adding it now would leak the entry.
-            return;
+            return false;
         }
         let entry = self
             .conns
@@ -174,7 +186,7 @@ impl Shard {
             // One topic is the usual case: room for one, not the four a first push reserves.
             .or_insert_with(|| (conn.clone(), Vec::with_capacity(1)));
         if entry.1.iter().any(|(t, _)| *t == topic) {
-            return;
+            return false;
         }
         let subs = self.topics.entry(topic.clone()).or_default();
         entry.1.push((topic.clone(), subs.len()));
@@ -182,6 +194,61 @@ impl Shard {
         subs.push(conn);
         if subs.len() == 1 {
             self.interest.first_in_shard(&topic);
+        }
+        true
+    }
+
+    /// Queues a joining connection's prelude (see [`Command::Subscribe`]) under the topic's
+    /// key, so a policy that drops it reports the topic like any delivery of it.
+    fn queue_prelude(&mut self, conn: &Arc<Conn>, topic: &str, prelude: Vec<Bytes>, pos: bool) {
+        let Some((key, _)) = self.topics.get_key_value(topic) else {
+            return;
+        };
+        let key = topic_key(key, pos && conn.format == Format::Rtk1);
+        let mut dropped = false;
+        for frame in prelude {
+            match conn.push(frame, key) {
+                Push::QueuedDropping(n) => {
+                    dropped = true;
+                    self.metrics.add_slow_consumer_drops(n);
+                }
+                Push::Overflow => self.metrics.add_slow_consumers(1),
+                _ => {}
+            }
+        }
+        if dropped {
+            self.report_lost(conn);
+        }
+    }
+
+    /// Tells `conn` (an `rtk1` connection whose queue dropped frames) which positioned topics
+    /// it lost publications of, and takes it out of them: `insufficient_state` means "you are
+    /// no longer subscribed to this topic; subscribe again with your position". The notice
+    /// goes ahead of queued data, so a policy dropping more cannot drop it.
+    fn report_lost(&mut self, conn: &Arc<Conn>) {
+        let lost = conn.take_lost();
+        if lost.is_empty() {
+            return;
+        }
+        let Some((_, joined)) = self.conns.get(&conn.id) else {
+            return;
+        };
+        let topics: Vec<Arc<str>> = joined
+            .iter()
+            .filter(|(t, _)| {
+                self.topics
+                    .get_key_value(t.as_ref())
+                    .is_some_and(|(k, _)| lost.contains(&topic_key(k, true)))
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in topics {
+            conn.push_control(wire::rtk1_insufficient_state(&topic));
+            self.metrics.insufficient_state_slow();
+            self.apply(Command::Unsubscribe {
+                conn_id: conn.id,
+                topic,
+            });
         }
     }
 
@@ -219,26 +286,55 @@ impl Shard {
         }
     }
 
-    /// The hot path: per subscriber, one refcount and one queue push, or with `direct` (the time
-    /// now) one non-blocking write when the connection's writer is idle
-    /// ([`Conn::push_or_write`]). No await, no allocation.
+    /// [`deliver_frames`](Self::deliver_frames) of one verbatim frame (the benches' entry).
     pub(crate) fn deliver(
         &mut self,
         topic: &str,
         frame: &Bytes,
         direct: Option<Instant>,
     ) -> Delivered {
+        self.deliver_frames(topic, &Frames::verbatim(frame.clone()), direct)
+    }
+
+    /// The hot path: per subscriber, the frame of its format ([`Frames::for_format`]), one
+    /// refcount and one queue push, or with `direct` (the time now) one non-blocking write when
+    /// the connection's writer is idle ([`Conn::push_or_write`]). No await; no allocation
+    /// unless a policy dropped a positioned frame (then `insufficient_state`, see
+    /// [`report_lost`](Self::report_lost)). An `rtk1` subscriber that joined after the
+    /// publication was framed for verbatim subscribers only gets an envelope framed here, once
+    /// for all of them.
+    pub(crate) fn deliver_frames(
+        &mut self,
+        topic: &str,
+        frames: &Frames,
+        direct: Option<Instant>,
+    ) -> Delivered {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return Delivered::default();
         };
         // The interned name's address identifies the topic for conflation.
-        let topic_key = Arc::as_ptr(key) as *const u8 as TopicKey;
+        let plain_key = topic_key(key, false);
+        let rtk1_key = topic_key(key, frames.positioned);
+        let mut late_rtk1: Option<Bytes> = None;
         let mut delivered = 0u64;
+        let mut delivered_bytes = 0u64;
         let mut overflowed = 0u64;
         let mut dropped = 0u64;
+        let mut lost: Vec<Arc<Conn>> = Vec::new();
         let mut tally = WriteTally::default();
         let mut direct_writes = 0u64;
         for conn in subs {
+            let (frame, topic_key) = match frames.for_format(conn.format) {
+                Some(frame) if conn.format == Format::Verbatim => (frame, plain_key),
+                Some(frame) => (frame, rtk1_key),
+                None => {
+                    let frame = late_rtk1.get_or_insert_with(|| {
+                        let payload = frame::encoded_payload(&frames.verbatim).unwrap_or_default();
+                        wire::rtk1_pub(topic, None, payload)
+                    });
+                    (&*frame, rtk1_key)
+                }
+            };
             let pushed = match direct {
                 Some(now) => conn.push_or_write(frame.clone(), topic_key, now, &mut tally),
                 None => conn.push(frame.clone(), topic_key),
@@ -252,13 +348,24 @@ impl Shard {
                 Push::QueuedDropping(n) => {
                     delivered += 1;
                     dropped += n;
+                    if conn.format == Format::Rtk1 {
+                        lost.push(conn.clone());
+                    }
                 }
                 Push::Overflow => overflowed += 1,
                 Push::Closed => {}
             }
+            if matches!(
+                pushed,
+                Push::Queued | Push::Written | Push::QueuedDropping(_)
+            ) {
+                delivered_bytes += frame.len() as u64;
+            }
         }
-        self.metrics
-            .add_deliveries(delivered, delivered * frame.len() as u64);
+        for conn in &lost {
+            self.report_lost(conn);
+        }
+        self.metrics.add_deliveries(delivered, delivered_bytes);
         tally.report(&self.metrics);
         if overflowed > 0 {
             self.metrics.add_slow_consumers(overflowed);
@@ -271,6 +378,14 @@ impl Shard {
             direct: direct_writes,
         }
     }
+}
+
+/// The key a frame of the topic interned as `name` is queued under: its address, with
+/// [`POSITIONED`] for a frame whose loss the client must be told about.
+fn topic_key(name: &Arc<str>, positioned: bool) -> TopicKey {
+    let key = Arc::as_ptr(name) as *const u8 as TopicKey;
+    debug_assert_eq!(key & POSITIONED, 0, "an Arc's data is aligned");
+    if positioned { key | POSITIONED } else { key }
 }
 
 /// Starts one shard task and returns the sender of its command channel.

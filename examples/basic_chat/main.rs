@@ -22,6 +22,12 @@
 //!   403/404): the body goes verbatim to every subscriber of the topic on every instance. 202 when
 //!   published, 400 when the body is not JSON, 503 when the broker refused it.
 //! - SIGTERM or Ctrl-C: every client gets close 1001, then the process exits 0.
+//! - `rtk1` (opt-in, `?proto=rtk1` or the `rtk1` WebSocket subprotocol): every frame is a JSON
+//!   envelope (`subscribed`, `pub`, `insufficient_state`, `error`); the rooms `general` and
+//!   `random` keep their last 1 000 messages for 10 minutes (with the in-process broker), so
+//!   `GET /ws/general?token=…&proto=rtk1&since=<offset>&epoch=<epoch>` receives every message
+//!   after that position, then live ones; `{"type":"subscribe","topic":T}` joins another topic
+//!   the user may open. Clients without `proto=rtk1` see exactly the frames above.
 //!
 //! `alloc.rs` sets up the allocator (mimalloc, tuned for a small idle footprint); the chat does
 //! not depend on it.
@@ -38,9 +44,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum_realtime_kit::BuildError;
 use axum_realtime_kit::prelude::*;
 use axum_realtime_kit::prometheus::Prometheus;
+use axum_realtime_kit::{BuildError, TopicPolicy};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -212,8 +218,20 @@ pub fn chat_service(
     redis_url: Option<String>,
     shards: Option<usize>,
 ) -> Result<Arc<WebsocketService<ChatHandler>>, BuildError> {
-    let mut builder =
-        WebsocketService::builder(ChatHandler, Arc::new(AppState)).redis_url(redis_url);
+    let in_process = redis_url.is_none();
+    let mut builder = WebsocketService::builder(ChatHandler, Arc::new(AppState))
+        .redis_url(redis_url)
+        // `rtk1` clients may join more topics with a subscribe command: the same rule.
+        .authorize_topics(validate_topic);
+    if in_process {
+        // The rooms keep their last 1 000 messages for 10 minutes: an `rtk1` client that
+        // reconnects with its position gets what it missed. (History is kept by the
+        // in-process broker.)
+        builder = builder.topic_policy(|topic| {
+            matches!(topic, "general" | "random")
+                .then(|| TopicPolicy::history(1_000, std::time::Duration::from_secs(600)))
+        });
+    }
     if let Some(n) = shards {
         builder = builder.shards(n);
     }
@@ -280,7 +298,7 @@ async fn broadcast(
         return (StatusCode::BAD_REQUEST, "the body must be UTF-8 JSON").into_response();
     }
     match state.service.publish_raw(&topic, body).await {
-        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err(e) => {
             // The detail (the broker's address…) goes to the log, not to the client.
             tracing::warn!(error = %e, %topic, "publish failed");

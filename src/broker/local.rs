@@ -9,29 +9,48 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::PublishError;
+use super::{Pending, PublishError};
 use crate::dispatch::Published;
 use crate::shard::TopicInterest;
 
 #[derive(Debug, Clone)]
 pub(crate) struct LocalBroker {
     tx: mpsc::Sender<Published>,
+    /// Whether topics may have history: then a publish waits for its position.
+    positions: bool,
 }
 
 impl LocalBroker {
-    pub(crate) fn new(tx: mpsc::Sender<Published>) -> Self {
-        Self { tx }
+    pub(crate) fn new(tx: mpsc::Sender<Published>, positions: bool) -> Self {
+        Self { tx, positions }
     }
 
-    pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+    /// Hands `payload` to the dispatcher; with history enabled, the position the dispatcher
+    /// assigns it follows (`None` on a topic without history).
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Pending, PublishError> {
+        let (reply, position) = if self.positions {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         self.tx
             .send(Published {
                 topic: Arc::from(topic),
                 payload,
                 since: std::time::Instant::now(),
+                reply,
             })
             .await
-            .map_err(|_| PublishError::Closed)
+            .map_err(|_| PublishError::Closed)?;
+        Ok(match position {
+            Some(rx) => Pending::Assigning(rx),
+            None => Pending::Known(None),
+        })
     }
 }
 

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::history::Position;
 use crate::shard::TopicInterest;
 
 /// How to reach Redis: the URL, the channel prefix and, for `rediss://`, TLS settings.
@@ -81,6 +82,24 @@ impl std::error::Error for PublishError {
     }
 }
 
+/// The position of a publication the broker accepted: known, or still being assigned by the
+/// dispatcher (which answers before it hands the publication to the shards).
+#[derive(Debug)]
+pub(crate) enum Pending {
+    Known(Option<Position>),
+    Assigning(tokio::sync::oneshot::Receiver<Option<Position>>),
+}
+
+impl Pending {
+    pub(crate) async fn position(self) -> Option<Position> {
+        match self {
+            Self::Known(p) => p,
+            // A payload too large to deliver is dropped unanswered: no position.
+            Self::Assigning(rx) => rx.await.unwrap_or(None),
+        }
+    }
+}
+
 /// The broker an instance runs with.
 #[derive(Debug, Clone)]
 pub(crate) enum BrokerHandle {
@@ -89,11 +108,19 @@ pub(crate) enum BrokerHandle {
 }
 
 impl BrokerHandle {
-    /// Publishes `payload` verbatim on `topic`.
-    pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+    /// Publishes `payload` verbatim on `topic`; its position follows if the topic keeps
+    /// history (the in-process broker only, for now).
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Pending, PublishError> {
         match self {
             Self::Local(b) => b.publish(topic, payload).await,
-            Self::Redis(b) => b.publish(topic, payload).await,
+            Self::Redis(b) => b
+                .publish(topic, payload)
+                .await
+                .map(|()| Pending::Known(None)),
         }
     }
 

@@ -651,6 +651,7 @@ impl Subscriber {
                     topic,
                     payload,
                     since: std::time::Instant::now(),
+                    reply: None,
                 };
                 match self.dispatch.try_send(msg) {
                     Ok(()) => {}

@@ -33,9 +33,10 @@ use tracing::Instrument;
 use crate::frame::close_code;
 use crate::handler::{ConnectionContext, MessageHandler};
 use crate::outbound::{self, Conn, WriteSide};
-use crate::runtime::{Admission, JoinOutcome};
+use crate::runtime::{Admission, JoinOutcome, Rtk1Conn};
 use crate::service::WebsocketService;
 use crate::sink::WsSink;
+use crate::wire::Format;
 
 pub(crate) use read::Inbound;
 
@@ -91,6 +92,14 @@ pub(crate) fn admit<H: MessageHandler>(
     })
 }
 
+/// How a client asked to open its connection: the format it speaks and, for `rtk1`, the
+/// position it recovers its first topic from (an epoch and the last offset it has).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Opening {
+    pub(crate) format: Format,
+    pub(crate) since: Option<(String, u64)>,
+}
+
 /// A spawned connection: its task, and a weak handle on its shared state.
 pub(crate) struct Spawned {
     pub(crate) task: JoinHandle<()>,
@@ -121,13 +130,35 @@ impl<H: MessageHandler> Admitted<H> {
     where
         F: Future<Output = Option<Upgraded>> + Send + 'static,
     {
+        self.join_and_spawn_as(Opening::default(), topic, user_id, socket)
+            .await
+    }
+
+    /// [`join_and_spawn`](Self::join_and_spawn) for a connection opened as `opening` says.
+    pub(crate) async fn join_and_spawn_as<F>(
+        self,
+        opening: Opening,
+        topic: String,
+        user_id: H::UserId,
+        socket: F,
+    ) -> Spawned
+    where
+        F: Future<Output = Option<Upgraded>> + Send + 'static,
+    {
         let Self { service, admission } = self;
-        let conn = service.runtime.new_conn();
+        let conn = service.runtime.new_conn_as(opening.format);
         let weak = Arc::downgrade(&conn);
         let (joined_tx, joined) = oneshot::channel();
         let task = tokio::spawn(async move {
+            // Counted before the join, so publications from then on are framed for `rtk1`.
+            let _rtk1 = (opening.format == Format::Rtk1)
+                .then(|| Rtk1Conn::new(&service.runtime.hub.rtk1_conns));
             // A new connection is in no topic yet: the topic limit cannot refuse it.
-            let subscribed = service.runtime.hub.join(&conn, &topic).await;
+            let subscribed = service
+                .runtime
+                .hub
+                .join_from(&conn, &topic, opening.since)
+                .await;
             let _ = joined_tx.send(());
             match socket.await {
                 Some(socket) => {

@@ -29,7 +29,9 @@ use super::pacing::{Admit, Heartbeat, RateLimiter};
 use crate::frame::{self, Frame, FrameParser, Message, MessageAssembler, OpCode, close_code};
 use crate::handler::{ConnectionContext, MessageHandler};
 use crate::outbound::Conn;
+use crate::runtime::JoinOutcome;
 use crate::service::WebsocketService;
+use crate::wire::Format;
 
 /// Size of one read when the buffer is empty.
 const READ_CHUNK: usize = 4096;
@@ -112,7 +114,7 @@ fn read_tcp(socket: &TcpStream, buf: &mut BytesMut) -> std::io::Result<(usize, u
 /// What the reader works with, for the steps of [`read_loop`].
 struct Reader<'a, H: MessageHandler> {
     service: &'a WebsocketService<H>,
-    conn: &'a Conn,
+    conn: &'a Arc<Conn>,
     ctx: &'a ConnectionContext<H::AppState, H::UserId>,
     inbound: &'a mut Inbound,
     buf: &'a mut BytesMut,
@@ -124,7 +126,7 @@ struct Reader<'a, H: MessageHandler> {
 /// Reads and handles frames until the connection must end.
 pub(super) async fn read_loop<H: MessageHandler>(
     service: &WebsocketService<H>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     ctx: &ConnectionContext<H::AppState, H::UserId>,
     inbound: &mut Inbound,
     buf: &mut BytesMut,
@@ -265,6 +267,17 @@ impl<H: MessageHandler> Reader<'_, H> {
             }
         }
         match message {
+            Message::Text(mut text) if conn.format == Format::Rtk1 && is_command(&text) => {
+                let handled =
+                    AssertUnwindSafe(Box::pin(rtk1_command(service, conn, ctx, &mut text)))
+                        .catch_unwind()
+                        .await;
+                if handled.is_err() {
+                    tracing::error!("the topic rule or the message handler panicked");
+                    conn.close(close_code::INTERNAL_ERROR, "internal error", false);
+                    return Some(End::ServerClosed);
+                }
+            }
             Message::Text(mut text) => {
                 // Boxed: the decode-handle-publish future (a Redis publish among it) is the
                 // largest state of this loop, and a future's size is that of its largest state.
@@ -354,6 +367,92 @@ async fn handle_text<H: MessageHandler>(
         }
         Ok(None) => {}
         Err(e) => send_error(ctx, &e.client_message()),
+    }
+}
+
+/// A command of the `rtk1` protocol; any other message goes to the application's handler.
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Command {
+    /// Join a topic, recovering from a position if given.
+    Subscribe {
+        topic: String,
+        #[serde(default)]
+        since: Option<Since>,
+    },
+    /// Leave a topic.
+    Unsubscribe { topic: String },
+}
+
+/// A position the client has: `{"o":N,"e":E}`.
+#[derive(Debug, serde::Deserialize)]
+struct Since {
+    o: u64,
+    e: String,
+}
+
+/// Whether `text` may be an `rtk1` command: a JSON object that names one (a cheap check, so
+/// the application's messages are parsed only once).
+fn is_command(text: &[u8]) -> bool {
+    let trimmed = text.trim_ascii_start();
+    trimmed.first() == Some(&b'{')
+        && [&b"\"subscribe\""[..], b"\"unsubscribe\""]
+            .iter()
+            .any(|name| text.windows(name.len()).any(|w| w == *name))
+}
+
+/// Runs an `rtk1` `subscribe` or `unsubscribe` command. A message that names a command but is
+/// not one goes to the handler, as any other message.
+async fn rtk1_command<H: MessageHandler>(
+    service: &WebsocketService<H>,
+    conn: &Arc<Conn>,
+    ctx: &ConnectionContext<H::AppState, H::UserId>,
+    text: &mut [u8],
+) {
+    let command = match serde_json::from_slice::<Command>(text) {
+        Ok(command) => command,
+        Err(_) => {
+            Box::pin(handle_text(service, ctx, text)).await;
+            return;
+        }
+    };
+    let hub = &service.runtime.hub;
+    match command {
+        Command::Unsubscribe { topic } => hub.leave(conn, &topic).await,
+        Command::Subscribe { topic, since } => {
+            if let Err(why) = crate::topic::check(&topic, hub.max_topic_len) {
+                send_error(ctx, &format!("subscribe {topic}: {why}"));
+                return;
+            }
+            let Some(rule) = &service.topic_rule else {
+                send_error(ctx, "subscribe commands are not enabled on this server");
+                return;
+            };
+            let allowed = rule(
+                service.app_state.clone(),
+                ctx.user_id.clone(),
+                topic.clone(),
+            )
+            .await;
+            if let Err(status) = allowed {
+                send_error(ctx, &format!("subscribe {topic} refused: {status}"));
+                return;
+            }
+            // A subscribe to a topic the connection is in starts over from the position given
+            // (after `insufficient_state`, say): leave first, so nothing is sent twice.
+            hub.leave(conn, &topic).await;
+            let since = since.map(|s| (s.e, s.o));
+            match hub.join_from(conn, &topic, since).await {
+                JoinOutcome::Subscribed | JoinOutcome::Gone => {}
+                JoinOutcome::TooManyTopics => {
+                    send_error(ctx, &format!("subscribe {topic}: too many topics"));
+                }
+                JoinOutcome::Refused(why) => {
+                    tracing::warn!(reason = %why, %topic, "the broker refused a topic");
+                    send_error(ctx, &format!("subscribe {topic}: refused by the broker"));
+                }
+            }
+        }
     }
 }
 

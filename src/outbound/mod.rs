@@ -49,12 +49,13 @@ use uuid::Uuid;
 
 use crate::frame;
 use crate::metrics::Metrics;
+use crate::wire::Format;
 use gate::Pace;
 use queue::{Limits, Queue, Queued};
 
 pub(crate) use gate::{Delivered, DirectGate};
 pub use queue::SlowConsumerPolicy;
-pub(crate) use queue::{DEFAULT_CEILING_FACTOR, DEFAULT_GRACE, NO_TOPIC, TopicKey};
+pub(crate) use queue::{DEFAULT_CEILING_FACTOR, DEFAULT_GRACE, NO_TOPIC, POSITIONED, TopicKey};
 pub(crate) use writer::{WriteSide, spawn as spawn_writer};
 
 /// What happened to a frame handed to [`Conn::push`].
@@ -129,6 +130,8 @@ pub(crate) struct Conn {
     pub(crate) id: Uuid,
     /// Index of the shard that owns this connection.
     pub(crate) shard: usize,
+    /// The format its frames are sent in, for its whole life.
+    pub(crate) format: Format,
     limits: Limits,
     policy: SlowConsumerPolicy,
     state: Mutex<State>,
@@ -150,6 +153,7 @@ impl Conn {
         Self {
             id,
             shard,
+            format: Format::Verbatim,
             limits: Limits {
                 bound: max_queue_bytes,
                 ceiling: max_queue_bytes.saturating_mul(DEFAULT_CEILING_FACTOR),
@@ -171,6 +175,18 @@ impl Conn {
         }
         self.limits.grace = grace;
         self
+    }
+
+    /// Sets the format the connection's frames are sent in.
+    pub(crate) fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The positioned topics (keys with [`POSITIONED`]) of which the slow-consumer policy
+    /// dropped a frame since the last call.
+    pub(crate) fn take_lost(&self) -> Vec<TopicKey> {
+        self.lock().queue.take_lost()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -441,6 +457,30 @@ mod tests {
         timeout: TEN_S,
         check_every: TEN_S,
     };
+
+    /// Dropping a positioned frame records its topic once; dropping any other records nothing.
+    #[test]
+    fn dropped_positioned_frames_are_recorded_by_topic() {
+        for policy in [
+            SlowConsumerPolicy::DropOldest,
+            SlowConsumerPolicy::LatestPerTopic,
+        ] {
+            let conn = Conn::new(Uuid::nil(), 0, 10, policy);
+            let (plain, positioned) = (16 as TopicKey, 32 | POSITIONED);
+            conn.push(Bytes::from_static(b"aaaa"), plain);
+            conn.push(Bytes::from_static(b"bbbb"), plain);
+            assert!(matches!(
+                conn.push(Bytes::from_static(b"cccc"), plain),
+                Push::QueuedDropping(_)
+            ));
+            assert!(conn.take_lost().is_empty(), "{policy:?}");
+            for _ in 0..3 {
+                conn.push(Bytes::from_static(b"dddd"), positioned);
+            }
+            assert_eq!(conn.take_lost(), vec![positioned], "{policy:?}");
+            assert!(conn.take_lost().is_empty());
+        }
+    }
 
     #[test]
     fn queue_is_bounded_in_bytes() {

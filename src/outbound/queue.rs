@@ -66,6 +66,11 @@ pub enum SlowConsumerPolicy {
 /// [`NO_TOPIC`] for direct frames. Only compared, never dereferenced.
 pub(crate) type TopicKey = usize;
 pub(crate) const NO_TOPIC: TopicKey = 0;
+/// Set in a [`TopicKey`] (whose address bits are aligned, so the lowest is free) when the frame
+/// has a position the client tracks (`rtk1` on a topic with history): dropping it leaves the
+/// client with a gap it must be told about, so the queue records its topic in
+/// [`Queue::lost`].
+pub(crate) const POSITIONED: TopicKey = 1;
 
 /// Most control frames of one kind (pong, ping) waiting to be written.
 pub(super) const MAX_PENDING_CONTROL: usize = 16;
@@ -126,6 +131,9 @@ pub(super) struct Queue {
     /// Close frame to send once `data` is written; after it nothing else is accepted. An empty
     /// frame marks a failed socket: nothing is written any more.
     pub(super) close: Option<Bytes>,
+    /// Topics (keys with [`POSITIONED`]) of which a positioned frame was dropped since the last
+    /// [`take_lost`](Self::take_lost): each at most once, so at most one per joined topic.
+    lost: Vec<TopicKey>,
 }
 
 impl Queue {
@@ -181,11 +189,13 @@ impl Queue {
                 SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::LatestPerTopic => {
                     while self.held() + frame.len() > max_bytes {
                         match self.data.pop_front() {
-                            Some((_, old)) => {
+                            Some((key, old)) => {
                                 self.data_bytes -= old.len();
                                 dropped += 1;
+                                self.lose(key);
                             }
                             None if frame.len() > max_bytes => {
+                                self.lose(topic);
                                 return Queued::DroppedItself { dropped };
                             }
                             // Only what the writer holds is left: keep the newest frame.
@@ -204,6 +214,18 @@ impl Queue {
             self.peak = held;
         }
         Queued::Yes { dropped }
+    }
+
+    /// Records that a frame of `key` was dropped, if it was positioned.
+    fn lose(&mut self, key: TopicKey) {
+        if key & POSITIONED != 0 && !self.lost.contains(&key) {
+            self.lost.push(key);
+        }
+    }
+
+    /// The positioned topics that lost a frame since the last call.
+    pub(super) fn take_lost(&mut self) -> Vec<TopicKey> {
+        std::mem::take(&mut self.lost)
     }
 
     /// Drops the queued data and queues the 1008 close (policy `Close`).
@@ -310,6 +332,9 @@ impl Queue {
                 kept.push_front((topic, frame));
             } else {
                 self.data_bytes -= frame.len();
+                if topic & POSITIONED != 0 && !self.lost.contains(&topic) {
+                    self.lost.push(topic);
+                }
             }
         }
         self.data = kept;

@@ -22,10 +22,11 @@ use fastwebsockets::upgrade::{IncomingUpgrade, UpgradeFut};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::connection::{self, Inbound, Refused, Upgraded};
+use crate::connection::{self, Inbound, Opening, Refused, Upgraded};
 use crate::handler::MessageHandler;
 use crate::outbound::WriteSide;
 use crate::service::WebsocketService;
+use crate::wire::Format;
 
 /// Extracts a WebSocket upgrade request.
 ///
@@ -35,6 +36,47 @@ use crate::service::WebsocketService;
 pub struct WebSocketUpgrade {
     inner: Result<IncomingUpgrade, StatusCode>,
     origin: Origin,
+    /// What the client asked to speak (`rtk1` or not), or why its request is invalid.
+    opening: Result<Opening, &'static str>,
+    /// The client asked for `rtk1` in `Sec-WebSocket-Protocol`: the answer echoes it.
+    rtk1_header: bool,
+}
+
+/// Reads the `rtk1` opt-in: `proto=rtk1` in the query (with `since=<offset>&epoch=<epoch>` to
+/// recover) or `rtk1` among the `Sec-WebSocket-Protocol` header's values.
+fn opening_of(parts: &Parts, rtk1_header: bool) -> Result<Opening, &'static str> {
+    let (mut proto, mut since, mut epoch) = (None, None, None);
+    for pair in parts.uri.query().unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "proto" => proto = Some(value),
+            "since" => since = Some(value),
+            "epoch" => epoch = Some(value),
+            _ => {}
+        }
+    }
+    let rtk1 = match proto {
+        Some("rtk1") => true,
+        Some(_) => return Err("unknown proto: only proto=rtk1 is supported"),
+        None => rtk1_header,
+    };
+    if !rtk1 {
+        return Ok(Opening::default());
+    }
+    let since = match (since, epoch) {
+        (None, None) => None,
+        (Some(o), Some(e)) if !e.is_empty() && e.len() <= 64 => {
+            let o = o
+                .parse::<u64>()
+                .map_err(|_| "since must be an offset (an unsigned integer)")?;
+            Some((e.to_string(), o))
+        }
+        _ => return Err("since and epoch go together: since=<offset>&epoch=<epoch>"),
+    };
+    Ok(Opening {
+        format: Format::Rtk1,
+        since,
+    })
 }
 
 /// The request's `Origin` header, for the allow-list.
@@ -114,9 +156,12 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
         } else {
             Err(StatusCode::BAD_REQUEST)
         };
+        let rtk1_header = header_has(parts, "sec-websocket-protocol", "rtk1");
         Ok(Self {
             inner,
             origin: Origin::of(parts),
+            opening: opening_of(parts, rtk1_header),
+            rtk1_header,
         })
     }
 }
@@ -135,7 +180,9 @@ fn header_has(parts: &Parts, name: &str, token: &str) -> bool {
 /// [`allowed_origins`](crate::ws::service::WebsocketServiceBuilder::allowed_origins) set, refuses
 /// with 403 a request whose `Origin` is not listed; refuses with 400 a topic name that is not
 /// allowed; runs `validator` (your topic check, e.g. 403 for someone else's private topic, 404
-/// for an unknown one); refuses a request that is not a WebSocket upgrade with 400; then answers
+/// for an unknown one); refuses with 400 an invalid `rtk1` request (`proto` other than `rtk1`,
+/// `since` without `epoch` or not a number); refuses a request that is not a WebSocket upgrade
+/// with 400; then answers
 /// `101 Switching Protocols` and runs the connection in a task of its own.
 pub async fn upgrade_handler<H, V, F>(
     ws: WebSocketUpgrade,
@@ -167,6 +214,10 @@ where
         tracing::debug!(%status, %topic, "upgrade refused by validator");
         return status.into_response();
     }
+    let opening = match ws.opening {
+        Ok(opening) => opening,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+    };
     let upgrade = match ws.inner {
         Ok(upgrade) => upgrade,
         Err(status) => return (status, "expected a WebSocket upgrade request").into_response(),
@@ -186,9 +237,16 @@ where
     };
     // Subscribed before the 101 goes out; the connection runs once the upgrade completes.
     admitted
-        .join_and_spawn(topic, user_id, upgraded_socket(fut))
+        .join_and_spawn_as(opening, topic, user_id, upgraded_socket(fut))
         .await;
-    response.map(Body::new)
+    let mut response = response.map(Body::new);
+    if ws.rtk1_header {
+        response.headers_mut().insert(
+            axum::http::header::SEC_WEBSOCKET_PROTOCOL,
+            axum::http::HeaderValue::from_static("rtk1"),
+        );
+    }
+    response
 }
 
 /// Waits for the HTTP upgrade to complete and recovers its socket; `None` if it never

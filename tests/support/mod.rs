@@ -205,6 +205,16 @@ pub async fn try_connect(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, Option<Client>) {
+    let (status, _, client) = try_connect_head(addr, path, headers).await;
+    (status, client)
+}
+
+/// [`try_connect`], with the response's head (status line and headers).
+pub async fn try_connect_head(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Option<Client>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let mut req = format!(
@@ -232,14 +242,14 @@ pub async fn try_connect(
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     if status != 101 {
-        return (status, None);
+        return (status, head, None);
     }
     assert!(
         head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "wrong Sec-WebSocket-Accept in {head}"
     );
     buf.drain(..head_end);
-    (status, Some(Client { stream, buf }))
+    (status, head, Some(Client { stream, buf }))
 }
 
 /// Connects to `/ws/{topic}?token=…` and expects 101.
