@@ -167,6 +167,18 @@ pub async fn serve_chat(service: Arc<WebsocketService<chat::ChatHandler>>) -> Se
     Server { addr, service }
 }
 
+/// Checks that a service whose broker cannot connect never gets ready: it keeps failing to
+/// connect (counted as reconnects) and publishes are refused.
+pub async fn assert_stays_unready(service: &Arc<WebsocketService<chat::ChatHandler>>) {
+    let svc = service.clone();
+    wait_until("three failed connection attempts", move || {
+        svc.metrics().broker_reconnects >= 3
+    })
+    .await;
+    assert!(!service.is_ready());
+    assert!(service.publish_raw("general", "{}").await.is_err());
+}
+
 /// Polls `cond` every 10 ms until it holds; fails the test after [`WAIT`].
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let ok = tokio::time::timeout(WAIT, async {

@@ -35,24 +35,25 @@ pub fn start_redis(test: &str) -> Option<RedisServer> {
     start_redis_with(test, Listen::Tcp(Vec::new()))
 }
 
-/// Whether `redis-server` can be run; says so loudly when it cannot (see [`start_redis`]).
-fn installed(test: &str) -> bool {
-    let found = Command::new("redis-server")
+/// Whether `program` (`redis-server`, `redis-sentinel`: the Debian package has its name) can be
+/// run; says so loudly when it cannot (see [`start_redis`]).
+fn installed(test: &str, program: &str) -> bool {
+    let found = Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
         .status()
         .is_ok();
     if !found {
         if std::env::var("RTK_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-            panic!("{test}: redis-server not found and RTK_REQUIRE_REDIS=1");
+            panic!("{test}: {program} not found and RTK_REQUIRE_REDIS=1");
         }
         // Straight to the stderr handle: the test harness captures `eprintln!` of passing tests,
         // and a skip must be seen.
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),
-            "\n*** SKIPPED {test}: redis-server is not installed. \
-             Install it (Debian: apt-get install redis-server) to run the Redis tests. ***\n"
+            "\n*** SKIPPED {test}: {program} is not installed. \
+             Install it (Debian: apt-get install {program}) to run the Redis tests. ***\n"
         );
     }
     found
@@ -60,7 +61,7 @@ fn installed(test: &str) -> bool {
 
 /// [`start_redis`] with another listener.
 pub fn start_redis_with(test: &str, listen: Listen) -> Option<RedisServer> {
-    if !installed(test) {
+    if !installed(test, "redis-server") {
         return None;
     }
     let mut server = RedisServer {
@@ -203,21 +204,7 @@ pub struct SentinelServer {
 }
 
 pub fn start_sentinel(test: &str, primary_port: u16, service: &str) -> Option<SentinelServer> {
-    let found = Command::new("redis-sentinel")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        if std::env::var("RTK_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-            panic!("{test}: redis-sentinel not found and RTK_REQUIRE_REDIS=1");
-        }
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** SKIPPED {test}: redis-sentinel is not installed. \
-             Install it (Debian: apt-get install redis-sentinel) to run the Sentinel tests. ***\n"
-        );
+    if !installed(test, "redis-sentinel") {
         return None;
     }
     let port = super::free_port();
