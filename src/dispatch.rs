@@ -50,6 +50,8 @@ pub(crate) struct Published {
     pub(crate) payload: Bytes,
     /// When the broker received it.
     pub(crate) since: Instant,
+    /// The position the broker assigned (Redis), if any.
+    pub(crate) position: Option<Position>,
     /// Told the publication's position (`None` on a topic without history).
     pub(crate) reply: Option<oneshot::Sender<Option<Position>>>,
 }
@@ -107,6 +109,9 @@ pub(crate) struct Dispatcher {
     /// Connections speaking `rtk1` now: while there are none, topics without history are
     /// framed verbatim only.
     rtk1_conns: Arc<AtomicUsize>,
+    /// Positions come with the publications (Redis assigns them); the history is then a cache
+    /// of the recent ones.
+    broker_positions: bool,
 }
 
 impl Dispatcher {
@@ -134,6 +139,7 @@ impl Dispatcher {
                 bytes: max_frame / 2,
             },
             rtk1_conns: Arc::default(),
+            broker_positions: false,
         }
     }
 
@@ -148,6 +154,12 @@ impl Dispatcher {
         self.streams = streams;
         self.recovery = recovery;
         self.rtk1_conns = rtk1_conns;
+        self
+    }
+
+    /// Takes positions from the broker instead of assigning them.
+    pub(crate) fn broker_positions(mut self) -> Self {
+        self.broker_positions = true;
         self
     }
 
@@ -194,10 +206,13 @@ impl Dispatcher {
     fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>) {
         let verbatim = self.frame_for(&msg.payload);
         let now = Instant::now();
-        let position = if self.streams.enabled() {
-            self.streams.next_position(&msg.topic, now)
-        } else {
-            None
+        let position = match &msg.position {
+            Some(p) if self.streams.observe(&msg.topic, p, now) => Some(p.clone()),
+            Some(_) => None,
+            None if self.streams.enabled() && !self.broker_positions => {
+                self.streams.next_position(&msg.topic, now)
+            }
+            None => None,
         };
         let rtk1 = (position.is_some() || self.rtk1_conns.load(Ordering::Relaxed) > 0)
             .then(|| wire::rtk1_pub(&msg.topic, position.as_ref(), &msg.payload));

@@ -226,6 +226,29 @@ impl Streams {
         Some(stream.position())
     }
 
+    /// Takes `position`, assigned elsewhere (by Redis), as `topic`'s new top; false for a topic
+    /// without a policy. A position of another epoch, or one that does not follow the top, starts
+    /// the kept publications over: the cache never has a hole, so a recovery it cannot serve
+    /// whole is refused, never partial.
+    pub(crate) fn observe(&mut self, topic: &str, position: &Position, now: Instant) -> bool {
+        let Some(stream) = self.stream(topic, now) else {
+            return false;
+        };
+        let mut freed = (0, 0);
+        if *stream.epoch != *position.epoch || position.offset != stream.top + 1 {
+            freed = (
+                stream.entries.len(),
+                stream.entries.iter().map(Entry::bytes).sum(),
+            );
+            stream.entries.clear();
+            stream.epoch = Arc::from(position.epoch.as_str());
+        }
+        stream.top = position.offset;
+        stream.touched = now;
+        self.forget(freed);
+        true
+    }
+
     /// Keeps the frames of the publication at `offset` of `topic`, trimming the stream to its
     /// size and the store to its byte cap.
     pub(crate) fn keep(&mut self, topic: &str, offset: u64, frames: Frames, now: Instant) {
@@ -440,7 +463,7 @@ impl Streams {
 }
 
 /// A new epoch: 8 random characters from `[0-9a-z]`.
-fn new_epoch() -> Arc<str> {
+pub(crate) fn new_epoch() -> Arc<str> {
     let mut n = uuid::Uuid::new_v4().as_u64_pair().0;
     let mut s = String::with_capacity(8);
     for _ in 0..8 {

@@ -1,0 +1,143 @@
+//! Positioned topics over Redis, each test with its own redis-server: Redis assigns the
+//! positions, every instance delivers them, and recovery works on any instance that received
+//! the publications. Publications are counted by offset and by the sequence number inside
+//! the payload.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum_realtime_kit::TopicPolicy;
+use serde_json::{Value, json};
+use support::redis_server::start_redis;
+use support::{ALICE, BOB, Client, Server, serve_chat, try_connect};
+
+/// An instance on `url` whose topics starting with `pos` keep 5 000 publications.
+async fn instance(url: String) -> Server {
+    let policy = TopicPolicy::history(5_000, Duration::from_secs(60));
+    let service = support::chat::builder()
+        .shards(2)
+        .recovery_max_publications(1_000)
+        .topic_policy(move |topic| topic.starts_with("pos").then(|| policy.clone()))
+        .redis_url(Some(url))
+        .build();
+    let server = serve_chat(service).await;
+    let ready = server.service.clone();
+    support::wait_until("instance ready", move || ready.is_ready()).await;
+    server
+}
+
+/// Opens `topic` speaking `rtk1`, recovering from `since` (epoch, offset) if given.
+async fn rtk1(addr: SocketAddr, topic: &str, since: Option<(&str, u64)>) -> Client {
+    let mut path = format!("/ws/{topic}?token={ALICE}&proto=rtk1");
+    if let Some((epoch, offset)) = since {
+        path.push_str(&format!("&since={offset}&epoch={epoch}"));
+    }
+    let (status, client) = try_connect(addr, &path, &[]).await;
+    assert_eq!(status, 101, "upgrade to {path} refused");
+    client.unwrap()
+}
+
+async fn subscribed(c: &mut Client, topic: &str) -> Value {
+    let m = c.recv_json().await;
+    assert_eq!(m["type"], "subscribed", "{m}");
+    assert_eq!(m["topic"], topic, "{m}");
+    m
+}
+
+/// The next message, which must be a `pub` of `topic`: its offset, epoch and payload's `n`.
+async fn next_pub(c: &mut Client, topic: &str) -> (u64, String, u64) {
+    let m = c.recv_json().await;
+    assert_eq!(m["type"], "pub", "{m}");
+    assert_eq!(m["topic"], topic, "{m}");
+    (
+        m["o"].as_u64().expect("an offset"),
+        m["e"].as_str().expect("an epoch").to_owned(),
+        m["d"]["n"].as_u64().expect("payload with n"),
+    )
+}
+
+/// Publications on instance B get positions from Redis, in order, with one epoch; a client on
+/// instance A receives them with those positions, drops, misses 500 published on B and
+/// reconnects to A with its position: it gets exactly those 500, in order, then live ones.
+/// A plain client gets the payloads verbatim, and a payload another program PUBLISHes on the
+/// channel reaches both without a position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
+    let Some(redis) = start_redis("positions_come_from_redis_and_a_client_recovers") else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let mut plain = support::connect(a.addr, "pos-r", BOB).await;
+    let mut c = rtk1(a.addr, "pos-r", None).await;
+    let s = subscribed(&mut c, "pos-r").await;
+    assert_eq!(s["recoverable"], true, "{s}");
+
+    let mut epoch = None;
+    for n in 1..=10u64 {
+        let p = b
+            .service
+            .publish("pos-r", &json!({ "n": n }))
+            .await
+            .unwrap();
+        let p = p.expect("a position from Redis");
+        assert_eq!(p.offset, n);
+        assert_eq!(epoch.get_or_insert_with(|| p.epoch.clone()), &p.epoch);
+        let (o, e, got) = next_pub(&mut c, "pos-r").await;
+        assert_eq!((o, got), (n, n));
+        assert_eq!(e, p.epoch);
+        assert_eq!(plain.recv_json().await, json!({ "n": n }));
+    }
+    let epoch = epoch.unwrap();
+    c.abort();
+    for n in 11..=510u64 {
+        b.service
+            .publish("pos-r", &json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    // The plain client receives them all: instance A has them too.
+    for n in 11..=510u64 {
+        assert_eq!(plain.recv_json().await, json!({ "n": n }));
+    }
+    let mut c = rtk1(a.addr, "pos-r", Some((&epoch, 10))).await;
+    let s = subscribed(&mut c, "pos-r").await;
+    assert_eq!(s["recovered"], true, "{s}");
+    assert_eq!(s["o"], 10, "{s}");
+    for n in 11..=510u64 {
+        assert_eq!(next_pub(&mut c, "pos-r").await, (n, epoch.clone(), n));
+    }
+    let p = b
+        .service
+        .publish("pos-r", &json!({ "n": 511 }))
+        .await
+        .unwrap();
+    assert_eq!(p.map(|p| p.offset), Some(511));
+    assert_eq!(next_pub(&mut c, "pos-r").await, (511, epoch.clone(), 511));
+    assert_eq!(plain.recv_json().await, json!({ "n": 511 }));
+
+    let mut r = redis.client().await;
+    let _: i64 = redis::AsyncCommands::publish(&mut r, "pos-r", "raw")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type":"pub","topic":"pos-r","d":"raw"})
+    );
+    let f = plain.recv_frame().await.unwrap();
+    assert_eq!((f.opcode, &f.payload[..]), (0x1, &b"raw"[..]));
+
+    // A position of another epoch, or more missed than a recovery re-sends: not recovered.
+    let mut other = rtk1(a.addr, "pos-r", Some(("another", 3))).await;
+    let s = subscribed(&mut other, "pos-r").await;
+    assert_eq!(
+        (s["was_recovering"].clone(), s["recovered"].clone()),
+        (json!(true), json!(false)),
+        "{s}"
+    );
+    let mut far = rtk1(b.addr, "pos-r", Some((&epoch, 0))).await;
+    let s = subscribed(&mut far, "pos-r").await;
+    assert_eq!(s["recovered"], false, "{s}");
+}
