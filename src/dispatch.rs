@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::frame;
-use crate::history::{HistoryPage, Position, RecoveryLimits, Streams};
+use crate::history::{HistoryPage, Observed, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
 use crate::shard::Command;
@@ -203,12 +203,19 @@ impl Dispatcher {
 
     /// Frames one publication in every format needed, assigning its position on a topic with
     /// history (and keeping it there).
-    fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>) {
+    fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>, bool) {
+        let mut gap = false;
         let verbatim = self.frame_for(&msg.payload);
         let now = Instant::now();
         let position = match &msg.position {
-            Some(p) if self.streams.observe(&msg.topic, p, now) => Some(p.clone()),
-            Some(_) => None,
+            Some(p) => match self.streams.observe(&msg.topic, p, now) {
+                Observed::NoPolicy => None,
+                Observed::Follows => Some(p.clone()),
+                Observed::Gap => {
+                    gap = true;
+                    Some(p.clone())
+                }
+            },
             None if self.streams.enabled() && !self.broker_positions => {
                 self.streams.next_position(&msg.topic, now)
             }
@@ -226,7 +233,7 @@ impl Dispatcher {
             None if self.streams.enabled() => self.metrics.unpositioned_publish(),
             None => {}
         }
-        (frames, position)
+        (frames, position, gap)
     }
 
     /// Sends one message to every shard, in order. Waits only when a shard's channel is full.
@@ -235,11 +242,16 @@ impl Dispatcher {
             self.oversized(&msg);
             return;
         }
-        let (frames, position) = self.frames_for(&msg);
+        let (frames, position, gap) = self.frames_for(&msg);
         if let Some(reply) = msg.reply.take() {
             let _ = reply.send(position);
         }
         for shard in self.shards.iter() {
+            if gap {
+                // Ahead of this publication: its subscribers missed the ones before it.
+                let topic = msg.topic.clone();
+                let _ = shard.send(Command::Lost { topic }).await;
+            }
             let _ = shard
                 .send(Command::Deliver {
                     topic: msg.topic.clone(),

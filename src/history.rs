@@ -75,6 +75,17 @@ pub struct Position {
     pub epoch: String,
 }
 
+/// How a position assigned elsewhere fits the stream this instance saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Observed {
+    /// The topic has no policy.
+    NoPolicy,
+    /// The next offset of the same epoch (or the first position seen).
+    Follows,
+    /// Offsets were skipped or the epoch changed: subscribers missed publications.
+    Gap,
+}
+
 /// One publication read back from history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -168,6 +179,9 @@ pub(crate) struct Streams {
     kept: usize,
     bytes: usize,
     max_bytes: usize,
+    /// Positions are assigned elsewhere (Redis) and taken with [`observe`](Self::observe): a
+    /// stream this instance has not seen a publication of yet has an empty epoch.
+    external: bool,
 }
 
 impl std::fmt::Debug for Streams {
@@ -189,7 +203,14 @@ impl Streams {
             kept: 0,
             bytes: 0,
             max_bytes,
+            external: false,
         }
+    }
+
+    /// Streams whose positions are assigned elsewhere (see [`observe`](Self::observe)).
+    pub(crate) fn external(mut self) -> Self {
+        self.external = true;
+        self
     }
 
     /// Whether any topic can have a policy at all.
@@ -207,7 +228,11 @@ impl Streams {
                 Stream {
                     name,
                     policy,
-                    epoch: new_epoch(),
+                    epoch: if self.external {
+                        Arc::from("")
+                    } else {
+                        new_epoch()
+                    },
                     top: 0,
                     entries: VecDeque::new(),
                     touched: now,
@@ -226,27 +251,32 @@ impl Streams {
         Some(stream.position())
     }
 
-    /// Takes `position`, assigned elsewhere (by Redis), as `topic`'s new top; false for a topic
-    /// without a policy. A position of another epoch, or one that does not follow the top, starts
-    /// the kept publications over: the cache never has a hole, so a recovery it cannot serve
-    /// whole is refused, never partial.
-    pub(crate) fn observe(&mut self, topic: &str, position: &Position, now: Instant) -> bool {
+    /// Takes `position`, assigned elsewhere (by Redis), as `topic`'s new top. A position of
+    /// another epoch, or one that does not follow the top, starts the kept publications over
+    /// ([`Observed::Gap`]): the cache never has a hole, so a recovery it cannot serve whole is
+    /// refused, never partial.
+    pub(crate) fn observe(&mut self, topic: &str, position: &Position, now: Instant) -> Observed {
         let Some(stream) = self.stream(topic, now) else {
-            return false;
+            return Observed::NoPolicy;
         };
         let mut freed = (0, 0);
-        if *stream.epoch != *position.epoch || position.offset != stream.top + 1 {
+        let mut seen = Observed::Follows;
+        if stream.epoch.is_empty() {
+            // The first position this instance sees: its subscribers joined without one.
+            stream.epoch = Arc::from(position.epoch.as_str());
+        } else if *stream.epoch != *position.epoch || position.offset != stream.top + 1 {
             freed = (
                 stream.entries.len(),
                 stream.entries.iter().map(Entry::bytes).sum(),
             );
             stream.entries.clear();
             stream.epoch = Arc::from(position.epoch.as_str());
+            seen = Observed::Gap;
         }
         stream.top = position.offset;
         stream.touched = now;
         self.forget(freed);
-        true
+        seen
     }
 
     /// Keeps the frames of the publication at `offset` of `topic`, trimming the stream to its

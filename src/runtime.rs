@@ -217,13 +217,13 @@ impl Runtime {
             count: config.recovery_max_publications,
             bytes: config.outbound_queue_bytes / 2,
         };
+        let mut streams = Streams::new(policy, config.history_max_bytes);
+        if from_redis {
+            streams = streams.external();
+        }
         let mut dispatcher =
             Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
-                .with_positions(
-                    Streams::new(policy, config.history_max_bytes),
-                    recovery,
-                    rtk1_conns.clone(),
-                );
+                .with_positions(streams, recovery, rtk1_conns.clone());
         if from_redis {
             dispatcher = dispatcher.broker_positions();
         }

@@ -141,3 +141,82 @@ async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
     let s = subscribed(&mut far, "pos-r").await;
     assert_eq!(s["recovered"], false, "{s}");
 }
+
+/// Redis restarted without persistence forgets the stream: the next publication starts a new
+/// epoch. A client positioned on the old one is told `insufficient_state` before anything of
+/// the new one, never handed a silent gap; subscribing again with its old position is not a
+/// recovery, and it continues in the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_stream_gives_insufficient_state_not_a_gap() {
+    let Some(mut redis) = start_redis("a_redis_that_lost_the_stream_gives_insufficient_state")
+    else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let mut c = rtk1(a.addr, "pos-x", None).await;
+    subscribed(&mut c, "pos-x").await;
+    let mut epoch = String::new();
+    for n in 1..=5u64 {
+        b.service
+            .publish("pos-x", &json!({ "n": n }))
+            .await
+            .unwrap();
+        let (o, e, got) = next_pub(&mut c, "pos-x").await;
+        assert_eq!((o, got), (n, n));
+        epoch = e;
+    }
+    redis.restart();
+    // Publish until instance A delivers again; each publish either succeeds or fails, bounded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (service, stop) = (b.service.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            for n in 6..2_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if service.publish("pos-x", &json!({ "n": n })).await.is_ok() {
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            sent
+        })
+    };
+    let m = c.recv_json().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(m, json!({"type":"insufficient_state","topic":"pos-x"}));
+    let sent = tokio::time::timeout(support::WAIT, publisher)
+        .await
+        .expect("publisher ends")
+        .unwrap();
+    assert!(sent > 0);
+    assert!(a.service.metrics().insufficient_state_broker_gap >= 1);
+
+    let mut again = rtk1(a.addr, "pos-x", Some((&epoch, 5))).await;
+    let s = subscribed(&mut again, "pos-x").await;
+    assert_eq!(s["was_recovering"], true, "{s}");
+    assert_eq!(s["recovered"], false, "{s}");
+    assert_ne!(s["e"], epoch.as_str(), "{s}");
+    let mut expect = s["o"].as_u64().unwrap() + 1;
+    let new_epoch = s["e"].as_str().unwrap().to_owned();
+    let p = b
+        .service
+        .publish("pos-x", &json!({ "n": 9_999 }))
+        .await
+        .unwrap();
+    let p = p.expect("a position");
+    assert_eq!(p.epoch, new_epoch);
+    // Publications still on their way to instance A may come first, each the next offset.
+    loop {
+        let (o, e, n) = next_pub(&mut again, "pos-x").await;
+        assert_eq!((o, e.as_str()), (expect, new_epoch.as_str()));
+        if n == 9_999 {
+            assert_eq!(o, p.offset);
+            break;
+        }
+        expect += 1;
+    }
+}
