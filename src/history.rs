@@ -10,7 +10,8 @@
 //! [`Streams`] is the in-process store. It is owned by the dispatcher task, the one point that
 //! orders every publication of the instance, so assigning an offset, keeping the frame and
 //! handing it to the shards are one step with no lock (invariants 1 and 3,
-//! docs/architecture.md). Its operations are the seam a shared store (Redis) implements too:
+//! docs/architecture.md). With Redis, Redis assigns positions and this store caches the
+//! publications the instance received ([`Streams::observe`]). Its operations:
 //! assign the next position and keep the frame ([`Streams::next_position`],
 //! [`Streams::keep`]), read a range for a recovery ([`Streams::recover`]), read a page
 //! ([`Streams::page`]), the top ([`Streams::top`]), remove ([`Streams::remove`]) and expire
