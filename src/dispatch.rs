@@ -56,6 +56,39 @@ pub(crate) struct Published {
     pub(crate) reply: Option<oneshot::Sender<Option<Position>>>,
 }
 
+/// Reads the publications `from ..= to` of a topic back from the shared store (Redis): the
+/// stream's epoch there and the `(offset, payload)` pairs.
+#[derive(Clone)]
+pub(crate) struct Fetch(pub(crate) Arc<dyn Fn(Arc<str>, u64, u64) -> FetchFuture + Send + Sync>);
+
+/// The future of one [`Fetch`].
+pub(crate) type FetchFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, String>> + Send>>;
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fetch")
+    }
+}
+
+/// What a [`Fetch`] read: the epoch and the publications.
+pub(crate) type Fetched = (String, Vec<(u64, Bytes)>);
+
+/// A join waiting for the head of its recovery to be read from the shared store.
+#[derive(Debug)]
+struct Waiting {
+    conn: Arc<Conn>,
+    since: (String, u64),
+    max_topics: usize,
+    done: oneshot::Sender<bool>,
+}
+
+/// One read from the shared store: topic, first and last offset.
+type ReadKey = (Arc<str>, u64, u64);
+
+/// A read and what it got.
+type ReadDone = (ReadKey, Result<Fetched, String>);
+
 /// What connections and the service ask the dispatcher, the owner of the history.
 #[derive(Debug)]
 pub(crate) enum Request {
@@ -112,6 +145,15 @@ pub(crate) struct Dispatcher {
     /// Positions come with the publications (Redis assigns them); the history is then a cache
     /// of the recent ones.
     broker_positions: bool,
+    /// Reads what the cache lacks from the shared store (Redis), if there is one.
+    fetch: Option<Fetch>,
+    /// Joins waiting for a read, by read: many clients asking the same range cost one read.
+    waiting: ahash::AHashMap<ReadKey, Vec<Waiting>>,
+    /// Reads that came back. Unbounded, but at most one message per entry of `waiting`.
+    reads: (
+        mpsc::UnboundedSender<ReadDone>,
+        mpsc::UnboundedReceiver<ReadDone>,
+    ),
 }
 
 impl Dispatcher {
@@ -140,6 +182,9 @@ impl Dispatcher {
             },
             rtk1_conns: Arc::default(),
             broker_positions: false,
+            fetch: None,
+            waiting: ahash::AHashMap::new(),
+            reads: mpsc::unbounded_channel(),
         }
     }
 
@@ -157,9 +202,11 @@ impl Dispatcher {
         self
     }
 
-    /// Takes positions from the broker instead of assigning them.
-    pub(crate) fn broker_positions(mut self) -> Self {
+    /// Takes positions from the broker instead of assigning them, and reads a recovery's
+    /// range the cache lacks with `fetch`.
+    pub(crate) fn broker_positions(mut self, fetch: Fetch) -> Self {
         self.broker_positions = true;
+        self.fetch = Some(fetch);
         self
     }
 
@@ -273,26 +320,31 @@ impl Dispatcher {
                 max_topics,
                 done,
             } => {
-                let since_ref = since.as_ref().map(|(e, o)| (e.as_str(), *o));
-                let recovery = self.streams.recover(&topic, since_ref, self.recovery, now);
-                if recovery.subscribed.was_recovering && recovery.subscribed.recoverable {
-                    self.metrics
-                        .recovery(recovery.subscribed.recovered, recovery.frames.len());
+                if let (Some(fetch), Some((epoch, offset))) = (&self.fetch, &since) {
+                    let head =
+                        self.streams
+                            .missing_head(&topic, (epoch, *offset), self.recovery, now);
+                    if let Some((from, to)) = head {
+                        let key = (topic.clone(), from, to);
+                        let waiting = self.waiting.entry(key.clone()).or_default();
+                        if waiting.is_empty() {
+                            let (read, reads) =
+                                ((fetch.0)(topic.clone(), from, to), self.reads.0.clone());
+                            tokio::spawn(async move {
+                                let _ = reads.send((key, read.await));
+                            });
+                        }
+                        waiting.push(Waiting {
+                            conn,
+                            since: (epoch.clone(), *offset),
+                            max_topics,
+                            done,
+                        });
+                        return;
+                    }
                 }
-                let mut prelude = Vec::with_capacity(1 + recovery.frames.len());
-                prelude.push(wire::rtk1_subscribed(&topic, &recovery.subscribed));
-                prelude.extend(recovery.frames);
-                let cmd = Command::Subscribe {
-                    topic,
-                    max_topics,
-                    done,
-                    prelude,
-                    positioned: recovery.subscribed.recoverable,
-                    conn: conn.clone(),
-                };
-                if let Some(shard) = self.shards.get(conn.shard) {
-                    let _ = shard.send(cmd).await;
-                }
+                self.join(conn, topic, since, None, max_topics, done, now)
+                    .await;
             }
             Request::Top { topic, reply } => {
                 let _ = reply.send(self.streams.top(&topic, now));
@@ -309,6 +361,88 @@ impl Dispatcher {
             Request::Remove { topic, reply } => {
                 let _ = reply.send(self.streams.remove(&topic));
             }
+        }
+    }
+
+    /// Subscribes `conn` to `topic` with what it recovers from `since` (with `head`, read from
+    /// the shared store, in front of the cache).
+    #[allow(clippy::too_many_arguments)]
+    async fn join(
+        &mut self,
+        conn: Arc<Conn>,
+        topic: Arc<str>,
+        since: Option<(String, u64)>,
+        head: Option<(u64, Vec<Bytes>)>,
+        max_topics: usize,
+        done: oneshot::Sender<bool>,
+        now: Instant,
+    ) {
+        let since_ref = since.as_ref().map(|(e, o)| (e.as_str(), *o));
+        let recovery = self
+            .streams
+            .recover_with(&topic, since_ref, head, self.recovery, now);
+        if recovery.subscribed.was_recovering && recovery.subscribed.recoverable {
+            self.metrics
+                .recovery(recovery.subscribed.recovered, recovery.frames.len());
+        }
+        let mut prelude = Vec::with_capacity(1 + recovery.frames.len());
+        prelude.push(wire::rtk1_subscribed(&topic, &recovery.subscribed));
+        prelude.extend(recovery.frames);
+        let cmd = Command::Subscribe {
+            topic,
+            max_topics,
+            done,
+            prelude,
+            positioned: recovery.subscribed.recoverable,
+            conn: conn.clone(),
+        };
+        if let Some(shard) = self.shards.get(conn.shard) {
+            let _ = shard.send(cmd).await;
+        }
+    }
+
+    /// A read from the shared store came back: the joins waiting for it recover with it, or
+    /// get `recovered: false` if it failed or is not exactly the range asked.
+    async fn read_done(&mut self, (topic, from, to): ReadKey, res: Result<Fetched, String>) {
+        let Some(waiting) = self.waiting.remove(&(topic.clone(), from, to)) else {
+            return;
+        };
+        let read = match res {
+            Ok((epoch, entries)) => Some((epoch, entries)),
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "reading history from Redis failed");
+                None
+            }
+        };
+        let now = Instant::now();
+        for w in waiting {
+            let frames = read.as_ref().and_then(|(epoch, entries)| {
+                let exact = *epoch == w.since.0
+                    && entries.len() as u64 == to + 1 - from
+                    && entries.iter().zip(from..).all(|((o, _), want)| *o == want);
+                exact.then(|| {
+                    let position = |offset| Position {
+                        offset,
+                        epoch: epoch.clone(),
+                    };
+                    entries
+                        .iter()
+                        .map(|(o, p)| wire::rtk1_pub(&topic, Some(&position(*o)), p))
+                        .collect::<Vec<_>>()
+                })
+            });
+            let head = Some((to, frames.unwrap_or_default()));
+            let since = Some(w.since);
+            self.join(
+                w.conn,
+                topic.clone(),
+                since,
+                head,
+                w.max_topics,
+                w.done,
+                now,
+            )
+            .await;
         }
     }
 
@@ -336,6 +470,7 @@ impl Dispatcher {
                     Some(req) => self.request(req).await,
                     None => requests_open = false,
                 },
+                Some((key, res)) = self.reads.1.recv() => self.read_done(key, res).await,
                 _ = sweep.tick(), if self.streams.enabled() => {
                     self.streams.sweep(Instant::now());
                 }

@@ -348,10 +348,50 @@ impl Streams {
 
     /// What a subscriber of `topic` gets: with `since` (an epoch and the last offset the client
     /// has), every publication after it or none (`recovered: false`) — never part of them.
+    #[cfg(test)]
     pub(crate) fn recover(
         &mut self,
         topic: &str,
         since: Option<(&str, u64)>,
+        limits: RecoveryLimits,
+        now: Instant,
+    ) -> Recovery {
+        self.recover_with(topic, since, None, limits, now)
+    }
+
+    /// The range a recovery from `since` lacks at the head of `topic`'s cache, `(from, to)`
+    /// inclusive, when the rest is there: same epoch (a stream this instance saw publications
+    /// of), not too many missed. Positions assigned elsewhere only: that range can be read back
+    /// from the shared store.
+    pub(crate) fn missing_head(
+        &mut self,
+        topic: &str,
+        (epoch, offset): (&str, u64),
+        limits: RecoveryLimits,
+        now: Instant,
+    ) -> Option<(u64, u64)> {
+        if !self.external {
+            return None;
+        }
+        let stream = self.stream(topic, now)?;
+        let freed = Self::expire(stream, now);
+        let first = stream.first();
+        let fits = !stream.epoch.is_empty()
+            && epoch == &*stream.epoch
+            && offset <= stream.top
+            && stream.top - offset <= limits.count as u64
+            && offset + 1 < first;
+        self.forget(freed);
+        fits.then(|| (offset + 1, first - 1))
+    }
+
+    /// [`recover`](Self::recover), with `head`: the `rtk1` frames of the publications from
+    /// `since`'s offset + 1 to `head.0`, read from the shared store.
+    pub(crate) fn recover_with(
+        &mut self,
+        topic: &str,
+        since: Option<(&str, u64)>,
+        head: Option<(u64, Vec<Bytes>)>,
         limits: RecoveryLimits,
         now: Instant,
     ) -> Recovery {
@@ -380,13 +420,25 @@ impl Streams {
         let mut frames = Vec::new();
         if let Some((epoch, offset)) = since {
             let missed = top.saturating_sub(offset);
+            // The head read from the shared store covers offset + 1 ..= its end.
+            let (after, head) = match head {
+                Some((to, frames)) if to >= offset && frames.len() as u64 == to - offset => {
+                    (to.min(top), frames)
+                }
+                Some(_) => (top + 1, Vec::new()),
+                None => (offset, Vec::new()),
+            };
             let recoverable = epoch == &*stream.epoch
                 && offset <= top
+                && after <= top
                 && missed <= limits.count as u64
-                && offset + 1 >= stream.first();
+                && after + 1 >= stream.first();
             if recoverable {
-                let skip = stream.entries.len() - missed as usize;
-                let mut bytes = 0usize;
+                let cached = top - after;
+                let skip = stream.entries.len() - cached as usize;
+                let mut bytes = head.iter().map(Bytes::len).sum::<usize>();
+                frames = head;
+                frames.truncate((after - offset) as usize);
                 for e in stream.entries.iter().skip(skip) {
                     if let Some(f) = &e.frames.rtk1 {
                         bytes += f.len();

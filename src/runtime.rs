@@ -12,7 +12,7 @@ use crate::broker::{
     BrokerHandle, PublishError, RedisSettings, local::LocalBroker, redis::RedisBroker,
 };
 use crate::config::Config;
-use crate::dispatch::{Dispatcher, Published, Request};
+use crate::dispatch::{Dispatcher, Fetch, Published, Request};
 use crate::frame::close_code;
 use crate::history::{HistoryPage, PolicyRule, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
@@ -224,8 +224,13 @@ impl Runtime {
         let mut dispatcher =
             Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
                 .with_positions(streams, recovery, rtk1_conns.clone());
-        if from_redis {
-            dispatcher = dispatcher.broker_positions();
+        if let BrokerHandle::Redis(redis) = &broker {
+            let redis = redis.clone();
+            let fetch = Fetch(Arc::new(move |topic: Arc<str>, from, to| {
+                let redis = redis.clone();
+                Box::pin(async move { redis.read_range(&topic, from, to).await })
+            }));
+            dispatcher = dispatcher.broker_positions(fetch);
         }
         tokio::spawn(dispatcher.run(pub_rx, req_rx));
         let hub = Arc::new(Hub {

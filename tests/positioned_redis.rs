@@ -15,9 +15,15 @@ use support::{ALICE, BOB, Client, Server, serve_chat, try_connect};
 
 /// An instance on `url` whose topics starting with `pos` keep 5 000 publications.
 async fn instance(url: String) -> Server {
+    instance_caching(url, 64 << 20).await
+}
+
+/// [`instance`], caching at most `bytes` of history in memory.
+async fn instance_caching(url: String, bytes: usize) -> Server {
     let policy = TopicPolicy::history(5_000, Duration::from_secs(60));
     let service = support::chat::builder()
         .shards(2)
+        .history_max_bytes(bytes)
         .recovery_max_publications(1_000)
         .topic_policy(move |topic| topic.starts_with("pos").then(|| policy.clone()))
         .redis_url(Some(url))
@@ -219,4 +225,68 @@ async fn a_redis_that_lost_the_stream_gives_insufficient_state_not_a_gap() {
         }
         expect += 1;
     }
+}
+
+/// Instance A caches only the last few dozen publications. Clients drop after offset 10; 500
+/// are published on instance B; three reconnect to A at once with their position: the range
+/// A's cache lacks is read back from the Redis stream, and each gets exactly offsets 11 to 510,
+/// in order, then live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_the_cache_lacks_is_read_back_from_redis() {
+    let Some(redis) = start_redis("a_range_the_cache_lacks_is_read_back_from_redis") else {
+        return;
+    };
+    let a = instance_caching(redis.url(), 4_096).await;
+    let b = instance(redis.url()).await;
+    // Keeps instance A subscribed to the topic while the others are away.
+    let mut plain = support::connect(a.addr, "pos-h", BOB).await;
+    let mut epoch = String::new();
+    for n in 1..=10u64 {
+        let p = b
+            .service
+            .publish("pos-h", &json!({ "n": n }))
+            .await
+            .unwrap();
+        epoch = p.expect("a position").epoch;
+    }
+    for n in 11..=510u64 {
+        b.service
+            .publish("pos-h", &json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    for n in 1..=510u64 {
+        assert_eq!(plain.recv_json().await, json!({ "n": n }));
+    }
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (addr, epoch) = (a.addr, epoch.clone());
+        clients.push(tokio::spawn(async move {
+            let mut c = rtk1(addr, "pos-h", Some((&epoch, 10))).await;
+            let s = subscribed(&mut c, "pos-h").await;
+            assert_eq!(s["recovered"], true, "{s}");
+            assert_eq!(s["o"], 10, "{s}");
+            for n in 11..=510u64 {
+                assert_eq!(next_pub(&mut c, "pos-h").await, (n, epoch.clone(), n));
+            }
+            c
+        }));
+    }
+    let mut recovered = Vec::new();
+    for c in clients {
+        recovered.push(
+            tokio::time::timeout(support::WAIT, c)
+                .await
+                .expect("recovers")
+                .unwrap(),
+        );
+    }
+    b.service
+        .publish("pos-h", &json!({ "n": 511 }))
+        .await
+        .unwrap();
+    for c in &mut recovered {
+        assert_eq!(next_pub(c, "pos-h").await, (511, epoch.clone(), 511));
+    }
+    assert_eq!(a.service.metrics().recoveries_succeeded, 3);
 }

@@ -37,6 +37,60 @@ redis.call('PUBLISH', ARGV[6], '\255P' .. top .. ' ' .. epoch .. '\n' .. ARGV[2]
 return {top, epoch}
 "#;
 
+/// Reads a range back: KEYS: meta, stream. ARGV: first and last ID. Returns `{epoch or "",
+/// XRANGE reply}`.
+pub(crate) const READ_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
+return {epoch, redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[2])}
+"#;
+
+/// The epoch and `(offset, payload)` pairs of a [`READ_SCRIPT`] reply.
+pub(crate) fn read_reply(v: super::resp::Value) -> Option<(String, Vec<(u64, Bytes)>)> {
+    use super::resp::Value;
+    let Value::Array(Some(mut items)) = v else {
+        return None;
+    };
+    if items.len() != 2 {
+        return None;
+    }
+    let entries = items.pop()?;
+    let epoch = match items.pop()? {
+        Value::Bulk(Some(e)) => String::from_utf8(e.to_vec()).ok()?,
+        _ => return None,
+    };
+    let Value::Array(Some(entries)) = entries else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(Some(mut parts)) = entry else {
+            return None;
+        };
+        if parts.len() != 2 {
+            return None;
+        }
+        let fields = parts.pop()?;
+        let id = match parts.pop()? {
+            Value::Bulk(Some(id)) => id,
+            _ => return None,
+        };
+        let offset: u64 = std::str::from_utf8(&id)
+            .ok()?
+            .strip_suffix("-0")?
+            .parse()
+            .ok()?;
+        let Value::Array(Some(fields)) = fields else {
+            return None;
+        };
+        let payload = match &fields[..] {
+            [Value::Bulk(Some(k)), Value::Bulk(Some(p))] if &k[..] == b"p" => p.clone(),
+            _ => return None,
+        };
+        out.push((offset, payload));
+    }
+    Some((epoch, out))
+}
+
 /// The meta and stream keys of `topic`.
 pub(crate) fn keys(prefix: &str, topic: &str) -> (Bytes, Bytes) {
     let tag = format!("{{{prefix}{topic}}}");

@@ -280,6 +280,28 @@ impl RedisBroker {
         }
     }
 
+    /// Reads the publications `from ..= to` of `topic` from its Redis stream, with the
+    /// stream's epoch.
+    pub(crate) async fn read_range(
+        &self,
+        topic: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<(String, Vec<(u64, Bytes)>), String> {
+        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let cmd = vec![
+            Bytes::from_static(b"EVAL"),
+            Bytes::from_static(positioned::READ_SCRIPT.as_bytes()),
+            Bytes::from_static(b"2"),
+            meta,
+            stream,
+            Bytes::from(format!("{from}-0")),
+            Bytes::from(format!("{to}-0")),
+        ];
+        let value = self.publisher.call(cmd).await.map_err(|e| e.to_string())?;
+        positioned::read_reply(value).ok_or_else(|| "unexpected reply reading history".into())
+    }
+
     /// EVALSHA with `args`; on NOSCRIPT (a restarted or flushed Redis), EVAL, which loads the
     /// script again.
     async fn run_script(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
