@@ -83,6 +83,17 @@ struct Waiting {
     done: oneshot::Sender<bool>,
 }
 
+/// Most publications of one topic held while its skipped offsets are read back.
+const HEAL_HOLD: usize = 10_000;
+
+/// A topic whose skipped offsets `from ..= to` are being read back.
+#[derive(Debug)]
+struct Healing {
+    from: u64,
+    to: u64,
+    held: Vec<Published>,
+}
+
 /// One read from the shared store: topic, first and last offset.
 type ReadKey = (Arc<str>, u64, u64);
 
@@ -149,6 +160,13 @@ pub(crate) struct Dispatcher {
     fetch: Option<Fetch>,
     /// Joins waiting for a read, by read: many clients asking the same range cost one read.
     waiting: ahash::AHashMap<ReadKey, Vec<Waiting>>,
+    /// Topics whose skipped offsets are being read, with the publications held meanwhile.
+    healing: ahash::AHashMap<Arc<str>, Healing>,
+    /// Reads of skipped offsets that came back (at most one per entry of `healing`).
+    heals: (
+        mpsc::UnboundedSender<ReadDone>,
+        mpsc::UnboundedReceiver<ReadDone>,
+    ),
     /// Reads that came back. Unbounded, but at most one message per entry of `waiting`.
     reads: (
         mpsc::UnboundedSender<ReadDone>,
@@ -185,6 +203,8 @@ impl Dispatcher {
             fetch: None,
             waiting: ahash::AHashMap::new(),
             reads: mpsc::unbounded_channel(),
+            healing: ahash::AHashMap::new(),
+            heals: mpsc::unbounded_channel(),
         }
     }
 
@@ -284,7 +304,44 @@ impl Dispatcher {
     }
 
     /// Sends one message to every shard, in order. Waits only when a shard's channel is full.
-    pub(crate) async fn dispatch(&mut self, mut msg: Published) {
+    pub(crate) async fn dispatch(&mut self, msg: Published) {
+        self.dispatch_healing(msg, true).await;
+    }
+
+    /// [`dispatch`](Self::dispatch); with `may_heal`, a publication that skips offsets of the
+    /// epoch the cache follows starts a read of the skipped ones from the shared store, and the
+    /// topic's publications wait behind it (see [`heal_done`](Self::heal_done)).
+    async fn dispatch_healing(&mut self, mut msg: Published, may_heal: bool) {
+        if let Some(healing) = self.healing.get_mut(&msg.topic) {
+            if healing.held.len() < HEAL_HOLD {
+                healing.held.push(msg);
+                return;
+            }
+            // Too many waiting: give the read up; the gap is reported instead.
+            let healing = self.healing.remove(&msg.topic);
+            for held in healing.into_iter().flat_map(|h| h.held) {
+                Box::pin(self.dispatch_healing(held, false)).await;
+            }
+            return Box::pin(self.dispatch_healing(msg, false)).await;
+        }
+        if let (true, Some(fetch), Some(p)) = (may_heal, &self.fetch, &msg.position) {
+            if let Some(top) = self.streams.skips(&msg.topic, p) {
+                let (topic, from, to) = (msg.topic.clone(), top + 1, p.offset - 1);
+                let (read, heals) = ((fetch.0)(topic.clone(), from, to), self.heals.0.clone());
+                tokio::spawn(async move {
+                    let _ = heals.send(((topic, from, to), read.await));
+                });
+                self.healing.insert(
+                    msg.topic.clone(),
+                    Healing {
+                        from,
+                        to,
+                        held: vec![msg],
+                    },
+                );
+                return;
+            }
+        }
         if frame_len(msg.payload.len()) > self.max_frame {
             self.oversized(&msg);
             return;
@@ -306,6 +363,56 @@ impl Dispatcher {
                     since: msg.since,
                 })
                 .await;
+        }
+    }
+
+    /// A read of skipped offsets came back: they are delivered in order, then the publications
+    /// held meanwhile. A read that failed or is not exactly the range leaves the gap to be
+    /// reported (`insufficient_state`).
+    async fn heal_done(&mut self, (topic, from, to): ReadKey, res: Result<Fetched, String>) {
+        if !self
+            .healing
+            .get(&topic)
+            .is_some_and(|h| h.from == from && h.to == to)
+        {
+            return;
+        }
+        let Some(healing) = self.healing.remove(&topic) else {
+            return;
+        };
+        let held_epoch = healing.held.first().and_then(|m| m.position.clone());
+        let healed = match res {
+            Ok((epoch, entries))
+                if held_epoch.is_some_and(|p| p.epoch == epoch)
+                    && entries.len() as u64 == to + 1 - from
+                    && entries.iter().zip(from..).all(|((o, _), want)| *o == want) =>
+            {
+                self.metrics.gap_healed();
+                entries
+                    .into_iter()
+                    .map(|(offset, payload)| Published {
+                        topic: topic.clone(),
+                        payload,
+                        position: Some(Position {
+                            offset,
+                            epoch: epoch.clone(),
+                        }),
+                        since: Instant::now(),
+                        reply: None,
+                    })
+                    .collect()
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "reading skipped publications from Redis failed");
+                Vec::new()
+            }
+        };
+        for msg in healed {
+            self.dispatch_healing(msg, false).await;
+        }
+        for msg in healing.held {
+            self.dispatch_healing(msg, true).await;
         }
     }
 
@@ -471,6 +578,7 @@ impl Dispatcher {
                     None => requests_open = false,
                 },
                 Some((key, res)) = self.reads.1.recv() => self.read_done(key, res).await,
+                Some((key, res)) = self.heals.1.recv() => self.heal_done(key, res).await,
                 _ = sweep.tick(), if self.streams.enabled() => {
                     self.streams.sweep(Instant::now());
                 }

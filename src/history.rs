@@ -252,6 +252,18 @@ impl Streams {
         Some(stream.position())
     }
 
+    /// The top of `topic`'s stream if `position` is of the same epoch but skips offsets after
+    /// it (positions assigned elsewhere only).
+    pub(crate) fn skips(&self, topic: &str, position: &Position) -> Option<u64> {
+        let stream = self.streams.get(topic)?;
+        (self.external
+            && !stream.epoch.is_empty()
+            && *stream.epoch == *position.epoch
+            && stream.top > 0
+            && position.offset > stream.top + 1)
+            .then_some(stream.top)
+    }
+
     /// Takes `position`, assigned elsewhere (by Redis), as `topic`'s new top. A position of
     /// another epoch, or one that does not follow the top, starts the kept publications over
     /// ([`Observed::Gap`]): the cache never has a hole, so a recovery it cannot serve whole is

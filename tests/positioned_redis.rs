@@ -290,3 +290,63 @@ async fn a_range_the_cache_lacks_is_read_back_from_redis() {
     }
     assert_eq!(a.service.metrics().recoveries_succeeded, 3);
 }
+
+/// Redis drops instance A's subscriber connection (`CLIENT KILL TYPE pubsub`) while instance
+/// B publishes a flow: the publications A missed meanwhile are read back from the Redis stream
+/// and delivered in order, so every client on A gets every offset exactly once, in order, and
+/// none is told `insufficient_state`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_connection_heals_its_gap_from_the_stream() {
+    let Some(redis) = start_redis("a_killed_subscriber_connection_heals_its_gap") else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut c = rtk1(a.addr, "pos-k", None).await;
+        subscribed(&mut c, "pos-k").await;
+        clients.push(c);
+    }
+    const TOTAL: u64 = 2_000;
+    let publisher = {
+        let service = b.service.clone();
+        tokio::spawn(async move {
+            for n in 1..=TOTAL {
+                service.publish("pos-k", &json!({ "n": n })).await.unwrap();
+                if n % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        })
+    };
+    let mut epoch = String::new();
+    let mut first = clients.remove(0);
+    for n in 1..=500u64 {
+        let (o, e, got) = next_pub(&mut first, "pos-k").await;
+        assert_eq!((o, got), (n, n));
+        epoch = e;
+    }
+    let mut r = redis.client().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    for n in 501..=TOTAL {
+        assert_eq!(next_pub(&mut first, "pos-k").await, (n, epoch.clone(), n));
+    }
+    for c in &mut clients {
+        for n in 1..=TOTAL {
+            assert_eq!(next_pub(c, "pos-k").await, (n, epoch.clone(), n));
+        }
+    }
+    tokio::time::timeout(support::WAIT, publisher)
+        .await
+        .expect("publisher ends")
+        .unwrap();
+    assert_eq!(a.service.metrics().insufficient_state_broker_gap, 0);
+}
