@@ -350,3 +350,77 @@ async fn a_killed_subscriber_connection_heals_its_gap_from_the_stream() {
         .unwrap();
     assert_eq!(a.service.metrics().insufficient_state_broker_gap, 0);
 }
+
+/// Redis with an append-only file fsynced on every write is killed and restarted while instance
+/// B publishes: the stream and its epoch survive, so every client on instance A receives every
+/// publication whose publish succeeded, at its offset, in order, with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_fsynced_aof_a_restart_loses_no_acknowledged_publication() {
+    let dir = std::env::temp_dir().join(format!("rtk-aof-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let args = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    let listen = support::redis_server::Listen::Tcp(args.iter().map(|s| s.to_string()).collect());
+    let Some(mut redis) =
+        support::redis_server::start_redis_with("with_an_fsynced_aof_a_restart", listen)
+    else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = rtk1(a.addr, "pos-f", None).await;
+        subscribed(&mut c, "pos-f").await;
+        clients.push(c);
+    }
+    let publisher = {
+        let service = b.service.clone();
+        tokio::spawn(async move {
+            // Offset → n of every publish that succeeded.
+            let mut acked = std::collections::BTreeMap::new();
+            let mut n = 0u64;
+            while acked.len() < 1_500 && n < 20_000 {
+                n += 1;
+                if let Ok(Some(p)) = service.publish("pos-f", &json!({ "n": n })).await {
+                    acked.insert(p.offset, (n, p.epoch));
+                }
+                if n % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            acked
+        })
+    };
+    let (o, _, _) = next_pub(&mut clients[0], "pos-f").await;
+    assert_eq!(o, 1);
+    for _ in 0..300 {
+        next_pub(&mut clients[0], "pos-f").await;
+    }
+    redis.restart();
+    let acked = tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("publisher ends")
+        .unwrap();
+    assert_eq!(acked.len(), 1_500);
+    let top = *acked.keys().last().unwrap();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut next = if i == 0 { 302 } else { 1 };
+        while next <= top {
+            let (o, e, n) = next_pub(c, "pos-f").await;
+            assert_eq!(o, next, "client {i}");
+            if let Some((want, epoch)) = acked.get(&o) {
+                assert_eq!((n, &e), (*want, epoch), "client {i} at offset {o}");
+            }
+            next += 1;
+        }
+    }
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}
