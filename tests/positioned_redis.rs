@@ -289,6 +289,31 @@ async fn a_range_the_cache_lacks_is_read_back_from_redis() {
         assert_eq!(next_pub(c, "pos-h").await, (511, epoch.clone(), 511));
     }
     assert_eq!(a.service.metrics().recoveries_succeeded, 3);
+
+    // More missed than a recovery re-sends (1 000 here): not recovered, nothing re-sent.
+    for n in 512..=1_100u64 {
+        b.service
+            .publish("pos-h", &json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    for c in &mut recovered {
+        for n in 512..=1_100u64 {
+            assert_eq!(next_pub(c, "pos-h").await, (n, epoch.clone(), n));
+        }
+    }
+    let mut late = rtk1(a.addr, "pos-h", Some((&epoch, 10))).await;
+    let s = subscribed(&mut late, "pos-h").await;
+    assert_eq!(s["recovered"], false, "{s}");
+    assert_eq!(s["o"], 1_100, "{s}");
+    b.service
+        .publish("pos-h", &json!({ "n": 1_101 }))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_pub(&mut late, "pos-h").await,
+        (1_101, epoch.clone(), 1_101)
+    );
 }
 
 /// Redis drops instance A's subscriber connection (`CLIENT KILL TYPE pubsub`) while instance
