@@ -200,4 +200,27 @@ mod tests {
             assert_eq!(&payload[..], plain);
         }
     }
+
+    #[test]
+    fn a_read_reply_gives_offsets_and_payloads_and_anything_else_is_refused() {
+        use super::super::resp::Value;
+        let bulk = |b: &'static [u8]| Value::Bulk(Some(Bytes::from_static(b)));
+        let entry = |id: &'static [u8], p: &'static [u8]| {
+            Value::Array(Some(vec![
+                bulk(id),
+                Value::Array(Some(vec![bulk(b"p"), bulk(p)])),
+            ]))
+        };
+        let reply = |entries| Value::Array(Some(vec![bulk(b"ep"), Value::Array(Some(entries))]));
+        let (epoch, got) =
+            read_reply(reply(vec![entry(b"7-0", b"a"), entry(b"8-0", b"b")])).unwrap();
+        assert_eq!(epoch, "ep");
+        assert_eq!(
+            got,
+            vec![(7, Bytes::from_static(b"a")), (8, Bytes::from_static(b"b"))]
+        );
+        assert!(read_reply(reply(vec![entry(b"7-1", b"a")])).is_none());
+        assert!(read_reply(reply(vec![entry(b"x-0", b"a")])).is_none());
+        assert!(read_reply(Value::Int(1)).is_none());
+    }
 }
