@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::frame;
-use crate::history::{HistoryPage, Position, RecoveryLimits, Streams};
+use crate::history::{HistoryPage, Observed, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
 use crate::shard::Command;
@@ -50,9 +50,55 @@ pub(crate) struct Published {
     pub(crate) payload: Bytes,
     /// When the broker received it.
     pub(crate) since: Instant,
+    /// The position the broker assigned (Redis), if any.
+    pub(crate) position: Option<Position>,
     /// Told the publication's position (`None` on a topic without history).
     pub(crate) reply: Option<oneshot::Sender<Option<Position>>>,
 }
+
+/// Reads the publications `from ..= to` of a topic back from the shared store (Redis): the
+/// stream's epoch there and the `(offset, payload)` pairs.
+#[derive(Clone)]
+pub(crate) struct Fetch(pub(crate) Arc<dyn Fn(Arc<str>, u64, u64) -> FetchFuture + Send + Sync>);
+
+/// The future of one [`Fetch`].
+pub(crate) type FetchFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, String>> + Send>>;
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fetch")
+    }
+}
+
+/// What a [`Fetch`] read: the epoch and the publications.
+pub(crate) type Fetched = (String, Vec<(u64, Bytes)>);
+
+/// A join waiting for the head of its recovery to be read from the shared store.
+#[derive(Debug)]
+struct Waiting {
+    conn: Arc<Conn>,
+    since: (String, u64),
+    max_topics: usize,
+    done: oneshot::Sender<bool>,
+}
+
+/// Most publications of one topic held while its skipped offsets are read back.
+const HEAL_HOLD: usize = 10_000;
+
+/// A topic whose skipped offsets `from ..= to` are being read back.
+#[derive(Debug)]
+struct Healing {
+    from: u64,
+    to: u64,
+    held: Vec<Published>,
+}
+
+/// One read from the shared store: topic, first and last offset.
+type ReadKey = (Arc<str>, u64, u64);
+
+/// A read and what it got.
+type ReadDone = (ReadKey, Result<Fetched, String>);
 
 /// What connections and the service ask the dispatcher, the owner of the history.
 #[derive(Debug)]
@@ -107,6 +153,25 @@ pub(crate) struct Dispatcher {
     /// Connections speaking `rtk1` now: while there are none, topics without history are
     /// framed verbatim only.
     rtk1_conns: Arc<AtomicUsize>,
+    /// Positions come with the publications (Redis assigns them); the history is then a cache
+    /// of the recent ones.
+    broker_positions: bool,
+    /// Reads what the cache lacks from the shared store (Redis), if there is one.
+    fetch: Option<Fetch>,
+    /// Joins waiting for a read, by read: many clients asking the same range cost one read.
+    waiting: ahash::AHashMap<ReadKey, Vec<Waiting>>,
+    /// Topics whose skipped offsets are being read, with the publications held meanwhile.
+    healing: ahash::AHashMap<Arc<str>, Healing>,
+    /// Reads of skipped offsets that came back (at most one per entry of `healing`).
+    heals: (
+        mpsc::UnboundedSender<ReadDone>,
+        mpsc::UnboundedReceiver<ReadDone>,
+    ),
+    /// Reads that came back. Unbounded, but at most one message per entry of `waiting`.
+    reads: (
+        mpsc::UnboundedSender<ReadDone>,
+        mpsc::UnboundedReceiver<ReadDone>,
+    ),
 }
 
 impl Dispatcher {
@@ -134,6 +199,12 @@ impl Dispatcher {
                 bytes: max_frame / 2,
             },
             rtk1_conns: Arc::default(),
+            broker_positions: false,
+            fetch: None,
+            waiting: ahash::AHashMap::new(),
+            reads: mpsc::unbounded_channel(),
+            healing: ahash::AHashMap::new(),
+            heals: mpsc::unbounded_channel(),
         }
     }
 
@@ -148,6 +219,14 @@ impl Dispatcher {
         self.streams = streams;
         self.recovery = recovery;
         self.rtk1_conns = rtk1_conns;
+        self
+    }
+
+    /// Takes positions from the broker instead of assigning them, and reads a recovery's
+    /// range the cache lacks with `fetch`.
+    pub(crate) fn broker_positions(mut self, fetch: Fetch) -> Self {
+        self.broker_positions = true;
+        self.fetch = Some(fetch);
         self
     }
 
@@ -191,13 +270,23 @@ impl Dispatcher {
 
     /// Frames one publication in every format needed, assigning its position on a topic with
     /// history (and keeping it there).
-    fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>) {
+    fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>, bool) {
+        let mut gap = false;
         let verbatim = self.frame_for(&msg.payload);
         let now = Instant::now();
-        let position = if self.streams.enabled() {
-            self.streams.next_position(&msg.topic, now)
-        } else {
-            None
+        let position = match &msg.position {
+            Some(p) => match self.streams.observe(&msg.topic, p, now) {
+                Observed::NoPolicy => None,
+                Observed::Follows => Some(p.clone()),
+                Observed::Gap => {
+                    gap = true;
+                    Some(p.clone())
+                }
+            },
+            None if self.streams.enabled() && !self.broker_positions => {
+                self.streams.next_position(&msg.topic, now)
+            }
+            None => None,
         };
         let rtk1 = (position.is_some() || self.rtk1_conns.load(Ordering::Relaxed) > 0)
             .then(|| wire::rtk1_pub(&msg.topic, position.as_ref(), &msg.payload));
@@ -211,20 +300,62 @@ impl Dispatcher {
             None if self.streams.enabled() => self.metrics.unpositioned_publish(),
             None => {}
         }
-        (frames, position)
+        (frames, position, gap)
     }
 
     /// Sends one message to every shard, in order. Waits only when a shard's channel is full.
-    pub(crate) async fn dispatch(&mut self, mut msg: Published) {
+    pub(crate) async fn dispatch(&mut self, msg: Published) {
+        self.dispatch_healing(msg, true).await;
+    }
+
+    /// [`dispatch`](Self::dispatch); with `may_heal`, a publication that skips offsets of the
+    /// epoch the cache follows starts a read of the skipped ones from the shared store, and the
+    /// topic's publications wait behind it (see [`heal_done`](Self::heal_done)).
+    async fn dispatch_healing(&mut self, mut msg: Published, may_heal: bool) {
+        if let Some(healing) = self.healing.get_mut(&msg.topic) {
+            if healing.held.len() < HEAL_HOLD {
+                healing.held.push(msg);
+                return;
+            }
+            // Too many waiting: give the read up; the gap is reported instead.
+            let healing = self.healing.remove(&msg.topic);
+            for held in healing.into_iter().flat_map(|h| h.held) {
+                Box::pin(self.dispatch_healing(held, false)).await;
+            }
+            return Box::pin(self.dispatch_healing(msg, false)).await;
+        }
+        if let (true, Some(fetch), Some(p)) = (may_heal, &self.fetch, &msg.position) {
+            if let Some(top) = self.streams.skips(&msg.topic, p) {
+                let (topic, from, to) = (msg.topic.clone(), top + 1, p.offset - 1);
+                let (read, heals) = ((fetch.0)(topic.clone(), from, to), self.heals.0.clone());
+                tokio::spawn(async move {
+                    let _ = heals.send(((topic, from, to), read.await));
+                });
+                self.healing.insert(
+                    msg.topic.clone(),
+                    Healing {
+                        from,
+                        to,
+                        held: vec![msg],
+                    },
+                );
+                return;
+            }
+        }
         if frame_len(msg.payload.len()) > self.max_frame {
             self.oversized(&msg);
             return;
         }
-        let (frames, position) = self.frames_for(&msg);
+        let (frames, position, gap) = self.frames_for(&msg);
         if let Some(reply) = msg.reply.take() {
             let _ = reply.send(position);
         }
         for shard in self.shards.iter() {
+            if gap {
+                // Ahead of this publication: its subscribers missed the ones before it.
+                let topic = msg.topic.clone();
+                let _ = shard.send(Command::Lost { topic }).await;
+            }
             let _ = shard
                 .send(Command::Deliver {
                     topic: msg.topic.clone(),
@@ -232,6 +363,56 @@ impl Dispatcher {
                     since: msg.since,
                 })
                 .await;
+        }
+    }
+
+    /// A read of skipped offsets came back: they are delivered in order, then the publications
+    /// held meanwhile. A read that failed or is not exactly the range leaves the gap to be
+    /// reported (`insufficient_state`).
+    async fn heal_done(&mut self, (topic, from, to): ReadKey, res: Result<Fetched, String>) {
+        if !self
+            .healing
+            .get(&topic)
+            .is_some_and(|h| h.from == from && h.to == to)
+        {
+            return;
+        }
+        let Some(healing) = self.healing.remove(&topic) else {
+            return;
+        };
+        let held_epoch = healing.held.first().and_then(|m| m.position.clone());
+        let healed = match res {
+            Ok((epoch, entries))
+                if held_epoch.is_some_and(|p| p.epoch == epoch)
+                    && entries.len() as u64 == to + 1 - from
+                    && entries.iter().zip(from..).all(|((o, _), want)| *o == want) =>
+            {
+                self.metrics.gap_healed();
+                entries
+                    .into_iter()
+                    .map(|(offset, payload)| Published {
+                        topic: topic.clone(),
+                        payload,
+                        position: Some(Position {
+                            offset,
+                            epoch: epoch.clone(),
+                        }),
+                        since: Instant::now(),
+                        reply: None,
+                    })
+                    .collect()
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "reading skipped publications from Redis failed");
+                Vec::new()
+            }
+        };
+        for msg in healed {
+            self.dispatch_healing(msg, false).await;
+        }
+        for msg in healing.held {
+            self.dispatch_healing(msg, true).await;
         }
     }
 
@@ -246,26 +427,31 @@ impl Dispatcher {
                 max_topics,
                 done,
             } => {
-                let since_ref = since.as_ref().map(|(e, o)| (e.as_str(), *o));
-                let recovery = self.streams.recover(&topic, since_ref, self.recovery, now);
-                if recovery.subscribed.was_recovering && recovery.subscribed.recoverable {
-                    self.metrics
-                        .recovery(recovery.subscribed.recovered, recovery.frames.len());
+                if let (Some(fetch), Some((epoch, offset))) = (&self.fetch, &since) {
+                    let head =
+                        self.streams
+                            .missing_head(&topic, (epoch, *offset), self.recovery, now);
+                    if let Some((from, to)) = head {
+                        let key = (topic.clone(), from, to);
+                        let waiting = self.waiting.entry(key.clone()).or_default();
+                        if waiting.is_empty() {
+                            let (read, reads) =
+                                ((fetch.0)(topic.clone(), from, to), self.reads.0.clone());
+                            tokio::spawn(async move {
+                                let _ = reads.send((key, read.await));
+                            });
+                        }
+                        waiting.push(Waiting {
+                            conn,
+                            since: (epoch.clone(), *offset),
+                            max_topics,
+                            done,
+                        });
+                        return;
+                    }
                 }
-                let mut prelude = Vec::with_capacity(1 + recovery.frames.len());
-                prelude.push(wire::rtk1_subscribed(&topic, &recovery.subscribed));
-                prelude.extend(recovery.frames);
-                let cmd = Command::Subscribe {
-                    topic,
-                    max_topics,
-                    done,
-                    prelude,
-                    positioned: recovery.subscribed.recoverable,
-                    conn: conn.clone(),
-                };
-                if let Some(shard) = self.shards.get(conn.shard) {
-                    let _ = shard.send(cmd).await;
-                }
+                self.join(conn, topic, since, None, max_topics, done, now)
+                    .await;
             }
             Request::Top { topic, reply } => {
                 let _ = reply.send(self.streams.top(&topic, now));
@@ -282,6 +468,88 @@ impl Dispatcher {
             Request::Remove { topic, reply } => {
                 let _ = reply.send(self.streams.remove(&topic));
             }
+        }
+    }
+
+    /// Subscribes `conn` to `topic` with what it recovers from `since` (with `head`, read from
+    /// the shared store, in front of the cache).
+    #[allow(clippy::too_many_arguments)]
+    async fn join(
+        &mut self,
+        conn: Arc<Conn>,
+        topic: Arc<str>,
+        since: Option<(String, u64)>,
+        head: Option<(u64, Vec<Bytes>)>,
+        max_topics: usize,
+        done: oneshot::Sender<bool>,
+        now: Instant,
+    ) {
+        let since_ref = since.as_ref().map(|(e, o)| (e.as_str(), *o));
+        let recovery = self
+            .streams
+            .recover_with(&topic, since_ref, head, self.recovery, now);
+        if recovery.subscribed.was_recovering && recovery.subscribed.recoverable {
+            self.metrics
+                .recovery(recovery.subscribed.recovered, recovery.frames.len());
+        }
+        let mut prelude = Vec::with_capacity(1 + recovery.frames.len());
+        prelude.push(wire::rtk1_subscribed(&topic, &recovery.subscribed));
+        prelude.extend(recovery.frames);
+        let cmd = Command::Subscribe {
+            topic,
+            max_topics,
+            done,
+            prelude,
+            positioned: recovery.subscribed.recoverable,
+            conn: conn.clone(),
+        };
+        if let Some(shard) = self.shards.get(conn.shard) {
+            let _ = shard.send(cmd).await;
+        }
+    }
+
+    /// A read from the shared store came back: the joins waiting for it recover with it, or
+    /// get `recovered: false` if it failed or is not exactly the range asked.
+    async fn read_done(&mut self, (topic, from, to): ReadKey, res: Result<Fetched, String>) {
+        let Some(waiting) = self.waiting.remove(&(topic.clone(), from, to)) else {
+            return;
+        };
+        let read = match res {
+            Ok((epoch, entries)) => Some((epoch, entries)),
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "reading history from Redis failed");
+                None
+            }
+        };
+        let now = Instant::now();
+        for w in waiting {
+            let frames = read.as_ref().and_then(|(epoch, entries)| {
+                let exact = *epoch == w.since.0
+                    && entries.len() as u64 == to + 1 - from
+                    && entries.iter().zip(from..).all(|((o, _), want)| *o == want);
+                exact.then(|| {
+                    let position = |offset| Position {
+                        offset,
+                        epoch: epoch.clone(),
+                    };
+                    entries
+                        .iter()
+                        .map(|(o, p)| wire::rtk1_pub(&topic, Some(&position(*o)), p))
+                        .collect::<Vec<_>>()
+                })
+            });
+            let head = Some((to, frames.unwrap_or_default()));
+            let since = Some(w.since);
+            self.join(
+                w.conn,
+                topic.clone(),
+                since,
+                head,
+                w.max_topics,
+                w.done,
+                now,
+            )
+            .await;
         }
     }
 
@@ -309,6 +577,8 @@ impl Dispatcher {
                     Some(req) => self.request(req).await,
                     None => requests_open = false,
                 },
+                Some((key, res)) = self.reads.1.recv() => self.read_done(key, res).await,
+                Some((key, res)) = self.heals.1.recv() => self.heal_done(key, res).await,
                 _ = sweep.tick(), if self.streams.enabled() => {
                     self.streams.sweep(Instant::now());
                 }

@@ -10,7 +10,8 @@
 //! [`Streams`] is the in-process store. It is owned by the dispatcher task, the one point that
 //! orders every publication of the instance, so assigning an offset, keeping the frame and
 //! handing it to the shards are one step with no lock (invariants 1 and 3,
-//! docs/architecture.md). Its operations are the seam a shared store (Redis) implements too:
+//! docs/architecture.md). With Redis, Redis assigns positions and this store caches the
+//! publications the instance received ([`Streams::observe`]). Its operations:
 //! assign the next position and keep the frame ([`Streams::next_position`],
 //! [`Streams::keep`]), read a range for a recovery ([`Streams::recover`]), read a page
 //! ([`Streams::page`]), the top ([`Streams::top`]), remove ([`Streams::remove`]) and expire
@@ -73,6 +74,17 @@ pub struct Position {
     /// The stream's identity: a stream that was lost or recreated has another one, so an
     /// offset is only meaningful with its epoch.
     pub epoch: String,
+}
+
+/// How a position assigned elsewhere fits the stream this instance saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Observed {
+    /// The topic has no policy.
+    NoPolicy,
+    /// The next offset of the same epoch (or the first position seen).
+    Follows,
+    /// Offsets were skipped or the epoch changed: subscribers missed publications.
+    Gap,
 }
 
 /// One publication read back from history.
@@ -168,6 +180,9 @@ pub(crate) struct Streams {
     kept: usize,
     bytes: usize,
     max_bytes: usize,
+    /// Positions are assigned elsewhere (Redis) and taken with [`observe`](Self::observe): a
+    /// stream this instance has not seen a publication of yet has an empty epoch.
+    external: bool,
 }
 
 impl std::fmt::Debug for Streams {
@@ -189,7 +204,14 @@ impl Streams {
             kept: 0,
             bytes: 0,
             max_bytes,
+            external: false,
         }
+    }
+
+    /// Streams whose positions are assigned elsewhere (see [`observe`](Self::observe)).
+    pub(crate) fn external(mut self) -> Self {
+        self.external = true;
+        self
     }
 
     /// Whether any topic can have a policy at all.
@@ -207,7 +229,11 @@ impl Streams {
                 Stream {
                     name,
                     policy,
-                    epoch: new_epoch(),
+                    epoch: if self.external {
+                        Arc::from("")
+                    } else {
+                        new_epoch()
+                    },
                     top: 0,
                     entries: VecDeque::new(),
                     touched: now,
@@ -224,6 +250,46 @@ impl Streams {
         stream.top += 1;
         stream.touched = now;
         Some(stream.position())
+    }
+
+    /// The top of `topic`'s stream if `position` is of the same epoch but skips offsets after
+    /// it (positions assigned elsewhere only).
+    pub(crate) fn skips(&self, topic: &str, position: &Position) -> Option<u64> {
+        let stream = self.streams.get(topic)?;
+        (self.external
+            && !stream.epoch.is_empty()
+            && *stream.epoch == *position.epoch
+            && stream.top > 0
+            && position.offset > stream.top + 1)
+            .then_some(stream.top)
+    }
+
+    /// Takes `position`, assigned elsewhere (by Redis), as `topic`'s new top. A position of
+    /// another epoch, or one that does not follow the top, starts the kept publications over
+    /// ([`Observed::Gap`]): the cache never has a hole, so a recovery it cannot serve whole is
+    /// refused, never partial.
+    pub(crate) fn observe(&mut self, topic: &str, position: &Position, now: Instant) -> Observed {
+        let Some(stream) = self.stream(topic, now) else {
+            return Observed::NoPolicy;
+        };
+        let mut freed = (0, 0);
+        let mut seen = Observed::Follows;
+        if stream.epoch.is_empty() {
+            // The first position this instance sees: its subscribers joined without one.
+            stream.epoch = Arc::from(position.epoch.as_str());
+        } else if *stream.epoch != *position.epoch || position.offset != stream.top + 1 {
+            freed = (
+                stream.entries.len(),
+                stream.entries.iter().map(Entry::bytes).sum(),
+            );
+            stream.entries.clear();
+            stream.epoch = Arc::from(position.epoch.as_str());
+            seen = Observed::Gap;
+        }
+        stream.top = position.offset;
+        stream.touched = now;
+        self.forget(freed);
+        seen
     }
 
     /// Keeps the frames of the publication at `offset` of `topic`, trimming the stream to its
@@ -294,10 +360,50 @@ impl Streams {
 
     /// What a subscriber of `topic` gets: with `since` (an epoch and the last offset the client
     /// has), every publication after it or none (`recovered: false`) — never part of them.
+    #[cfg(test)]
     pub(crate) fn recover(
         &mut self,
         topic: &str,
         since: Option<(&str, u64)>,
+        limits: RecoveryLimits,
+        now: Instant,
+    ) -> Recovery {
+        self.recover_with(topic, since, None, limits, now)
+    }
+
+    /// The range a recovery from `since` lacks at the head of `topic`'s cache, `(from, to)`
+    /// inclusive, when the rest is there: same epoch (a stream this instance saw publications
+    /// of), not too many missed. Positions assigned elsewhere only: that range can be read back
+    /// from the shared store.
+    pub(crate) fn missing_head(
+        &mut self,
+        topic: &str,
+        (epoch, offset): (&str, u64),
+        limits: RecoveryLimits,
+        now: Instant,
+    ) -> Option<(u64, u64)> {
+        if !self.external {
+            return None;
+        }
+        let stream = self.stream(topic, now)?;
+        let freed = Self::expire(stream, now);
+        let first = stream.first();
+        let fits = !stream.epoch.is_empty()
+            && epoch == &*stream.epoch
+            && offset <= stream.top
+            && stream.top - offset <= limits.count as u64
+            && offset + 1 < first;
+        self.forget(freed);
+        fits.then(|| (offset + 1, first - 1))
+    }
+
+    /// [`recover`](Self::recover), with `head`: the `rtk1` frames of the publications from
+    /// `since`'s offset + 1 to `head.0`, read from the shared store.
+    pub(crate) fn recover_with(
+        &mut self,
+        topic: &str,
+        since: Option<(&str, u64)>,
+        head: Option<(u64, Vec<Bytes>)>,
         limits: RecoveryLimits,
         now: Instant,
     ) -> Recovery {
@@ -326,13 +432,25 @@ impl Streams {
         let mut frames = Vec::new();
         if let Some((epoch, offset)) = since {
             let missed = top.saturating_sub(offset);
+            // The head read from the shared store covers offset + 1 ..= its end.
+            let (after, head) = match head {
+                Some((to, frames)) if to >= offset && frames.len() as u64 == to - offset => {
+                    (to.min(top), frames)
+                }
+                Some(_) => (top + 1, Vec::new()),
+                None => (offset, Vec::new()),
+            };
             let recoverable = epoch == &*stream.epoch
                 && offset <= top
+                && after <= top
                 && missed <= limits.count as u64
-                && offset + 1 >= stream.first();
+                && after + 1 >= stream.first();
             if recoverable {
-                let skip = stream.entries.len() - missed as usize;
-                let mut bytes = 0usize;
+                let cached = top - after;
+                let skip = stream.entries.len() - cached as usize;
+                let mut bytes = head.iter().map(Bytes::len).sum::<usize>();
+                frames = head;
+                frames.truncate((after - offset) as usize);
                 for e in stream.entries.iter().skip(skip) {
                     if let Some(f) = &e.frames.rtk1 {
                         bytes += f.len();
@@ -440,7 +558,7 @@ impl Streams {
 }
 
 /// A new epoch: 8 random characters from `[0-9a-z]`.
-fn new_epoch() -> Arc<str> {
+pub(crate) fn new_epoch() -> Arc<str> {
     let mut n = uuid::Uuid::new_v4().as_u64_pair().0;
     let mut s = String::with_capacity(8);
     for _ in 0..8 {

@@ -94,6 +94,8 @@
 //! | `rtk_recoveries_failed_total` | counter | subscriptions with a position that could not recover (epoch changed, too many missed, expired): `recovered: false` |
 //! | `rtk_recovered_publications_total` | counter | publications re-sent by successful recoveries |
 //! | `rtk_insufficient_state_slow_consumer_total` | counter | `insufficient_state` sent because `DropOldest` / `LatestPerTopic` dropped a positioned frame |
+//! | `rtk_broker_gaps_healed_total` | counter | runs of a positioned topic's offsets skipped by the Redis subscriber connection (down meanwhile), read back from the Redis stream and delivered in order |
+//! | `rtk_insufficient_state_broker_gap_total` | counter | `insufficient_state` sent because a positioned topic's publications from Redis skipped offsets or changed epoch (lost between Redis and the instance, or Redis lost the stream) |
 //! | `rtk_unpositioned_publishes_total` | counter | publications on topics without a policy while topic policies are configured: they have no position |
 //! | `rtk_outbound_queue_peak_bytes` | gauge | most data bytes one connection held over its outbound bound (queued, being written, a partly written frame), over the connections that have ended; at most the outbound ceiling under `SlowConsumerPolicy::Close` |
 

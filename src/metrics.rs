@@ -29,6 +29,8 @@ pub(crate) struct Metrics {
     recoveries_failed: AtomicU64,
     recovered_publications: AtomicU64,
     insufficient_state_slow: AtomicU64,
+    insufficient_state_broker: AtomicU64,
+    gaps_healed: AtomicU64,
     unpositioned_publishes: AtomicU64,
 }
 
@@ -80,6 +82,12 @@ pub struct MetricsSnapshot {
     pub recovered_publications: u64,
     /// `insufficient_state` sent because the slow-consumer policy dropped a positioned frame.
     pub insufficient_state_slow_consumer: u64,
+    /// `insufficient_state` sent because the broker's stream of a positioned topic skipped
+    /// offsets or changed epoch (publications lost between Redis and this instance).
+    pub insufficient_state_broker_gap: u64,
+    /// Runs of publications from Redis that skipped offsets, read back from the Redis stream
+    /// and delivered in order before the ones that followed.
+    pub broker_gaps_healed: u64,
     /// Publications on topics without a policy while policies are configured: they have no
     /// position.
     pub unpositioned_publishes: u64,
@@ -139,6 +147,14 @@ impl Metrics {
     pub(crate) fn insufficient_state_slow(&self) {
         self.insufficient_state_slow.fetch_add(1, Relaxed);
     }
+
+    pub(crate) fn gap_healed(&self) {
+        self.gaps_healed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn insufficient_state_broker(&self) {
+        self.insufficient_state_broker.fetch_add(1, Relaxed);
+    }
     pub(crate) fn unpositioned_publish(&self) {
         self.unpositioned_publishes.fetch_add(1, Relaxed);
     }
@@ -188,6 +204,8 @@ impl Metrics {
             recoveries_failed: self.recoveries_failed.load(Relaxed),
             recovered_publications: self.recovered_publications.load(Relaxed),
             insufficient_state_slow_consumer: self.insufficient_state_slow.load(Relaxed),
+            insufficient_state_broker_gap: self.insufficient_state_broker.load(Relaxed),
+            broker_gaps_healed: self.gaps_healed.load(Relaxed),
             unpositioned_publishes: self.unpositioned_publishes.load(Relaxed),
         }
     }
@@ -246,6 +264,8 @@ pub(crate) const METRICS: &[(&str, Value, &str)] = &[
     ("rtk_recoveries_failed_total", Value::Counter(|r| r.snapshot.recoveries_failed), "subscriptions with a position that could not recover (recovered: false)"),
     ("rtk_recovered_publications_total", Value::Counter(|r| r.snapshot.recovered_publications), "publications re-sent by successful recoveries"),
     ("rtk_insufficient_state_slow_consumer_total", Value::Counter(|r| r.snapshot.insufficient_state_slow_consumer), "insufficient_state sent because the slow-consumer policy dropped a positioned frame"),
+    ("rtk_broker_gaps_healed_total", Value::Counter(|r| r.snapshot.broker_gaps_healed), "runs of skipped offsets of a positioned topic read back from the Redis stream and delivered in order"),
+    ("rtk_insufficient_state_broker_gap_total", Value::Counter(|r| r.snapshot.insufficient_state_broker_gap), "insufficient_state sent because a positioned topic's publications from Redis skipped offsets or changed epoch"),
     ("rtk_unpositioned_publishes_total", Value::Counter(|r| r.snapshot.unpositioned_publishes), "publications without a position while topic policies are configured"),
 ];
 

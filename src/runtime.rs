@@ -12,7 +12,7 @@ use crate::broker::{
     BrokerHandle, PublishError, RedisSettings, local::LocalBroker, redis::RedisBroker,
 };
 use crate::config::Config;
-use crate::dispatch::{Dispatcher, Published, Request};
+use crate::dispatch::{Dispatcher, Fetch, Published, Request};
 use crate::frame::close_code;
 use crate::history::{HistoryPage, PolicyRule, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
@@ -199,23 +199,14 @@ impl Runtime {
         let instance = rand_u64();
         let (pub_tx, pub_rx) = mpsc::channel::<Published>(DISPATCH_CHANNEL);
         let (req_tx, req_rx) = mpsc::channel::<Request>(REQUEST_CHANNEL);
-        // History is kept in-process only for now: with Redis, topics have no positions.
-        let policy = if redis.is_some() {
-            if policy.is_some() {
-                tracing::warn!("topic policies are not supported with Redis yet: no history kept");
-            }
-            None
-        } else {
-            policy
-        };
+        // With Redis, Redis assigns positions and the dispatcher's history caches them.
+        let from_redis = redis.is_some();
         let broker = match redis {
             None => BrokerHandle::Local(LocalBroker::new(pub_tx, policy.is_some())),
-            Some(settings) => BrokerHandle::Redis(RedisBroker::start(
-                settings,
-                instance,
-                pub_tx,
-                metrics.clone(),
-            )?),
+            Some(settings) => BrokerHandle::Redis(
+                RedisBroker::start(settings, instance, pub_tx, metrics.clone())?
+                    .positioned(policy.clone()),
+            ),
         };
         let interest = broker.interest();
         let shards: Arc<[_]> = (0..config.shards.max(1))
@@ -226,15 +217,22 @@ impl Runtime {
             count: config.recovery_max_publications,
             bytes: config.outbound_queue_bytes / 2,
         };
-        tokio::spawn(
+        let mut streams = Streams::new(policy, config.history_max_bytes);
+        if from_redis {
+            streams = streams.external();
+        }
+        let mut dispatcher =
             Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
-                .with_positions(
-                    Streams::new(policy, config.history_max_bytes),
-                    recovery,
-                    rtk1_conns.clone(),
-                )
-                .run(pub_rx, req_rx),
-        );
+                .with_positions(streams, recovery, rtk1_conns.clone());
+        if let BrokerHandle::Redis(redis) = &broker {
+            let redis = redis.clone();
+            let fetch = Fetch(Arc::new(move |topic: Arc<str>, from, to| {
+                let redis = redis.clone();
+                Box::pin(async move { redis.read_range(&topic, from, to).await })
+            }));
+            dispatcher = dispatcher.broker_positions(fetch);
+        }
+        tokio::spawn(dispatcher.run(pub_rx, req_rx));
         let hub = Arc::new(Hub {
             shards,
             broker,

@@ -473,8 +473,11 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// `&since=<offset>&epoch=<epoch>` to receive everything they missed (see the recovery
     /// guide). Clients that do not ask for `rtk1` receive the same verbatim frames as before.
     ///
-    /// History is kept with the in-process broker; with Redis the rule is not used yet (a
-    /// warning is logged) and topics have no positions.
+    /// With Redis, Redis assigns the positions (the rule is then also asked on every publish):
+    /// a publication of a positioned topic runs one script that takes the next offset, appends
+    /// it to the topic's Redis stream and publishes it, and `publish` returns its position.
+    /// Each instance recovers clients from the publications it received (see the recovery
+    /// guide).
     pub fn topic_policy<F>(mut self, rule: F) -> Self
     where
         F: Fn(&str) -> Option<TopicPolicy> + Send + Sync + 'static,

@@ -65,6 +65,9 @@ pub(crate) enum Command {
         /// When the broker handed the message over, for the dispatch-lag gauge.
         since: Instant,
     },
+    /// The positioned `topic`'s publications skipped some (the broker lost them): every `rtk1`
+    /// subscriber gets `insufficient_state` and leaves the topic, never a silent gap.
+    Lost { topic: Arc<str> },
     /// Queue a close frame (after pending data) for every connection; `done` fires when queued.
     CloseAll {
         code: u16,
@@ -120,6 +123,28 @@ impl Shard {
 
     pub(crate) fn apply(&mut self, cmd: Command) {
         match cmd {
+            Command::Lost { topic } => {
+                let lost: Vec<Uuid> = self
+                    .topics
+                    .get(&topic)
+                    .map(|subs| {
+                        subs.iter()
+                            .filter(|c| c.format == Format::Rtk1)
+                            .map(|c| {
+                                c.push_control(wire::rtk1_insufficient_state(&topic));
+                                c.id
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for conn_id in lost {
+                    self.metrics.insufficient_state_broker();
+                    self.apply(Command::Unsubscribe {
+                        conn_id,
+                        topic: topic.clone(),
+                    });
+                }
+            }
             Command::Deliver {
                 topic,
                 frames,

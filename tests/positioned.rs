@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use axum_realtime_kit::{SlowConsumerPolicy, TopicPolicy, WebsocketServiceBuilder};
 use serde_json::{Value, json};
 use support::chat::ChatHandler;
-use support::redis_server::start_redis;
 use support::{ALICE, BOB, Client, Server, WAIT, serve_chat, try_connect};
 
 /// Topics starting with `pos` keep 5 000 publications for a minute; others have no history.
@@ -590,36 +589,4 @@ async fn basic_chat_rooms_recover_for_rtk1_clients() {
     )
     .await;
     assert_eq!(a.recv_json().await["type"], "error");
-}
-
-/// With Redis, topics have no positions yet: an `rtk1` client gets envelopes without `o`/`e`
-/// (`recoverable: false`), and a plain client on the same topic still gets verbatim frames,
-/// including a payload another program published on the channel.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_redis_rtk1_clients_get_envelopes_without_positions() {
-    let Some(redis) = start_redis("with_redis_rtk1_clients_get_envelopes_without_positions") else {
-        return;
-    };
-    let service = builder().redis_url(Some(redis.url())).build();
-    let server = serve_chat(service).await;
-    let ready = server.service.clone();
-    support::wait_until("instance ready", move || ready.is_ready()).await;
-    let mut plain = support::connect(server.addr, "pos-r", BOB).await;
-    let mut a = rtk1(server.addr, "pos-r", None).await;
-    let s = subscribed(&mut a, "pos-r").await;
-    assert_eq!(s["recoverable"], false, "{s}");
-    assert_eq!(publish(&server, "pos-r", 1).await, None);
-    let m = a.recv_json().await;
-    assert_eq!(m, json!({"type":"pub","topic":"pos-r","d":{"n":1}}));
-    assert_eq!(plain.recv_json().await, json!({"n":1}));
-    let mut c = redis.client().await;
-    let _: i64 = redis::AsyncCommands::publish(&mut c, "pos-r", "raw")
-        .await
-        .unwrap();
-    assert_eq!(
-        a.recv_json().await,
-        json!({"type":"pub","topic":"pos-r","d":"raw"})
-    );
-    let f = plain.recv_frame().await.unwrap();
-    assert_eq!((f.opcode, &f.payload[..]), (0x1, &b"raw"[..]));
 }

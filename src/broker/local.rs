@@ -40,6 +40,7 @@ impl LocalBroker {
         };
         self.tx
             .send(Published {
+                position: None,
                 topic: Arc::from(topic),
                 payload,
                 since: std::time::Instant::now(),

@@ -16,6 +16,7 @@ mod stream;
 pub use connect::RedisTls;
 pub(crate) use connect::RedisTls as TlsSettings;
 pub(crate) mod local;
+mod positioned;
 mod publisher;
 pub(crate) mod redis;
 mod resp;
@@ -109,7 +110,7 @@ pub(crate) enum BrokerHandle {
 
 impl BrokerHandle {
     /// Publishes `payload` verbatim on `topic`; its position follows if the topic keeps
-    /// history (the in-process broker only, for now).
+    /// history.
     pub(crate) async fn publish(
         &self,
         topic: &str,
@@ -117,10 +118,7 @@ impl BrokerHandle {
     ) -> Result<Pending, PublishError> {
         match self {
             Self::Local(b) => b.publish(topic, payload).await,
-            Self::Redis(b) => b
-                .publish(topic, payload)
-                .await
-                .map(|()| Pending::Known(None)),
+            Self::Redis(b) => b.publish_at(topic, payload).await.map(Pending::Known),
         }
     }
 

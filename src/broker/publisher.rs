@@ -53,10 +53,18 @@ enum Failure {
     Refused(String),
 }
 
+/// What one request asks Redis.
+#[derive(Clone)]
+pub(crate) enum Command {
+    /// `PUBLISH channel payload`: the plain path, answered by `Ok(None)`.
+    Publish { channel: Bytes, payload: Bytes },
+    /// Any other command, given whole; answered by Redis's reply.
+    Call(Vec<Bytes>),
+}
+
 struct Request {
-    channel: Bytes,
-    payload: Bytes,
-    reply: oneshot::Sender<Result<(), Failure>>,
+    command: Command,
+    reply: oneshot::Sender<Result<Option<Value>, Failure>>,
 }
 
 /// The current connection: its generation and the sender of its task's queue. Dropping it
@@ -133,6 +141,20 @@ impl Publisher {
 
     /// Publishes `payload` on `channel`, within [`PUBLISH_TIMEOUT`].
     pub(crate) async fn publish(&self, channel: Bytes, payload: Bytes) -> Result<(), PublishError> {
+        self.send(Command::Publish { channel, payload })
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends `args` as one command on the pipelined connection, within [`PUBLISH_TIMEOUT`] and
+    /// with the same retry as a publish; Redis's reply, `Err` for an error reply.
+    pub(crate) async fn call(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
+        self.send(Command::Call(args))
+            .await
+            .map(|v| v.unwrap_or(Value::Bulk(None)))
+    }
+
+    async fn send(&self, command: Command) -> Result<Option<Value>, PublishError> {
         // The connection the request went to last, and its reply count before it was sent.
         let used: Mutex<Option<(u64, Arc<AtomicU64>, u64)>> = Mutex::new(None);
         let attempt = async {
@@ -144,8 +166,7 @@ impl Publisher {
                     Some((generation, answers, before));
                 let (reply, answer) = oneshot::channel();
                 let request = Request {
-                    channel: channel.clone(),
-                    payload: payload.clone(),
+                    command: command.clone(),
                     reply,
                 };
                 let res = match queue.send(request).await {
@@ -164,7 +185,7 @@ impl Publisher {
                         return Err(PublishError::Unavailable(e));
                     }
                     Err(Failure::Refused(e)) => return Err(PublishError::Unavailable(e)),
-                    Ok(()) => return Ok(()),
+                    Ok(v) => return Ok(v),
                 }
             }
         };
@@ -189,10 +210,13 @@ impl Publisher {
 /// [`serve`], which run in one task: the lock is never contended, and never held across an
 /// await.
 #[derive(Default)]
-struct Owed(Mutex<VecDeque<oneshot::Sender<Result<(), Failure>>>>);
+struct Owed(Mutex<VecDeque<(bool, Reply)>>);
+
+/// Where a request's answer goes.
+type Reply = oneshot::Sender<Result<Option<Value>, Failure>>;
 
 impl Owed {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<oneshot::Sender<Result<(), Failure>>>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<(bool, Reply)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -212,7 +236,7 @@ async fn run(
         why = serve(&target, &mut queue, &owed, &answers) => why,
     };
     tracing::debug!(error = %why, "redis publisher connection ended");
-    for reply in owed.lock().drain(..) {
+    for (_, reply) in owed.lock().drain(..) {
         let _ = reply.send(Err(Failure::Lost(why.clone())));
     }
     queue.close();
@@ -256,11 +280,20 @@ async fn serve(
             {
                 let mut owed = owed.lock();
                 for r in batch.drain(..) {
-                    resp::encode_command(
-                        &mut out,
-                        [&b"PUBLISH"[..], &r.channel[..], &r.payload[..]].into_iter(),
-                    );
-                    owed.push_back(r.reply);
+                    let keep = match &r.command {
+                        Command::Publish { channel, payload } => {
+                            resp::encode_command(
+                                &mut out,
+                                [&b"PUBLISH"[..], &channel[..], &payload[..]].into_iter(),
+                            );
+                            false
+                        }
+                        Command::Call(args) => {
+                            resp::encode_command(&mut out, args.iter().map(|a| &a[..]));
+                            true
+                        }
+                    };
+                    owed.push_back((keep, r.reply));
                 }
             }
             // `flush`: a TLS stream may hold the end of what it was given.
@@ -288,13 +321,14 @@ async fn serve(
                     Ok(None) => break,
                     Err(e) => return format!("protocol: {}", e.0),
                 };
-                let Some(reply) = owed.lock().pop_front() else {
+                let Some((keep, reply)) = owed.lock().pop_front() else {
                     return "a reply that answers no request".to_string();
                 };
                 answers.fetch_add(1, Ordering::Release);
                 let _ = reply.send(match value {
                     Value::Error(e) => Err(Failure::Refused(String::from_utf8_lossy(&e).into())),
-                    _ => Ok(()),
+                    value if keep => Ok(Some(value)),
+                    _ => Ok(None),
                 });
             }
             if buf.capacity() - buf.len() < 512 {

@@ -46,12 +46,14 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::connect::{Addr, Target, connect};
+use super::positioned;
 use super::publisher::Publisher;
 use super::resp::{self, Value};
 use super::sentinel;
 use super::stream::Stream;
 use super::{PublishError, RedisSettings};
 use crate::dispatch::Published;
+use crate::history::{PolicyRule, Position, new_epoch};
 use crate::metrics::Metrics;
 use crate::shard::TopicInterest;
 use crate::shrink::ShrinkWhenSparse;
@@ -165,6 +167,10 @@ pub(crate) struct RedisBroker {
     probe_channel: Bytes,
     /// Through Sentinel: the task that follows failovers ([`sentinel::watch`]).
     watcher: Option<Arc<tokio::task::JoinHandle<()>>>,
+    /// Which topics are positioned: their publications go through [`positioned::SCRIPT`].
+    rule: Option<PolicyRule>,
+    /// The script's SHA once `SCRIPT LOAD` gave it.
+    sha: Arc<Mutex<Option<Bytes>>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -225,7 +231,116 @@ impl RedisBroker {
             shared,
             probe_channel,
             watcher,
+            rule: None,
+            sha: Arc::default(),
         })
+    }
+
+    /// Gives topics that `rule` gives a policy positions assigned by Redis.
+    pub(crate) fn positioned(mut self, rule: Option<PolicyRule>) -> Self {
+        self.rule = rule;
+        self
+    }
+
+    /// Publishes `payload` on `topic`: through the position script if the topic has a policy
+    /// (returning its position), with a plain PUBLISH otherwise.
+    pub(crate) async fn publish_at(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Option<Position>, PublishError> {
+        let Some(policy) = self.rule.as_ref().and_then(|rule| rule(topic)) else {
+            return self.publish(topic, payload).await.map(|()| None);
+        };
+        if !self.shared.publisher_ok.load(Ordering::Acquire) {
+            return Err(PublishError::Unavailable(
+                "Redis unreachable; reconnecting".into(),
+            ));
+        }
+        let channel = Bytes::from(format!("{}{topic}", self.shared.prefix));
+        let args = positioned::args(
+            &self.shared.prefix,
+            topic,
+            channel,
+            payload,
+            &policy,
+            &new_epoch(),
+        );
+        let res = self.run_script(args).await;
+        if res.is_err() && self.publisher.link_down() {
+            self.shared.publisher_ok.store(false, Ordering::Release);
+            self.recover();
+        }
+        let value = res?;
+        match positioned::reply_position(&value) {
+            Some(p) => Ok(Some(p)),
+            None => Err(PublishError::Unavailable(format!(
+                "unexpected reply to the position script: {value:?}"
+            ))),
+        }
+    }
+
+    /// Reads the publications `from ..= to` of `topic` from its Redis stream, with the
+    /// stream's epoch.
+    pub(crate) async fn read_range(
+        &self,
+        topic: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<(String, Vec<(u64, Bytes)>), String> {
+        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let cmd = vec![
+            Bytes::from_static(b"EVAL"),
+            Bytes::from_static(positioned::READ_SCRIPT.as_bytes()),
+            Bytes::from_static(b"2"),
+            meta,
+            stream,
+            Bytes::from(format!("{from}-0")),
+            Bytes::from(format!("{to}-0")),
+        ];
+        let value = self.publisher.call(cmd).await.map_err(|e| e.to_string())?;
+        positioned::read_reply(value).ok_or_else(|| "unexpected reply reading history".into())
+    }
+
+    /// EVALSHA with `args`; on NOSCRIPT (a restarted or flushed Redis), EVAL, which loads the
+    /// script again.
+    async fn run_script(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
+        let cached = self.sha.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sha = match cached {
+            Some(sha) => sha,
+            None => {
+                let load = vec![
+                    Bytes::from_static(b"SCRIPT"),
+                    Bytes::from_static(b"LOAD"),
+                    Bytes::from_static(positioned::SCRIPT.as_bytes()),
+                ];
+                match self.publisher.call(load).await? {
+                    Value::Bulk(Some(sha)) => {
+                        *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
+                        sha
+                    }
+                    other => {
+                        return Err(PublishError::Unavailable(format!(
+                            "unexpected reply to SCRIPT LOAD: {other:?}"
+                        )));
+                    }
+                }
+            }
+        };
+        let mut cmd = Vec::with_capacity(args.len() + 2);
+        cmd.push(Bytes::from_static(b"EVALSHA"));
+        cmd.push(sha);
+        cmd.extend(args.iter().cloned());
+        match self.publisher.call(cmd).await {
+            Err(PublishError::Unavailable(e)) if e.starts_with("NOSCRIPT") => {
+                let mut cmd = Vec::with_capacity(args.len() + 2);
+                cmd.push(Bytes::from_static(b"EVAL"));
+                cmd.push(Bytes::from_static(positioned::SCRIPT.as_bytes()));
+                cmd.extend(args);
+                self.publisher.call(cmd).await
+            }
+            other => other,
+        }
     }
 
     pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
@@ -647,9 +762,11 @@ impl Subscriber {
                 let Some(topic) = self.topic_of(&channel) else {
                     return Ok(());
                 };
+                let (position, payload) = positioned::parse(payload);
                 let msg = Published {
                     topic,
                     payload,
+                    position,
                     since: std::time::Instant::now(),
                     reply: None,
                 };
