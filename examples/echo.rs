@@ -80,6 +80,7 @@ async fn main() {
         .outbound_queue_bytes(64 * 1024 * 1024)
         .rate_limit(None)
         .close_timeout(Duration::from_secs(1))
+        .permessage_deflate(true)
         .build();
     let app = Router::new()
         .route("/", get(ws))

@@ -55,6 +55,8 @@ pub(crate) struct Config {
     pub(crate) metrics_interval: Duration,
     /// Labels added to every reported metric.
     pub(crate) metrics_labels: Vec<(String, String)>,
+    /// Whether a client's permessage-deflate offer is accepted.
+    pub(crate) permessage_deflate: bool,
 }
 
 impl Default for Config {
@@ -88,6 +90,7 @@ impl Default for Config {
             rate_limit_grace: Duration::from_secs(3),
             metrics_interval: Duration::from_secs(1),
             metrics_labels: Vec::new(),
+            permessage_deflate: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::broker::{BrokerHandle, PublishError, local::LocalBroker, redis::RedisBroker};
 use crate::config::Config;
+use crate::deflate::Agreed;
 use crate::dispatch::{Dispatcher, Published};
 use crate::frame::close_code;
 use crate::metrics::Metrics;
@@ -173,8 +174,9 @@ impl Runtime {
         &self.hub.broker
     }
 
-    /// A new connection, assigned round-robin to a shard.
-    pub(crate) fn new_conn(&self) -> Arc<Conn> {
+    /// A new connection, assigned round-robin to a shard, with what was agreed about
+    /// permessage-deflate.
+    pub(crate) fn new_conn(&self, deflate: Option<Agreed>) -> Arc<Conn> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let shard = (n % self.hub.shards.len() as u64) as usize;
         Arc::new(
@@ -187,7 +189,8 @@ impl Runtime {
             .with_lag_limits(
                 self.config.outbound_queue_ceiling,
                 self.config.slow_consumer_grace,
-            ),
+            )
+            .with_deflate(deflate),
         )
     }
 

@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ahash::AHashMap;
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::deflate::PublicationFrames;
 use crate::metrics::Metrics;
 use crate::outbound::{Conn, Delivered, DirectGate, Push, TopicKey, WriteTally};
 use crate::shrink::ShrinkWhenSparse;
@@ -52,7 +52,7 @@ pub(crate) enum Command {
     /// Push an encoded frame to every local subscriber of `topic`.
     Deliver {
         topic: Arc<str>,
-        frame: Bytes,
+        frames: PublicationFrames,
         /// When the broker handed the message over, for the dispatch-lag gauge.
         since: Instant,
     },
@@ -113,12 +113,12 @@ impl Shard {
         match cmd {
             Command::Deliver {
                 topic,
-                frame,
+                frames,
                 since,
             } => {
                 let now = Instant::now();
                 let direct = self.gate.allows(now, since);
-                let done = self.deliver(&topic, &frame, direct.then_some(now));
+                let done = self.deliver(&topic, &frames, direct.then_some(now));
                 let end = Instant::now();
                 self.gate.record(done, end.saturating_duration_since(now));
                 self.metrics
@@ -225,7 +225,7 @@ impl Shard {
     pub(crate) fn deliver(
         &mut self,
         topic: &str,
-        frame: &Bytes,
+        frames: &PublicationFrames,
         direct: Option<Instant>,
     ) -> Delivered {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
@@ -238,27 +238,35 @@ impl Shard {
         let mut dropped = 0u64;
         let mut tally = WriteTally::default();
         let mut direct_writes = 0u64;
+        let mut bytes = 0u64;
         for conn in subs {
+            // The plain frame, or the publication's one compressed frame (invariant 2).
+            let frame = frames.for_subscriber(conn.deflate());
+            let len = frame.len() as u64;
             let pushed = match direct {
                 Some(now) => conn.push_or_write(frame.clone(), topic_key, now, &mut tally),
                 None => conn.push(frame.clone(), topic_key),
             };
             match pushed {
-                Push::Queued => delivered += 1,
+                Push::Queued => {
+                    delivered += 1;
+                    bytes += len;
+                }
                 Push::Written => {
                     delivered += 1;
+                    bytes += len;
                     direct_writes += 1;
                 }
                 Push::QueuedDropping(n) => {
                     delivered += 1;
+                    bytes += len;
                     dropped += n;
                 }
                 Push::Overflow => overflowed += 1,
                 Push::Closed => {}
             }
         }
-        self.metrics
-            .add_deliveries(delivered, delivered * frame.len() as u64);
+        self.metrics.add_deliveries(delivered, bytes);
         tally.report(&self.metrics);
         if overflowed > 0 {
             self.metrics.add_slow_consumers(overflowed);

@@ -212,8 +212,10 @@ pub fn chat_service(
     redis_url: Option<String>,
     shards: Option<usize>,
 ) -> Result<Arc<WebsocketService<ChatHandler>>, BuildError> {
-    let mut builder =
-        WebsocketService::builder(ChatHandler, Arc::new(AppState)).redis_url(redis_url);
+    let mut builder = WebsocketService::builder(ChatHandler, Arc::new(AppState))
+        .redis_url(redis_url)
+        // Browsers offer permessage-deflate: each publication is compressed once and shared.
+        .permessage_deflate(true);
     if let Some(n) = shards {
         builder = builder.shards(n);
     }

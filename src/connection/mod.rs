@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::deflate::Agreed;
 use crate::frame::close_code;
 use crate::handler::{ConnectionContext, MessageHandler};
 use crate::outbound::{self, Conn, WriteSide};
@@ -116,13 +117,14 @@ impl<H: MessageHandler> Admitted<H> {
         self,
         topic: String,
         user_id: H::UserId,
+        deflate: Option<Agreed>,
         socket: F,
     ) -> Spawned
     where
         F: Future<Output = Option<Upgraded>> + Send + 'static,
     {
         let Self { service, admission } = self;
-        let conn = service.runtime.new_conn();
+        let conn = service.runtime.new_conn(deflate);
         let weak = Arc::downgrade(&conn);
         let (joined_tx, joined) = oneshot::channel();
         let task = tokio::spawn(async move {

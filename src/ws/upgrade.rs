@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
-use axum::http::{StatusCode, request::Parts};
+use axum::http::header::SEC_WEBSOCKET_EXTENSIONS;
+use axum::http::{HeaderValue, StatusCode, request::Parts};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use fastwebsockets::upgrade::{IncomingUpgrade, UpgradeFut};
@@ -35,6 +36,8 @@ use crate::service::WebsocketService;
 pub struct WebSocketUpgrade {
     inner: Result<IncomingUpgrade, StatusCode>,
     origin: Origin,
+    /// The `Sec-WebSocket-Extensions` header values, for permessage-deflate.
+    extensions: Vec<HeaderValue>,
 }
 
 /// The request's `Origin` header, for the allow-list.
@@ -114,9 +117,16 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
         } else {
             Err(StatusCode::BAD_REQUEST)
         };
+        let extensions = parts
+            .headers
+            .get_all(SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .cloned()
+            .collect();
         Ok(Self {
             inner,
             origin: Origin::of(parts),
+            extensions,
         })
     }
 }
@@ -136,7 +146,9 @@ fn header_has(parts: &Parts, name: &str, token: &str) -> bool {
 /// with 403 a request whose `Origin` is not listed; refuses with 400 a topic name that is not
 /// allowed; runs `validator` (your topic check, e.g. 403 for someone else's private topic, 404
 /// for an unknown one); refuses a request that is not a WebSocket upgrade with 400; then answers
-/// `101 Switching Protocols` and runs the connection in a task of its own.
+/// `101 Switching Protocols` (accepting the client's permessage-deflate offer when
+/// [`permessage_deflate`](crate::ws::service::WebsocketServiceBuilder::permessage_deflate) is
+/// on) and runs the connection in a task of its own.
 pub async fn upgrade_handler<H, V, F>(
     ws: WebSocketUpgrade,
     State(service): State<Arc<WebsocketService<H>>>,
@@ -180,13 +192,25 @@ where
             return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
         }
     };
-    let (response, fut) = match upgrade.upgrade() {
+    let (mut response, fut) = match upgrade.upgrade() {
         Ok(pair) => pair,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };
+    let deflate = if service.runtime.config.permessage_deflate {
+        crate::deflate::negotiate(ws.extensions.iter().filter_map(|v| v.to_str().ok()))
+    } else {
+        None
+    };
+    let deflate = deflate.and_then(|(agreed, answer)| {
+        let answer = HeaderValue::from_str(&answer).ok()?;
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_EXTENSIONS, answer);
+        Some(agreed)
+    });
     // Subscribed before the 101 goes out; the connection runs once the upgrade completes.
     admitted
-        .join_and_spawn(topic, user_id, upgraded_socket(fut))
+        .join_and_spawn(topic, user_id, deflate, upgraded_socket(fut))
         .await;
     response.map(Body::new)
 }
