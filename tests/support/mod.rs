@@ -189,6 +189,8 @@ pub fn free_port() -> u16 {
 #[derive(Debug)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -204,6 +206,16 @@ pub async fn try_connect(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, Option<Client>) {
+    let (status, _, client) = try_connect_head(addr, path, headers).await;
+    (status, client)
+}
+
+/// Like [`try_connect`], with the response head as received.
+pub async fn try_connect_head(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Option<Client>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let mut req = format!(
@@ -231,14 +243,14 @@ pub async fn try_connect(
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     if status != 101 {
-        return (status, None);
+        return (status, head, None);
     }
     assert!(
         head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "wrong Sec-WebSocket-Accept in {head}"
     );
     buf.drain(..head_end);
-    (status, Some(Client { stream, buf }))
+    (status, head, Some(Client { stream, buf }))
 }
 
 /// Connects to `/ws/{topic}?token=…` and expects 101.
@@ -373,6 +385,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     Some((
         Frame {
             fin: buf[0] & 0x80 != 0,
+            rsv1: buf[0] & 0x40 != 0,
             opcode: buf[0] & 0x0F,
             payload,
         },
