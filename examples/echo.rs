@@ -81,6 +81,8 @@ async fn main() {
         .rate_limit(None)
         .close_timeout(Duration::from_secs(1))
         .permessage_deflate(true)
+        // The conformance run's echo compresses every message, short ones included.
+        .permessage_deflate_min_size(0)
         .build();
     let app = Router::new()
         .route("/", get(ws))

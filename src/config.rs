@@ -57,6 +57,8 @@ pub(crate) struct Config {
     pub(crate) metrics_labels: Vec<(String, String)>,
     /// Whether a client's permessage-deflate offer is accepted.
     pub(crate) permessage_deflate: bool,
+    /// With permessage-deflate, payloads shorter than this go uncompressed.
+    pub(crate) permessage_deflate_min_size: u32,
 }
 
 impl Default for Config {
@@ -91,6 +93,7 @@ impl Default for Config {
             metrics_interval: Duration::from_secs(1),
             metrics_labels: Vec::new(),
             permessage_deflate: false,
+            permessage_deflate_min_size: crate::deflate::THRESHOLD as u32,
         }
     }
 }

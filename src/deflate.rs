@@ -10,17 +10,18 @@
 //! the offer said. An offer with an unknown, repeated or out-of-range parameter is declined; a
 //! client with no acceptable offer gets plain frames.
 //!
-//! **Window bits.** The compressor always uses a 32 KiB window (15 bits). An offer with
-//! `server_max_window_bits=N` (8 to 15) is still honoured: a message compressed on its own never
-//! refers further back than its own length, so a compressed message of at most 2^N bytes is valid
-//! for an N-bit window, and a longer one goes to that client uncompressed (RSV1 clear: RFC 7692
-//! lets every message choose). `client_max_window_bits` needs no answer: inflation accepts any
-//! window up to 15 bits.
+//! **Window bits.** The compressor (miniz_oxide, pure Rust) always uses a 32 KiB window (15
+//! bits). An offer with `server_max_window_bits=N` (8 to 15) is still honoured: the message is
+//! cut into pieces of 2^N bytes, each compressed on its own and ending on a byte boundary (a sync
+//! flush), so no back-reference reaches further than 2^N bytes; the pieces together are one valid
+//! deflate stream. `client_max_window_bits` needs no answer: inflation accepts any window up to
+//! 15 bits.
 //!
 //! **Outbound.** [`PublicationFrames`] holds a publication's plain frame and, computed at most
-//! once per instance the first time a compressing subscriber needs it, its compressed frame;
-//! every subscriber gets a refcount of one of them (invariant 2, docs/architecture.md). Payloads
-//! under [`THRESHOLD`] bytes, or that do not shrink, stay plain.
+//! once per instance and window size the first time a compressing subscriber needs it, its
+//! compressed frame; every subscriber gets a refcount of one of them (invariant 2,
+//! docs/architecture.md). Payloads under the minimum size (default [`THRESHOLD`] bytes) stay
+//! plain.
 //!
 //! **Inbound.** [`inflate`] applies the message size limit to the inflated size while it
 //! inflates: a message that would inflate past it is refused (1009) as soon as the limit is
@@ -36,9 +37,10 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 
 use crate::frame::{self, OpCode, ProtocolError, close_code};
 
-/// Payloads shorter than this many bytes are sent uncompressed. Measured on chat and dashboard
-/// JSON (`deflate::tests::threshold_figures`, PERF.md#permessage-deflate): below it deflate
-/// saves a few bytes at most, for the cost of compressing and of the client inflating.
+/// Payloads shorter than this many bytes are sent uncompressed (the default of
+/// `permessage_deflate_min_size`). Measured on chat and dashboard JSON
+/// (`deflate::tests::threshold_figures`, PERF.md#permessage-deflate): below it deflate saves a
+/// few bytes at most, for the cost of compressing and of the client inflating.
 pub(crate) const THRESHOLD: usize = 256;
 
 /// The compression level: zlib's level 6 trade-off, on a payload compressed once per
@@ -55,31 +57,34 @@ pub(crate) const EXTENSION: &str = "permessage-deflate";
 /// What was agreed with one client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Agreed {
-    /// The largest LZ77 window (in bits) our messages to this client may use.
+    /// The largest LZ77 window (in bits, 8 to 15) our messages to this client may use.
     pub(crate) server_window_bits: u8,
+    /// Payloads shorter than this go uncompressed (the service's setting).
+    pub(crate) min_size: u32,
 }
 
 impl Agreed {
-    /// Whether a message of `len` bytes, compressed on its own with a 32 KiB window, is valid
-    /// for this client's window: it refers back at most `len` bytes.
-    pub(crate) fn fits(self, len: usize) -> bool {
-        self.server_window_bits >= 15 || len <= 1 << self.server_window_bits
+    /// Whether a payload of `len` bytes is compressed for this client.
+    fn compresses(self, len: usize) -> bool {
+        len >= self.min_size as usize
     }
 }
 
 /// Picks the first acceptable `permessage-deflate` offer among the `Sec-WebSocket-Extensions`
 /// header values; returns what was agreed and the response header's value. `None`: plain frames.
+/// `min_size` is the service's `permessage_deflate_min_size`.
 pub(crate) fn negotiate<'a>(
     headers: impl IntoIterator<Item = &'a str>,
+    min_size: u32,
 ) -> Option<(Agreed, String)> {
     headers
         .into_iter()
         .flat_map(|value| value.split(','))
-        .find_map(accept_offer)
+        .find_map(|offer| accept_offer(offer, min_size))
 }
 
 /// One offer: `permessage-deflate` with valid parameters, each at most once.
-fn accept_offer(offer: &str) -> Option<(Agreed, String)> {
+fn accept_offer(offer: &str, min_size: u32) -> Option<(Agreed, String)> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts.next()?.eq_ignore_ascii_case(EXTENSION) {
         return None;
@@ -117,6 +122,7 @@ fn accept_offer(offer: &str) -> Option<(Agreed, String)> {
     }
     let agreed = Agreed {
         server_window_bits: server_bits.unwrap_or(15),
+        min_size,
     };
     Some((agreed, response))
 }
@@ -138,45 +144,44 @@ thread_local! {
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
-/// Compresses `payload` into one final frame with RSV1 set; `None` if it is under
-/// [`THRESHOLD`] or would not be smaller.
-pub(crate) fn compress_frame(opcode: OpCode, payload: &[u8]) -> Option<Bytes> {
-    if payload.len() < THRESHOLD {
-        return None;
-    }
+/// Compresses `payload` into one final frame with RSV1 set, for a client whose window is
+/// `window_bits` (8 to 15): pieces of 2^`window_bits` bytes, each compressed on its own. `None`
+/// only if the compressor fails (the caller sends the plain frame).
+pub(crate) fn compress_frame(opcode: OpCode, payload: &[u8], window_bits: u8) -> Option<Bytes> {
+    let piece = 1usize << window_bits.clamp(8, 15);
     let mut body = Vec::with_capacity(payload.len() / 2 + 64);
     COMPRESSOR.with_borrow_mut(|c| {
-        c.reset();
-        loop {
-            let taken = c.total_in() as usize;
-            if c.compress_vec(&payload[taken..], &mut body, FlushCompress::Sync)
-                .is_err()
-            {
-                return None;
+        // An empty payload is one empty piece: a sync flush of nothing.
+        let mut pieces = payload.chunks(piece);
+        let first = pieces.next().unwrap_or_default();
+        for chunk in std::iter::once(first).chain(pieces) {
+            c.reset();
+            loop {
+                let taken = c.total_in() as usize;
+                c.compress_vec(&chunk[taken..], &mut body, FlushCompress::Sync)
+                    .ok()?;
+                // The flush is complete once all input is taken and the output did not fill.
+                if c.total_in() as usize == chunk.len() && body.len() < body.capacity() {
+                    break;
+                }
+                body.reserve(body.capacity().max(64));
             }
-            // The flush is complete once all input is taken and the output did not fill up.
-            if c.total_in() as usize == payload.len() && body.len() < body.capacity() {
-                return Some(());
-            }
-            body.reserve(body.capacity().max(64));
         }
+        Some(())
     })?;
     if !body.ends_with(&TAIL) {
         return None;
     }
     body.truncate(body.len() - TAIL.len());
-    if body.len() >= payload.len() {
-        return None;
-    }
     Some(frame::encode_compressed(opcode, &body))
 }
 
 /// A frame for one connection: compressed when deflate was agreed with it and the payload is
-/// worth it, plain otherwise. For replies to one client (`WsSink`).
+/// long enough, plain otherwise. For replies to one client (`WsSink`).
 pub(crate) fn frame_for(agreed: Option<Agreed>, opcode: OpCode, payload: &[u8]) -> Bytes {
     agreed
-        .filter(|a| a.fits(payload.len()))
-        .and_then(|_| compress_frame(opcode, payload))
+        .filter(|a| a.compresses(payload.len()))
+        .and_then(|a| compress_frame(opcode, payload, a.server_window_bits))
         .unwrap_or_else(|| frame::encode(opcode, payload))
 }
 
@@ -193,7 +198,7 @@ pub(crate) fn inflate(data: &[u8], max: usize) -> Result<BytesMut, ProtocolError
         reason: "invalid compressed data",
     };
     let limit = max.saturating_add(1);
-    let mut out: Vec<u8> = Vec::with_capacity(data.len().saturating_mul(3).clamp(256, limit));
+    let mut out: Vec<u8> = Vec::with_capacity(data.len().saturating_mul(3).max(256).min(limit));
     INFLATER.with_borrow_mut(|d| {
         d.reset(false);
         let mut input = data;
@@ -235,26 +240,26 @@ pub(crate) fn inflate(data: &[u8], max: usize) -> Result<BytesMut, ProtocolError
 }
 
 /// The frames of one publication, shared by every shard: the plain frame, and the compressed
-/// one, made the first time a subscriber that agreed to permessage-deflate needs it. Cloning is
-/// a refcount.
+/// one, made the first time a subscriber that agreed to permessage-deflate needs it (one per
+/// window size asked for; browsers all use the full 15 bits). Cloning is a refcount.
 ///
-/// The first shard that needs the compressed frame compresses it; another asking meanwhile
-/// waits for that one compression (once per publication, never for a client), then shares it.
+/// The first shard that needs a compressed frame compresses it; another asking meanwhile waits
+/// for that one compression (once per publication, never for a client), then shares it.
 #[derive(Debug, Clone)]
 pub(crate) struct PublicationFrames(Arc<Frames>);
 
 #[derive(Debug)]
 struct Frames {
     plain: Bytes,
-    /// `Some(None)`: computed, not worth compressing.
-    compressed: OnceLock<Option<Bytes>>,
+    /// Per window size, 8 to 15 bits: `Some(None)` if the compressor failed (plain is sent).
+    compressed: [OnceLock<Option<Bytes>>; 8],
 }
 
 impl PublicationFrames {
     pub(crate) fn new(plain: Bytes) -> Self {
         Self(Arc::new(Frames {
             plain,
-            compressed: OnceLock::new(),
+            compressed: Default::default(),
         }))
     }
 
@@ -263,8 +268,8 @@ impl PublicationFrames {
         &self.0.plain
     }
 
-    /// The frame for a subscriber: the compressed one when `agreed` (deflate was agreed with
-    /// it) and the payload is worth compressing and fits its window, the plain one otherwise.
+    /// The frame for a subscriber: the compressed one for its window when `agreed` (deflate
+    /// was agreed with it) and the payload is long enough, the plain one otherwise.
     pub(crate) fn for_subscriber(&self, agreed: Option<Agreed>) -> &Bytes {
         let Some(agreed) = agreed else {
             return &self.0.plain;
@@ -272,20 +277,23 @@ impl PublicationFrames {
         let Some(payload) = frame::encoded_payload(&self.0.plain) else {
             return &self.0.plain;
         };
-        if payload.len() < THRESHOLD || !agreed.fits(payload.len()) {
+        if !agreed.compresses(payload.len()) {
             return &self.0.plain;
         }
-        let compressed = self.0.compressed.get_or_init(|| {
+        let bits = agreed.server_window_bits.clamp(8, 15);
+        let compressed = self.0.compressed[usize::from(bits - 8)].get_or_init(|| {
             let opcode = frame::opcode_of(&self.0.plain)?;
-            compress_frame(opcode, payload)
+            compress_frame(opcode, payload, bits)
         });
         compressed.as_ref().unwrap_or(&self.0.plain)
     }
 
-    /// Whether the compressed frame was made (for tests).
+    /// The compressed frame for a window of `bits`, if one was made (for tests).
     #[cfg(test)]
-    pub(crate) fn compressed(&self) -> Option<&Bytes> {
-        self.0.compressed.get().and_then(Option::as_ref)
+    pub(crate) fn compressed(&self, bits: u8) -> Option<&Bytes> {
+        self.0.compressed[usize::from(bits - 8)]
+            .get()
+            .and_then(Option::as_ref)
     }
 }
 
@@ -294,7 +302,14 @@ mod tests {
     use super::*;
 
     fn agreed(headers: &[&str]) -> Option<(u8, String)> {
-        negotiate(headers.iter().copied()).map(|(a, r)| (a.server_window_bits, r))
+        negotiate(headers.iter().copied(), 0).map(|(a, r)| (a.server_window_bits, r))
+    }
+
+    fn with_window(server_window_bits: u8) -> Option<Agreed> {
+        Some(Agreed {
+            server_window_bits,
+            min_size: THRESHOLD as u32,
+        })
     }
 
     const BOTH: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -360,23 +375,28 @@ mod tests {
 
     #[test]
     fn compressed_frames_inflate_to_the_payload() {
-        for len in [THRESHOLD, 1000, 40_000, 200_000] {
+        for len in [0, 1, THRESHOLD, 1000, 40_000, 200_000] {
             let payload = json(len);
-            let frame = compress_frame(OpCode::Text, &payload).expect("compressible");
-            assert_eq!(frame[0], 0xC1, "FIN, RSV1, text");
-            let body = frame::encoded_payload(&frame).unwrap();
-            assert!(body.len() < payload.len());
-            assert_eq!(&inflate(body, len).unwrap()[..], &payload[..]);
-            // One byte under the size: refused.
-            assert_eq!(inflate(body, len - 1).unwrap_err().code, 1009);
+            for bits in 8..=15 {
+                let frame = compress_frame(OpCode::Text, &payload, bits).unwrap();
+                assert_eq!(frame[0], 0xC1, "FIN, RSV1, text");
+                let body = frame::encoded_payload(&frame).unwrap();
+                if len >= THRESHOLD {
+                    assert!(body.len() < payload.len(), "{len} bytes, {bits} bits");
+                }
+                assert_eq!(&inflate(body, len).unwrap()[..], &payload[..], "{bits}");
+                if len > 0 {
+                    // One byte under the size: refused.
+                    assert_eq!(inflate(body, len - 1).unwrap_err().code, 1009);
+                }
+            }
         }
-        assert!(compress_frame(OpCode::Text, &json(THRESHOLD - 1)).is_none());
     }
 
     #[test]
     fn a_bomb_is_refused_before_it_is_inflated() {
         let zeros = vec![0u8; 10 << 20];
-        let frame = compress_frame(OpCode::Binary, &zeros).unwrap();
+        let frame = compress_frame(OpCode::Binary, &zeros, 15).unwrap();
         let body = frame::encoded_payload(&frame).unwrap();
         assert!(body.len() < 20_000, "{}", body.len());
         assert_eq!(inflate(body, 64 * 1024).unwrap_err().code, 1009);
@@ -392,25 +412,22 @@ mod tests {
     fn a_publication_is_compressed_once_and_only_when_asked() {
         let payload = json(1000);
         let frames = PublicationFrames::new(frame::encode_text(&payload));
-        assert!(frames.compressed().is_none());
         assert_eq!(frames.for_subscriber(None), frames.plain());
         assert!(
-            frames.compressed().is_none(),
+            frames.compressed(15).is_none(),
             "plain subscribers compress nothing"
         );
-        let full = Some(Agreed {
-            server_window_bits: 15,
-        });
-        let a = frames.for_subscriber(full).clone();
-        let b = frames.clone().for_subscriber(full).clone();
+        let a = frames.for_subscriber(with_window(15)).clone();
+        let b = frames.clone().for_subscriber(with_window(15)).clone();
         assert_eq!(a.as_ptr(), b.as_ptr(), "one shared compressed frame");
-        // A 9-bit window (512 bytes) is too small for this 1000-byte message.
-        let small = Some(Agreed {
-            server_window_bits: 9,
-        });
-        assert_eq!(frames.for_subscriber(small), frames.plain());
+        assert_eq!(frames.compressed(15).unwrap().as_ptr(), a.as_ptr());
+        // A 9-bit window gets its own, also made once.
+        assert!(frames.compressed(9).is_none());
+        let c = frames.for_subscriber(with_window(9)).clone();
+        assert_ne!(c.as_ptr(), a.as_ptr());
+        assert_eq!(frames.for_subscriber(with_window(9)).as_ptr(), c.as_ptr());
         let short = PublicationFrames::new(frame::encode_text(&json(100)));
-        assert_eq!(short.for_subscriber(full), short.plain());
+        assert_eq!(short.for_subscriber(with_window(15)), short.plain());
     }
 
     /// Prints what deflate saves on JSON of several sizes (run with `--nocapture`); the figures

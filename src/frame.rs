@@ -6,7 +6,8 @@
 //!
 //! Inbound frames are parsed by [`FrameParser`], which enforces what fastwebsockets 0.10 does not:
 //! client frames must be masked, control frames must be final and at most 125 bytes, reserved bits
-//! and opcodes are rejected, and a frame larger than the configured limit is refused from its
+//! (RSV1 too, unless permessage-deflate was agreed and it marks a message's first frame) and
+//! opcodes are rejected, and a frame larger than the configured limit is refused from its
 //! header alone, before any of its payload is buffered (invariant 7).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};

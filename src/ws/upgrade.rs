@@ -196,8 +196,10 @@ where
         Ok(pair) => pair,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };
-    let deflate = if service.runtime.config.permessage_deflate {
-        crate::deflate::negotiate(ws.extensions.iter().filter_map(|v| v.to_str().ok()))
+    let config = &service.runtime.config;
+    let deflate = if config.permessage_deflate {
+        let offers = ws.extensions.iter().filter_map(|v| v.to_str().ok());
+        crate::deflate::negotiate(offers, config.permessage_deflate_min_size)
     } else {
         None
     };
