@@ -2,7 +2,7 @@
 # Runs Autobahn's WebSocket conformance cases against examples/echo with kosoku (a PyPI package
 # that runs Autobahn's own case files under Python 3; the official wstest is Python-2-only).
 #
-#   bash loadtest/autobahn.sh            # cases 1-7, 9 and 10
+#   bash loadtest/autobahn.sh            # cases 1-7, 9, 10, 12 and 13 (permessage-deflate)
 #   CASES='1.* 2.*' bash loadtest/autobahn.sh
 #
 # Exits non-zero if any case's behaviour is not OK, NON-STRICT or INFORMATIONAL; prints the
@@ -25,7 +25,7 @@ done
 out=target/autobahn
 rm -rf "$out"
 args=()
-for c in ${CASES:-1.* 2.* 3.* 4.* 5.* 6.* 7.* 9.* 10.*}; do args+=(-i "$c"); done
+for c in ${CASES:-1.* 2.* 3.* 4.* 5.* 6.* 7.* 9.* 10.* 12.* 13.*}; do args+=(-i "$c"); done
 kosoku -m fuzzingclient "${args[@]}" -p 2 -o "$out" "127.0.0.1:$port"
 
 python3 - "$out/index.json" <<'PY'

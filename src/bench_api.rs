@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::broker::local::NoInterest;
 use crate::connection::{self, Inbound, Upgraded};
+use crate::deflate::PublicationFrames;
 use crate::dispatch::Dispatcher;
 use crate::frame;
 use crate::handler::MessageHandler;
@@ -335,7 +336,8 @@ impl TopicMap {
     /// Pushes `frame` to every local subscriber of `topic` (a refcount and a queue push each):
     /// the shard's `Deliver` path.
     pub fn deliver(&mut self, topic: &str, frame: &Bytes) {
-        self.0.deliver(topic, frame, None);
+        self.0
+            .deliver(topic, &PublicationFrames::new(frame.clone()), None);
     }
 
     /// How many topics have at least one subscriber.
@@ -363,7 +365,7 @@ impl FrameDeduper {
     /// Frames `payload`, or reuses the previous frame if the previous payload was identical:
     /// `Dispatcher::frame_for`.
     pub fn frame_for(&mut self, payload: &Bytes) -> Bytes {
-        self.0.frame_for(payload)
+        self.0.frame_for(payload).plain().clone()
     }
 }
 

@@ -59,6 +59,10 @@ pub(crate) struct Config {
     pub(crate) history_max_bytes: usize,
     /// Most publications one recovery re-sends.
     pub(crate) recovery_max_publications: usize,
+    /// Whether a client's permessage-deflate offer is accepted.
+    pub(crate) permessage_deflate: bool,
+    /// With permessage-deflate, payloads shorter than this go uncompressed.
+    pub(crate) permessage_deflate_min_size: u32,
 }
 
 impl Default for Config {
@@ -95,6 +99,8 @@ impl Default for Config {
             metrics_labels: Vec::new(),
             history_max_bytes: 64 * 1024 * 1024,
             recovery_max_publications: 300,
+            permessage_deflate: false,
+            permessage_deflate_min_size: crate::deflate::THRESHOLD as u32,
         }
     }
 }

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::deflate::PublicationFrames;
 use crate::frame;
 use crate::history::{HistoryPage, Observed, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
@@ -141,7 +142,7 @@ pub(crate) struct Dispatcher {
     /// another topic) reuses it instead of encoding it again. The payload is compared with the
     /// frame's own copy of it, so no slice of the broker's read buffer is kept: one would keep
     /// the whole buffer (64 KiB) allocated for as long as the frame is cached.
-    last: Option<Bytes>,
+    last: Option<PublicationFrames>,
     /// Largest frame a connection's outbound queue can hold (`outbound_queue_bytes`).
     max_frame: usize,
     metrics: Arc<Metrics>,
@@ -230,12 +231,12 @@ impl Dispatcher {
         self
     }
 
-    /// Frames `payload` once (or reuses the frame of an identical previous payload): a text
-    /// frame, or a binary one if the payload is not UTF-8.
-    pub(crate) fn frame_for(&mut self, payload: &Bytes) -> Bytes {
-        if let Some(frame) = &self.last {
-            if frame::encoded_payload(frame) == Some(&payload[..]) {
-                return frame.clone();
+    /// Frames `payload` once (or reuses the frames of an identical previous payload, its
+    /// compressed frame included): a text frame, or a binary one if the payload is not UTF-8.
+    pub(crate) fn frame_for(&mut self, payload: &Bytes) -> PublicationFrames {
+        if let Some(frames) = &self.last {
+            if frame::encoded_payload(frames.plain()) == Some(&payload[..]) {
+                return frames.clone();
             }
         }
         let frame = if std::str::from_utf8(payload).is_ok() {
@@ -243,8 +244,9 @@ impl Dispatcher {
         } else {
             frame::encode(frame::OpCode::Binary, payload)
         };
-        self.last = Some(frame.clone());
-        frame
+        let frames = PublicationFrames::new(frame);
+        self.last = Some(frames.clone());
+        frames
     }
 
     /// Counts a dropped oversized payload; warns at most once per [`OVERSIZED_LOG_EVERY`].
@@ -288,8 +290,9 @@ impl Dispatcher {
             }
             None => None,
         };
-        let rtk1 = (position.is_some() || self.rtk1_conns.load(Ordering::Relaxed) > 0)
-            .then(|| wire::rtk1_pub(&msg.topic, position.as_ref(), &msg.payload));
+        let rtk1 = (position.is_some() || self.rtk1_conns.load(Ordering::Relaxed) > 0).then(|| {
+            PublicationFrames::new(wire::rtk1_pub(&msg.topic, position.as_ref(), &msg.payload))
+        });
         let frames = Frames {
             verbatim,
             rtk1,
@@ -606,13 +609,14 @@ mod tests {
     #[test]
     fn an_identical_payload_reuses_the_frame_and_no_other_does() {
         let mut d = Dispatcher::new(Arc::from(Vec::new()));
-        let first = d.frame_for(&Bytes::from_static(b"{\"n\":1}"));
-        let again = d.frame_for(&Bytes::copy_from_slice(b"{\"n\":1}"));
+        let mut frame_for = |p: &Bytes| d.frame_for(p).plain().clone();
+        let first = frame_for(&Bytes::from_static(b"{\"n\":1}"));
+        let again = frame_for(&Bytes::copy_from_slice(b"{\"n\":1}"));
         assert_eq!(first.as_ptr(), again.as_ptr(), "framed once");
-        let suffix = d.frame_for(&Bytes::from_static(b"\"n\":1}"));
+        let suffix = frame_for(&Bytes::from_static(b"\"n\":1}"));
         assert_eq!(frame::encoded_payload(&suffix), Some(&b"\"n\":1}"[..]));
         let long = Bytes::from(vec![b'x'; 300]);
-        let (a, b) = (d.frame_for(&long), d.frame_for(&long.clone()));
+        let (a, b) = (frame_for(&long), frame_for(&long.clone()));
         assert_eq!(a.as_ptr(), b.as_ptr());
         assert_eq!(frame::encoded_payload(&a), Some(&long[..]));
     }

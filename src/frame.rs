@@ -6,7 +6,8 @@
 //!
 //! Inbound frames are parsed by [`FrameParser`], which enforces what fastwebsockets 0.10 does not:
 //! client frames must be masked, control frames must be final and at most 125 bytes, reserved bits
-//! and opcodes are rejected, and a frame larger than the configured limit is refused from its
+//! (RSV1 too, unless permessage-deflate was agreed and it marks a message's first frame) and
+//! opcodes are rejected, and a frame larger than the configured limit is refused from its
 //! header alone, before any of its payload is buffered (invariant 7).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -86,6 +87,23 @@ pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     buf.extend_from_slice(payload);
     buf.freeze()
 }
+
+/// Encodes one final frame whose payload is a compressed message: RSV1 set (RFC 7692 §6).
+pub(crate) fn encode_compressed(opcode: OpCode, compressed: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(MAX_HEADER + compressed.len());
+    put_header(&mut buf, opcode, compressed.len());
+    buf[0] |= RSV1;
+    buf.extend_from_slice(compressed);
+    buf.freeze()
+}
+
+/// The opcode of a frame [`encode`] wrote.
+pub(crate) fn opcode_of(frame: &[u8]) -> Option<OpCode> {
+    OpCode::from_u8(frame.first()? & 0x0F)
+}
+
+/// The "per-message compressed" bit (RFC 7692 §6).
+const RSV1: u8 = 0x40;
 
 /// Encodes a text frame. The caller guarantees `payload` is UTF-8 (JSON text, a Redis payload the
 /// application published as text).
@@ -185,6 +203,8 @@ impl ProtocolError {
 #[derive(Debug)]
 pub(crate) struct Frame {
     pub(crate) fin: bool,
+    /// RSV1: the first frame of a compressed message (only with permessage-deflate agreed).
+    pub(crate) compressed: bool,
     pub(crate) opcode: OpCode,
     pub(crate) payload: BytesMut,
 }
@@ -194,11 +214,22 @@ pub(crate) struct Frame {
 pub(crate) struct FrameParser {
     /// Largest payload accepted in one frame.
     max_frame: usize,
+    /// Whether permessage-deflate was agreed: RSV1 may then mark a compressed message.
+    deflate: bool,
 }
 
 impl FrameParser {
     pub(crate) fn new(max_frame: usize) -> Self {
-        Self { max_frame }
+        Self {
+            max_frame,
+            deflate: false,
+        }
+    }
+
+    /// Accepts RSV1 on the first frame of a data message: permessage-deflate was agreed.
+    pub(crate) fn with_deflate(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
     }
 
     /// [`parse_for`](Self::parse_for) outside a fragmented message: only the frame limit applies.
@@ -225,7 +256,9 @@ impl FrameParser {
         let b0 = buf[0];
         let b1 = buf[1];
         let fin = b0 & 0x80 != 0;
-        if b0 & 0x70 != 0 {
+        let compressed = self.deflate && b0 & RSV1 != 0;
+        let reserved = if self.deflate { 0x30 } else { 0x70 };
+        if b0 & reserved != 0 {
             return Err(ProtocolError::new(
                 close_code::PROTOCOL_ERROR,
                 "reserved bits set without a negotiated extension",
@@ -263,6 +296,12 @@ impl FrameParser {
             }
             n => (n as u64, 0),
         };
+        if compressed && (opcode.is_control() || opcode == OpCode::Continuation) {
+            return Err(ProtocolError::new(
+                close_code::PROTOCOL_ERROR,
+                "RSV1 set on a control or continuation frame",
+            ));
+        }
         if opcode.is_control() {
             if !fin {
                 return Err(ProtocolError::new(
@@ -300,6 +339,7 @@ impl FrameParser {
         apply_mask(&mut payload, key);
         Ok(Some(Frame {
             fin,
+            compressed,
             opcode,
             payload,
         }))
@@ -339,6 +379,10 @@ fn header_and_len(buf: &[u8]) -> Option<(usize, u64)> {
 ///
 /// Call it only after [`FrameParser::parse`] returned `Ok(None)`: the header was validated then.
 pub(crate) fn incomplete_frame(buf: &[u8]) -> Option<(OpCode, [u8; 4], &[u8])> {
+    if *buf.first()? & RSV1 != 0 {
+        // A compressed message: its text is checked once inflated.
+        return None;
+    }
     let opcode = OpCode::from_u8(*buf.first()? & 0x0F)?;
     // The parser accepted the header, so the frame is masked and `header` ends with the key.
     let (header, len) = header_and_len(buf)?;
@@ -440,6 +484,8 @@ fn invalid_utf8() -> ProtocolError {
 #[derive(Debug)]
 struct Partial {
     kind: OpCode,
+    /// Compressed (RSV1 on its first frame): `data` is deflate data, inflated once complete.
+    compressed: bool,
     data: BytesMut,
     /// For text, the decoder's state after `data`.
     utf8: Utf8Stream,
@@ -520,7 +566,9 @@ impl MessageAssembler {
                 let utf8 = match (opcode, &self.partial) {
                     (OpCode::Text, None) => Utf8Stream::default(),
                     // Carries a character the previous fragment ended inside of.
-                    (OpCode::Continuation, Some(p)) if p.kind == OpCode::Text => p.utf8,
+                    (OpCode::Continuation, Some(p)) if p.kind == OpCode::Text && !p.compressed => {
+                        p.utf8
+                    }
                     _ => return Ok(()),
                 };
                 self.arriving.insert(Arriving { validated: 0, utf8 })
@@ -553,12 +601,13 @@ impl MessageAssembler {
     pub(crate) fn push(&mut self, frame: Frame) -> Result<Option<Message>, ProtocolError> {
         let Frame {
             fin,
+            compressed,
             opcode,
             payload,
         } = frame;
         let arriving = self.arriving.take();
         let len = payload.len();
-        let (kind, data, utf8) = match (opcode, self.partial.take()) {
+        let (kind, compressed, data, utf8) = match (opcode, self.partial.take()) {
             (OpCode::Continuation, None) => {
                 return Err(ProtocolError::new(
                     close_code::PROTOCOL_ERROR,
@@ -569,6 +618,7 @@ impl MessageAssembler {
                 OpCode::Continuation,
                 Some(Partial {
                     kind,
+                    compressed,
                     mut data,
                     utf8,
                 }),
@@ -580,7 +630,7 @@ impl MessageAssembler {
                     ));
                 }
                 data.extend_from_slice(&payload);
-                (kind, data, utf8)
+                (kind, compressed, data, utf8)
             }
             (_, Some(_)) => {
                 return Err(ProtocolError::new(
@@ -588,10 +638,10 @@ impl MessageAssembler {
                     "new data frame inside a fragmented message",
                 ));
             }
-            (kind, None) => (kind, payload, Utf8Stream::default()),
+            (kind, None) => (kind, compressed, payload, Utf8Stream::default()),
         };
         let mut utf8 = utf8;
-        if kind == OpCode::Text {
+        if kind == OpCode::Text && !compressed {
             // Only what the checks while the frame arrived did not see. A fragment may end inside
             // a character, but never with bytes no continuation could make valid (fail fast).
             let (state, seen) = match arriving {
@@ -607,9 +657,24 @@ impl MessageAssembler {
             }
         }
         if !fin {
-            self.partial = Some(Partial { kind, data, utf8 });
+            self.partial = Some(Partial {
+                kind,
+                compressed,
+                data,
+                utf8,
+            });
             return Ok(None);
         }
+        let data = if compressed {
+            // The limit applies to the inflated size, checked while inflating.
+            let inflated = crate::deflate::inflate(&data, self.max_message)?;
+            if kind == OpCode::Text && std::str::from_utf8(&inflated).is_err() {
+                return Err(invalid_utf8());
+            }
+            inflated
+        } else {
+            data
+        };
         Ok(Some(match kind {
             OpCode::Text => Message::Text(data),
             _ => Message::Binary(data),
@@ -731,6 +796,7 @@ mod tests {
     fn assembler_joins_fragments_and_enforces_rules() {
         let frame = |fin, opcode, payload: &[u8]| Frame {
             fin,
+            compressed: false,
             opcode,
             payload: BytesMut::from(payload),
         };
@@ -823,6 +889,7 @@ mod tests {
             let mut assembler = MessageAssembler::new(1024);
             let first = Frame {
                 fin: false,
+                compressed: false,
                 opcode: OpCode::Text,
                 payload: BytesMut::from(&b"caf\xC3"[..]),
             };

@@ -134,7 +134,17 @@ pub(crate) type PolicyRule = Arc<dyn Fn(&str) -> Option<TopicPolicy> + Send + Sy
 struct Entry {
     offset: u64,
     at: Instant,
-    frames: Frames,
+    /// The plain frames only: a compressed frame made for live subscribers is not kept, so
+    /// the byte cap counts exactly what history holds (a recovery re-sends plain frames, which
+    /// RFC 7692 allows on a compressed connection).
+    frames: Kept,
+}
+
+/// A kept publication's plain frames: verbatim, and `rtk1` if it was framed for `rtk1`.
+#[derive(Debug)]
+struct Kept {
+    verbatim: Bytes,
+    rtk1: Option<Bytes>,
 }
 
 impl Entry {
@@ -301,7 +311,10 @@ impl Streams {
         let entry = Entry {
             offset,
             at: now,
-            frames,
+            frames: Kept {
+                verbatim: frames.verbatim.plain().clone(),
+                rtk1: frames.rtk1.as_ref().map(|f| f.plain().clone()),
+            },
         };
         let size = entry.bytes();
         self.bytes += size;
@@ -571,11 +584,14 @@ pub(crate) fn new_epoch() -> Arc<str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deflate::PublicationFrames;
 
     fn frames(n: u64) -> Frames {
         Frames {
-            verbatim: frame::encode_text(n.to_string().as_bytes()),
-            rtk1: Some(frame::encode_text(format!("{{\"o\":{n}}}").as_bytes())),
+            verbatim: PublicationFrames::new(frame::encode_text(n.to_string().as_bytes())),
+            rtk1: Some(PublicationFrames::new(frame::encode_text(
+                format!("{{\"o\":{n}}}").as_bytes(),
+            ))),
             positioned: true,
         }
     }
@@ -656,7 +672,7 @@ mod tests {
     #[test]
     fn the_byte_cap_drops_the_oldest_publications_of_any_stream() {
         let now = Instant::now();
-        let one = frames(1).verbatim.len() + frames(1).rtk1.unwrap().len();
+        let one = frames(1).verbatim.plain().len() + frames(1).rtk1.unwrap().plain().len();
         let mut s = streams(1000, 10 * one);
         for _ in 0..8 {
             publish(&mut s, "pos-a", now);

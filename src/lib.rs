@@ -138,6 +138,7 @@ pub mod bench_api;
 mod broker;
 mod config;
 mod connection;
+mod deflate;
 mod dispatch;
 mod frame;
 mod handler;

@@ -12,6 +12,7 @@ use crate::broker::{
     BrokerHandle, PublishError, RedisSettings, local::LocalBroker, redis::RedisBroker,
 };
 use crate::config::Config;
+use crate::deflate::Agreed;
 use crate::dispatch::{Dispatcher, Fetch, Published, Request};
 use crate::frame::close_code;
 use crate::history::{HistoryPage, PolicyRule, Position, RecoveryLimits, Streams};
@@ -275,8 +276,9 @@ impl Runtime {
         &self.hub.broker
     }
 
-    /// A new connection speaking `format`, assigned round-robin to a shard.
-    pub(crate) fn new_conn_as(&self, format: Format) -> Arc<Conn> {
+    /// A new connection speaking `format`, with what was agreed about permessage-deflate,
+    /// assigned round-robin to a shard.
+    pub(crate) fn new_conn_as(&self, format: Format, deflate: Option<Agreed>) -> Arc<Conn> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let shard = (n % self.hub.shards.len() as u64) as usize;
         Arc::new(
@@ -290,7 +292,8 @@ impl Runtime {
                 self.config.outbound_queue_ceiling,
                 self.config.slow_consumer_grace,
             )
-            .with_format(format),
+            .with_format(format)
+            .with_deflate(deflate),
         )
     }
 

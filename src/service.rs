@@ -557,6 +557,36 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         self.config.allowed_origins = Some(origins);
         self
     }
+
+    /// Accepts a client's `permessage-deflate` offer (RFC 7692), which every browser sends.
+    /// Default: off.
+    ///
+    /// Each publication is compressed at most once per instance, the first time a subscriber
+    /// that agreed to compression receives it, and that one compressed frame is shared by every
+    /// such subscriber, as the plain frame is by the others: the cost is per publication, not
+    /// per subscriber. Replies to one connection ([`WsSink`](crate::ws::types::WsSink)) are
+    /// compressed for it. Messages under
+    /// [`permessage_deflate_min_size`](Self::permessage_deflate_min_size) go uncompressed.
+    /// Compressed client messages are inflated with
+    /// [`max_message_size`](Self::max_message_size) applied to the inflated size.
+    ///
+    /// The server always asks for `server_no_context_takeover` and `client_no_context_takeover`:
+    /// every message is compressed on its own, and a connection keeps no compression state while
+    /// idle. Turn it on when egress or slow links cost more than a little CPU per publication;
+    /// see the tuning guide (`docs/guides/tuning.md`) for what was measured.
+    pub fn permessage_deflate(mut self, on: bool) -> Self {
+        self.config.permessage_deflate = on;
+        self
+    }
+
+    /// With [`permessage_deflate`](Self::permessage_deflate), messages shorter than `bytes` are
+    /// sent uncompressed. Default: 256. Below that, JSON shrinks by a few bytes at most, and
+    /// compressing a message costs about 10 µs whatever its size (measured: PERF.md's
+    /// permessage-deflate section). 0 compresses every message.
+    pub fn permessage_deflate_min_size(mut self, bytes: u32) -> Self {
+        self.config.permessage_deflate_min_size = bytes;
+        self
+    }
 }
 
 /// The URL without its password, for messages.

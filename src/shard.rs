@@ -28,6 +28,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::deflate::PublicationFrames;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbound::{Conn, Delivered, DirectGate, POSITIONED, Push, TopicKey, WriteTally};
@@ -315,10 +316,10 @@ impl Shard {
     pub(crate) fn deliver(
         &mut self,
         topic: &str,
-        frame: &Bytes,
+        frames: &PublicationFrames,
         direct: Option<Instant>,
     ) -> Delivered {
-        self.deliver_frames(topic, &Frames::verbatim(frame.clone()), direct)
+        self.deliver_frames(topic, &Frames::verbatim(frames.clone()), direct)
     }
 
     /// The hot path: per subscriber, the frame of its format ([`Frames::for_format`]), one
@@ -340,7 +341,7 @@ impl Shard {
         // The interned name's address identifies the topic for conflation.
         let plain_key = topic_key(key, false);
         let rtk1_key = topic_key(key, frames.positioned);
-        let mut late_rtk1: Option<Bytes> = None;
+        let mut late_rtk1: Option<PublicationFrames> = None;
         let mut delivered = 0u64;
         let mut delivered_bytes = 0u64;
         let mut overflowed = 0u64;
@@ -349,23 +350,31 @@ impl Shard {
         let mut tally = WriteTally::default();
         let mut direct_writes = 0u64;
         for conn in subs {
-            let (frame, topic_key) = match frames.for_format(conn.format) {
-                Some(frame) if conn.format == Format::Verbatim => (frame, plain_key),
-                Some(frame) => (frame, rtk1_key),
+            let (formatted, topic_key) = match frames.for_format(conn.format) {
+                Some(formatted) if conn.format == Format::Verbatim => (formatted, plain_key),
+                Some(formatted) => (formatted, rtk1_key),
                 None => {
-                    let frame = late_rtk1.get_or_insert_with(|| {
-                        let payload = frame::encoded_payload(&frames.verbatim).unwrap_or_default();
-                        wire::rtk1_pub(topic, None, payload)
+                    let late = late_rtk1.get_or_insert_with(|| {
+                        let payload = frame::encoded_payload(frames.verbatim.plain());
+                        PublicationFrames::new(wire::rtk1_pub(
+                            topic,
+                            None,
+                            payload.unwrap_or_default(),
+                        ))
                     });
-                    (&*frame, rtk1_key)
+                    (&*late, rtk1_key)
                 }
             };
+            // The plain frame, or the publication's one compressed frame (invariant 2).
+            let frame = formatted.for_subscriber(conn.deflate());
             let pushed = match direct {
                 Some(now) => conn.push_or_write(frame.clone(), topic_key, now, &mut tally),
                 None => conn.push(frame.clone(), topic_key),
             };
             match pushed {
-                Push::Queued => delivered += 1,
+                Push::Queued => {
+                    delivered += 1;
+                }
                 Push::Written => {
                     delivered += 1;
                     direct_writes += 1;

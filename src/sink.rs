@@ -101,18 +101,24 @@ impl WsSink {
 
     /// Queues a text frame.
     pub fn send_text(&self, text: impl AsRef<str>) -> Result<(), SendError> {
-        self.send_frame(frame::encode_text(text.as_ref().as_bytes()))
+        self.send_frame(self.encode(frame::OpCode::Text, text.as_ref().as_bytes()))
     }
 
     /// Serializes `value` to JSON and queues it as a text frame.
     pub fn send_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), SendError> {
         let json = serde_json::to_vec(value).map_err(SendError::Serialize)?;
-        self.send_frame(frame::encode_text(&json))
+        self.send_frame(self.encode(frame::OpCode::Text, &json))
     }
 
     /// Queues a binary frame.
     pub fn send_binary(&self, data: impl AsRef<[u8]>) -> Result<(), SendError> {
-        self.send_frame(frame::encode(frame::OpCode::Binary, data.as_ref()))
+        self.send_frame(self.encode(frame::OpCode::Binary, data.as_ref()))
+    }
+
+    /// A frame for this connection alone: compressed for it when it agreed to permessage-deflate
+    /// and the payload is worth it.
+    fn encode(&self, opcode: frame::OpCode, payload: &[u8]) -> Bytes {
+        crate::deflate::frame_for(self.conn.deflate(), opcode, payload)
     }
 
     pub(crate) fn send_frame(&self, frame: Bytes) -> Result<(), SendError> {

@@ -10,11 +10,12 @@
 //! [`Frames`] holds one publication framed once per format that anyone needs; the dispatcher
 //! builds it once per publication and every shard hands each subscriber the frame of its format
 //! (a refcount): the encode-once rule holds per format (invariant 2, docs/architecture.md).
-//! A new format (a compressed one, say) is one more field here and one more arm in
-//! [`Frames::for_format`].
+//! Each format's frame is a [`PublicationFrames`], so its permessage-deflate frame too is made
+//! at most once per publication, for whichever subscribers agreed to compression.
 
 use bytes::Bytes;
 
+use crate::deflate::PublicationFrames;
 use crate::frame;
 use crate::history::Position;
 
@@ -31,11 +32,11 @@ pub(crate) enum Format {
 /// One publication, framed once per format.
 #[derive(Debug, Clone)]
 pub(crate) struct Frames {
-    /// The payload as a text frame (binary if it is not UTF-8).
-    pub(crate) verbatim: Bytes,
-    /// The `rtk1` `pub` envelope; built when a connection speaks `rtk1` or the topic keeps
-    /// history, else `None`.
-    pub(crate) rtk1: Option<Bytes>,
+    /// The payload as a text frame (binary if it is not UTF-8), and its compressed frame.
+    pub(crate) verbatim: PublicationFrames,
+    /// The `rtk1` `pub` envelope, and its compressed frame; built when a connection speaks
+    /// `rtk1` or the topic keeps history, else `None`.
+    pub(crate) rtk1: Option<PublicationFrames>,
     /// Whether the publication has a position (its topic keeps history): a subscriber that
     /// misses it must be told (`insufficient_state`).
     pub(crate) positioned: bool,
@@ -43,7 +44,7 @@ pub(crate) struct Frames {
 
 impl Frames {
     /// Verbatim only (no `rtk1` connection, no history).
-    pub(crate) fn verbatim(frame: Bytes) -> Self {
+    pub(crate) fn verbatim(frame: PublicationFrames) -> Self {
         Self {
             verbatim: frame,
             rtk1: None,
@@ -53,7 +54,7 @@ impl Frames {
 
     /// The frame for a subscriber speaking `format`; `None` when that format was not built
     /// (an `rtk1` connection that appeared after the publication was framed).
-    pub(crate) fn for_format(&self, format: Format) -> Option<&Bytes> {
+    pub(crate) fn for_format(&self, format: Format) -> Option<&PublicationFrames> {
         match format {
             Format::Verbatim => Some(&self.verbatim),
             Format::Rtk1 => self.rtk1.as_ref(),

@@ -180,6 +180,43 @@ fn a_message_typed_in_one_browser_appears_in_another_through_redis() {
 }
 
 #[test]
+fn a_browser_negotiates_permessage_deflate_and_chats_compressed() {
+    let Some(instances) = two_instances(
+        "a_browser_negotiates_permessage_deflate_and_chats_compressed",
+        "basic_chat",
+    ) else {
+        return;
+    };
+    let (p1, p2) = instances.ports;
+
+    let driver = ChromeDriver::start();
+    let alice = driver.new_session();
+    let bob = driver.new_session();
+    join(&alice, p1, "alice", "general");
+    join(&bob, p2, "bob", "general");
+    // Chromium offers permessage-deflate; the example accepts it.
+    for (who, page) in [("alice", &alice), ("bob", &bob)] {
+        let agreed = page.execute("return document.body.dataset.extensions;", json!([]));
+        let agreed = agreed.as_str().unwrap_or_default();
+        assert!(
+            agreed.starts_with("permessage-deflate")
+                && agreed.contains("server_no_context_takeover")
+                && agreed.contains("client_no_context_takeover"),
+            "{who}'s page agreed {agreed:?}"
+        );
+    }
+    // Long enough that the broadcast is compressed (and Chromium compresses what it sends).
+    let long = "Release notes: the ingest service now batches writes, dashboards refresh \
+                twice as fast, and the on-call rotation moves to Mondays. "
+        .repeat(3);
+    alice.type_into(&alice.find("#text"), &format!("{long}{ENTER}"));
+    wait_message(&bob, "bob's page", "alice", &long);
+    wait_message(&alice, "alice's page", "alice", &long);
+    bob.type_into(&bob.find("#text"), &format!("short one{ENTER}"));
+    wait_message(&alice, "alice's page", "bob", "short one");
+}
+
+#[test]
 fn the_dashboard_charts_every_instance_live() {
     let Some(instances) =
         two_instances("the_dashboard_charts_every_instance_live", "live_dashboard")

@@ -218,20 +218,18 @@ pub fn chat_service(
     redis_url: Option<String>,
     shards: Option<usize>,
 ) -> Result<Arc<WebsocketService<ChatHandler>>, BuildError> {
-    let in_process = redis_url.is_none();
     let mut builder = WebsocketService::builder(ChatHandler, Arc::new(AppState))
         .redis_url(redis_url)
         // `rtk1` clients may join more topics with a subscribe command: the same rule.
-        .authorize_topics(validate_topic);
-    if in_process {
+        .authorize_topics(validate_topic)
         // The rooms keep their last 1 000 messages for 10 minutes: an `rtk1` client that
-        // reconnects with its position gets what it missed. (History is kept by the
-        // in-process broker.)
-        builder = builder.topic_policy(|topic| {
+        // reconnects with its position, to this instance or another, gets what it missed.
+        .topic_policy(|topic| {
             matches!(topic, "general" | "random")
                 .then(|| TopicPolicy::history(1_000, std::time::Duration::from_secs(600)))
-        });
-    }
+        })
+        // Browsers offer permessage-deflate: each publication is compressed once and shared.
+        .permessage_deflate(true);
     if let Some(n) = shards {
         builder = builder.shards(n);
     }

@@ -58,16 +58,27 @@ pub(crate) struct Stats {
     /// Per connection: marked frames received.
     pub(crate) per_conn: Vec<AtomicU64>,
     pub(crate) latency: Mutex<Histogram<u64>>,
+    /// Bytes read off the sockets (frame headers included): what the server put on the wire.
+    pub(crate) wire_bytes: AtomicU64,
+    /// Whether the connections offer permessage-deflate (and inflate what comes compressed).
+    pub(crate) deflate: bool,
 }
 
 impl Stats {
     pub(crate) fn new(conns: usize) -> Arc<Self> {
+        Self::with_deflate(conns, false)
+    }
+
+    /// Counters for `conns` connections that offer permessage-deflate when `deflate` is set.
+    pub(crate) fn with_deflate(conns: usize, deflate: bool) -> Arc<Self> {
         Arc::new(Self {
             frames: AtomicU64::new(0),
             reorders: AtomicU64::new(0),
             closes: AtomicU64::new(0),
             per_conn: (0..conns).map(|_| AtomicU64::new(0)).collect(),
             latency: Mutex::new(new_histogram()),
+            wire_bytes: AtomicU64::new(0),
+            deflate,
         })
     }
 
@@ -100,11 +111,25 @@ pub(crate) async fn handshake(
     addr: SocketAddr,
     path: &str,
 ) -> std::io::Result<(u16, Option<(TcpStream, Vec<u8>)>)> {
+    handshake_with(addr, path, false).await
+}
+
+/// [`handshake`], offering permessage-deflate (as browsers do) when `deflate` is set.
+pub(crate) async fn handshake_with(
+    addr: SocketAddr,
+    path: &str,
+    deflate: bool,
+) -> std::io::Result<(u16, Option<(TcpStream, Vec<u8>)>)> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
+    let offer = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     stream.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(512);
@@ -145,6 +170,9 @@ pub(crate) async fn read_loop(
     check: SeqCheck,
 ) {
     buf.reserve(16 * 1024);
+    stats.wire_bytes.fetch_add(buf.len() as u64, Relaxed);
+    let mut inflater = flate2::Decompress::new(false);
+    let mut inflated = Vec::new();
     let mut last_seq: Option<u64> = None;
     let mut samples: Vec<u64> = Vec::with_capacity(64);
     loop {
@@ -171,7 +199,12 @@ pub(crate) async fn read_loop(
                 break;
             }
             let opcode = b[0] & 0x0F;
-            let payload = &b[hdr..hdr + len];
+            let mut payload = &b[hdr..hdr + len];
+            if b[0] & 0x40 != 0 {
+                // Compressed (RSV1): inflated whole, without context takeover.
+                inflate(&mut inflater, payload, &mut inflated);
+                payload = &inflated;
+            }
             if opcode == 0x8 {
                 stats.closes.fetch_add(1, Relaxed);
                 return;
@@ -212,7 +245,32 @@ pub(crate) async fn read_loop(
         }
         match read.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(_) => {}
+            Ok(n) => {
+                stats.wire_bytes.fetch_add(n as u64, Relaxed);
+            }
+        }
+    }
+}
+
+/// Inflates one permessage-deflate message into `out` (replacing its contents).
+fn inflate(d: &mut flate2::Decompress, data: &[u8], out: &mut Vec<u8>) {
+    d.reset(false);
+    out.clear();
+    out.reserve(data.len() * 8 + 1024);
+    for input in [data, &[0, 0, 0xff, 0xff][..]] {
+        let mut input = input;
+        loop {
+            let before = d.total_in();
+            if d.decompress_vec(input, out, flate2::FlushDecompress::Sync)
+                .is_err()
+            {
+                return;
+            }
+            input = &input[(d.total_in() - before) as usize..];
+            if input.is_empty() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity());
         }
     }
 }
@@ -236,7 +294,10 @@ pub(crate) async fn open_many(
         let stats = stats.clone();
         handles.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.ok()?;
-            let res = tokio::time::timeout(Duration::from_secs(10), handshake(addr, &path)).await;
+            let offer = stats.deflate;
+            let res =
+                tokio::time::timeout(Duration::from_secs(10), handshake_with(addr, &path, offer))
+                    .await;
             match res {
                 Ok(Ok((101, Some((stream, rest))))) => {
                     let (r, w) = stream.into_split();

@@ -333,14 +333,14 @@ mod report {
     pub(super) fn fanout_steps(title: &str, r: &FanoutResult) -> String {
         let mut s = format!(
             "### {title}: {} subscribers, {} topic(s), {} B payloads\n\n\
-             | pub/s | deliveries/s | delivered | subs with loss | reorders | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | server CPU µs/delivery | peak RSS MiB | pass |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|\n",
+             | pub/s | deliveries/s | delivered | subs with loss | reorders | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | server CPU µs/delivery | wire B/delivery | peak RSS MiB | pass |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|\n",
             r.args.subscribers, r.args.topics, r.args.payload
         );
         for st in &r.steps {
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.4} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+                "| {} | {:.0} | {:.4} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
                 st.publishes_per_s,
                 st.deliveries_per_s,
                 st.delivered_fraction,
@@ -352,6 +352,7 @@ mod report {
                 st.latency.p999_ms,
                 st.latency.max_ms,
                 opt(st.server_cpu_us_per_delivery, 2),
+                opt(st.wire_bytes_per_delivery, 0),
                 opt(st.server_peak_rss_mib, 1),
                 if st.pass { "yes" } else { "no" }
             );

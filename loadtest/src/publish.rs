@@ -1,6 +1,7 @@
 //! Publishers that send marked messages at a fixed rate: straight to Redis (pipelined PUBLISH
 //! commands on one connection) or through the server itself (`SendMessage` over WebSocket).
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ pub(crate) struct Publisher {
     /// Next sequence number per topic (never reset, so ordering holds across steps).
     seq: Vec<u64>,
     payload_size: usize,
+    /// Dashboard-like JSON (varied numbers and names) instead of padding, for compression.
+    json: bool,
 }
 
 impl Publisher {
@@ -48,6 +51,7 @@ impl Publisher {
             topics,
             seq,
             payload_size,
+            json: false,
         })
     }
 
@@ -81,7 +85,48 @@ impl Publisher {
             topics,
             seq,
             payload_size,
+            json: false,
         })
+    }
+
+    /// Publishes dashboard-like JSON instead of padding (Redis publisher only): what
+    /// compression meets in a real application, where padding would compress to nothing.
+    pub(crate) fn with_json(mut self, json: bool) -> Self {
+        self.json = json;
+        self
+    }
+
+    /// A dashboard update of about `payload_size` bytes carrying `mark`: rows of symbols,
+    /// prices and volumes that vary with the sequence number, as live data does.
+    fn dashboard(&self, mark: &str, seq: u64) -> String {
+        const NAMES: [&str; 8] = [
+            "ACME", "GLOBEX", "INITECH", "UMBRELLA", "HOOLI", "STARK", "WAYNE", "TYRELL",
+        ];
+        let mut s = format!("{{\"type\":\"quotes\",\"mark\":\"{mark}\",\"rows\":[");
+        let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut i = 0;
+        while s.len() + 100 < self.payload_size {
+            // xorshift: numbers that differ from row to row and message to message.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let _ = write!(
+                s,
+                "{{\"symbol\":\"{}\",\"price\":{}.{:02},\"change\":{:.2},\"volume\":{},\"ts\":{}}},",
+                NAMES[i % NAMES.len()],
+                x % 900 + 100,
+                (x >> 10) % 100,
+                ((x >> 20) % 1000) as f64 / 100.0 - 5.0,
+                (x >> 30) % 1_000_000,
+                1_700_000_000_000u64 + (x >> 40) % 100_000,
+            );
+            i += 1;
+        }
+        if s.ends_with(',') {
+            s.pop();
+        }
+        s.push_str("]}");
+        s
     }
 
     fn padded(&self, mark: &str, overhead: usize) -> String {
@@ -100,7 +145,11 @@ impl Publisher {
         match &self.sink {
             Sink::Redis(_) => {
                 // {"m":"<marker+pad>"}: 8 bytes of JSON around the text.
-                let body = format!("{{\"m\":\"{}\"}}", self.padded(&mark, 8));
+                let body = if self.json {
+                    self.dashboard(&mark, self.seq[t])
+                } else {
+                    format!("{{\"m\":\"{}\"}}", self.padded(&mark, 8))
+                };
                 let topic = &self.topics[t];
                 out.extend_from_slice(
                     format!(

@@ -201,6 +201,12 @@ pub(crate) struct FanoutArgs {
     /// Handshakes in flight while connecting.
     #[arg(long, default_value_t = 256)]
     pub(crate) connect_parallel: usize,
+    /// Subscribers offer permessage-deflate (and inflate what arrives compressed).
+    #[arg(long)]
+    pub(crate) deflate: bool,
+    /// Publish dashboard-like JSON (varied rows of quotes) instead of padding (`--via redis`).
+    #[arg(long)]
+    pub(crate) json_payload: bool,
 }
 
 /// One step of a fan-out sweep.
@@ -219,6 +225,8 @@ pub(crate) struct FanoutStep {
     pub(crate) server_cpu_s: Option<f64>,
     pub(crate) server_cpu_us_per_delivery: Option<f64>,
     pub(crate) server_peak_rss_mib: Option<f64>,
+    /// Bytes the subscribers read off their sockets per delivery (frame headers included).
+    pub(crate) wire_bytes_per_delivery: Option<f64>,
     pub(crate) pass: bool,
 }
 
@@ -235,7 +243,7 @@ pub(crate) struct FanoutResult {
 pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Result<FanoutResult> {
     let n_topics = args.topics.max(1);
     let topics: Vec<String> = (0..n_topics).map(|t| topic_name(t, n_topics)).collect();
-    let stats = Stats::new(args.subscribers);
+    let stats = Stats::with_deflate(args.subscribers, args.deflate);
     let paths: Vec<String> = (0..args.subscribers)
         .map(|i| {
             let t = i % n_topics;
@@ -257,7 +265,9 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
             let redis = target
                 .redis
                 .ok_or_else(|| std::io::Error::other("--via redis needs a Redis address"))?;
-            Publisher::redis(redis, topics.clone(), args.payload).await?
+            Publisher::redis(redis, topics.clone(), args.payload)
+                .await?
+                .with_json(args.json_payload)
         }
         Via::Ws => {
             let tokens = (0..n_topics).map(|t| token_for(t, n_topics)).collect();
@@ -272,6 +282,7 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
     for &rate in &args.rates {
         let before = stats.per_conn_snapshot();
         let reorders0 = stats.reorders.load(Relaxed);
+        let wire0 = stats.wire_bytes.load(Relaxed);
         stats.take_latency();
         let watch = ServerWatch::start(target.pid);
         let bar = step_bar(
@@ -335,16 +346,19 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
                 .map(|c| c * 1e6 / delivered as f64),
             server_cpu_s: cpu,
             server_peak_rss_mib: rss,
+            wire_bytes_per_delivery: (delivered > 0)
+                .then(|| (stats.wire_bytes.load(Relaxed) - wire0) as f64 / delivered as f64),
             latency,
             pass,
         };
         eprintln!(
-            "  {:>8} pub/s: {:>10.0} deliveries/s, {:.4} delivered, p50 {:.1} ms, p99 {:.1} ms{}{}",
+            "  {:>8} pub/s: {:>10.0} deliveries/s, {:.4} delivered, p50 {:.1} ms, p99 {:.1} ms, {:.0} wire B/delivery{}{}",
             rate,
             step.deliveries_per_s,
             step.delivered_fraction,
             step.latency.p50_ms,
             step.latency.p99_ms,
+            step.wire_bytes_per_delivery.unwrap_or(0.0),
             step.server_cpu_us_per_delivery
                 .map(|c| format!(", {c:.2} µs CPU/delivery"))
                 .unwrap_or_default(),
@@ -609,6 +623,9 @@ pub(crate) struct ConnectArgs {
     /// Seconds to hold the connections idle before reading the server's RSS.
     #[arg(long, default_value_t = 2.0)]
     pub(crate) hold_secs: f64,
+    /// The connections offer permessage-deflate.
+    #[arg(long)]
+    pub(crate) deflate: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -625,7 +642,7 @@ pub(crate) struct ConnectResult {
 
 pub(crate) async fn connect(target: &Target, args: &ConnectArgs) -> std::io::Result<ConnectResult> {
     let before = target.pid.and_then(system::rss_kib).map(|r| r.0);
-    let stats = Stats::new(args.connections);
+    let stats = Stats::with_deflate(args.connections, args.deflate);
     let paths = (0..args.connections)
         .map(|i| {
             let t = i % 2;
@@ -707,6 +724,8 @@ pub(crate) async fn slow(target: &Target, args: &SlowArgs) -> std::io::Result<Sl
         no_stop: true,
         via: args.via,
         connect_parallel: 256,
+        deflate: false,
+        json_payload: false,
     };
     eprintln!("phase 1: {} fast subscribers", args.fast);
     let without = fanout(target, &fan).await?;

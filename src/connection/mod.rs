@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::deflate::Agreed;
 use crate::frame::close_code;
 use crate::handler::{ConnectionContext, MessageHandler};
 use crate::outbound::{self, Conn, WriteSide};
@@ -130,23 +131,25 @@ impl<H: MessageHandler> Admitted<H> {
     where
         F: Future<Output = Option<Upgraded>> + Send + 'static,
     {
-        self.join_and_spawn_as(Opening::default(), topic, user_id, socket)
+        self.join_and_spawn_as(Opening::default(), topic, user_id, None, socket)
             .await
     }
 
-    /// [`join_and_spawn`](Self::join_and_spawn) for a connection opened as `opening` says.
+    /// [`join_and_spawn`](Self::join_and_spawn) for a connection opened as `opening` says, with
+    /// what was agreed about permessage-deflate.
     pub(crate) async fn join_and_spawn_as<F>(
         self,
         opening: Opening,
         topic: String,
         user_id: H::UserId,
+        deflate: Option<Agreed>,
         socket: F,
     ) -> Spawned
     where
         F: Future<Output = Option<Upgraded>> + Send + 'static,
     {
         let Self { service, admission } = self;
-        let conn = service.runtime.new_conn_as(opening.format);
+        let conn = service.runtime.new_conn_as(opening.format, deflate);
         let weak = Arc::downgrade(&conn);
         let (joined_tx, joined) = oneshot::channel();
         let task = tokio::spawn(async move {

@@ -133,7 +133,7 @@ pub(super) async fn read_loop<H: MessageHandler>(
 ) -> End {
     let config = &service.runtime.config;
     let max = config.max_message_size;
-    let parser = FrameParser::new(max);
+    let parser = FrameParser::new(max).with_deflate(conn.deflate().is_some());
     let mut reader = Reader {
         service,
         conn,

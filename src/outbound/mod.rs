@@ -47,6 +47,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::deflate::Agreed;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::wire::Format;
@@ -141,6 +142,8 @@ pub(crate) struct Conn {
     /// Set once the connection must end (close queued, or the socket failed); wakes the reader.
     ending: AtomicBool,
     reader_wake: Notify,
+    /// permessage-deflate as agreed on the upgrade; `None`: plain frames only.
+    deflate: Option<Agreed>,
 }
 
 impl Conn {
@@ -164,7 +167,19 @@ impl Conn {
             writer_wake: Notify::new(),
             ending: AtomicBool::new(false),
             reader_wake: Notify::new(),
+            deflate: None,
         }
+    }
+
+    /// Sets what was agreed about permessage-deflate on the upgrade.
+    pub(crate) fn with_deflate(mut self, deflate: Option<Agreed>) -> Self {
+        self.deflate = deflate;
+        self
+    }
+
+    /// permessage-deflate as agreed on the upgrade; `None`: plain frames only.
+    pub(crate) fn deflate(&self) -> Option<Agreed> {
+        self.deflate
     }
 
     /// Sets how far over its bound (`ceiling`, default 4× the bound) and for how long (`grace`)

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
-use axum::http::{StatusCode, request::Parts};
+use axum::http::header::SEC_WEBSOCKET_EXTENSIONS;
+use axum::http::{HeaderValue, StatusCode, request::Parts};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use fastwebsockets::upgrade::{IncomingUpgrade, UpgradeFut};
@@ -40,6 +41,8 @@ pub struct WebSocketUpgrade {
     opening: Result<Opening, &'static str>,
     /// The client asked for `rtk1` in `Sec-WebSocket-Protocol`: the answer echoes it.
     rtk1_header: bool,
+    /// The `Sec-WebSocket-Extensions` header values, for permessage-deflate.
+    extensions: Vec<HeaderValue>,
 }
 
 /// Reads the `rtk1` opt-in: `proto=rtk1` in the query (with `since=<offset>&epoch=<epoch>` to
@@ -157,11 +160,18 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
             Err(StatusCode::BAD_REQUEST)
         };
         let rtk1_header = header_has(parts, "sec-websocket-protocol", "rtk1");
+        let extensions = parts
+            .headers
+            .get_all(SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .cloned()
+            .collect();
         Ok(Self {
             inner,
             origin: Origin::of(parts),
             opening: opening_of(parts, rtk1_header),
             rtk1_header,
+            extensions,
         })
     }
 }
@@ -182,8 +192,10 @@ fn header_has(parts: &Parts, name: &str, token: &str) -> bool {
 /// allowed; runs `validator` (your topic check, e.g. 403 for someone else's private topic, 404
 /// for an unknown one); refuses with 400 an invalid `rtk1` request (`proto` other than `rtk1`,
 /// `since` without `epoch` or not a number); refuses a request that is not a WebSocket upgrade
-/// with 400; then answers
-/// `101 Switching Protocols` and runs the connection in a task of its own.
+/// with 400; then answers `101 Switching Protocols` (accepting the client's permessage-deflate
+/// offer when
+/// [`permessage_deflate`](crate::ws::service::WebsocketServiceBuilder::permessage_deflate) is
+/// on) and runs the connection in a task of its own.
 pub async fn upgrade_handler<H, V, F>(
     ws: WebSocketUpgrade,
     State(service): State<Arc<WebsocketService<H>>>,
@@ -231,13 +243,27 @@ where
             return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
         }
     };
-    let (response, fut) = match upgrade.upgrade() {
+    let (mut response, fut) = match upgrade.upgrade() {
         Ok(pair) => pair,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };
+    let config = &service.runtime.config;
+    let deflate = if config.permessage_deflate {
+        let offers = ws.extensions.iter().filter_map(|v| v.to_str().ok());
+        crate::deflate::negotiate(offers, config.permessage_deflate_min_size)
+    } else {
+        None
+    };
+    let deflate = deflate.and_then(|(agreed, answer)| {
+        let answer = HeaderValue::from_str(&answer).ok()?;
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_EXTENSIONS, answer);
+        Some(agreed)
+    });
     // Subscribed before the 101 goes out; the connection runs once the upgrade completes.
     admitted
-        .join_and_spawn_as(opening, topic, user_id, upgraded_socket(fut))
+        .join_and_spawn_as(opening, topic, user_id, deflate, upgraded_socket(fut))
         .await;
     let mut response = response.map(Body::new);
     if ws.rtk1_header {

@@ -202,6 +202,8 @@ pub fn free_port() -> u16 {
 #[derive(Debug)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -396,6 +398,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     Some((
         Frame {
             fin: buf[0] & 0x80 != 0,
+            rsv1: buf[0] & 0x40 != 0,
             opcode: buf[0] & 0x0F,
             payload,
         },
