@@ -1,6 +1,11 @@
 //! The lean WebSocket client: a raw TCP handshake, then a read loop that parses server frames
 //! with a minimal reader and pulls only a marker (`~s<seq>~t<micros>~`) out of each text frame.
 //!
+//! Socket.IO servers are reached through the same reader with Engine.IO v4 / Socket.IO v5 framing
+//! on top ([`Proto::SocketIo`]): the open packet `0{…}`, the namespace connect `40{auth}` answered
+//! by `40{…}` (or refused by `44{…}`), events `42["name",data]`, and the server's heartbeat `2`
+//! answered with `3`.
+//!
 //! Thousands of connections run as tasks on one or two threads; per read, the clock is read once
 //! and latency samples go to a shared histogram under one short lock.
 
@@ -106,6 +111,104 @@ pub(crate) enum SeqCheck {
     None,
 }
 
+/// The protocol a server speaks over its WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Proto {
+    /// The `basic_chat` contract: `GET /ws/<topic>?token=…`, messages as plain text frames.
+    #[default]
+    Rtk,
+    /// Socket.IO v5 over Engine.IO v4, WebSocket transport only: topic and token in the
+    /// namespace connect packet's auth, messages as `42["NewMessage",{…}]` events.
+    SocketIo,
+}
+
+/// The Engine.IO request path of a WebSocket-only Socket.IO client.
+pub(crate) const SIO_PATH: &str = "/socket.io/?EIO=4&transport=websocket";
+
+/// The Engine.IO heartbeat answer (`3`, pong) as a client frame.
+fn sio_pong_frame() -> bytes::BytesMut {
+    client_text_frame(b"3")
+}
+
+/// The namespace connect packet for `/` with the contract's auth payload.
+pub(crate) fn sio_connect_packet(topic: &str, token: &str) -> String {
+    format!(r#"40{{"token":"{token}","topic":"{topic}"}}"#)
+}
+
+/// A Socket.IO `send` event posting `text` to `room` (the text is plain: no JSON escapes).
+pub(crate) fn sio_send_event(room: &str, text: &str) -> String {
+    format!(r#"42["send",{{"room":"{room}","text":"{text}"}}]"#)
+}
+
+/// Splits a `basic_chat` path `/ws/<topic>?token=<token>` into (topic, token).
+pub(crate) fn split_rtk_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/ws/")?;
+    let (topic, query) = rest.split_once('?')?;
+    let token = query.split('&').find_map(|kv| kv.strip_prefix("token="))?;
+    Some((topic, token))
+}
+
+/// The next whole frame in `b`: (opcode, payload, bytes it takes), unmasked server frames only.
+fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let (len, hdr) = match b[1] & 0x7F {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    if b.len() < hdr + len {
+        return None;
+    }
+    Some((b[0] & 0x0F, &b[hdr..hdr + len], hdr + len))
+}
+
+/// Opens a Socket.IO connection to namespace `/` with (topic, token) as auth. `Ok(None)` when
+/// the upgrade or the namespace connect is refused; otherwise the stream and the bytes read
+/// past the connect answer.
+pub(crate) async fn sio_handshake(
+    addr: SocketAddr,
+    topic: &str,
+    token: &str,
+) -> std::io::Result<Option<(TcpStream, Vec<u8>)>> {
+    let (status, conn) = handshake(addr, SIO_PATH).await?;
+    let Some((mut stream, mut buf)) = conn else {
+        let _ = status;
+        return Ok(None);
+    };
+    stream
+        .write_all(&client_text_frame(
+            sio_connect_packet(topic, token).as_bytes(),
+        ))
+        .await?;
+    loop {
+        let mut pos = 0;
+        while let Some((opcode, payload, used)) = next_frame(&buf[pos..]) {
+            pos += used;
+            match opcode {
+                0x8 => return Ok(None),
+                0x1 if payload.starts_with(b"40") => {
+                    buf.drain(..pos);
+                    return Ok(Some((stream, buf)));
+                }
+                0x1 if payload.starts_with(b"44") => return Ok(None),
+                0x1 if payload == b"2" => stream.write_all(&sio_pong_frame()).await?,
+                _ => {}
+            }
+        }
+        buf.drain(..pos);
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Opens a WebSocket connection; returns the HTTP status and, on 101, the stream.
 pub(crate) async fn handshake(
     addr: SocketAddr,
@@ -168,11 +271,13 @@ pub(crate) async fn read_loop(
     idx: usize,
     stats: Arc<Stats>,
     check: SeqCheck,
+    sio: Option<OwnedWriteHalf>,
 ) {
     buf.reserve(16 * 1024);
     stats.wire_bytes.fetch_add(buf.len() as u64, Relaxed);
     let mut inflater = flate2::Decompress::new(false);
     let mut inflated = Vec::new();
+    let pong = sio.as_ref().map(|_| sio_pong_frame());
     let mut last_seq: Option<u64> = None;
     let mut samples: Vec<u64> = Vec::with_capacity(64);
     loop {
@@ -209,7 +314,14 @@ pub(crate) async fn read_loop(
                 stats.closes.fetch_add(1, Relaxed);
                 return;
             }
-            if opcode == 0x1 {
+            if opcode == 0x1 && sio.is_some() && !payload.starts_with(b"42") {
+                if payload == b"2" {
+                    // Heartbeat: a 7-byte pong goes out whole unless the socket is dead.
+                    if let (Some(w), Some(p)) = (sio.as_ref(), pong.as_ref()) {
+                        let _ = w.try_write(p);
+                    }
+                }
+            } else if opcode == 0x1 {
                 frames += 1;
                 if let Some((seq, t)) = parse_marker(payload) {
                     marked += 1;
@@ -301,7 +413,7 @@ pub(crate) async fn open_many(
             match res {
                 Ok(Ok((101, Some((stream, rest))))) => {
                     let (r, w) = stream.into_split();
-                    tokio::spawn(read_loop(r, rest, idx, stats, check));
+                    tokio::spawn(read_loop(r, rest, idx, stats, check, None));
                     Some(w)
                 }
                 _ => None,
@@ -320,6 +432,49 @@ pub(crate) async fn open_many(
     (writers, failures)
 }
 
+/// Opens `dests.len()` Socket.IO connections, each given as its `basic_chat` path (topic and
+/// token go into the connect packet), with at most `parallel` in flight. Each reader owns its
+/// connection (it answers the heartbeat); aborting its handle closes the connection. Returns
+/// the handles (in index order, `None` for a failure) and the number of failures.
+pub(crate) async fn open_many_sio(
+    addr: SocketAddr,
+    paths: Vec<String>,
+    parallel: usize,
+    stats: Arc<Stats>,
+    check: SeqCheck,
+) -> (Vec<Option<tokio::task::JoinHandle<()>>>, u64) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+    let mut handles = Vec::with_capacity(paths.len());
+    for (idx, path) in paths.into_iter().enumerate() {
+        let sem = sem.clone();
+        let stats = stats.clone();
+        handles.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.ok()?;
+            let (topic, token) = split_rtk_path(&path)?;
+            let res =
+                tokio::time::timeout(Duration::from_secs(10), sio_handshake(addr, topic, token))
+                    .await;
+            match res {
+                Ok(Ok(Some((stream, rest)))) => {
+                    let (r, w) = stream.into_split();
+                    Some(tokio::spawn(read_loop(r, rest, idx, stats, check, Some(w))))
+                }
+                _ => None,
+            }
+        }));
+    }
+    let mut readers = Vec::with_capacity(handles.len());
+    let mut failures = 0;
+    for h in handles {
+        let r = h.await.ok().flatten();
+        if r.is_none() {
+            failures += 1;
+        }
+        readers.push(r);
+    }
+    (readers, failures)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,5 +489,25 @@ mod tests {
             Some((42, 1_700_000_000_123_456))
         );
         assert_eq!(parse_marker(b"no marker"), None);
+    }
+
+    #[test]
+    fn socketio_packets() {
+        assert_eq!(
+            split_rtk_path("/ws/general?token=abc:load"),
+            Some(("general", "abc:load"))
+        );
+        assert_eq!(
+            sio_connect_packet("general", "abc:load"),
+            r#"40{"token":"abc:load","topic":"general"}"#
+        );
+        let event = format!(
+            r#"42["NewMessage",{{"room":"general","username":"x","text":"{}"}}]"#,
+            marker(7, 99)
+        );
+        assert_eq!(parse_marker(event.as_bytes()), Some((7, 99)));
+        let frame = [0x81, 0x01, b'2'];
+        assert_eq!(next_frame(&frame), Some((0x1, &b"2"[..], 3)));
+        assert_eq!(next_frame(&frame[..2]), None);
     }
 }

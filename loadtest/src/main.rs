@@ -9,6 +9,7 @@
 //! cargo run --release -p loadtest -- fanout --addr 127.0.0.1:3000 --redis 127.0.0.1:6379 --server-pid 1234
 //! ```
 
+mod charts;
 mod client;
 mod publish;
 mod scenario;
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use scenario::{ChatArgs, ConnectArgs, FanoutArgs, SlowArgs, Target};
+use scenario::{ChatArgs, ConnectArgs, FanoutArgs, NotificationsArgs, SlowArgs, Target};
 use system::{StartOpts, System};
 
 #[derive(Debug, Parser)]
@@ -52,6 +53,9 @@ struct External {
     /// The server's PID, to report its CPU time and RSS.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// What the server speaks: the `basic_chat` contract, or Socket.IO.
+    #[arg(long, value_enum, default_value_t = client::Proto::Rtk)]
+    proto: client::Proto,
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +90,9 @@ enum Command {
     },
     /// Run one scenario against several systems in the same invocation, interleaved.
     Compare(CompareArgs),
+    /// Draws SVG charts from `compare --json` outputs (fan-out: deliveries/s and p99 against the
+    /// offered rate per system; connect: memory per idle connection per system).
+    Charts(charts::ChartsArgs),
     /// Bounded soak of our server: churn and steady publishes through Redis; checks RSS, leaks
     /// and loss (starts its own Redis and basic_chat).
     Soak(soak::SoakArgs),
@@ -100,6 +107,40 @@ enum CompareScenario {
     Chat(ChatArgs),
     /// Connection set-up and idle memory (see `connect --help`).
     Connect(ConnectArgs),
+    /// Per-user channels: N topics with one subscriber each, publishes spread over them
+    /// straight through Redis (the server's Redis subscriber carries every message).
+    Notifications(NotificationsArgs),
+    /// Two instances of each system sharing one Redis: subscribers on one, the publisher
+    /// (`SendMessage`, or a Socket.IO `send` event) on the other, so that every delivery crosses
+    /// instances. Takes the fan-out arguments; `--via` is always `ws`.
+    MultiInstance(FanoutArgs),
+}
+
+impl CompareScenario {
+    /// The fan-out sweep a scenario runs, if it is one.
+    fn fanout(&self) -> Option<FanoutArgs> {
+        match self {
+            Self::Fanout(f) => Some(f.clone()),
+            Self::Notifications(n) => Some(n.fanout()),
+            Self::MultiInstance(f) => Some(FanoutArgs {
+                via: scenario::Via::Ws,
+                ..f.clone()
+            }),
+            Self::Chat(_) | Self::Connect(_) => None,
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::Fanout(_) => "Fan-out",
+            Self::Notifications(_) => "Notifications (one subscriber per topic, via Redis)",
+            Self::MultiInstance(_) => {
+                "Multi-instance (subscribers on one instance, publisher on another, one Redis)"
+            }
+            Self::Chat(_) => "Chat",
+            Self::Connect(_) => "Connect",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -182,6 +223,8 @@ fn target(ext: &External) -> Result<Target, String> {
         pid: ext.server_pid,
         redis: ext.redis,
         redis_pid: None,
+        proto: ext.proto,
+        publish_addr: None,
     })
 }
 
@@ -210,6 +253,14 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
             Ok((to_json(&r), report::slow(&r)))
         }
         Command::Compare(args) => compare(args).await,
+        Command::Charts(args) => {
+            let files = charts::charts(args)?;
+            let list: Vec<String> = files.iter().map(|p| format!("- {}", p.display())).collect();
+            Ok((
+                String::from("[]"),
+                format!("Charts written:\n{}\n", list.join("\n")),
+            ))
+        }
         Command::Soak(args) => {
             let r = soak::soak(&workspace_root(), args).await?;
             let md = soak::report(&r);
@@ -241,7 +292,7 @@ struct CompareRun {
 async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
     let root = workspace_root();
     if !args.no_build {
-        system::build_all(&root).map_err(|e| e.to_string())?;
+        system::build_all(&root, &args.systems).map_err(|e| e.to_string())?;
     }
     let target_dir = system::release_dir(&root);
     if args.pin {
@@ -281,15 +332,35 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
             let result = async {
                 let mut server =
                     system::start_system(sys, &target_dir, &opts).map_err(|e| e.to_string())?;
+                // The publishing instance of a multi-instance run (unpinned: with --pin the
+                // measured instance has CPU 0 to itself).
+                let mut other = match &args.scenario {
+                    CompareScenario::MultiInstance(_) => {
+                        let o = StartOpts {
+                            cpus: None,
+                            ..opts.clone()
+                        };
+                        Some(
+                            system::start_system(sys, &target_dir, &o)
+                                .map_err(|e| e.to_string())?,
+                        )
+                    }
+                    _ => None,
+                };
                 let t = Target {
                     addr: server.addr,
                     pid: Some(server.pid()),
                     redis: Some(redis.addr),
                     redis_pid: Some(redis.pid()),
+                    proto: sys.proto(),
+                    publish_addr: other.as_ref().map(|o| o.addr),
                 };
                 let r = match &args.scenario {
-                    CompareScenario::Fanout(a) => {
-                        scenario::fanout(&t, a).await.map(RunResult::Fanout)
+                    CompareScenario::Fanout(_)
+                    | CompareScenario::Notifications(_)
+                    | CompareScenario::MultiInstance(_) => {
+                        let a = args.scenario.fanout().unwrap_or_else(|| unreachable!());
+                        scenario::fanout(&t, &a).await.map(RunResult::Fanout)
                     }
                     CompareScenario::Chat(a) => scenario::chat(&t, a).await.map(RunResult::Chat),
                     CompareScenario::Connect(a) => {
@@ -297,6 +368,9 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
                     }
                 };
                 server.stop();
+                if let Some(o) = other.as_mut() {
+                    o.stop();
+                }
                 r.map_err(|e| e.to_string())
             }
             .await;
@@ -443,6 +517,68 @@ mod report {
         })
     }
 
+    /// Per offered rate, per system: medians over reps of deliveries/s, delivered fraction, p99,
+    /// server CPU per delivery (× ours) and Redis cores.
+    fn fanout_steps_by_rate(
+        f: &crate::scenario::FanoutArgs,
+        systems: &[System],
+        runs: &[CompareRun],
+    ) -> String {
+        let mut s = String::from(
+            "\nEach step, medians over reps (steps a run did not reach are left out):\n\n\
+             | pub/s | offered deliveries/s | system | deliveries/s | delivered | p99 ms | server CPU µs/delivery | CPU × ours | Redis cores | reps |\n\
+             |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let mut systems = systems.to_vec();
+        systems.dedup();
+        let step_metric =
+            |sys: System, rate: f64, g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>| {
+                let v: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.system == sys)
+                    .filter_map(|r| match r.result.as_ref().ok()? {
+                        RunResult::Fanout(fr) => {
+                            fr.steps.iter().find(|st| st.publishes_per_s == rate)
+                        }
+                        _ => None,
+                    })
+                    .filter_map(g)
+                    .collect();
+                let n = v.len();
+                (median(v), n)
+            };
+        for &rate in &f.rates {
+            let (ours_cpu, _) =
+                step_metric(System::Ours, rate, &|st| st.server_cpu_us_per_delivery);
+            for &sys in &systems {
+                let (got, n) = step_metric(sys, rate, &|st| Some(st.deliveries_per_s));
+                if n == 0 {
+                    continue;
+                }
+                let (frac, _) = step_metric(sys, rate, &|st| Some(st.delivered_fraction));
+                let (p99, _) = step_metric(sys, rate, &|st| Some(st.latency.p99_ms));
+                let (cpu, _) = step_metric(sys, rate, &|st| st.server_cpu_us_per_delivery);
+                let (redis, _) = step_metric(sys, rate, &|st| st.redis_cores);
+                let ratio = match (cpu, ours_cpu) {
+                    (Some(c), Some(o)) if o > 0.0 => format!("{:.2}", c / o),
+                    _ => "–".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {rate} | {:.0} | {} | {} | {} | {} | {} | {ratio} | {} | {n} |",
+                    rate * f.subscribers as f64 / f.topics.max(1) as f64,
+                    sys.name(),
+                    opt(got, 0),
+                    opt(frac, 4),
+                    opt(p99, 2),
+                    opt(cpu, 2),
+                    opt(redis, 2),
+                );
+            }
+        }
+        s
+    }
+
     /// Side-by-side medians per system, with ratios to ours.
     pub(super) fn compare(args: &CompareArgs, runs: &[CompareRun]) -> String {
         let mut s = String::new();
@@ -464,11 +600,21 @@ mod report {
         let mut systems = args.systems.clone();
         systems.dedup();
         match &args.scenario {
-            CompareScenario::Fanout(f) => {
+            CompareScenario::Fanout(_)
+            | CompareScenario::Notifications(_)
+            | CompareScenario::MultiInstance(_) => {
+                let f = &args.scenario.fanout().unwrap_or_else(|| unreachable!());
                 let _ = writeln!(
                     s,
-                    "Fan-out: {} subscribers, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s).\n",
-                    f.subscribers, f.topics, f.payload, f.via, f.step_secs, f.rates, args.reps
+                    "{}: {} subscribers, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s). Socket.IO systems always publish through the server (a `send` event): their adapters' Redis channels carry their own encoding.\n",
+                    args.scenario.title(),
+                    f.subscribers,
+                    f.topics,
+                    f.payload,
+                    f.via,
+                    f.step_secs,
+                    f.rates,
+                    args.reps
                 );
                 let max = |r: &RunResult| match r {
                     RunResult::Fanout(f) => f.max_sustainable_per_s,
@@ -546,6 +692,7 @@ mod report {
                         note
                     );
                 }
+                s.push_str(&fanout_steps_by_rate(f, &args.systems, runs));
             }
             CompareScenario::Chat(c) => {
                 let _ = writeln!(

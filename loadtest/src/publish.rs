@@ -9,6 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
 use crate::client::{self, marker, now_micros};
 
 /// Where published messages enter.
@@ -18,6 +21,9 @@ pub(crate) enum Sink {
     Redis(OwnedWriteHalf),
     /// One WebSocket connection per topic, sending `SendMessage`.
     Ws(Vec<OwnedWriteHalf>),
+    /// One Socket.IO connection per topic, emitting `send`; each flag says its reader saw a
+    /// heartbeat ping that the next write answers.
+    Sio(Vec<(OwnedWriteHalf, Arc<AtomicBool>)>),
 }
 
 /// Sends marked messages round-robin over `topics`, keeping a sequence number per topic.
@@ -129,6 +135,49 @@ impl Publisher {
         s
     }
 
+    /// One Socket.IO publishing connection per topic, authenticated with `token_for(topic
+    /// index)`: the socket joins the room and emits `send` events to it.
+    pub(crate) async fn socketio(
+        server: SocketAddr,
+        topics: Vec<String>,
+        tokens: Vec<String>,
+        payload_size: usize,
+    ) -> std::io::Result<Self> {
+        let mut writers = Vec::new();
+        for (topic, token) in topics.iter().zip(&tokens) {
+            let Some((stream, _)) = client::sio_handshake(server, topic, token).await? else {
+                return Err(std::io::Error::other(format!(
+                    "publisher connect to {topic} refused"
+                )));
+            };
+            let (mut r, w) = stream.into_split();
+            let ping = Arc::new(AtomicBool::new(false));
+            let seen = ping.clone();
+            // Its own echoes are not measured: drain them, noting heartbeats.
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    // A ping is the 3-byte frame 0x81 0x01 '2'; it is small and never split.
+                    if buf[..n].windows(3).any(|w| w == [0x81, 0x01, b'2']) {
+                        seen.store(true, Relaxed);
+                    }
+                }
+            });
+            writers.push((w, ping));
+        }
+        let seq = vec![0; topics.len()];
+        Ok(Self {
+            sink: Sink::Sio(writers),
+            topics,
+            seq,
+            payload_size,
+            json: false,
+        })
+    }
+
     fn padded(&self, mark: &str, overhead: usize) -> String {
         let pad = self.payload_size.saturating_sub(mark.len() + overhead);
         let mut s = String::with_capacity(mark.len() + pad);
@@ -169,6 +218,12 @@ impl Publisher {
                 let msg = format!(r#"{{"SendMessage":{{"room":"{topic}","text":"{text}"}}}}"#);
                 ws_batches[t].extend_from_slice(&client::client_text_frame(msg.as_bytes()));
             }
+            Sink::Sio(_) => {
+                let topic = &self.topics[t];
+                let text = self.padded(&mark, 60 + topic.len());
+                let msg = client::sio_send_event(topic, &text);
+                ws_batches[t].extend_from_slice(&client::client_text_frame(msg.as_bytes()));
+            }
         }
         t
     }
@@ -205,6 +260,17 @@ impl Publisher {
                 }
                 Sink::Ws(writers) => {
                     for (w, batch) in writers.iter_mut().zip(ws_batches.iter_mut()) {
+                        if !batch.is_empty() {
+                            w.write_all(batch).await?;
+                            batch.clear();
+                        }
+                    }
+                }
+                Sink::Sio(writers) => {
+                    for ((w, ping), batch) in writers.iter_mut().zip(ws_batches.iter_mut()) {
+                        if ping.swap(false, Relaxed) {
+                            batch.extend_from_slice(&client::client_text_frame(b"3"));
+                        }
                         if !batch.is_empty() {
                             w.write_all(batch).await?;
                             batch.clear();

@@ -24,6 +24,11 @@ pub(crate) struct Target {
     pub(crate) redis: Option<SocketAddr>,
     /// That Redis's PID, for its CPU (optional).
     pub(crate) redis_pid: Option<u32>,
+    /// What the server speaks.
+    pub(crate) proto: client::Proto,
+    /// Another instance sharing the same Redis that publishers connect to (`--via ws`), so that
+    /// every delivery crosses instances; `None`: publishers connect to `addr`.
+    pub(crate) publish_addr: Option<SocketAddr>,
 }
 
 /// How fan-out messages are published.
@@ -168,6 +173,54 @@ async fn drain(mut delivered: impl FnMut() -> u64, expected: u64, idle: Duration
     }
 }
 
+/// Open client connections of either protocol; dropping them closes them.
+#[derive(Debug)]
+enum Conns {
+    /// `basic_chat` connections: their write halves (the readers end when these close).
+    Rtk(Vec<Option<client::Writer>>),
+    /// Socket.IO connections: their readers, which own them.
+    Sio(Vec<Option<tokio::task::JoinHandle<()>>>),
+}
+
+impl Conns {
+    async fn open(
+        target: &Target,
+        paths: Vec<String>,
+        parallel: usize,
+        stats: Arc<Stats>,
+        check: SeqCheck,
+    ) -> (Self, u64) {
+        match target.proto {
+            client::Proto::Rtk => {
+                let (w, f) = client::open_many(target.addr, paths, parallel, stats, check).await;
+                (Self::Rtk(w), f)
+            }
+            client::Proto::SocketIo => {
+                let (r, f) =
+                    client::open_many_sio(target.addr, paths, parallel, stats, check).await;
+                (Self::Sio(r), f)
+            }
+        }
+    }
+
+    fn opened(&self) -> u64 {
+        match self {
+            Self::Rtk(w) => w.iter().filter(|w| w.is_some()).count() as u64,
+            Self::Sio(r) => r.iter().filter(|r| r.is_some()).count() as u64,
+        }
+    }
+}
+
+impl Drop for Conns {
+    fn drop(&mut self) {
+        if let Self::Sio(readers) = self {
+            for r in readers.iter().flatten() {
+                r.abort();
+            }
+        }
+    }
+}
+
 /// Arguments of `fanout`.
 #[derive(Debug, Clone, Args, Serialize)]
 pub(crate) struct FanoutArgs {
@@ -227,6 +280,8 @@ pub(crate) struct FanoutStep {
     pub(crate) server_peak_rss_mib: Option<f64>,
     /// Bytes the subscribers read off their sockets per delivery (frame headers included).
     pub(crate) wire_bytes_per_delivery: Option<f64>,
+    /// Cores Redis kept busy over the step and its drain (CPU seconds over wall seconds).
+    pub(crate) redis_cores: Option<f64>,
     pub(crate) pass: bool,
 }
 
@@ -250,8 +305,8 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
             format!("/ws/{}?token={}", topics[t], token_for(t, n_topics))
         })
         .collect();
-    let (_writers, connect_failures) = client::open_many(
-        target.addr,
+    let (_conns, connect_failures) = Conns::open(
+        target,
         paths,
         args.connect_parallel,
         stats.clone(),
@@ -261,6 +316,13 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
     // Let the server finish subscribing (Redis SUBSCRIBE round trips).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut publisher = match args.via {
+        _ if target.proto == client::Proto::SocketIo => {
+            // A Socket.IO adapter's Redis channels carry its own encoding, not the contract's
+            // payload: messages enter through the server, as `send` events.
+            let tokens = (0..n_topics).map(|t| token_for(t, n_topics)).collect();
+            let addr = target.publish_addr.unwrap_or(target.addr);
+            Publisher::socketio(addr, topics.clone(), tokens, args.payload).await?
+        }
         Via::Redis => {
             let redis = target
                 .redis
@@ -271,7 +333,8 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
         }
         Via::Ws => {
             let tokens = (0..n_topics).map(|t| token_for(t, n_topics)).collect();
-            Publisher::websocket(target.addr, topics.clone(), tokens, args.payload).await?
+            let addr = target.publish_addr.unwrap_or(target.addr);
+            Publisher::websocket(addr, topics.clone(), tokens, args.payload).await?
         }
     };
     let subs_per_topic: Vec<u64> = (0..n_topics)
@@ -285,6 +348,8 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
         let wire0 = stats.wire_bytes.load(Relaxed);
         stats.take_latency();
         let watch = ServerWatch::start(target.pid);
+        let redis_cpu0 = target.redis_pid.and_then(system::cpu_seconds);
+        let step_start = Instant::now();
         let bar = step_bar(
             format!("fanout {rate} pub/s × {} subs", args.subscribers),
             args.step_secs,
@@ -310,6 +375,10 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
         .await;
         bar.finish_and_clear();
         let (cpu, rss) = watch.finish();
+        let redis_cores = match (target.redis_pid.and_then(system::cpu_seconds), redis_cpu0) {
+            (Some(b), Some(a)) => Some((b - a) / step_start.elapsed().as_secs_f64()),
+            _ => None,
+        };
         let after = stats.per_conn_snapshot();
         let mut delivered = 0u64;
         let mut with_loss = 0usize;
@@ -348,6 +417,7 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
             server_peak_rss_mib: rss,
             wire_bytes_per_delivery: (delivered > 0)
                 .then(|| (stats.wire_bytes.load(Relaxed) - wire0) as f64 / delivered as f64),
+            redis_cores,
             latency,
             pass,
         };
@@ -380,6 +450,47 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
         steps,
         max_sustainable_per_s,
     })
+}
+
+/// Arguments of `notifications`: per-user channels, one subscriber per topic, publishes spread
+/// over all topics straight through Redis.
+#[derive(Debug, Clone, Args, Serialize)]
+pub(crate) struct NotificationsArgs {
+    /// Topics, each with one subscriber.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) topics: usize,
+    /// Publish rates to step through (all topics together, so deliveries/s too).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 50000.0])]
+    pub(crate) rates: Vec<f64>,
+    /// Seconds each step publishes.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) step_secs: f64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) payload: usize,
+    /// A step passes with p99 latency at most this many milliseconds (and ≥ 99.9% delivered).
+    #[arg(long, default_value_t = 100.0)]
+    pub(crate) p99_bound_ms: f64,
+}
+
+impl NotificationsArgs {
+    /// The fan-out sweep it is.
+    pub(crate) fn fanout(&self) -> FanoutArgs {
+        FanoutArgs {
+            subscribers: self.topics,
+            topics: self.topics,
+            payload: self.payload,
+            rates: self.rates.clone(),
+            step_secs: self.step_secs,
+            min_delivered: 0.999,
+            p99_bound_ms: self.p99_bound_ms,
+            no_stop: true,
+            via: Via::Redis,
+            connect_parallel: 256,
+            deflate: false,
+            json_payload: false,
+        }
+    }
 }
 
 /// Arguments of `chat`.
@@ -457,6 +568,11 @@ pub(crate) struct ChatResult {
 }
 
 pub(crate) async fn chat(target: &Target, args: &ChatArgs) -> std::io::Result<ChatResult> {
+    if target.proto != client::Proto::Rtk {
+        return Err(std::io::Error::other(
+            "chat speaks only the basic_chat contract",
+        ));
+    }
     let n_topics = args.topics.max(1).min(args.clients.max(1));
     let topics: Vec<String> = (0..n_topics).map(|t| topic_name(t, n_topics)).collect();
     let stats = Stats::new(args.clients);
@@ -653,12 +769,12 @@ pub(crate) async fn connect(target: &Target, args: &ConnectArgs) -> std::io::Res
     let bar = step_bar(format!("connect {}", args.connections), 1.0);
     let start = Instant::now();
     let (writers, failures) =
-        client::open_many(target.addr, paths, args.parallel, stats, SeqCheck::None).await;
+        Conns::open(target, paths, args.parallel, stats, SeqCheck::None).await;
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
     let after = target.pid.and_then(system::rss_kib).map(|r| r.0);
-    let opened = writers.iter().filter(|w| w.is_some()).count() as u64;
+    let opened = writers.opened();
     let per_conn = match (before, after) {
         (Some(b), Some(a)) if opened > 0 => Some((a as f64 - b as f64) / opened as f64),
         _ => None,
@@ -713,6 +829,11 @@ pub(crate) struct SlowResult {
 }
 
 pub(crate) async fn slow(target: &Target, args: &SlowArgs) -> std::io::Result<SlowResult> {
+    if target.proto != client::Proto::Rtk {
+        return Err(std::io::Error::other(
+            "slow speaks only the basic_chat contract",
+        ));
+    }
     let fan = FanoutArgs {
         subscribers: args.fast,
         topics: 1,

@@ -22,6 +22,11 @@ pub(crate) enum System {
     Reference,
     /// axum's built-in WebSocket + a tokio broadcast channel per topic + redis-rs.
     Axum,
+    /// socketioxide (Socket.IO in Rust) with its Redis adapter (`loadtest/peers`,
+    /// `peer_socketioxide`).
+    Socketioxide,
+    /// Socket.IO 4.8 on Node with `@socket.io/redis-adapter` (`loadtest/peers/socketio`).
+    SocketIo,
     /// The limit server writing each frame at once (one write per delivery).
     LimitSingle,
     /// The limit server flushing each connection every 2 ms (many frames per write).
@@ -35,6 +40,8 @@ impl System {
             Self::Baseline => "ours (baseline)",
             Self::Reference => "reference 0.1.0",
             Self::Axum => "axum + broadcast",
+            Self::Socketioxide => "socketioxide + Redis adapter",
+            Self::SocketIo => "Socket.IO (Node) + Redis adapter",
             Self::LimitSingle => "limit (single)",
             Self::LimitBatch => "limit (batch)",
         }
@@ -45,7 +52,18 @@ impl System {
             Self::Ours | Self::Baseline => target.join("examples/basic_chat"),
             Self::Reference => target.join("peer_reference"),
             Self::Axum => target.join("peer_axum"),
+            Self::Socketioxide => target.join("peer_socketioxide"),
+            // Started as `node <this>`.
+            Self::SocketIo => socketio_dir().join("server.js"),
             Self::LimitSingle | Self::LimitBatch => target.join("peer_limit"),
+        }
+    }
+
+    /// What the system speaks to clients.
+    pub(crate) fn proto(self) -> crate::client::Proto {
+        match self {
+            Self::Socketioxide | Self::SocketIo => crate::client::Proto::SocketIo,
+            _ => crate::client::Proto::Rtk,
         }
     }
 
@@ -54,10 +72,38 @@ impl System {
     }
 }
 
-/// Builds every system in release mode (prints cargo's output).
-pub(crate) fn build_all(workspace: &Path) -> std::io::Result<()> {
+/// The Node peer's directory (`loadtest/peers/socketio`).
+fn socketio_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/socketio")
+}
+
+/// Builds every system in release mode (prints cargo's output); installs the Node peer's
+/// packages from its lockfile (`npm ci`) when `node_modules` is missing and it is among
+/// `systems`.
+pub(crate) fn build_all(workspace: &Path, systems: &[System]) -> std::io::Result<()> {
     build_ours(workspace)?;
-    cargo_build(workspace, &["build", "--release", "-p", "rtk-peers"])
+    cargo_build(workspace, &["build", "--release", "-p", "rtk-peers"])?;
+    if systems.contains(&System::SocketIo) {
+        npm_ci()?;
+    }
+    Ok(())
+}
+
+/// `npm ci` in the Node peer's directory, unless its packages are installed.
+pub(crate) fn npm_ci() -> std::io::Result<()> {
+    let dir = socketio_dir();
+    if dir.join("node_modules").is_dir() {
+        return Ok(());
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .status()
+        .map_err(|e| std::io::Error::other(format!("npm: {e} (Node 20 and npm are needed)")))?;
+    if !status.success() {
+        return Err(std::io::Error::other("npm ci failed"));
+    }
+    Ok(())
 }
 
 /// Builds our server (`examples/basic_chat`) in release mode.
@@ -223,14 +269,21 @@ pub(crate) fn start_system(
             bin.display()
         )));
     }
+    // The Node peer runs as `node server.js`.
+    let (program, script) = if system == System::SocketIo {
+        (PathBuf::from("node"), Some(bin))
+    } else {
+        (bin, None)
+    };
     let mut cmd = match &opts.cpus {
         Some(cpus) => {
             let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(&bin);
+            c.args(["-c", cpus]).arg(&program);
             c
         }
-        None => Command::new(&bin),
+        None => Command::new(&program),
     };
+    cmd.args(script);
     cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "warn")
         .env_remove("REDIS_URL")

@@ -1,10 +1,12 @@
-//! What the three load-test peers share: environment, tokens, topic rules and the message shapes
+//! What the load-test peers share: environment, tokens, topic rules and the message shapes
 //! of the `basic_chat` example's protocol (its module docs; summarized in docs/architecture.md,
 //! "The example's contract").
 //!
 //! The peers are `peer_reference` (the published `axum-realtime-kit` 0.1.0), `peer_axum`
-//! (hand-written axum + redis-rs) and `peer_limit` (raw tokio, the machine's ceiling). Each one
-//! reads `BIND_ADDR` (default `127.0.0.1:3000`) and requires `REDIS_URL`.
+//! (hand-written axum + redis-rs), `peer_socketioxide` (socketioxide with its Redis adapter, the
+//! contract in Socket.IO's idiom) and `peer_limit` (raw tokio, the machine's ceiling); Socket.IO
+//! on Node is in `socketio/`. Each one reads `BIND_ADDR` (default `127.0.0.1:3000`) and requires
+//! `REDIS_URL`.
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -159,10 +159,10 @@ async fn client(socket: WebSocket, state: Arc<AppState>, topic: String, user: Us
                 "Invalid message format: {e}"
             ))),
         };
-        if let Some(reply) = reply {
-            if direct_tx.send(reply.into()).await.is_err() {
-                break;
-            }
+        if let Some(reply) = reply
+            && direct_tx.send(reply.into()).await.is_err()
+        {
+            break;
         }
     }
 
