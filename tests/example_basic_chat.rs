@@ -76,8 +76,22 @@ async fn the_example_serves_prometheus_metrics() {
         assert_eq!(c.recv_json().await["NewMessage"]["text"], "counted");
     }
 
-    let (status, body) = http_get(port, "/metrics").await;
-    assert_eq!(status, 200);
+    // The counters are added after the frames went out, so a client can read its frame before
+    // the delivery is counted: wait until the publication is counted, then check every value.
+    let counted = tokio::time::timeout(WAIT, async {
+        loop {
+            let (status, body) = http_get(port, "/metrics").await;
+            if status == 200
+                && sample(&body, "rtk_deliveries_total") >= Some(2.0)
+                && sample(&body, "rtk_bytes_written_total") > Some(0.0)
+            {
+                return body;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let body = counted.expect("the publication's deliveries were never counted");
     assert_eq!(sample(&body, "rtk_connections"), Some(2.0), "{body}");
     assert_eq!(sample(&body, "rtk_subscriptions"), Some(2.0), "{body}");
     assert_eq!(sample(&body, "rtk_messages_in_total"), Some(1.0), "{body}");
