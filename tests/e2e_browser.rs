@@ -44,7 +44,7 @@ struct TwoInstances {
     ports: (u16, u16),
     // Dropped in this order: the processes, then the lock, then Redis.
     _two: Process,
-    _one: Process,
+    one: Option<Process>,
     _one_at_a_time: std::sync::MutexGuard<'static, ()>,
     _redis: RedisServer,
 }
@@ -64,10 +64,17 @@ fn two_instances(test: &str, example: &str) -> Option<TwoInstances> {
     Some(TwoInstances {
         ports: (p1, p2),
         _two: two,
-        _one: one,
+        one: Some(one),
         _one_at_a_time: one_at_a_time,
         _redis: redis,
     })
+}
+
+impl TwoInstances {
+    /// Kills the first instance (SIGKILL: no close frames, no goodbye to Redis).
+    fn kill_first(&mut self) {
+        drop(self.one.take());
+    }
 }
 
 /// Waits until `page` shows a message `text` from `user`.
@@ -177,6 +184,75 @@ fn a_message_typed_in_one_browser_appears_in_another_through_redis() {
 
     screenshot(&alice, "chat-alice.png");
     screenshot(&bob, "chat-bob.png");
+}
+
+#[test]
+fn a_page_whose_instance_dies_reconnects_to_the_other_and_misses_nothing() {
+    let Some(mut instances) = two_instances(
+        "a_page_whose_instance_dies_reconnects_to_the_other_and_misses_nothing",
+        "basic_chat",
+    ) else {
+        return;
+    };
+    let (p1, p2) = instances.ports;
+
+    let driver = ChromeDriver::start();
+    let alice = driver.new_session();
+    let bob = driver.new_session();
+    // Alice's page knows both instances and starts on the first.
+    alice.goto(&format!(
+        "http://127.0.0.1:{p1}/?servers=ws://127.0.0.1:{p1}/ws,ws://127.0.0.1:{p2}/ws"
+    ));
+    switch(&alice, "alice", "general");
+    join(&bob, p2, "bob", "general");
+    alice.type_into(&alice.find("#text"), &format!("before{ENTER}"));
+    wait_message(&bob, "bob's page", "alice", "before");
+
+    // Instance 1 dies; 30 messages are published on instance 2 before Alice's page can be back
+    // (its first retry waits at least 250 ms).
+    instances.kill_first();
+    let token = "b1b2b3b4-a1a2-b1b2-c1c2-c3c4c5c6c7c8:ops";
+    let sent: Vec<String> = (1..=30).map(|i| format!("missed {i}")).collect();
+    for text in &sent {
+        let body = json!({"NewMessage": {"room": "general", "username": "ops", "text": text}});
+        let (status, _) = http(
+            p2,
+            "POST",
+            "/broadcast/general",
+            &[("Authorization", &format!("Bearer {token}"))],
+            Some(body.to_string().as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(status, 202);
+    }
+
+    // The page reconnects to instance 2 by itself and recovers them: each once, in order.
+    wait_message(&alice, "alice's page", "ops", "missed 30");
+    alice.wait_for(
+        "alice's page connected again",
+        "return document.body.dataset.state === 'ready';",
+    );
+    let shown: Vec<(String, String)> =
+        serde_json::from_value(alice.execute(MESSAGES, json!([]))).unwrap();
+    let texts: Vec<&str> = shown
+        .iter()
+        .filter(|(user, _)| user == "ops")
+        .map(|(_, text)| text.as_str())
+        .collect();
+    assert_eq!(texts, sent, "alice's page after the reconnect: {shown:?}");
+    let recovered = alice.execute(
+        "return Array.from(document.querySelectorAll('#messages li.system'))\
+         .some(li => li.textContent.includes('nothing was missed'));",
+        json!([]),
+    );
+    assert_eq!(recovered, true, "the page did not recover: {shown:?}");
+
+    // Live again, both ways, through the surviving instance.
+    alice.type_into(&alice.find("#text"), &format!("back{ENTER}"));
+    wait_message(&bob, "bob's page", "alice", "back");
+    bob.type_into(&bob.find("#text"), &format!("welcome back{ENTER}"));
+    wait_message(&alice, "alice's page", "bob", "welcome back");
+    screenshot(&alice, "chat-recovered.png");
 }
 
 #[test]

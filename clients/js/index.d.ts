@@ -35,6 +35,7 @@ export interface ClientOptions {
 }
 
 export interface WebSocketLike {
+  readonly extensions?: string;
   send(data: string): void;
   close(code?: number, reason?: string): void;
   onopen: ((event: unknown) => void) | null;
@@ -103,7 +104,10 @@ export declare class Client {
   readonly state: State;
   on<E extends keyof ClientEvents>(event: E, listener: (detail: ClientEvents[E]) => void): () => void;
   off<E extends keyof ClientEvents>(event: E, listener: (detail: ClientEvents[E]) => void): void;
-  subscribe(topic: string, options?: { since?: Position }): void;
+  /** `since` recovers from a saved position; otherwise `recent` asks for the last N publications kept. */
+  subscribe(topic: string, options?: { since?: Position; recent?: number }): void;
+  /** The current WebSocket, for inspection (e.g. its `extensions`); `null` while disconnected. */
+  readonly socket: WebSocketLike | null;
   unsubscribe(topic: string): void;
   position(topic: string): Position | undefined;
   presence(topic: string): Promise<PresenceUser[]>;

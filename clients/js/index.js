@@ -60,9 +60,16 @@ export class Client {
     if (typeof this.WebSocket !== 'function') {
       throw new TypeError('no WebSocket implementation: pass options.WebSocket');
     }
-    this.fetch = options.fetch === undefined ? globalThis.fetch : options.fetch;
+    // Browsers refuse `fetch` and the timer functions called on another object than the
+    // window: keep them as plain functions.
+    const fetch = globalThis.fetch;
+    this.fetch =
+      options.fetch !== undefined ? options.fetch : typeof fetch === 'function' ? (u, i) => fetch(u, i) : null;
     this.random = options.random ?? Math.random;
-    this.timers = options.timers ?? { setTimeout, clearTimeout };
+    this.timers = options.timers ?? {
+      setTimeout: (fn, ms) => setTimeout(fn, ms),
+      clearTimeout: (id) => clearTimeout(id),
+    };
 
     this.state = State.DISCONNECTED;
     /** @type {Map<string, TopicState>} topics the application subscribed, in order. */
@@ -116,9 +123,10 @@ export class Client {
   /**
    * Subscribes to `topic`. With `since` ({offset, epoch}, e.g. saved from an earlier session or
    * from the application's own load of the topic's state), the server first sends what was
-   * published after it.
+   * published after it. Without it, `recent: N` asks for the last N publications the server
+   * still keeps (all or none: fewer than N kept means none are sent, and no `lost` fires).
    */
-  subscribe(topic, { since } = {}) {
+  subscribe(topic, { since, recent = 0 } = {}) {
     if (typeof topic !== 'string' || topic === '') throw new TypeError('topic must be a non-empty string');
     let t = this.topics.get(topic);
     if (!t) {
@@ -128,6 +136,8 @@ export class Client {
     if (since) {
       t.epoch = since.epoch;
       t.offset = since.offset;
+    } else if (recent > 0 && t.epoch === undefined) {
+      t.recent = recent;
     }
     if (this.state === State.CONNECTED) {
       this.sendSubscribe(topic, t);
@@ -428,7 +438,20 @@ export class Client {
 
   onSubscribed(msg, t) {
     this.attempt = 0; // the server took us: a later drop starts the back-off over
-    const lost = msg.was_recovering && !msg.recovered;
+    if (t.recent > 0 && msg.recoverable && !msg.was_recovering && msg.o > 0) {
+      // A first subscribe that wants the latest publications: ask again from before them.
+      t.epoch = msg.e;
+      t.offset = Math.max(0, msg.o - t.recent);
+      t.recent = 0;
+      t.fetchingRecent = true;
+      this.sendSubscribe(msg.topic, t);
+      return;
+    }
+    t.recent = 0;
+    // Fetching recent publications is not a recovery: nothing was missed if they are not there.
+    const wasRecovering = !!msg.was_recovering && !t.fetchingRecent;
+    const lost = wasRecovering && !msg.recovered;
+    t.fetchingRecent = false;
     t.resyncing = false;
     if (msg.recoverable) {
       t.epoch = msg.e;
@@ -440,8 +463,8 @@ export class Client {
     this.emit('subscribed', {
       topic: msg.topic,
       recoverable: !!msg.recoverable,
-      wasRecovering: !!msg.was_recovering,
-      recovered: !!msg.recovered,
+      wasRecovering,
+      recovered: wasRecovering && !!msg.recovered,
       position: this.position(msg.topic),
     });
     if (lost) this.emit('lost', { topic: msg.topic, reason: 'recovery_failed' });
@@ -508,6 +531,10 @@ class TopicState {
     this.offset = undefined;
     /** waiting for `subscribed`: publications are ignored until it arrives */
     this.resyncing = false;
+    /** publications to ask for after the first `subscribed` */
+    this.recent = 0;
+    /** the subscribe that asks for them is on its way */
+    this.fetchingRecent = false;
   }
 }
 

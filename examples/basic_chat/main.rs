@@ -17,14 +17,16 @@
 //! - `"Ping"` → `"Pong"` to the sender alone. Errors: `{"type":"error","message":…}`.
 //! - `GET /health` → `OK`; `GET /ready` → 200 while the broker is live, else 503.
 //! - `GET /metrics` → the runtime's counters and gauges in Prometheus' text format.
-//! - `GET /` → a chat page (`examples/static/chat.html`): open <http://127.0.0.1:3000/>.
+//! - `GET /` → a chat page (`examples/static/chat.html`, built on the kit's JavaScript client,
+//!   served at `/client.js`): open <http://127.0.0.1:3000/>. It reconnects by itself;
+//!   `/?servers=ws://a/ws,ws://b/ws` gives it several instances to try in turn.
 //! - `POST /broadcast/{topic}` with a JSON body, authorized like `/ws/{topic}` (token: 401; topic:
 //!   403/404): the body goes verbatim to every subscriber of the topic on every instance. 202 when
 //!   published, 400 when the body is not JSON, 503 when the broker refused it.
 //! - SIGTERM or Ctrl-C: every client gets close 1001, then the process exits 0.
 //! - `rtk1` (opt-in, `?proto=rtk1` or the `rtk1` WebSocket subprotocol): every frame is a JSON
 //!   envelope (`subscribed`, `pub`, `insufficient_state`, `error`); the rooms `general` and
-//!   `random` keep their last 1 000 messages for 10 minutes (with the in-process broker), so
+//!   `random` keep their last 1 000 messages for 10 minutes (on one instance or through Redis), so
 //!   `GET /ws/general?token=…&proto=rtk1&since=<offset>&epoch=<epoch>` receives every message
 //!   after that position, then live ones; `{"type":"subscribe","topic":T}` joins another topic
 //!   the user may open. Clients without `proto=rtk1` see exactly the frames above.
@@ -247,6 +249,7 @@ pub fn chat_service(
 pub fn chat_router(service: Arc<WebsocketService<ChatHandler>>) -> Router {
     let mut router = Router::new()
         .route("/", get(chat_page))
+        .route("/client.js", get(client_js))
         .route("/ws/{topic}", get(ws_route))
         .route("/broadcast/{topic}", post(broadcast))
         .route("/health", get(|| async { "OK" }))
@@ -277,6 +280,19 @@ const CHAT_PAGE: &str = include_str!("../static/chat.html");
 
 async fn chat_page() -> Html<&'static str> {
     Html(CHAT_PAGE)
+}
+
+/// The kit's JavaScript client (clients/js), which the page is built on.
+const CLIENT_JS: &str = include_str!("../../clients/js/index.js");
+
+async fn client_js() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        CLIENT_JS,
+    )
 }
 
 /// Publishes the request body, verbatim, to every subscriber of `topic` on every instance.

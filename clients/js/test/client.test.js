@@ -349,3 +349,28 @@ test('a frame that is not JSON is an error event, and the client carries on', as
   assert.equal(of(events, 'error')[0].type, 'protocol');
   assert.equal(of(events, 'publication').length, 1);
 });
+
+test('recent asks for the latest publications once, and a refusal is not a loss', async () => {
+  const { client, sockets, events } = setup();
+  client.subscribe('general', { recent: 3 });
+  client.subscribe('random', { recent: 5 });
+  client.connect();
+  await settle();
+  const ws = sockets[0];
+  ws.open();
+  ws.receive(subscribed('general', 10));
+  assert.deepEqual(ws.sent.at(-1), { type: 'subscribe', topic: 'general', since: { o: 7, e: 'E1' } });
+  ws.receive(pub('general', 11)); // live, before the server saw the second subscribe
+  ws.receive(subscribed('general', 7, { was_recovering: true, recovered: true }));
+  for (const o of [8, 9, 10, 11]) ws.receive(pub('general', o));
+  assert.deepEqual(of(events, 'publication').map((p) => p.offset), [8, 9, 10, 11]);
+  // One `subscribed` for the pair, and not a recovery.
+  assert.deepEqual(
+    of(events, 'subscribed').map((e) => [e.topic, e.wasRecovering, e.recovered]),
+    [['general', false, false]],
+  );
+  ws.receive(subscribed('random', 2, { e: 'R1' }));
+  ws.receive(subscribed('random', 2, { e: 'R1', was_recovering: true, recovered: false }));
+  assert.deepEqual(of(events, 'lost'), []);
+  assert.deepEqual(client.position('random'), { offset: 2, epoch: 'R1' });
+});
