@@ -80,6 +80,8 @@ async fn main() {
         .outbound_queue_bytes(64 * 1024 * 1024)
         .rate_limit(None)
         .close_timeout(Duration::from_secs(1))
+        // An echo answers each message at once: the conformance cases wait for every reply.
+        .write_delay(Duration::ZERO)
         .permessage_deflate(true)
         // The conformance run's echo compresses every message, short ones included.
         .permessage_deflate_min_size(0)
