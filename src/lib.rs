@@ -146,6 +146,7 @@ mod history;
 mod listener;
 mod metrics;
 mod outbound;
+mod presence;
 mod runtime;
 mod service;
 mod shard;
@@ -161,6 +162,7 @@ pub use history::{HistoryEntry, HistoryPage, Position, TopicPolicy};
 pub use listener::{LISTEN_BACKLOG, bind, shutdown_signal};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;
+pub use presence::{PresenceEntry, PresenceError, PresencePage, PresenceStats};
 pub use service::{BuildError, WebsocketServiceBuilder};
 
 /// The common names: `use axum_realtime_kit::prelude::*;`.
