@@ -250,3 +250,31 @@ pub async fn a_graceful_shutdown_leaves_at_once(a: &Server, b: &Server) {
     expect_event(&mut obs, "leave", topic, "alice").await;
     wait_stats(&a.service, topic, 1, 1).await;
 }
+
+/// Polls the example's `GET /presence/{topic}` (as `token`) until `done` holds for its JSON
+/// body; returns that body.
+pub async fn poll_presence(
+    port: u16,
+    topic: &str,
+    token: &str,
+    mut done: impl FnMut(&Value) -> bool,
+) -> Value {
+    let auth = format!("Bearer {token}");
+    let path = format!("/presence/{topic}");
+    let mut last = Value::Null;
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let headers = [("Authorization", auth.as_str())];
+            let (status, body) = super::browser::http(port, "GET", &path, &headers, None).unwrap();
+            assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+            last = serde_json::from_slice(&body).unwrap();
+            if done(&last) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "{path}: last answer {last}");
+    last
+}
