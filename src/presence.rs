@@ -20,7 +20,7 @@
 //! `presence_grace`, so a client that reconnects at once causes no `leave`/`join` pair.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -200,6 +200,10 @@ pub(crate) struct Presence {
     grace: Duration,
     /// Set by a graceful shutdown: entries are no longer added.
     stopped: AtomicBool,
+    /// Connections in at least one presence topic here (the size of `by_conn`): while zero, a
+    /// connection that ends does not take the lock. Written under the lock; read without it
+    /// (`Relaxed`: a connection's own add happened before its end, in its own task).
+    members: AtomicUsize,
 }
 
 impl std::fmt::Debug for Presence {
@@ -227,6 +231,7 @@ impl Presence {
             local: Mutex::default(),
             grace,
             stopped: AtomicBool::new(false),
+            members: AtomicUsize::new(0),
         }
     }
 
@@ -261,7 +266,12 @@ impl Presence {
             return;
         }
         let topic: Arc<str> = Arc::from(topic);
-        let change = self.lock().add(&topic, conn, who);
+        let change = {
+            let mut local = self.lock();
+            let change = local.add(&topic, conn, who);
+            self.members.store(local.by_conn.len(), Ordering::Relaxed);
+            change
+        };
         match (self.redis(), change) {
             (_, None) => {}
             (Some(redis), Some(_)) => {
@@ -275,7 +285,12 @@ impl Presence {
 
     /// `conn` left `topic`.
     pub(crate) async fn remove(&self, topic: &str, conn: Uuid) {
-        let change = self.lock().remove(topic, conn);
+        let change = {
+            let mut local = self.lock();
+            let change = local.remove(topic, conn);
+            self.members.store(local.by_conn.len(), Ordering::Relaxed);
+            change
+        };
         match (self.redis(), change) {
             (_, None) => {}
             (Some(redis), Some(_)) => {
@@ -290,6 +305,9 @@ impl Presence {
     /// `conn` ended: it leaves every presence topic it was in, at once after a clean close,
     /// after the grace otherwise.
     pub(crate) async fn remove_conn(self: &Arc<Self>, conn: Uuid, clean: bool) {
+        if self.members.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let topics = self.lock().by_conn.get(&conn).cloned().unwrap_or_default();
         if topics.is_empty() {
             return;

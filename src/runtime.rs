@@ -133,7 +133,9 @@ impl Hub {
     /// Removes `conn` from `topic`, and from its presence.
     pub(crate) async fn leave(&self, conn: &Conn, topic: &str) {
         self.leave_shard(conn, topic).await;
-        self.presence.remove(topic, conn.id).await;
+        if self.presence.enabled(topic) {
+            self.presence.remove(topic, conn.id).await;
+        }
     }
 
     /// Removes `conn` from `topic` in its shard only: it stays present (it joins again at

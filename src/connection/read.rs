@@ -425,7 +425,7 @@ async fn rtk1_command<H: MessageHandler>(
             // The connection's own topic needs no check; another is authorised as a subscribe.
             if topic != ctx.topic {
                 if let Err(why) = crate::topic::check(&topic, hub.max_topic_len) {
-                    send_error(ctx, &format!("presence {topic}: {why}"));
+                    send_topic_error(ctx, &topic, &format!("presence {topic}: {why}"));
                     return;
                 }
                 let allowed = match &service.topic_rule {
@@ -440,7 +440,7 @@ async fn rtk1_command<H: MessageHandler>(
                     None => Err(axum::http::StatusCode::FORBIDDEN),
                 };
                 if let Err(status) = allowed {
-                    send_error(ctx, &format!("presence {topic} refused: {status}"));
+                    send_topic_error(ctx, &topic, &format!("presence {topic} refused: {status}"));
                     return;
                 }
             }
@@ -450,7 +450,7 @@ async fn rtk1_command<H: MessageHandler>(
                     let frame = crate::presence::reply_frame(&topic, &page.users);
                     let _ = ctx.sink.send_frame(frame);
                 }
-                Err(e) => send_error(ctx, &format!("presence {topic}: {e}")),
+                Err(e) => send_topic_error(ctx, &topic, &format!("presence {topic}: {e}")),
             }
         }
         Command::Subscribe { topic, since } => {
@@ -499,6 +499,20 @@ async fn rtk1_command<H: MessageHandler>(
 fn send_error<S: Send + Sync, U: Send + Sync>(ctx: &ConnectionContext<S, U>, message: &str) {
     let _ = ctx.sink.send_json(&serde_json::json!({
         "type": "error",
+        "message": message,
+    }));
+}
+
+/// Sends `{"type":"error","topic":T,"message":…}`: the answer to a request about `topic` that
+/// failed, so a client can tell which request it answers.
+fn send_topic_error<S: Send + Sync, U: Send + Sync>(
+    ctx: &ConnectionContext<S, U>,
+    topic: &str,
+    message: &str,
+) {
+    let _ = ctx.sink.send_json(&serde_json::json!({
+        "type": "error",
+        "topic": topic,
         "message": message,
     }));
 }

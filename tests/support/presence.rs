@@ -233,6 +233,7 @@ pub async fn presence_of_a_topic_without_it_is_an_error(a: &Server) {
         .await;
     let m = c.recv_json().await;
     assert_eq!(m["type"], "error", "{m}");
+    assert_eq!(m["topic"], "general", "{m}");
     let message = m["message"].as_str().unwrap();
     assert!(message.contains("does not track presence"), "{m}");
     // No presence frames on a topic without it, and the connection goes on.
