@@ -214,6 +214,9 @@ impl std::fmt::Debug for Presence {
     }
 }
 
+/// Most users one page of [`Presence::list`] holds.
+pub(crate) const MAX_PAGE: usize = 10_000;
+
 /// Most users an `rtk1` `presence` reply lists.
 pub(crate) const REPLY_MAX_USERS: usize = 1_000;
 
@@ -358,7 +361,7 @@ impl Presence {
         if !self.enabled(topic) {
             return Err(PresenceError::NotEnabled);
         }
-        let limit = limit.max(1);
+        let limit = limit.clamp(1, MAX_PAGE);
         if let Some(redis) = self.redis() {
             return redis
                 .presence_list(topic, cursor.unwrap_or("0"), limit)

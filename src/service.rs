@@ -186,7 +186,7 @@ impl<H: MessageHandler> WebsocketService<H> {
     }
 
     /// The users in `topic`, on every instance, with their connection counts and info: a page
-    /// of about `limit` users from `cursor` on (`None` for the first page, then the previous
+    /// of about `limit` users (at most 10 000) from `cursor` on (`None` for the first page, then the previous
     /// page's [`next`](PresencePage::next)). Pages follow the user id in-process; with Redis,
     /// Redis's scan order, and a user may appear on two pages if the topic changes meanwhile.
     ///
