@@ -33,7 +33,8 @@
 //! - Presence in `general` and `random`: `rtk1` clients get `{"type":"join"|"leave",…}` when a
 //!   user's first connection arrives or last one leaves, and `{"type":"presence","topic":T}`
 //!   answers who is there. `GET /presence/{topic}[?cursor=…]`, authorized like `/ws/{topic}`,
-//!   returns `{"users":[{"user","connections","info"}…],"next":…,"stats":{"users","connections"}}`.
+//!   returns `{"users":[{"user","connections","info"}…],"next":…,"stats":{"users","connections"}}`
+//!   (404 for a private topic: it has no presence).
 //!   `PRESENCE_TTL_MS` (default 60 000): how soon a crashed instance's users leave.
 //!
 //! `alloc.rs` sets up the allocator (mimalloc, tuned for a small idle footprint); the chat does
