@@ -79,3 +79,9 @@ async fn the_examples_presence_route_is_authorised_like_its_websocket_route() {
         serde_json::json!([{"user": ALICE_ID, "connections": 2, "info": {"name": "alice"}}])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabs_opened_and_closed_at_once_give_one_join_and_one_leave() {
+    let a = instance(Duration::from_secs(5)).await;
+    scenario::tabs_opened_and_closed_at_once_give_one_join_and_one_leave(&a, &a).await;
+}

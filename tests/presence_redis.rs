@@ -32,6 +32,16 @@ async fn one_join_per_user_and_one_leave_after_the_last_across_instances() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabs_opened_and_closed_at_once_on_both_instances_give_one_join_and_one_leave() {
+    let Some(redis) = start_redis("presence_rush") else {
+        return;
+    };
+    let a = instance(redis.url(), Duration::from_secs(5)).await;
+    let b = instance(redis.url(), Duration::from_secs(5)).await;
+    scenario::tabs_opened_and_closed_at_once_give_one_join_and_one_leave(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_leaves_after_the_grace_unless_it_reconnects_elsewhere() {
     let Some(redis) = start_redis("presence_grace") else {
         return;

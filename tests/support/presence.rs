@@ -279,3 +279,31 @@ pub async fn poll_presence(
     assert!(found.is_ok(), "{path}: last answer {last}");
     last
 }
+
+/// Twenty tabs of one user open at once, half on each instance: one `join`; all closed at
+/// once: one `leave`.
+pub async fn tabs_opened_and_closed_at_once_give_one_join_and_one_leave(a: &Server, b: &Server) {
+    let topic = "room-rush";
+    let mut obs = rtk1(a.addr, topic, "obs").await;
+    expect_event(&mut obs, "join", topic, "obs").await;
+    let opening = (0..20).map(|i| {
+        let addr = if i % 2 == 0 { a.addr } else { b.addr };
+        tokio::spawn(async move { rtk1(addr, topic, "alice").await })
+    });
+    let mut tabs = Vec::new();
+    for tab in futures_util::future::join_all(opening).await {
+        tabs.push(tab.unwrap());
+    }
+    wait_stats(&a.service, topic, 2, 21).await;
+    wait_stats(&b.service, topic, 2, 21).await;
+    let closing = tabs.into_iter().map(|tab| tokio::spawn(close(tab)));
+    for closed in futures_util::future::join_all(closing).await {
+        closed.unwrap();
+    }
+    wait_stats(&b.service, topic, 1, 1).await;
+    // Bob's join comes after exactly one join and one leave of Alice.
+    let _bob = rtk1(b.addr, topic, "bob").await;
+    expect_event(&mut obs, "join", topic, "alice").await;
+    expect_event(&mut obs, "leave", topic, "alice").await;
+    expect_event(&mut obs, "join", topic, "bob").await;
+}
