@@ -478,8 +478,12 @@ impl Presence {
                                     .collect()
                             })
                         };
-                        for (conn, who) in conns {
-                            let _ = redis.presence_add(&topic, conn, &who).await;
+                        // Concurrently, a chunk at a time: the publisher pipelines them.
+                        for chunk in conns.chunks(256) {
+                            let adds = chunk
+                                .iter()
+                                .map(|(conn, who)| redis.presence_add(&topic, *conn, who));
+                            futures_util::future::join_all(adds).await;
                         }
                     }
                     Err(e) => {
