@@ -214,4 +214,28 @@ mod tests {
         assert!(!is_event(b"\xFFP1 e\n{}"));
         assert!(!is_event(b"{}"));
     }
+
+    #[test]
+    fn list_and_stats_replies_parse_and_anything_else_is_refused() {
+        let bulk = |b: &'static [u8]| Value::Bulk(Some(Bytes::from_static(b)));
+        let reply = |cursor, flat| Value::Array(Some(vec![bulk(cursor), Value::Array(Some(flat))]));
+        let page = list_reply(reply(
+            b"17",
+            vec![bulk(b"alice"), bulk(b"2"), bulk(b"{\"n\":1}")],
+        ))
+        .unwrap();
+        assert_eq!(page.next.as_deref(), Some("17"));
+        assert_eq!(page.users.len(), 1);
+        assert_eq!(page.users[0].user, "alice");
+        assert_eq!(page.users[0].connections, 2);
+        assert_eq!(page.users[0].info, serde_json::json!({ "n": 1 }));
+        let last = list_reply(reply(b"0", vec![])).unwrap();
+        assert_eq!((last.users.len(), last.next), (0, None));
+        assert!(list_reply(reply(b"0", vec![bulk(b"alice"), bulk(b"x"), bulk(b"null")])).is_none());
+        assert!(list_reply(Value::Int(1)).is_none());
+
+        let stats = stats_reply(&Value::Array(Some(vec![Value::Int(3), Value::Int(5)]))).unwrap();
+        assert_eq!((stats.users, stats.connections), (3, 5));
+        assert!(stats_reply(&Value::Array(Some(vec![Value::Int(-1), Value::Int(5)]))).is_none());
+    }
 }
