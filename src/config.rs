@@ -63,6 +63,12 @@ pub(crate) struct Config {
     pub(crate) permessage_deflate: bool,
     /// With permessage-deflate, payloads shorter than this go uncompressed.
     pub(crate) permessage_deflate_min_size: u32,
+    /// How often an instance renews its presence entries in Redis.
+    pub(crate) presence_refresh: Duration,
+    /// How long an instance's presence entries outlive its last renewal.
+    pub(crate) presence_ttl: Duration,
+    /// How long a connection that dropped without a close still counts as present.
+    pub(crate) presence_grace: Duration,
 }
 
 impl Default for Config {
@@ -101,6 +107,10 @@ impl Default for Config {
             recovery_max_publications: 300,
             permessage_deflate: false,
             permessage_deflate_min_size: crate::deflate::THRESHOLD as u32,
+            // Centrifugo's defaults: an instance that died is gone within a minute.
+            presence_refresh: Duration::from_secs(25),
+            presence_ttl: Duration::from_secs(60),
+            presence_grace: Duration::from_secs(5),
         }
     }
 }

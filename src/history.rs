@@ -46,6 +46,8 @@ pub struct TopicPolicy {
     /// publication. Past it, the stream is forgotten and the next publication starts a new epoch
     /// at offset 1: positions of the old epoch no longer recover.
     pub epoch_ttl: Duration,
+    /// Whether the kit tracks who is in the topic (see [`presence`](Self::presence)).
+    pub presence: bool,
 }
 
 impl TopicPolicy {
@@ -56,7 +58,17 @@ impl TopicPolicy {
             history_size: size.max(1),
             history_ttl: ttl,
             epoch_ttl: ttl.max(Duration::from_secs(24 * 3600)),
+            presence: false,
         }
+    }
+
+    /// Tracks presence in the topic: which users are in it, with how many connections and the
+    /// info [`presence_user`](crate::WebsocketServiceBuilder::presence_user) gives each, on
+    /// every instance; `rtk1` subscribers get `join` when a user's first connection arrives
+    /// and `leave` when their last one left (see the presence guide). Default: off.
+    pub fn presence(mut self, on: bool) -> Self {
+        self.presence = on;
+        self
     }
 
     /// How long the epoch outlives the last publication (at least the history TTL).

@@ -12,6 +12,7 @@
 //! [scaling out with Redis](guides::scaling_out) ·
 //! [tuning shards, queues and limits](guides::tuning) ·
 //! [history and reconnect recovery](guides::recovery) ·
+//! [presence](guides::presence) ·
 //! [migrating from 0.1.0](guides::migrating_from_0_1).
 //!
 //! # Layout
@@ -41,8 +42,10 @@
 //! - `history`: positioned topics — [`TopicPolicy`], [`Position`], the in-process history.
 //! - `wire`: the formats a connection speaks (verbatim, `rtk1`) and a publication's frame in
 //!   each.
+//! - `presence`: who is in a topic — [`PresencePage`], [`PresenceStats`]; this instance's
+//!   memberships, and `join`/`leave` (with Redis: `broker/presence.rs`).
 //! - [`guides`]: authentication, scaling out, tuning, migrating from 0.1.0, history and
-//!   recovery (documentation only).
+//!   recovery, presence (documentation only).
 //!
 //! # Data path
 //! ```text
@@ -126,6 +129,9 @@ pub mod guides {
 
     #[doc = include_str!("../docs/guides/recovery.md")]
     pub mod recovery {}
+
+    #[doc = include_str!("../docs/guides/presence.md")]
+    pub mod presence {}
 }
 
 // For the criterion benches, the fuzz targets, the tests and the load-test tools; not a stable
@@ -146,6 +152,7 @@ mod history;
 mod listener;
 mod metrics;
 mod outbound;
+mod presence;
 mod runtime;
 mod service;
 mod shard;
@@ -161,6 +168,7 @@ pub use history::{HistoryEntry, HistoryPage, Position, TopicPolicy};
 pub use listener::{LISTEN_BACKLOG, bind, shutdown_signal};
 pub use metrics::MetricsSnapshot;
 pub use outbound::SlowConsumerPolicy;
+pub use presence::{PresenceEntry, PresenceError, PresencePage, PresenceStats};
 pub use service::{BuildError, WebsocketServiceBuilder};
 
 /// The common names: `use axum_realtime_kit::prelude::*;`.

@@ -18,6 +18,7 @@ use crate::frame::close_code;
 use crate::history::{HistoryPage, PolicyRule, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
+use crate::presence::{Identity, Presence};
 use crate::shard::{self, Command};
 use crate::wire::Format;
 
@@ -27,6 +28,9 @@ use crate::wire::Format;
 const DISPATCH_CHANNEL: usize = 8192;
 /// Capacity of the channel of requests to the dispatcher (`rtk1` joins, history reads).
 const REQUEST_CHANNEL: usize = 1024;
+/// Capacity of the channel of presence events from Redis; a full one drops events (`join` and
+/// `leave` are at most once).
+const PRESENCE_EVENTS: usize = 4096;
 
 /// What a connection needs to join and leave topics: the shards and the broker. Shared (in an
 /// `Arc`) by the runtime and every [`WsSink`](crate::ws::types::WsSink).
@@ -42,6 +46,8 @@ pub(crate) struct Hub {
     pub(crate) max_topic_len: usize,
     /// Most topics one connection may be in at once.
     pub(crate) max_topics: usize,
+    /// Who is in the topics that track presence.
+    pub(crate) presence: Arc<Presence>,
 }
 
 /// What came of [`Hub::join`].
@@ -62,18 +68,25 @@ impl Hub {
     /// Subscribes `conn` to `topic` in its shard (within the per-connection topic limit), then
     /// waits until the broker delivers the topic to this instance. A topic the broker refuses
     /// is left again.
-    pub(crate) async fn join(&self, conn: &Arc<Conn>, topic: &str) -> JoinOutcome {
-        self.join_from(conn, topic, None).await
+    pub(crate) async fn join(
+        &self,
+        conn: &Arc<Conn>,
+        topic: &str,
+        who: Option<&Identity>,
+    ) -> JoinOutcome {
+        self.join_from(conn, topic, None, who).await
     }
 
     /// [`join`](Self::join), for an `rtk1` connection recovering from `since` (an epoch and
     /// the last offset it has): the dispatcher subscribes it, with its `subscribed` message and
     /// what it recovered (see `dispatch.rs`). A verbatim connection joins its shard directly.
+    /// With `who`, a topic that tracks presence counts the connection as that user's.
     pub(crate) async fn join_from(
         &self,
         conn: &Arc<Conn>,
         topic: &str,
         since: Option<(String, u64)>,
+        who: Option<&Identity>,
     ) -> JoinOutcome {
         let (done, wait) = oneshot::channel();
         let sent = if conn.format == Format::Rtk1 {
@@ -101,7 +114,12 @@ impl Hub {
         }
         match wait.await {
             Ok(true) => match self.broker.wait_subscribed(topic).await {
-                Ok(()) => JoinOutcome::Subscribed,
+                Ok(()) => {
+                    if let Some(who) = who {
+                        self.presence.add(topic, conn.id, who).await;
+                    }
+                    JoinOutcome::Subscribed
+                }
                 Err(why) => {
                     self.leave(conn, topic).await;
                     JoinOutcome::Refused(why)
@@ -112,8 +130,17 @@ impl Hub {
         }
     }
 
-    /// Removes `conn` from `topic`.
+    /// Removes `conn` from `topic`, and from its presence.
     pub(crate) async fn leave(&self, conn: &Conn, topic: &str) {
+        self.leave_shard(conn, topic).await;
+        if self.presence.enabled(topic) {
+            self.presence.remove(topic, conn.id).await;
+        }
+    }
+
+    /// Removes `conn` from `topic` in its shard only: it stays present (it joins again at
+    /// once, as an `rtk1` subscribe to a topic it is in does).
+    pub(crate) async fn leave_shard(&self, conn: &Conn, topic: &str) {
         let cmd = Command::Unsubscribe {
             conn_id: conn.id,
             topic: Arc::from(topic),
@@ -164,11 +191,13 @@ impl Hub {
             .unwrap_or(false)
     }
 
-    /// Removes `conn` from every topic it joined.
-    pub(crate) async fn remove(&self, conn: &Conn) {
+    /// Removes `conn` from every topic it joined; from presence at once if it ended `clean`
+    /// (a close handshake, a shutdown), after the presence grace otherwise.
+    pub(crate) async fn remove(&self, conn: &Conn, clean: bool) {
         let _ = self.shards[conn.shard]
             .send(Command::Remove { conn_id: conn.id })
             .await;
+        self.presence.remove_conn(conn.id, clean).await;
     }
 }
 
@@ -206,7 +235,8 @@ impl Runtime {
             None => BrokerHandle::Local(LocalBroker::new(pub_tx, policy.is_some())),
             Some(settings) => BrokerHandle::Redis(
                 RedisBroker::start(settings, instance, pub_tx, metrics.clone())?
-                    .positioned(policy.clone()),
+                    .positioned(policy.clone())
+                    .presence_ttl(config.presence_ttl),
             ),
         };
         let interest = broker.interest();
@@ -218,6 +248,32 @@ impl Runtime {
             count: config.recovery_max_publications,
             bytes: config.outbound_queue_bytes / 2,
         };
+        let presence = Arc::new(Presence::new(
+            policy.clone(),
+            shards.clone(),
+            broker.clone(),
+            config.presence_grace,
+        ));
+        if let (BrokerHandle::Redis(redis), true) = (&broker, presence.possible()) {
+            // Presence events from Redis: a few per membership change, not per publication.
+            let (events_tx, mut events) = mpsc::channel::<(Arc<str>, Bytes)>(PRESENCE_EVENTS);
+            redis.on_presence(events_tx);
+            let weak = Arc::downgrade(&presence);
+            tokio::spawn(async move {
+                while let Some((topic, payload)) = events.recv().await {
+                    let Some(presence) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Some(frame) = crate::presence::event_frame_from_redis(&topic, &payload) {
+                        presence.deliver(topic, frame).await;
+                    }
+                }
+            });
+            tokio::spawn(Presence::refresh_periodically(
+                Arc::downgrade(&presence),
+                config.presence_refresh,
+            ));
+        }
         let mut streams = Streams::new(policy, config.history_max_bytes);
         if from_redis {
             streams = streams.external();
@@ -241,6 +297,7 @@ impl Runtime {
             rtk1_conns,
             max_topic_len: config.max_topic_len,
             max_topics: config.max_topics_per_connection.max(1),
+            presence,
         });
         let metric_labels: Arc<[metrics::Label]> = config
             .metrics_labels
@@ -350,6 +407,8 @@ impl Runtime {
     /// waits (up to the shutdown timeout) until every connection has run `on_disconnect`.
     pub(crate) async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        // The other instances see this one's users leave now, not once its entries expire.
+        self.hub.presence.shutdown().await;
         for shard in self.hub.shards.iter() {
             let (done, wait) = oneshot::channel();
             let cmd = Command::CloseAll {

@@ -17,6 +17,7 @@ use crate::handler::MessageHandler;
 use crate::history::{HistoryPage, PolicyRule, Position, TopicPolicy};
 use crate::metrics::MetricsSnapshot;
 use crate::outbound::SlowConsumerPolicy;
+use crate::presence::{Identity, PresenceError, PresencePage, PresenceStats};
 use crate::runtime::Runtime;
 
 /// Manages every WebSocket connection of this instance for one [`MessageHandler`].
@@ -30,7 +31,13 @@ pub struct WebsocketService<H: MessageHandler> {
     pub(crate) app_state: Arc<H::AppState>,
     /// Authorises the topics `rtk1` clients subscribe to with a command.
     pub(crate) topic_rule: Option<TopicRule<H>>,
+    /// Who a user is in presence topics: an id and the application's info.
+    presence_user: Option<PresenceUserFn<H>>,
 }
+
+/// The application's rule naming a user in presence: their id and info.
+type PresenceUserFn<H> =
+    Arc<dyn Fn(&<H as MessageHandler>::UserId) -> (String, serde_json::Value) + Send + Sync>;
 
 /// The application's rule for a topic a client asks for: `Ok` to let it in, else the status it
 /// would have been refused with at the upgrade.
@@ -81,7 +88,22 @@ impl<H: MessageHandler> WebsocketService<H> {
             channel_prefix: String::new(),
             policy: None,
             topic_rule: None,
+            presence_user: None,
         }
+    }
+
+    /// Who `user` is in presence topics, when a topic may track presence (a policy rule is
+    /// set): the application's [`presence_user`](WebsocketServiceBuilder::presence_user), or
+    /// the user's `Debug` text with no info.
+    pub(crate) fn identity(&self, user: &H::UserId) -> Option<Arc<Identity>> {
+        if !self.runtime.hub.presence.possible() {
+            return None;
+        }
+        let (id, info) = match &self.presence_user {
+            Some(f) => f(user),
+            None => (format!("{user:?}"), serde_json::Value::Null),
+        };
+        Some(Arc::new(Identity::new(id, &info)))
     }
 
     /// The application state the service was built with.
@@ -163,6 +185,28 @@ impl<H: MessageHandler> WebsocketService<H> {
         self.runtime.hub.remove_history(topic).await
     }
 
+    /// The users in `topic`, on every instance, with their connection counts and info: a page
+    /// of about `limit` users (at most 10 000) from `cursor` on (`None` for the first page, then the previous
+    /// page's [`next`](PresencePage::next)). Pages follow the user id in-process; with Redis,
+    /// Redis's scan order, and a user may appear on two pages if the topic changes meanwhile.
+    ///
+    /// [`PresenceError::NotEnabled`] for a topic whose [`TopicPolicy`] does not track presence
+    /// (see [`TopicPolicy::presence`]).
+    pub async fn presence(
+        &self,
+        topic: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<PresencePage, PresenceError> {
+        self.runtime.hub.presence.list(topic, cursor, limit).await
+    }
+
+    /// How many users and connections `topic` has, on every instance: two counters, as cheap
+    /// for 100 000 members as for 2. Errors as [`presence`](Self::presence).
+    pub async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, PresenceError> {
+        self.runtime.hub.presence.stats(topic).await
+    }
+
     /// Whether the broker connection is live (always true for the in-process broker). Serve it
     /// as a readiness probe.
     pub fn is_ready(&self) -> bool {
@@ -219,6 +263,7 @@ pub struct WebsocketServiceBuilder<H: MessageHandler> {
     channel_prefix: String,
     policy: Option<PolicyRule>,
     topic_rule: Option<TopicRule<H>>,
+    presence_user: Option<PresenceUserFn<H>>,
 }
 
 /// Prints the settings, with the Redis URL's password replaced by `***`, and the handler and
@@ -444,6 +489,7 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
             handler: self.handler,
             app_state: self.app_state,
             topic_rule: self.topic_rule,
+            presence_user: self.presence_user,
         }))
     }
 
@@ -516,6 +562,38 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
         self.topic_rule = Some(Arc::new(move |state, user, topic| {
             Box::pin(rule(state, user, topic))
         }));
+        self
+    }
+
+    /// How a user appears in presence topics (see [`TopicPolicy::presence`]): `rule` turns the
+    /// user given to [`upgrade_handler`](crate::ws::upgrade::upgrade_handler) into their
+    /// presence id (connections with the same id are one user) and the info shown with them
+    /// (JSON, e.g. a display name; the most recent connection's wins). Called once per
+    /// connection, when a topic policy is set. Default: the user's `Debug` text, no info.
+    pub fn presence_user<F>(mut self, rule: F) -> Self
+    where
+        F: Fn(&H::UserId) -> (String, serde_json::Value) + Send + Sync + 'static,
+    {
+        self.presence_user = Some(Arc::new(rule));
+        self
+    }
+
+    /// With Redis: how often an instance renews its presence entries, and how long they outlive
+    /// the last renewal. An instance that dies without a graceful shutdown has its users leave
+    /// within `ttl` plus `refresh` (a live instance's renewal clears it). Default: 25 s and
+    /// 60 s. `refresh` is capped at half of `ttl`.
+    pub fn presence_timing(mut self, refresh: Duration, ttl: Duration) -> Self {
+        let ttl = ttl.max(Duration::from_millis(100));
+        self.config.presence_ttl = ttl;
+        self.config.presence_refresh = refresh.min(ttl / 2).max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long a connection that dropped without a close (its TCP connection lost) still
+    /// counts in presence: a client that reconnects within it causes no `leave` and `join`.
+    /// A clean close and a graceful shutdown leave at once. Default: 5 s.
+    pub fn presence_leave_grace(mut self, grace: Duration) -> Self {
+        self.config.presence_grace = grace;
         self
     }
 

@@ -31,7 +31,9 @@ use uuid::Uuid;
 use crate::deflate::PublicationFrames;
 use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbound::{Conn, Delivered, DirectGate, POSITIONED, Push, TopicKey, WriteTally};
+use crate::outbound::{
+    Conn, Delivered, DirectGate, NO_TOPIC, POSITIONED, Push, TopicKey, WriteTally,
+};
 use crate::shrink::ShrinkWhenSparse;
 use crate::wire::{self, Format, Frames};
 
@@ -69,6 +71,9 @@ pub(crate) enum Command {
     /// The positioned `topic`'s publications skipped some (the broker lost them): every `rtk1`
     /// subscriber gets `insufficient_state` and leaves the topic, never a silent gap.
     Lost { topic: Arc<str> },
+    /// A presence event (`join`/`leave`) of `topic`: to its `rtk1` subscribers only; the
+    /// others receive exactly the publications.
+    Presence { topic: Arc<str>, frame: Bytes },
     /// Queue a close frame (after pending data) for every connection; `done` fires when queued.
     CloseAll {
         code: u16,
@@ -144,6 +149,15 @@ impl Shard {
                         conn_id,
                         topic: topic.clone(),
                     });
+                }
+            }
+            Command::Presence { topic, frame } => {
+                for conn in self.topics.get(&topic).into_iter().flatten() {
+                    if conn.format == Format::Rtk1
+                        && conn.push(frame.clone(), NO_TOPIC) == Push::Overflow
+                    {
+                        self.metrics.add_slow_consumers(1);
+                    }
                 }
             }
             Command::Deliver {

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::frame;
 use crate::outbound::{Conn, NO_TOPIC, Push};
+use crate::presence::Identity;
 use crate::runtime::{Hub, JoinOutcome};
 
 /// A cheap, cloneable handle that queues frames for one connection.
@@ -19,6 +20,8 @@ use crate::runtime::{Hub, JoinOutcome};
 pub struct WsSink {
     conn: Arc<Conn>,
     hub: Arc<Hub>,
+    /// Who the connection is for presence, when a topic may track it.
+    who: Option<Arc<Identity>>,
 }
 
 /// Why a frame could not be queued.
@@ -69,7 +72,22 @@ impl fmt::Debug for WsSink {
 
 impl WsSink {
     pub(crate) fn new(conn: Arc<Conn>, hub: Arc<Hub>) -> Self {
-        Self { conn, hub }
+        Self {
+            conn,
+            hub,
+            who: None,
+        }
+    }
+
+    /// The sink of a connection that counts as `who` in presence topics.
+    pub(crate) fn with_identity(mut self, who: Option<Arc<Identity>>) -> Self {
+        self.who = who;
+        self
+    }
+
+    /// Who the connection is for presence.
+    pub(crate) fn identity(&self) -> Option<&Identity> {
+        self.who.as_deref()
     }
 
     /// Subscribes this connection to one more topic; resolves once the topic's messages reach
@@ -86,7 +104,7 @@ impl WsSink {
         if self.conn.is_ending() {
             return Err(SendError::Closed);
         }
-        match self.hub.join(&self.conn, topic).await {
+        match self.hub.join(&self.conn, topic, self.who.as_deref()).await {
             JoinOutcome::Subscribed => Ok(()),
             JoinOutcome::TooManyTopics => Err(SendError::TooManyTopics),
             JoinOutcome::Refused(why) => Err(SendError::TopicRefused(why)),

@@ -92,7 +92,7 @@ pub(crate) fn rtk1_pub(topic: &str, position: Option<&Position>, payload: &[u8])
 }
 
 /// Whether `payload` is one JSON value (surrounding whitespace allowed).
-fn is_json(payload: &[u8]) -> bool {
+pub(crate) fn is_json(payload: &[u8]) -> bool {
     serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
 }
 

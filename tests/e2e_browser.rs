@@ -59,8 +59,10 @@ fn two_instances(test: &str, example: &str) -> Option<TwoInstances> {
     let one_at_a_time = exclusive();
     let url = redis.url();
     let (p1, p2) = (free_port(), free_port());
-    let one = start_example(example, p1, &[("REDIS_URL", &url)]);
-    let two = start_example(example, p2, &[("REDIS_URL", &url)]);
+    // A killed instance's users leave the others' presence within 2 s.
+    let env = [("REDIS_URL", url.as_str()), ("PRESENCE_TTL_MS", "2000")];
+    let one = start_example(example, p1, &env);
+    let two = start_example(example, p2, &env);
     Some(TwoInstances {
         ports: (p1, p2),
         _two: two,
@@ -78,6 +80,18 @@ impl TwoInstances {
 }
 
 /// Waits until `page` shows a message `text` from `user`.
+/// Waits until `page`'s online list shows exactly `names`.
+fn wait_online(page: &Session, who: &str, names: &[&str]) {
+    let want = serde_json::to_string(names).unwrap();
+    page.wait_for(
+        &format!("{who} lists {want} online"),
+        &format!(
+            "return JSON.stringify(Array.from(document.querySelectorAll('#users li'))\
+             .map(li => li.firstChild.textContent).sort()) === {want:?};"
+        ),
+    );
+}
+
 fn wait_message(page: &Session, who: &str, user: &str, text: &str) {
     poll(
         &format!("{who} to show {user}: {text:?}"),
@@ -205,8 +219,15 @@ fn a_page_whose_instance_dies_reconnects_to_the_other_and_misses_nothing() {
     ));
     switch(&alice, "alice", "general");
     join(&bob, p2, "bob", "general");
+    // Carol's page knows only the first instance.
+    let carol = driver.new_session();
+    join(&carol, p1, "carol", "general");
     alice.type_into(&alice.find("#text"), &format!("before{ENTER}"));
     wait_message(&bob, "bob's page", "alice", "before");
+    // Every page lists everyone, whichever instance they are on.
+    for (who, page) in [("alice", &alice), ("bob", &bob), ("carol", &carol)] {
+        wait_online(page, who, &["alice", "bob", "carol"]);
+    }
 
     // Instance 1 dies; 30 messages are published on instance 2 before Alice's page can be back
     // (its first retry waits at least 250 ms).
@@ -246,6 +267,11 @@ fn a_page_whose_instance_dies_reconnects_to_the_other_and_misses_nothing() {
         json!([]),
     );
     assert_eq!(recovered, true, "the page did not recover: {shown:?}");
+    // Carol went down with the first instance and leaves once its entries expire; Alice, back
+    // on the second, never left.
+    for (who, page) in [("alice", &alice), ("bob", &bob)] {
+        wait_online(page, who, &["alice", "bob"]);
+    }
 
     // Live again, both ways, through the surviving instance.
     alice.type_into(&alice.find("#text"), &format!("back{ENTER}"));

@@ -548,6 +548,8 @@ async fn basic_chat_rooms_recover_for_rtk1_clients() {
     assert_eq!(s["recoverable"], true, "{s}");
     let epoch = s["e"].as_str().unwrap().to_owned();
     let top = s["o"].as_u64().unwrap();
+    // The room tracks presence: an rtk1 client hears its own user join.
+    assert_eq!(a.recv_json().await["type"], "join");
 
     a.send_text(&support::send_message("general", "first"))
         .await;

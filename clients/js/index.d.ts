@@ -82,7 +82,7 @@ export interface PresenceChange {
 export type ClientError =
   | { type: 'refused'; status: number; url: string }
   | { type: 'closed'; code: number; reason: string; message?: string }
-  | { type: 'server'; message: string }
+  | { type: 'server'; message: string; topic?: string }
   | { type: 'protocol'; message: string; data: unknown }
   | { type: 'token' | 'connect' | 'listener'; error: unknown };
 

@@ -427,9 +427,18 @@ export class Client {
         if (t) this.emit('presence', { topic: msg.topic, users: msg.users ?? [] });
         break;
       }
-      case 'error':
-        this.emit('error', { type: 'server', message: msg.message });
+      case 'error': {
+        // An error about a topic answers the oldest request about it (presence): it fails.
+        const entry = typeof msg.topic === 'string' ? this.pending.get(msg.topic)?.shift() : undefined;
+        if (entry) {
+          this.timers.clearTimeout(entry.timer);
+          entry.reject(new Error(msg.message));
+        }
+        const error = { type: 'server', message: msg.message };
+        if (typeof msg.topic === 'string') error.topic = msg.topic;
+        this.emit('error', error);
         break;
+      }
       default:
         // Not a frame of the protocol: something the application sent to this connection alone.
         this.emit('message', msg);

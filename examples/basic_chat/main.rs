@@ -30,6 +30,12 @@
 //!   `GET /ws/general?token=…&proto=rtk1&since=<offset>&epoch=<epoch>` receives every message
 //!   after that position, then live ones; `{"type":"subscribe","topic":T}` joins another topic
 //!   the user may open. Clients without `proto=rtk1` see exactly the frames above.
+//! - Presence in `general` and `random`: `rtk1` clients get `{"type":"join"|"leave",…}` when a
+//!   user's first connection arrives or last one leaves, and `{"type":"presence","topic":T}`
+//!   answers who is there. `GET /presence/{topic}[?cursor=…]`, authorized like `/ws/{topic}`,
+//!   returns `{"users":[{"user","connections","info"}…],"next":…,"stats":{"users","connections"}}`
+//!   (404 for a private topic: it has no presence).
+//!   `PRESENCE_TTL_MS` (default 60 000): how soon a crashed instance's users leave.
 //!
 //! `alloc.rs` sets up the allocator (mimalloc, tuned for a small idle footprint); the chat does
 //! not depend on it.
@@ -42,13 +48,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_realtime_kit::prelude::*;
 use axum_realtime_kit::prometheus::Prometheus;
-use axum_realtime_kit::{BuildError, TopicPolicy};
+use axum_realtime_kit::{BuildError, PresenceError, TopicPolicy};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -226,14 +232,31 @@ pub fn chat_service(
         .authorize_topics(validate_topic)
         // The rooms keep their last 1 000 messages for 10 minutes: an `rtk1` client that
         // reconnects with its position, to this instance or another, gets what it missed.
+        // And they track who is in them.
         .topic_policy(|topic| {
-            matches!(topic, "general" | "random")
-                .then(|| TopicPolicy::history(1_000, std::time::Duration::from_secs(600)))
+            matches!(topic, "general" | "random").then(|| {
+                TopicPolicy::history(1_000, std::time::Duration::from_secs(600)).presence(true)
+            })
+        })
+        // In presence, a user is their id, shown with their name.
+        .presence_user(|user: &User| {
+            (
+                user.id.to_string(),
+                serde_json::json!({ "name": user.name }),
+            )
         })
         // Browsers offer permessage-deflate: each publication is compressed once and shared.
         .permessage_deflate(true);
     if let Some(n) = shards {
         builder = builder.shards(n);
+    }
+    // How soon the users of an instance that crashed leave (renewed every third of it).
+    if let Some(ms) = std::env::var("PRESENCE_TTL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let ttl = std::time::Duration::from_millis(ms);
+        builder = builder.presence_timing(ttl / 3, ttl);
     }
     // Tuning knob for the load tests (PERF.md): how long a writer lets frames collect.
     if let Some(ms) = std::env::var("WRITE_DELAY_MS")
@@ -252,6 +275,7 @@ pub fn chat_router(service: Arc<WebsocketService<ChatHandler>>) -> Router {
         .route("/client.js", get(client_js))
         .route("/ws/{topic}", get(ws_route))
         .route("/broadcast/{topic}", post(broadcast))
+        .route("/presence/{topic}", get(presence))
         .route("/health", get(|| async { "OK" }))
         .route("/ready", get(ready));
     // Prometheus scrapes `/metrics` (the `rtk_*` series; see the crate docs' "Metrics").
@@ -323,6 +347,41 @@ async fn broadcast(
                 .into_response()
         }
     }
+}
+
+/// Who is in `topic`, on every instance: a page of users and the counts. The token and topic
+/// are checked exactly as for `/ws/{topic}`; a topic without presence is 404.
+async fn presence(
+    State(state): State<ServerState>,
+    WsAuth(user): WsAuth<User>,
+    Path(topic): Path<String>,
+    Query(page): Query<PresencePageQuery>,
+) -> Response {
+    if let Err(status) = validate_topic(state.app_state.clone(), user, topic.clone()).await {
+        return status.into_response();
+    }
+    let service = &state.service;
+    let listed = service.presence(&topic, page.cursor.as_deref(), 100).await;
+    match (listed, service.presence_stats(&topic).await) {
+        (Ok(page), Ok(stats)) => {
+            let body =
+                serde_json::json!({ "users": page.users, "next": page.next, "stats": stats });
+            axum::Json(body).into_response()
+        }
+        (Err(PresenceError::NotEnabled), _) | (_, Err(PresenceError::NotEnabled)) => {
+            (StatusCode::NOT_FOUND, "no presence for this topic").into_response()
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, %topic, "presence failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "presence unavailable").into_response()
+        }
+    }
+}
+
+/// `GET /presence/{topic}?cursor=…`: where the page starts (the previous page's `next`).
+#[derive(Debug, Deserialize)]
+pub struct PresencePageQuery {
+    cursor: Option<String>,
 }
 
 async fn ready(State(state): State<ServerState>) -> impl IntoResponse {

@@ -17,6 +17,8 @@ pub use connect::RedisTls;
 pub(crate) use connect::RedisTls as TlsSettings;
 pub(crate) mod local;
 mod positioned;
+mod presence;
+pub(crate) use presence::parse_event as parse_presence_event;
 mod publisher;
 pub(crate) mod redis;
 mod resp;

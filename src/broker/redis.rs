@@ -47,6 +47,7 @@ use tokio::time::Instant;
 
 use super::connect::{Addr, Target, connect};
 use super::positioned;
+use super::presence;
 use super::publisher::Publisher;
 use super::resp::{self, Value};
 use super::sentinel;
@@ -55,6 +56,7 @@ use super::{PublishError, RedisSettings};
 use crate::dispatch::Published;
 use crate::history::{PolicyRule, Position, new_epoch};
 use crate::metrics::Metrics;
+use crate::presence::{Identity, PresencePage, PresenceStats};
 use crate::shard::TopicInterest;
 use crate::shrink::ShrinkWhenSparse;
 
@@ -114,6 +116,11 @@ struct Shared {
     stop: Notify,
     /// The sentinels named a new primary: the subscriber connection is made again at once.
     failover: Notify,
+    /// Where the subscriber hands presence events (`join`/`leave` of a topic), once presence
+    /// is wired ([`RedisBroker::on_presence`]).
+    presence_events: std::sync::OnceLock<mpsc::Sender<(Arc<str>, Bytes)>>,
+    /// This instance's id in presence keys.
+    instance: String,
 }
 
 impl Shared {
@@ -171,6 +178,8 @@ pub(crate) struct RedisBroker {
     rule: Option<PolicyRule>,
     /// The script's SHA once `SCRIPT LOAD` gave it.
     sha: Arc<Mutex<Option<Bytes>>>,
+    /// How long this instance's presence entries outlive their last renewal.
+    presence_ttl: Duration,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -204,6 +213,8 @@ impl RedisBroker {
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
             failover: Notify::new(),
+            presence_events: std::sync::OnceLock::new(),
+            instance: format!("{instance:016x}"),
         });
         let watcher = matches!(target.addr, Addr::Sentinel(_)).then(|| {
             let (publisher, shared) = (publisher.clone(), shared.clone());
@@ -233,7 +244,14 @@ impl RedisBroker {
             watcher,
             rule: None,
             sha: Arc::default(),
+            presence_ttl: Duration::from_secs(60),
         })
+    }
+
+    /// Presence entries of this instance expire `ttl` after their last renewal.
+    pub(crate) fn presence_ttl(mut self, ttl: Duration) -> Self {
+        self.presence_ttl = ttl;
+        self
     }
 
     /// Gives topics that `rule` gives a policy positions assigned by Redis.
@@ -385,6 +403,97 @@ impl RedisBroker {
             }
             shared.recovering.store(false, Ordering::Release);
         });
+    }
+
+    /// Hands the presence events the subscriber receives to `events` (bounded; an event that
+    /// finds it full is dropped: `join`/`leave` are at most once).
+    pub(crate) fn on_presence(&self, events: mpsc::Sender<(Arc<str>, Bytes)>) {
+        let _ = self.shared.presence_events.set(events);
+    }
+
+    /// Runs the presence script on `topic`: `op` and its arguments.
+    async fn presence_call(
+        &self,
+        topic: &str,
+        op: &'static str,
+        args: Vec<Bytes>,
+    ) -> Result<Value, String> {
+        let prefix = &self.shared.prefix;
+        let ttl = self.presence_ttl.as_millis().max(1);
+        let mut cmd = Vec::with_capacity(12 + args.len());
+        cmd.push(Bytes::from_static(b"EVAL"));
+        cmd.push(Bytes::from_static(presence::SCRIPT.as_bytes()));
+        cmd.push(Bytes::from_static(b"5"));
+        cmd.extend(presence::keys(prefix, topic, &self.shared.instance));
+        cmd.push(Bytes::from_static(op.as_bytes()));
+        cmd.push(Bytes::from(format!("{prefix}{topic}")));
+        cmd.push(Bytes::from(self.shared.instance.clone()));
+        cmd.push(Bytes::from(ttl.to_string()));
+        cmd.extend(args);
+        self.publisher.call(cmd).await.map_err(|e| e.to_string())
+    }
+
+    /// Adds connection `conn` of `who` to `topic`'s presence.
+    pub(crate) async fn presence_add(
+        &self,
+        topic: &str,
+        conn: uuid::Uuid,
+        who: &Identity,
+    ) -> Result<(), String> {
+        let args = vec![
+            Bytes::from(conn.simple().to_string()),
+            Bytes::copy_from_slice(who.user.as_bytes()),
+            Bytes::copy_from_slice(who.info.as_bytes()),
+        ];
+        self.presence_call(topic, "add", args).await.map(drop)
+    }
+
+    /// Removes connection `conn` from `topic`'s presence.
+    pub(crate) async fn presence_remove(
+        &self,
+        topic: &str,
+        conn: uuid::Uuid,
+    ) -> Result<(), String> {
+        let args = vec![Bytes::from(conn.simple().to_string())];
+        self.presence_call(topic, "rem", args).await.map(drop)
+    }
+
+    /// Renews this instance's entries of `topic`; `false` if Redis holds fewer than `count`.
+    pub(crate) async fn presence_refresh(&self, topic: &str, count: usize) -> Result<bool, String> {
+        let args = vec![Bytes::from(count.to_string())];
+        match self.presence_call(topic, "refresh", args).await? {
+            Value::Int(n) => Ok(n == 1),
+            other => Err(format!("unexpected reply to a presence refresh: {other:?}")),
+        }
+    }
+
+    /// Removes every entry of this instance from `topic`'s presence.
+    pub(crate) async fn presence_drop(&self, topic: &str) -> Result<(), String> {
+        self.presence_call(topic, "drop", Vec::new())
+            .await
+            .map(drop)
+    }
+
+    /// About `limit` users of `topic` from `cursor` on.
+    pub(crate) async fn presence_list(
+        &self,
+        topic: &str,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<PresencePage, String> {
+        let args = vec![
+            Bytes::copy_from_slice(cursor.as_bytes()),
+            Bytes::from(limit.to_string()),
+        ];
+        let v = self.presence_call(topic, "list", args).await?;
+        presence::list_reply(v).ok_or_else(|| "unexpected reply listing presence".into())
+    }
+
+    /// `topic`'s user and connection counts.
+    pub(crate) async fn presence_stats(&self, topic: &str) -> Result<PresenceStats, String> {
+        let v = self.presence_call(topic, "stats", Vec::new()).await?;
+        presence::stats_reply(&v)
+            .ok_or_else(|| format!("unexpected reply to presence stats: {v:?}"))
     }
 
     /// Ends the subscriber task (the service is going away).
@@ -762,6 +871,12 @@ impl Subscriber {
                 let Some(topic) = self.topic_of(&channel) else {
                     return Ok(());
                 };
+                if presence::is_event(&payload) {
+                    if let Some(events) = self.shared.presence_events.get() {
+                        let _ = events.try_send((topic, payload));
+                    }
+                    return Ok(());
+                }
                 let (position, payload) = positioned::parse(payload);
                 let msg = Published {
                     topic,
@@ -1031,6 +1146,8 @@ mod tests {
                 stopped: AtomicBool::new(false),
                 stop: Notify::new(),
                 failover: Notify::new(),
+                presence_events: std::sync::OnceLock::new(),
+                instance: "1".into(),
             }),
             publisher: Arc::new(Publisher::new(target.clone())),
             target,

@@ -34,6 +34,7 @@ use crate::deflate::Agreed;
 use crate::frame::close_code;
 use crate::handler::{ConnectionContext, MessageHandler};
 use crate::outbound::{self, Conn, WriteSide};
+use crate::presence::Identity;
 use crate::runtime::{Admission, JoinOutcome, Rtk1Conn};
 use crate::service::WebsocketService;
 use crate::sink::WsSink;
@@ -150,6 +151,7 @@ impl<H: MessageHandler> Admitted<H> {
     {
         let Self { service, admission } = self;
         let conn = service.runtime.new_conn_as(opening.format, deflate);
+        let who = service.identity(&user_id);
         let weak = Arc::downgrade(&conn);
         let (joined_tx, joined) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -160,7 +162,7 @@ impl<H: MessageHandler> Admitted<H> {
             let subscribed = service
                 .runtime
                 .hub
-                .join_from(&conn, &topic, opening.since)
+                .join_from(&conn, &topic, opening.since, who.as_deref())
                 .await;
             let _ = joined_tx.send(());
             match socket.await {
@@ -171,12 +173,13 @@ impl<H: MessageHandler> Admitted<H> {
                         subscribed,
                         topic,
                         user_id,
+                        who,
                     };
                     run(joined, socket).await;
                 }
                 None => {
                     conn.fail();
-                    service.runtime.hub.remove(&conn).await;
+                    service.runtime.hub.remove(&conn, true).await;
                 }
             }
             drop(admission);
@@ -195,6 +198,8 @@ struct Joined<H: MessageHandler> {
     subscribed: JoinOutcome,
     topic: String,
     user_id: H::UserId,
+    /// Who the connection is for presence (when a topic may track it).
+    who: Option<Arc<Identity>>,
 }
 
 /// Why the read loop stopped.
@@ -216,6 +221,7 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
         subscribed,
         topic,
         user_id,
+        who,
     } = joined;
     let Upgraded {
         read: mut inbound,
@@ -242,7 +248,7 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
             user_id,
             topic,
             app_state: service.app_state.clone(),
-            sink: WsSink::new(conn.clone(), rt.hub.clone()),
+            sink: WsSink::new(conn.clone(), rt.hub.clone()).with_identity(who),
         };
         match &subscribed {
             JoinOutcome::Refused(why) => {
@@ -296,7 +302,9 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
             writer.abort();
             let _ = writer.await;
         }
-        rt.hub.remove(&conn).await;
+        // A connection that dropped without a close stays present for the grace: a client
+        // that reconnects at once does not leave and join again.
+        rt.hub.remove(&conn, end != End::Eof).await;
         // Invariant 6: on_disconnect runs exactly once, here, whatever ended the connection.
         if AssertUnwindSafe(service.handler.on_disconnect(&ctx))
             .catch_unwind()

@@ -382,6 +382,8 @@ enum Command {
     },
     /// Leave a topic.
     Unsubscribe { topic: String },
+    /// Who is in a topic.
+    Presence { topic: String },
 }
 
 /// A position the client has: `{"o":N,"e":E}`.
@@ -396,12 +398,12 @@ struct Since {
 fn is_command(text: &[u8]) -> bool {
     let trimmed = text.trim_ascii_start();
     trimmed.first() == Some(&b'{')
-        && [&b"\"subscribe\""[..], b"\"unsubscribe\""]
+        && [&b"\"subscribe\""[..], b"\"unsubscribe\"", b"\"presence\""]
             .iter()
             .any(|name| text.windows(name.len()).any(|w| w == *name))
 }
 
-/// Runs an `rtk1` `subscribe` or `unsubscribe` command. A message that names a command but is
+/// Runs an `rtk1` `subscribe`, `unsubscribe` or `presence` command. A message that names a command but is
 /// not one goes to the handler, as any other message.
 async fn rtk1_command<H: MessageHandler>(
     service: &WebsocketService<H>,
@@ -419,6 +421,38 @@ async fn rtk1_command<H: MessageHandler>(
     let hub = &service.runtime.hub;
     match command {
         Command::Unsubscribe { topic } => hub.leave(conn, &topic).await,
+        Command::Presence { topic } => {
+            // The connection's own topic needs no check; another is authorised as a subscribe.
+            if topic != ctx.topic {
+                if let Err(why) = crate::topic::check(&topic, hub.max_topic_len) {
+                    send_topic_error(ctx, &topic, &format!("presence {topic}: {why}"));
+                    return;
+                }
+                let allowed = match &service.topic_rule {
+                    Some(rule) => {
+                        rule(
+                            service.app_state.clone(),
+                            ctx.user_id.clone(),
+                            topic.clone(),
+                        )
+                        .await
+                    }
+                    None => Err(axum::http::StatusCode::FORBIDDEN),
+                };
+                if let Err(status) = allowed {
+                    send_topic_error(ctx, &topic, &format!("presence {topic} refused: {status}"));
+                    return;
+                }
+            }
+            let limit = crate::presence::REPLY_MAX_USERS;
+            match hub.presence.list(&topic, None, limit).await {
+                Ok(page) => {
+                    let frame = crate::presence::reply_frame(&topic, &page.users);
+                    let _ = ctx.sink.send_frame(frame);
+                }
+                Err(e) => send_topic_error(ctx, &topic, &format!("presence {topic}: {e}")),
+            }
+        }
         Command::Subscribe { topic, since } => {
             if let Err(why) = crate::topic::check(&topic, hub.max_topic_len) {
                 send_error(ctx, &format!("subscribe {topic}: {why}"));
@@ -439,12 +473,17 @@ async fn rtk1_command<H: MessageHandler>(
                 return;
             }
             // A subscribe to a topic the connection is in starts over from the position given
-            // (after `insufficient_state`, say): leave first, so nothing is sent twice.
-            hub.leave(conn, &topic).await;
+            // (after `insufficient_state`, say): leave first, so nothing is sent twice. It
+            // stays present meanwhile: no `leave` and `join` for a resubscribe.
+            hub.leave_shard(conn, &topic).await;
             let since = since.map(|s| (s.e, s.o));
-            match hub.join_from(conn, &topic, since).await {
+            match hub
+                .join_from(conn, &topic, since, ctx.sink.identity())
+                .await
+            {
                 JoinOutcome::Subscribed | JoinOutcome::Gone => {}
                 JoinOutcome::TooManyTopics => {
+                    hub.presence.remove(&topic, conn.id).await;
                     send_error(ctx, &format!("subscribe {topic}: too many topics"));
                 }
                 JoinOutcome::Refused(why) => {
@@ -460,6 +499,20 @@ async fn rtk1_command<H: MessageHandler>(
 fn send_error<S: Send + Sync, U: Send + Sync>(ctx: &ConnectionContext<S, U>, message: &str) {
     let _ = ctx.sink.send_json(&serde_json::json!({
         "type": "error",
+        "message": message,
+    }));
+}
+
+/// Sends `{"type":"error","topic":T,"message":…}`: the answer to a request about `topic` that
+/// failed, so a client can tell which request it answers.
+fn send_topic_error<S: Send + Sync, U: Send + Sync>(
+    ctx: &ConnectionContext<S, U>,
+    topic: &str,
+    message: &str,
+) {
+    let _ = ctx.sink.send_json(&serde_json::json!({
+        "type": "error",
+        "topic": topic,
         "message": message,
     }));
 }

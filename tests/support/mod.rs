@@ -6,6 +6,7 @@
 pub mod browser;
 pub mod certs;
 pub mod chat;
+pub mod presence;
 pub mod proxy;
 pub mod redis_server;
 

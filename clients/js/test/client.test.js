@@ -320,6 +320,23 @@ test('presence asks and resolves; join and leave are events', async () => {
   assert.equal(of(events, 'leave').length, 1);
 });
 
+test('presence of a topic the server does not track rejects with its error', async () => {
+  const { client, sockets, events } = setup();
+  client.subscribe('general');
+  client.connect();
+  await settle();
+  sockets[0].open();
+  const users = client.presence('private');
+  const message = 'presence private: the topic does not track presence';
+  sockets[0].receive({ type: 'error', topic: 'private', message });
+  await assert.rejects(users, { message });
+  assert.deepEqual(of(events, 'error'), [{ type: 'server', message, topic: 'private' }]);
+  // The next request is answered as usual.
+  const again = client.presence('general');
+  sockets[0].receive({ type: 'presence', topic: 'general', users: [] });
+  assert.deepEqual(await again, []);
+});
+
 test('disconnect stops reconnecting and keeps positions', async () => {
   const { client, sockets, timers } = setup();
   client.subscribe('general');
