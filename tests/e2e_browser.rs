@@ -79,7 +79,6 @@ impl TwoInstances {
     }
 }
 
-/// Waits until `page` shows a message `text` from `user`.
 /// Waits until `page`'s online list shows exactly `names`.
 fn wait_online(page: &Session, who: &str, names: &[&str]) {
     let want = serde_json::to_string(names).unwrap();
@@ -92,6 +91,7 @@ fn wait_online(page: &Session, who: &str, names: &[&str]) {
     );
 }
 
+/// Waits until `page` shows a message `text` from `user`.
 fn wait_message(page: &Session, who: &str, user: &str, text: &str) {
     poll(
         &format!("{who} to show {user}: {text:?}"),
