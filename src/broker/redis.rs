@@ -331,13 +331,15 @@ impl RedisBroker {
         cmd.push(Bytes::from_static(b"EVALSHA"));
         cmd.push(sha);
         cmd.extend(args.iter().cloned());
-        match self.publisher.call(cmd).await {
+        // `call_once`: a script that ran but whose answer was lost must not run again, or the
+        // publication would get two offsets.
+        match self.publisher.call_once(cmd).await {
             Err(PublishError::Unavailable(e)) if e.starts_with("NOSCRIPT") => {
                 let mut cmd = Vec::with_capacity(args.len() + 2);
                 cmd.push(Bytes::from_static(b"EVAL"));
                 cmd.push(Bytes::from_static(positioned::SCRIPT.as_bytes()));
                 cmd.extend(args);
-                self.publisher.call(cmd).await
+                self.publisher.call_once(cmd).await
             }
             other => other,
         }
