@@ -330,6 +330,7 @@ impl Dispatcher {
         if let (true, Some(fetch), Some(p)) = (may_heal, &self.fetch, &msg.position) {
             if let Some(top) = self.streams.skips(&msg.topic, p) {
                 let (topic, from, to) = (msg.topic.clone(), top + 1, p.offset - 1);
+                self.metrics.history_read();
                 let (read, heals) = ((fetch.0)(topic.clone(), from, to), self.heals.0.clone());
                 tokio::spawn(async move {
                     let _ = heals.send(((topic, from, to), read.await));
@@ -438,6 +439,7 @@ impl Dispatcher {
                         let key = (topic.clone(), from, to);
                         let waiting = self.waiting.entry(key.clone()).or_default();
                         if waiting.is_empty() {
+                            self.metrics.history_read();
                             let (read, reads) =
                                 ((fetch.0)(topic.clone(), from, to), self.reads.0.clone());
                             tokio::spawn(async move {
