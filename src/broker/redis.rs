@@ -302,6 +302,19 @@ impl RedisBroker {
         positioned::read_reply(value).ok_or_else(|| "unexpected reply reading history".into())
     }
 
+    /// Deletes `topic`'s stream and meta keys: the next publication starts a new epoch at
+    /// offset 1, on every instance. Whether there was anything to delete.
+    pub(crate) async fn remove_stream(&self, topic: &str) -> Result<bool, PublishError> {
+        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let cmd = vec![Bytes::from_static(b"DEL"), meta, stream];
+        match self.publisher.call(cmd).await? {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(PublishError::Unavailable(format!(
+                "unexpected reply to DEL: {other:?}"
+            ))),
+        }
+    }
+
     /// EVALSHA with `args`; on NOSCRIPT (a restarted or flushed Redis), EVAL, which loads the
     /// script again.
     async fn run_script(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
