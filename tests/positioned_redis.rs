@@ -808,15 +808,19 @@ async fn a_foreign_publish_and_a_script_flush_leave_positions_contiguous() {
 }
 
 /// Twenty clients recover the same range, which instance A's small cache lacks, at the same
-/// time (Redis paused while they ask): one read from the Redis stream serves them all, and each
-/// gets exactly the publications it missed, in order.
+/// time (Redis paused until A has read every `subscribe` command): one read from the Redis
+/// stream serves them all, and each gets exactly the publications it missed, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_recoveries_of_one_range_share_one_read() {
-    const CLIENTS: usize = 20;
+    const CLIENTS: u64 = 20;
     let Some(redis) = start_redis("many_recoveries_of_one_range_share_one_read") else {
         return;
     };
-    let a = instance_caching(redis.url(), 4_096).await;
+    let a = instance_with(redis.url(), |b| {
+        b.history_max_bytes(4_096)
+            .authorize_topics(|_, _, _: String| async { Ok(()) })
+    })
+    .await;
     let b = instance(redis.url()).await;
     let mut keep = support::connect(a.addr, "pos-s", BOB).await;
     let mut epoch = String::new();
@@ -831,33 +835,38 @@ async fn many_recoveries_of_one_range_share_one_read() {
     for n in 1..=200u64 {
         verbatim(&mut keep, n).await;
     }
-    assert_eq!(a.service.metrics().broker_history_reads, 0);
-    // Paused, Redis answers none of the reads: every join waits on the first one. Far shorter
-    // than the publisher's timeout and the subscriber's probe timeout.
-    redis.signal("STOP");
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (addr, epoch) = (a.addr, epoch.clone());
-            tokio::spawn(async move {
-                let mut c = rtk1(addr, "pos-s", Some((&epoch, 10))).await;
-                let s = subscribed(&mut c, "pos-s").await;
-                assert_eq!(s["recovered"], true, "{s}");
-                for n in 11..=200u64 {
-                    assert_eq!(next_pub(&mut c, "pos-s").await, (n, epoch.clone(), n));
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    redis.signal("CONT");
-    for c in clients {
-        tokio::time::timeout(support::WAIT, c)
-            .await
-            .expect("recovers")
-            .unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut c = rtk1(a.addr, "lobby", None).await;
+        subscribed(&mut c, "lobby").await;
+        clients.push(c);
     }
     let m = a.service.metrics();
-    assert_eq!(m.recoveries_succeeded, CLIENTS as u64);
+    assert_eq!((m.broker_history_reads, m.messages_in), (0, 0));
+    // Paused, Redis answers no read: every join waits on the first one. Far shorter than the
+    // publisher's timeout (the read's) and the subscriber's probe timeout.
+    redis.signal("STOP");
+    let since = json!({"type":"subscribe","topic":"pos-s","since":{"o":10,"e":epoch}});
+    for c in &mut clients {
+        c.send_text(&since.to_string()).await;
+    }
+    let svc = a.service.clone();
+    support::wait_until("every subscribe read", move || {
+        svc.metrics().messages_in == CLIENTS
+    })
+    .await;
+    // From reading a command to asking the dispatcher takes no I/O.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.signal("CONT");
+    for c in &mut clients {
+        let s = subscribed(c, "pos-s").await;
+        assert_eq!(s["recovered"], true, "{s}");
+        for n in 11..=200u64 {
+            assert_eq!(next_pub(c, "pos-s").await, (n, epoch.clone(), n));
+        }
+    }
+    let m = a.service.metrics();
+    assert_eq!(m.recoveries_succeeded, CLIENTS);
     assert_eq!(m.broker_history_reads, 1);
 }
 
