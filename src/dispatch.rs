@@ -696,8 +696,8 @@ mod tests {
         assert_eq!(frame::encoded_payload(&a), Some(&long[..]));
     }
 
-    /// A dispatcher taking positions from the broker, its one shard's channel, and a join's
-    /// `done` receiver maker.
+    /// A dispatcher taking positions from the broker (every topic keeps history), and its one
+    /// shard's channel.
     fn external() -> (Dispatcher, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(64);
         let policy = crate::history::TopicPolicy::history(100, Duration::from_secs(60));
