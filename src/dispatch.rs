@@ -181,6 +181,14 @@ pub(crate) struct Dispatcher {
         mpsc::UnboundedSender<Arc<str>>,
         mpsc::UnboundedReceiver<Arc<str>>,
     ),
+    /// Joins on a topic this instance has seen no publication of, waiting for a read of the
+    /// publications from their offset on, by read (many joins, one read).
+    cold: ahash::AHashMap<ReadKey, Vec<Waiting>>,
+    /// Those reads that came back. Unbounded, but at most one message per entry of `cold`.
+    colds: (
+        mpsc::UnboundedSender<ReadDone>,
+        mpsc::UnboundedReceiver<ReadDone>,
+    ),
     /// Reads that came back. Unbounded, but at most one message per entry of `waiting`.
     reads: (
         mpsc::UnboundedSender<ReadDone>,
@@ -221,6 +229,8 @@ impl Dispatcher {
             heals: mpsc::unbounded_channel(),
             ahead: ahash::AHashMap::new(),
             ahead_due: mpsc::unbounded_channel(),
+            cold: ahash::AHashMap::new(),
+            colds: mpsc::unbounded_channel(),
         }
     }
 
@@ -503,6 +513,34 @@ impl Dispatcher {
                         return;
                     }
                 }
+                if let (Some(fetch), Some((_, offset))) = (&self.fetch, &since) {
+                    if self.streams.cold(&topic, now) {
+                        // Nothing received here yet: read the stream from the client's offset
+                        // (which must still be there, to prove the epoch and that nothing is
+                        // missing) to one past what a recovery re-sends.
+                        let (from, to) = (
+                            (*offset).max(1),
+                            offset.saturating_add(self.recovery.count as u64 + 1),
+                        );
+                        let key = (topic.clone(), from, to);
+                        let waiting = self.cold.entry(key.clone()).or_default();
+                        if waiting.is_empty() {
+                            self.metrics.history_read();
+                            let (read, colds) =
+                                ((fetch.0)(topic.clone(), from, to), self.colds.0.clone());
+                            tokio::spawn(async move {
+                                let _ = colds.send((key, read.await));
+                            });
+                        }
+                        waiting.push(Waiting {
+                            conn,
+                            since: since.unwrap_or_default(),
+                            max_topics,
+                            done,
+                        });
+                        return;
+                    }
+                }
                 if let (Some(fetch), Some((epoch, offset))) = (&self.fetch, &since) {
                     let head =
                         self.streams
@@ -585,6 +623,75 @@ impl Dispatcher {
         }
     }
 
+    /// A read for joins on a topic this instance had seen nothing of came back. If it starts at
+    /// the offset asked and is contiguous and shorter than asked (so it reaches the top), its
+    /// publications become the topic's cache, exactly as if they had been received; every
+    /// join then goes the usual way (recovered from the cache, or refused). Publications this
+    /// instance misses before its subscription to the topic is live show up as skipped offsets
+    /// at the next one, and are read back and delivered in order then.
+    async fn cold_done(&mut self, (topic, from, to): ReadKey, res: Result<Fetched, String>) {
+        let Some(waiting) = self.cold.remove(&(topic.clone(), from, to)) else {
+            return;
+        };
+        let now = Instant::now();
+        match res {
+            Ok((epoch, entries))
+                if self.streams.cold(&topic, now)
+                    && !epoch.is_empty()
+                    && entries.first().is_some_and(|(o, _)| *o == from)
+                    && entries.last().is_some_and(|(o, _)| *o < to)
+                    && entries.iter().zip(from..).all(|((o, _), want)| *o == want) =>
+            {
+                for (offset, payload) in entries {
+                    let position = Position {
+                        offset,
+                        epoch: epoch.clone(),
+                    };
+                    self.streams.observe(&topic, &position, now);
+                    let frames = Frames {
+                        verbatim: self.frame_for(&payload),
+                        rtk1: Some(PublicationFrames::new(wire::rtk1_pub(
+                            &topic,
+                            Some(&position),
+                            &payload,
+                        ))),
+                        positioned: true,
+                    };
+                    self.streams.keep(&topic, offset, frames, now);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "reading history from Redis failed");
+            }
+        }
+        for w in waiting {
+            if self.streams.cold(&topic, now) {
+                // Still nothing known: refused, as it was before the read.
+                let since = Some(w.since);
+                self.join(
+                    w.conn,
+                    topic.clone(),
+                    since,
+                    None,
+                    w.max_topics,
+                    w.done,
+                    now,
+                )
+                .await;
+            } else {
+                let join = Request::Join {
+                    conn: w.conn,
+                    topic: topic.clone(),
+                    since: Some(w.since),
+                    max_topics: w.max_topics,
+                    done: w.done,
+                };
+                Box::pin(self.request(join)).await;
+            }
+        }
+    }
+
     /// A read from the shared store came back: the joins waiting for it recover with it, or
     /// get `recovered: false` if it failed or is not exactly the range asked.
     async fn read_done(&mut self, (topic, from, to): ReadKey, res: Result<Fetched, String>) {
@@ -657,6 +764,7 @@ impl Dispatcher {
                 Some((key, res)) = self.reads.1.recv() => self.read_done(key, res).await,
                 Some((key, res)) = self.heals.1.recv() => self.heal_done(key, res).await,
                 Some(topic) = self.ahead_due.1.recv() => self.release_ahead(&topic).await,
+                Some((key, res)) = self.colds.1.recv() => self.cold_done(key, res).await,
                 _ = sweep.tick(), if self.streams.enabled() => {
                     self.streams.sweep(Instant::now());
                 }

@@ -262,6 +262,12 @@ impl Streams {
         Some(stream.position())
     }
 
+    /// Whether `topic` has a policy but this instance has seen no publication of its current
+    /// stream (positions assigned elsewhere only): a recovery must first learn the epoch.
+    pub(crate) fn cold(&mut self, topic: &str, now: Instant) -> bool {
+        self.external && self.stream(topic, now).is_some_and(|s| s.epoch.is_empty())
+    }
+
     /// Whether `since` (an epoch and offset) is of the epoch `topic`'s cache follows but past
     /// its top: the client got publications from another instance that this one has not
     /// received yet (positions assigned elsewhere only).

@@ -947,3 +947,97 @@ async fn basic_chat_on_two_instances_recovers_on_the_other_one() {
     chat_frame(&mut plain, "bob", "live").await;
     drop((a, b));
 }
+
+/// Instance B has no subscriber of the topic, so it has received none of its publications. A
+/// client that drops from instance A and reconnects to B with its position gets exactly what it
+/// missed (read from the Redis stream), in order, then live ones; on other such topics, a client
+/// already up to date gets nothing twice, and a position of another epoch is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_on_an_instance_that_received_nothing_of_the_topic() {
+    let Some(redis) = start_redis("a_client_recovers_on_an_instance_that_received_nothing") else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let publish = |on: &Server, topic: &'static str, n: u64| {
+        let service = on.service.clone();
+        async move {
+            service
+                .publish(topic, &json!({ "n": n }))
+                .await
+                .unwrap()
+                .expect("a position")
+        }
+    };
+    let mut c = rtk1(a.addr, "pos-c1", None).await;
+    subscribed(&mut c, "pos-c1").await;
+    let epoch = publish(&a, "pos-c1", 1).await.epoch;
+    for n in 2..=10 {
+        publish(&a, "pos-c1", n).await;
+    }
+    for n in 1..=10 {
+        assert_eq!(next_pub(&mut c, "pos-c1").await, (n, epoch.clone(), n));
+    }
+    c.abort();
+    for n in 11..=510 {
+        publish(&a, "pos-c1", n).await;
+    }
+    // More are published while it reconnects: some between B's read and B's subscription.
+    let publisher = {
+        let service = a.service.clone();
+        tokio::spawn(async move {
+            for n in 511..=700u64 {
+                service.publish("pos-c1", &json!({ "n": n })).await.unwrap();
+                if n % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+    };
+    let mut c = rtk1(b.addr, "pos-c1", Some((&epoch, 10))).await;
+    let s = subscribed(&mut c, "pos-c1").await;
+    assert_eq!(s["recovered"], true, "{s}");
+    assert_eq!(s["o"], 10, "{s}");
+    tokio::time::timeout(support::WAIT, publisher)
+        .await
+        .expect("publisher ends")
+        .unwrap();
+    // Live ones follow, whichever instance publishes them (the first one after a run B
+    // missed brings that run in, in order).
+    publish(&a, "pos-c1", 701).await;
+    publish(&b, "pos-c1", 702).await;
+    for n in 11..=702 {
+        assert_eq!(next_pub(&mut c, "pos-c1").await, (n, epoch.clone(), n));
+    }
+
+    // Up to date: nothing re-sent, the next live one comes next.
+    let e2 = publish(&a, "pos-c2", 1).await.epoch;
+    for n in 2..=5 {
+        publish(&a, "pos-c2", n).await;
+    }
+    let mut d = rtk1(b.addr, "pos-c2", Some((&e2, 5))).await;
+    let s = subscribed(&mut d, "pos-c2").await;
+    assert_eq!(
+        (s["recovered"].clone(), s["o"].clone()),
+        (json!(true), json!(5)),
+        "{s}"
+    );
+    publish(&a, "pos-c2", 6).await;
+    assert_eq!(next_pub(&mut d, "pos-c2").await, (6, e2, 6));
+
+    // Another epoch: refused, and the client continues in the stream's.
+    let e3 = publish(&a, "pos-c3", 1).await.epoch;
+    let mut f = rtk1(b.addr, "pos-c3", Some(("another", 1))).await;
+    let s = subscribed(&mut f, "pos-c3").await;
+    assert_eq!(s["recovered"], false, "{s}");
+    assert_eq!(
+        (s["e"].as_str(), s["o"].as_u64()),
+        (Some(&*e3), Some(1)),
+        "{s}"
+    );
+    publish(&a, "pos-c3", 2).await;
+    assert_eq!(next_pub(&mut f, "pos-c3").await, (2, e3, 2));
+
+    let m = b.service.metrics();
+    assert_eq!((m.recoveries_succeeded, m.recoveries_failed), (2, 1));
+}
