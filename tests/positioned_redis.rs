@@ -1,7 +1,7 @@
 //! Positioned topics over Redis, each test with its own redis-server: Redis assigns the
-//! positions, every instance delivers them, and recovery works on any instance that received
-//! the publications. Publications are counted by offset and by the sequence number inside
-//! the payload.
+//! positions, every instance delivers them, and recovery works on any instance, from what it
+//! received or from the Redis stream. Publications are counted by offset and by the sequence
+//! number inside the payload.
 
 mod support;
 
