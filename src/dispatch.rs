@@ -84,6 +84,10 @@ struct Waiting {
     done: oneshot::Sender<bool>,
 }
 
+/// Longest a join whose position is past what this instance has received (the client came
+/// from an instance further ahead) waits for this one to catch up before it is refused.
+const AHEAD_WAIT: Duration = Duration::from_secs(3);
+
 /// Most publications of one topic held while its skipped offsets are read back.
 const HEAL_HOLD: usize = 10_000;
 
@@ -168,6 +172,23 @@ pub(crate) struct Dispatcher {
         mpsc::UnboundedSender<ReadDone>,
         mpsc::UnboundedReceiver<ReadDone>,
     ),
+    /// Joins whose position is past this instance's top, by topic, with their deadline: each
+    /// joins once the instance has received its offset (see [`release_ahead`](Self::release_ahead)).
+    ahead: ahash::AHashMap<Arc<str>, Vec<(Waiting, Instant)>>,
+    /// Topics with a parked join whose deadline came. Unbounded, but one message per parked
+    /// join.
+    ahead_due: (
+        mpsc::UnboundedSender<Arc<str>>,
+        mpsc::UnboundedReceiver<Arc<str>>,
+    ),
+    /// Joins on a topic this instance has seen no publication of, waiting for a read of the
+    /// publications from their offset on, by read (many joins, one read).
+    cold: ahash::AHashMap<ReadKey, Vec<Waiting>>,
+    /// Those reads that came back. Unbounded, but at most one message per entry of `cold`.
+    colds: (
+        mpsc::UnboundedSender<ReadDone>,
+        mpsc::UnboundedReceiver<ReadDone>,
+    ),
     /// Reads that came back. Unbounded, but at most one message per entry of `waiting`.
     reads: (
         mpsc::UnboundedSender<ReadDone>,
@@ -206,6 +227,10 @@ impl Dispatcher {
             reads: mpsc::unbounded_channel(),
             healing: ahash::AHashMap::new(),
             heals: mpsc::unbounded_channel(),
+            ahead: ahash::AHashMap::new(),
+            ahead_due: mpsc::unbounded_channel(),
+            cold: ahash::AHashMap::new(),
+            colds: mpsc::unbounded_channel(),
         }
     }
 
@@ -330,6 +355,7 @@ impl Dispatcher {
         if let (true, Some(fetch), Some(p)) = (may_heal, &self.fetch, &msg.position) {
             if let Some(top) = self.streams.skips(&msg.topic, p) {
                 let (topic, from, to) = (msg.topic.clone(), top + 1, p.offset - 1);
+                self.metrics.history_read();
                 let (read, heals) = ((fetch.0)(topic.clone(), from, to), self.heals.0.clone());
                 tokio::spawn(async move {
                     let _ = heals.send(((topic, from, to), read.await));
@@ -366,6 +392,40 @@ impl Dispatcher {
                     since: msg.since,
                 })
                 .await;
+        }
+        if !self.ahead.is_empty() {
+            self.release_ahead(&msg.topic).await;
+        }
+    }
+
+    /// Joins parked on `topic` whose offset this instance has now received, or whose wait is
+    /// over, join: with nothing to recover, or refused if the epoch changed meanwhile or the
+    /// offset never came. Those still ahead stay parked.
+    async fn release_ahead(&mut self, topic: &Arc<str>) {
+        let Some(parked) = self.ahead.remove(topic) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut still = Vec::new();
+        for (w, deadline) in parked {
+            if now < deadline && self.streams.ahead(topic, (&w.since.0, w.since.1)) {
+                still.push((w, deadline));
+            } else {
+                let since = Some(w.since);
+                self.join(
+                    w.conn,
+                    topic.clone(),
+                    since,
+                    None,
+                    w.max_topics,
+                    w.done,
+                    now,
+                )
+                .await;
+            }
+        }
+        if !still.is_empty() {
+            self.ahead.insert(topic.clone(), still);
         }
     }
 
@@ -430,6 +490,57 @@ impl Dispatcher {
                 max_topics,
                 done,
             } => {
+                if let (Some(_), Some((epoch, offset))) = (&self.fetch, &since) {
+                    if self.streams.ahead(&topic, (epoch, *offset)) {
+                        // Published, and delivered by another instance, but not received here
+                        // yet: join once it is, with nothing to recover and no duplicate.
+                        let due = self.ahead_due.0.clone();
+                        let key = topic.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(AHEAD_WAIT).await;
+                            let _ = due.send(key);
+                        });
+                        let since = (epoch.clone(), *offset);
+                        self.ahead.entry(topic).or_default().push((
+                            Waiting {
+                                conn,
+                                since,
+                                max_topics,
+                                done,
+                            },
+                            now + AHEAD_WAIT,
+                        ));
+                        return;
+                    }
+                }
+                if let (Some(fetch), Some((_, offset))) = (&self.fetch, &since) {
+                    if self.streams.cold(&topic, now) {
+                        // Nothing received here yet: read the stream from the client's offset
+                        // (which must still be there, to prove the epoch and that nothing is
+                        // missing) to one past what a recovery re-sends.
+                        let (from, to) = (
+                            (*offset).max(1),
+                            offset.saturating_add(self.recovery.count as u64 + 1),
+                        );
+                        let key = (topic.clone(), from, to);
+                        let waiting = self.cold.entry(key.clone()).or_default();
+                        if waiting.is_empty() {
+                            self.metrics.history_read();
+                            let (read, colds) =
+                                ((fetch.0)(topic.clone(), from, to), self.colds.0.clone());
+                            tokio::spawn(async move {
+                                let _ = colds.send((key, read.await));
+                            });
+                        }
+                        waiting.push(Waiting {
+                            conn,
+                            since: since.unwrap_or_default(),
+                            max_topics,
+                            done,
+                        });
+                        return;
+                    }
+                }
                 if let (Some(fetch), Some((epoch, offset))) = (&self.fetch, &since) {
                     let head =
                         self.streams
@@ -438,6 +549,7 @@ impl Dispatcher {
                         let key = (topic.clone(), from, to);
                         let waiting = self.waiting.entry(key.clone()).or_default();
                         if waiting.is_empty() {
+                            self.metrics.history_read();
                             let (read, reads) =
                                 ((fetch.0)(topic.clone(), from, to), self.reads.0.clone());
                             tokio::spawn(async move {
@@ -508,6 +620,75 @@ impl Dispatcher {
         };
         if let Some(shard) = self.shards.get(conn.shard) {
             let _ = shard.send(cmd).await;
+        }
+    }
+
+    /// A read for joins on a topic this instance had seen nothing of came back. If it starts at
+    /// the offset asked and is contiguous and shorter than asked (so it reaches the top), its
+    /// publications become the topic's cache, exactly as if they had been received; every
+    /// join then goes the usual way (recovered from the cache, or refused). Publications this
+    /// instance misses before its subscription to the topic is live show up as skipped offsets
+    /// at the next one, and are read back and delivered in order then.
+    async fn cold_done(&mut self, (topic, from, to): ReadKey, res: Result<Fetched, String>) {
+        let Some(waiting) = self.cold.remove(&(topic.clone(), from, to)) else {
+            return;
+        };
+        let now = Instant::now();
+        match res {
+            Ok((epoch, entries))
+                if self.streams.cold(&topic, now)
+                    && !epoch.is_empty()
+                    && entries.first().is_some_and(|(o, _)| *o == from)
+                    && entries.last().is_some_and(|(o, _)| *o < to)
+                    && entries.iter().zip(from..).all(|((o, _), want)| *o == want) =>
+            {
+                for (offset, payload) in entries {
+                    let position = Position {
+                        offset,
+                        epoch: epoch.clone(),
+                    };
+                    self.streams.observe(&topic, &position, now);
+                    let frames = Frames {
+                        verbatim: self.frame_for(&payload),
+                        rtk1: Some(PublicationFrames::new(wire::rtk1_pub(
+                            &topic,
+                            Some(&position),
+                            &payload,
+                        ))),
+                        positioned: true,
+                    };
+                    self.streams.keep(&topic, offset, frames, now);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "reading history from Redis failed");
+            }
+        }
+        for w in waiting {
+            if self.streams.cold(&topic, now) {
+                // Still nothing known: refused, as it was before the read.
+                let since = Some(w.since);
+                self.join(
+                    w.conn,
+                    topic.clone(),
+                    since,
+                    None,
+                    w.max_topics,
+                    w.done,
+                    now,
+                )
+                .await;
+            } else {
+                let join = Request::Join {
+                    conn: w.conn,
+                    topic: topic.clone(),
+                    since: Some(w.since),
+                    max_topics: w.max_topics,
+                    done: w.done,
+                };
+                Box::pin(self.request(join)).await;
+            }
         }
     }
 
@@ -582,6 +763,8 @@ impl Dispatcher {
                 },
                 Some((key, res)) = self.reads.1.recv() => self.read_done(key, res).await,
                 Some((key, res)) = self.heals.1.recv() => self.heal_done(key, res).await,
+                Some(topic) = self.ahead_due.1.recv() => self.release_ahead(&topic).await,
+                Some((key, res)) = self.colds.1.recv() => self.cold_done(key, res).await,
                 _ = sweep.tick(), if self.streams.enabled() => {
                     self.streams.sweep(Instant::now());
                 }
@@ -619,6 +802,128 @@ mod tests {
         let (a, b) = (frame_for(&long), frame_for(&long.clone()));
         assert_eq!(a.as_ptr(), b.as_ptr());
         assert_eq!(frame::encoded_payload(&a), Some(&long[..]));
+    }
+
+    /// A dispatcher taking positions from the broker (every topic keeps history), and its one
+    /// shard's channel.
+    fn external() -> (Dispatcher, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(64);
+        let policy = crate::history::TopicPolicy::history(100, Duration::from_secs(60));
+        let rule: crate::history::PolicyRule = Arc::new(move |_: &str| Some(policy.clone()));
+        let streams = Streams::new(Some(rule), 1 << 20).external();
+        let limits = RecoveryLimits {
+            count: 300,
+            bytes: 1 << 20,
+        };
+        let fetch = Fetch(Arc::new(|_, _, _| {
+            Box::pin(async { Err("no store in this test".to_string()) })
+        }));
+        let d = Dispatcher::bounded(Arc::from(vec![tx]), 1 << 20, Arc::default())
+            .with_positions(streams, limits, Arc::default())
+            .broker_positions(fetch);
+        (d, rx)
+    }
+
+    fn at(offset: u64) -> Published {
+        Published {
+            topic: Arc::from("t"),
+            payload: Bytes::from(format!("{offset}")),
+            since: Instant::now(),
+            position: Some(Position {
+                offset,
+                epoch: "E".into(),
+            }),
+            reply: None,
+        }
+    }
+
+    fn join(since: u64) -> (Request, oneshot::Receiver<bool>) {
+        let conn = Arc::new(Conn::new(
+            uuid::Uuid::nil(),
+            0,
+            1 << 20,
+            crate::SlowConsumerPolicy::Close,
+        ));
+        let (done, rx) = oneshot::channel();
+        let req = Request::Join {
+            conn,
+            topic: Arc::from("t"),
+            since: Some(("E".into(), since)),
+            max_topics: 10,
+            done,
+        };
+        (req, rx)
+    }
+
+    /// What the shard got next: `Deliver`'s payload, or `Subscribe`'s `subscribed` message.
+    fn next(rx: &mut mpsc::Receiver<Command>) -> Option<serde_json::Value> {
+        match rx.try_recv().ok()? {
+            Command::Deliver { frames, .. } => {
+                let payload = frame::encoded_payload(frames.verbatim.plain()).unwrap();
+                Some(serde_json::json!({ "deliver": std::str::from_utf8(payload).unwrap() }))
+            }
+            Command::Subscribe { prelude, .. } => {
+                let payload = frame::encoded_payload(&prelude[0]).unwrap();
+                let mut s: serde_json::Value = serde_json::from_slice(payload).unwrap();
+                s["frames"] = (prelude.len() - 1).into();
+                Some(s)
+            }
+            _ => panic!("unexpected command"),
+        }
+    }
+
+    /// A client that got offsets from an instance further ahead joins here with a position
+    /// past this instance's top: it joins right after the delivery of its offset, recovering
+    /// nothing, so it gets each later publication once and none twice.
+    #[tokio::test]
+    async fn a_join_ahead_of_the_instance_waits_for_its_offset() {
+        let (mut d, mut rx) = external();
+        for o in 1..=2 {
+            d.dispatch(at(o)).await;
+            assert_eq!(next(&mut rx).unwrap()["deliver"], o.to_string());
+        }
+        let (req, mut done) = join(4);
+        d.request(req).await;
+        assert!(next(&mut rx).is_none(), "parked");
+        d.dispatch(at(3)).await;
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "3");
+        assert!(next(&mut rx).is_none(), "still parked");
+        d.dispatch(at(4)).await;
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "4");
+        let s = next(&mut rx).unwrap();
+        assert_eq!(
+            (&s["recovered"], &s["o"], &s["frames"]),
+            (&true.into(), &4.into(), &0.into()),
+            "{s}"
+        );
+        d.dispatch(at(5)).await;
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "5");
+        assert!(done.try_recv().is_err(), "the shard answers `done`");
+    }
+
+    /// A position the instance never reaches (made up, or of a publication it lost) is refused
+    /// once the wait is over.
+    #[tokio::test]
+    async fn a_join_ahead_that_is_never_reached_is_refused_after_the_wait() {
+        let (mut d, mut rx) = external();
+        d.dispatch(at(1)).await;
+        next(&mut rx).unwrap();
+        let (req, _done) = join(99);
+        d.request(req).await;
+        d.release_ahead(&Arc::from("t")).await;
+        assert!(next(&mut rx).is_none(), "parked until its deadline");
+        // Its deadline (AHEAD_WAIT, which the timer task reports) has come.
+        for (_, deadline) in d.ahead.get_mut("t").unwrap() {
+            *deadline = Instant::now();
+        }
+        d.release_ahead(&Arc::from("t")).await;
+        let s = next(&mut rx).unwrap();
+        assert_eq!(
+            (&s["recovered"], &s["o"]),
+            (&false.into(), &1.into()),
+            "{s}"
+        );
+        assert!(d.ahead.is_empty());
     }
 
     #[test]

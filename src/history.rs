@@ -274,6 +274,23 @@ impl Streams {
         Some(stream.position())
     }
 
+    /// Whether `topic` has a policy but this instance has seen no publication of its current
+    /// stream (positions assigned elsewhere only): a recovery must first learn the epoch.
+    pub(crate) fn cold(&mut self, topic: &str, now: Instant) -> bool {
+        self.external && self.stream(topic, now).is_some_and(|s| s.epoch.is_empty())
+    }
+
+    /// Whether `since` (an epoch and offset) is of the epoch `topic`'s cache follows but past
+    /// its top: the client got publications from another instance that this one has not
+    /// received yet (positions assigned elsewhere only).
+    pub(crate) fn ahead(&self, topic: &str, (epoch, offset): (&str, u64)) -> bool {
+        self.external
+            && self
+                .streams
+                .get(topic)
+                .is_some_and(|s| !s.epoch.is_empty() && *s.epoch == *epoch && offset > s.top)
+    }
+
     /// The top of `topic`'s stream if `position` is of the same epoch but skips offsets after
     /// it (positions assigned elsewhere only).
     pub(crate) fn skips(&self, topic: &str, position: &Position) -> Option<u64> {

@@ -100,6 +100,7 @@
 //! | `rtk_broker_gaps_healed_total` | counter | runs of a positioned topic's offsets skipped by the Redis subscriber connection (down meanwhile), read back from the Redis stream and delivered in order |
 //! | `rtk_insufficient_state_broker_gap_total` | counter | `insufficient_state` sent because a positioned topic's publications from Redis skipped offsets or changed epoch (lost between Redis and the instance, or Redis lost the stream) |
 //! | `rtk_unpositioned_publishes_total` | counter | publications on topics without a policy while topic policies are configured: they have no position |
+//! | `rtk_broker_history_reads_total` | counter | ranges of positioned topics read from the Redis stream, by recoveries (subscriptions recovering the same range at once share one read) and by gap healing |
 //! | `rtk_outbound_queue_peak_bytes` | gauge | most data bytes one connection held over its outbound bound (queued, being written, a partly written frame), over the connections that have ended; at most the outbound ceiling under `SlowConsumerPolicy::Close` |
 
 #![forbid(unsafe_code)]

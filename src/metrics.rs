@@ -32,6 +32,7 @@ pub(crate) struct Metrics {
     insufficient_state_broker: AtomicU64,
     gaps_healed: AtomicU64,
     unpositioned_publishes: AtomicU64,
+    history_reads: AtomicU64,
 }
 
 /// A copy of the service's counters at one moment.
@@ -91,6 +92,9 @@ pub struct MetricsSnapshot {
     /// Publications on topics without a policy while policies are configured: they have no
     /// position.
     pub unpositioned_publishes: u64,
+    /// Ranges of positioned topics read from the Redis stream: by recoveries (one read per
+    /// range however many subscriptions recover it at once) and by gap healing.
+    pub broker_history_reads: u64,
 }
 
 impl Metrics {
@@ -155,6 +159,9 @@ impl Metrics {
     pub(crate) fn insufficient_state_broker(&self) {
         self.insufficient_state_broker.fetch_add(1, Relaxed);
     }
+    pub(crate) fn history_read(&self) {
+        self.history_reads.fetch_add(1, Relaxed);
+    }
     pub(crate) fn unpositioned_publish(&self) {
         self.unpositioned_publishes.fetch_add(1, Relaxed);
     }
@@ -207,6 +214,7 @@ impl Metrics {
             insufficient_state_broker_gap: self.insufficient_state_broker.load(Relaxed),
             broker_gaps_healed: self.gaps_healed.load(Relaxed),
             unpositioned_publishes: self.unpositioned_publishes.load(Relaxed),
+            broker_history_reads: self.history_reads.load(Relaxed),
         }
     }
 }
@@ -267,6 +275,7 @@ pub(crate) const METRICS: &[(&str, Value, &str)] = &[
     ("rtk_broker_gaps_healed_total", Value::Counter(|r| r.snapshot.broker_gaps_healed), "runs of skipped offsets of a positioned topic read back from the Redis stream and delivered in order"),
     ("rtk_insufficient_state_broker_gap_total", Value::Counter(|r| r.snapshot.insufficient_state_broker_gap), "insufficient_state sent because a positioned topic's publications from Redis skipped offsets or changed epoch"),
     ("rtk_unpositioned_publishes_total", Value::Counter(|r| r.snapshot.unpositioned_publishes), "publications without a position while topic policies are configured"),
+    ("rtk_broker_history_reads_total", Value::Counter(|r| r.snapshot.broker_history_reads), "ranges of positioned topics read from the Redis stream (one per range, however many recoveries share it)"),
 ];
 
 /// Reports the current values to the process's `metrics` recorder (a no-op without one).

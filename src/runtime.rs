@@ -183,12 +183,26 @@ impl Hub {
         .flatten()
     }
 
-    /// Forgets `topic`'s stream; whether it had one.
+    /// Forgets `topic`'s stream; whether it had one. With Redis, the stream is deleted there
+    /// first (Redis assigns the positions: forgetting only this instance's copy would let the
+    /// old epoch go on); if Redis cannot be reached, only this instance's copy is forgotten.
     pub(crate) async fn remove_history(&self, topic: &str) -> bool {
+        let shared = match &self.broker {
+            BrokerHandle::Redis(redis) => match redis.remove_stream(topic).await {
+                Ok(removed) => removed,
+                Err(e) => {
+                    tracing::warn!(topic, error = %e, "deleting a topic's stream from Redis failed");
+                    false
+                }
+            },
+            BrokerHandle::Local(_) => false,
+        };
         let topic = Arc::from(topic);
-        self.ask(|reply| Request::Remove { topic, reply })
+        let local = self
+            .ask(|reply| Request::Remove { topic, reply })
             .await
-            .unwrap_or(false)
+            .unwrap_or(false);
+        shared || local
     }
 
     /// Removes `conn` from every topic it joined; from presence at once if it ended `clean`

@@ -180,7 +180,9 @@ impl<H: MessageHandler> WebsocketService<H> {
 
     /// Forgets `topic`'s history and its stream's identity: the next publication starts a new
     /// epoch, and clients recovering with a position of the old one get `recovered: false`.
-    /// Returns whether the topic had a stream.
+    /// Returns whether the topic had a stream. With Redis, the stream is deleted from Redis, so
+    /// every instance sees the new epoch (if Redis cannot be reached, a warning is logged and
+    /// only this instance's copy is forgotten).
     pub async fn remove_history(&self, topic: &str) -> bool {
         self.runtime.hub.remove_history(topic).await
     }

@@ -1,33 +1,50 @@
 //! Positioned topics over Redis, each test with its own redis-server: Redis assigns the
-//! positions, every instance delivers them, and recovery works on any instance that received
-//! the publications. Publications are counted by offset and by the sequence number inside
-//! the payload.
+//! positions, every instance delivers them, and recovery works on any instance, from what it
+//! received or from the Redis stream. Publications are counted by offset and by the sequence
+//! number inside the payload.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum_realtime_kit::TopicPolicy;
+use axum_realtime_kit::{TopicPolicy, WebsocketServiceBuilder};
 use serde_json::{Value, json};
+use support::chat::ChatHandler;
 use support::redis_server::start_redis;
 use support::{ALICE, BOB, Client, Server, serve_chat, try_connect};
 
-/// An instance on `url` whose topics starting with `pos` keep 5 000 publications.
+/// An instance on `url` whose topics starting with `pos` keep 5 000 publications for a minute
+/// (those starting with `pos-ttl`, 100 for 200 ms).
 async fn instance(url: String) -> Server {
-    instance_caching(url, 64 << 20).await
+    instance_with(url, |b| b).await
 }
 
 /// [`instance`], caching at most `bytes` of history in memory.
 async fn instance_caching(url: String, bytes: usize) -> Server {
+    instance_with(url, move |b| b.history_max_bytes(bytes)).await
+}
+
+/// [`instance`], with `configure` applied to its builder last.
+async fn instance_with(
+    url: String,
+    configure: impl FnOnce(WebsocketServiceBuilder<ChatHandler>) -> WebsocketServiceBuilder<ChatHandler>,
+) -> Server {
     let policy = TopicPolicy::history(5_000, Duration::from_secs(60));
-    let service = support::chat::builder()
+    let short = TopicPolicy::history(100, Duration::from_millis(200));
+    let builder = support::chat::builder()
         .shards(2)
-        .history_max_bytes(bytes)
+        .history_max_bytes(64 << 20)
         .recovery_max_publications(1_000)
-        .topic_policy(move |topic| topic.starts_with("pos").then(|| policy.clone()))
-        .redis_url(Some(url))
-        .build();
+        .topic_policy(move |topic| {
+            if topic.starts_with("pos-ttl") {
+                Some(short.clone())
+            } else {
+                topic.starts_with("pos").then(|| policy.clone())
+            }
+        })
+        .redis_url(Some(url));
+    let service = configure(builder).build();
     let server = serve_chat(service).await;
     let ready = server.service.clone();
     support::wait_until("instance ready", move || ready.is_ready()).await;
@@ -64,10 +81,20 @@ async fn next_pub(c: &mut Client, topic: &str) -> (u64, String, u64) {
     )
 }
 
+/// The next frame, which must be the text frame `{"n":<n>}` exactly as published.
+async fn verbatim(c: &mut Client, n: u64) {
+    let f = c.recv_frame().await.expect("a frame");
+    assert_eq!(f.opcode, 0x1);
+    assert_eq!(
+        String::from_utf8(f.payload).unwrap(),
+        format!("{{\"n\":{n}}}")
+    );
+}
+
 /// Publications on instance B get positions from Redis, in order, with one epoch; a client on
 /// instance A receives them with those positions, drops, misses 500 published on B and
-/// reconnects to A with its position: it gets exactly those 500, in order, then live ones.
-/// A plain client gets the payloads verbatim, and a payload another program PUBLISHes on the
+/// reconnects to B with its position: it gets exactly those 500, in order, then live ones.
+/// Plain clients get the payloads verbatim, and a payload another program PUBLISHes on the
 /// channel reaches both without a position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
@@ -77,6 +104,7 @@ async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
     let a = instance(redis.url()).await;
     let b = instance(redis.url()).await;
     let mut plain = support::connect(a.addr, "pos-r", BOB).await;
+    let mut plain_b = support::connect(b.addr, "pos-r", BOB).await;
     let mut c = rtk1(a.addr, "pos-r", None).await;
     let s = subscribed(&mut c, "pos-r").await;
     assert_eq!(s["recoverable"], true, "{s}");
@@ -94,7 +122,8 @@ async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
         let (o, e, got) = next_pub(&mut c, "pos-r").await;
         assert_eq!((o, got), (n, n));
         assert_eq!(e, p.epoch);
-        assert_eq!(plain.recv_json().await, json!({ "n": n }));
+        verbatim(&mut plain, n).await;
+        verbatim(&mut plain_b, n).await;
     }
     let epoch = epoch.unwrap();
     c.abort();
@@ -104,11 +133,12 @@ async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
             .await
             .unwrap();
     }
-    // The plain client receives them all: instance A has them too.
+    // The plain clients receive them all: both instances have them.
     for n in 11..=510u64 {
-        assert_eq!(plain.recv_json().await, json!({ "n": n }));
+        verbatim(&mut plain, n).await;
+        verbatim(&mut plain_b, n).await;
     }
-    let mut c = rtk1(a.addr, "pos-r", Some((&epoch, 10))).await;
+    let mut c = rtk1(b.addr, "pos-r", Some((&epoch, 10))).await;
     let s = subscribed(&mut c, "pos-r").await;
     assert_eq!(s["recovered"], true, "{s}");
     assert_eq!(s["o"], 10, "{s}");
@@ -122,7 +152,9 @@ async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
         .unwrap();
     assert_eq!(p.map(|p| p.offset), Some(511));
     assert_eq!(next_pub(&mut c, "pos-r").await, (511, epoch.clone(), 511));
-    assert_eq!(plain.recv_json().await, json!({ "n": 511 }));
+    verbatim(&mut plain, 511).await;
+    verbatim(&mut plain_b, 511).await;
+    assert_eq!(b.service.metrics().recoveries_succeeded, 1);
 
     let mut r = redis.client().await;
     let _: i64 = redis::AsyncCommands::publish(&mut r, "pos-r", "raw")
@@ -135,7 +167,7 @@ async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
     let f = plain.recv_frame().await.unwrap();
     assert_eq!((f.opcode, &f.payload[..]), (0x1, &b"raw"[..]));
 
-    // A position of another epoch, or more missed than a recovery re-sends: not recovered.
+    // A position of another epoch: not recovered.
     let mut other = rtk1(a.addr, "pos-r", Some(("another", 3))).await;
     let s = subscribed(&mut other, "pos-r").await;
     assert_eq!(
@@ -143,9 +175,19 @@ async fn positions_come_from_redis_and_a_client_recovers_on_another_instance() {
         (json!(true), json!(false)),
         "{s}"
     );
-    let mut far = rtk1(b.addr, "pos-r", Some((&epoch, 0))).await;
-    let s = subscribed(&mut far, "pos-r").await;
-    assert_eq!(s["recovered"], false, "{s}");
+    // From before the first publication: all of them (the raw payload has no position and
+    // is not kept).
+    let mut all = rtk1(b.addr, "pos-r", Some((&epoch, 0))).await;
+    let s = subscribed(&mut all, "pos-r").await;
+    assert_eq!(s["recovered"], true, "{s}");
+    for n in 1..=511u64 {
+        assert_eq!(next_pub(&mut all, "pos-r").await, (n, epoch.clone(), n));
+    }
+    b.service
+        .publish("pos-r", &json!({ "n": 512 }))
+        .await
+        .unwrap();
+    assert_eq!(next_pub(&mut all, "pos-r").await, (512, epoch.clone(), 512));
 }
 
 /// Redis restarted without persistence forgets the stream: the next publication starts a new
@@ -373,7 +415,9 @@ async fn a_killed_subscriber_connection_heals_its_gap_from_the_stream() {
         .await
         .expect("publisher ends")
         .unwrap();
-    assert_eq!(a.service.metrics().insufficient_state_broker_gap, 0);
+    let m = a.service.metrics();
+    assert!(m.broker_reconnects >= 1, "{m:?}");
+    assert_eq!(m.insufficient_state_broker_gap, 0);
 }
 
 /// Redis with an append-only file fsynced on every write is killed and restarted while instance
@@ -448,4 +492,552 @@ async fn with_an_fsynced_aof_a_restart_loses_no_acknowledged_publication() {
     }
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two instances, both with a subscriber that keeps them on the topic. Instance B publishes at
+/// a steady rate while 50 clients, starting on instance A, drop and reconnect at random
+/// moments, 20 times each, each time to either instance: every client has every publication
+/// exactly once, in order, with one epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_dropping_at_random_across_instances_get_every_publication_once_in_order() {
+    const CLIENTS: u64 = 50;
+    const ROUNDS: usize = 20;
+    const TOTAL: u64 = 3_000;
+    let Some(redis) = start_redis("clients_dropping_at_random_across_instances") else {
+        return;
+    };
+    let a = instance_with(redis.url(), |b| b.recovery_max_publications(5_000)).await;
+    let b = instance_with(redis.url(), |b| b.recovery_max_publications(5_000)).await;
+    let _keep_a = support::connect(a.addr, "pos-load", BOB).await;
+    let _keep_b = support::connect(b.addr, "pos-load", BOB).await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut c = rtk1(a.addr, "pos-load", None).await;
+        subscribed(&mut c, "pos-load").await;
+        clients.push(c);
+    }
+    let publisher = {
+        let service = b.service.clone();
+        tokio::spawn(async move {
+            for n in 1..=TOTAL {
+                let p = service
+                    .publish("pos-load", &json!({ "n": n }))
+                    .await
+                    .unwrap();
+                assert_eq!(p.map(|p| p.offset), Some(n));
+                if n % 5 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+    };
+    let addrs = [a.addr, b.addr];
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            tokio::spawn(async move {
+                let mut conn = Some(c);
+                // xorshift, seeded per client: deterministic, no dependency.
+                let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ (i as u64 + 1).wrapping_mul(7919);
+                let mut next = move |bound: u64| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state % bound
+                };
+                let mut have = 0u64;
+                let mut epoch: Option<String> = None;
+                for round in 0..=ROUNDS {
+                    let mut c = match conn.take() {
+                        Some(c) => c,
+                        None => {
+                            let addr = addrs[next(2) as usize];
+                            let e = epoch.as_deref().unwrap();
+                            let mut c = rtk1(addr, "pos-load", Some((e, have))).await;
+                            let s = subscribed(&mut c, "pos-load").await;
+                            assert_eq!(s["recovered"], true, "client {i} round {round}: {s}");
+                            assert_eq!(s["o"], have);
+                            c
+                        }
+                    };
+                    let take = if round == ROUNDS {
+                        TOTAL
+                    } else {
+                        1 + next(120)
+                    };
+                    let until = (have + take).min(TOTAL);
+                    while have < until {
+                        let (o, e, n) = next_pub(&mut c, "pos-load").await;
+                        assert_eq!((o, n), (have + 1, have + 1), "client {i} round {round}");
+                        assert_eq!(epoch.get_or_insert_with(|| e.clone()), &e);
+                        have = o;
+                    }
+                    c.abort();
+                }
+                have
+            })
+        })
+        .collect();
+    for t in tasks {
+        let have = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("a client did not finish")
+            .unwrap();
+        assert_eq!(have, TOTAL);
+    }
+    tokio::time::timeout(support::WAIT, publisher)
+        .await
+        .expect("publisher ends")
+        .unwrap();
+    let (ma, mb) = (a.service.metrics(), b.service.metrics());
+    assert_eq!(
+        ma.recoveries_succeeded + mb.recoveries_succeeded,
+        CLIENTS * ROUNDS as u64
+    );
+    assert_eq!(ma.recoveries_failed + mb.recoveries_failed, 0);
+    assert_eq!(
+        ma.insufficient_state_broker_gap + mb.insufficient_state_broker_gap,
+        0
+    );
+}
+
+/// Subscribes to `topic` on `addr` recovering from `since`, which must be refused: returns the
+/// `subscribed` message, after checking that only a live publication `marker`, published by
+/// `on` after the subscription, follows it.
+async fn refused(
+    addr: SocketAddr,
+    on: &Server,
+    topic: &str,
+    since: (&str, u64),
+    marker: u64,
+) -> Value {
+    let mut c = rtk1(addr, topic, Some(since)).await;
+    let s = subscribed(&mut c, topic).await;
+    assert_eq!(s["was_recovering"], true, "{s}");
+    assert_eq!(s["recovered"], false, "{s}");
+    let p = on
+        .service
+        .publish(topic, &json!({ "n": marker }))
+        .await
+        .unwrap()
+        .expect("a position");
+    let (o, e, n) = next_pub(&mut c, topic).await;
+    assert_eq!((o, e.as_str(), n), (p.offset, p.epoch.as_str(), marker));
+    s
+}
+
+/// With Redis: a position past what a recovery re-sends, of a stream deleted by
+/// `remove_history` or by a `DEL` of its keys from another program, or whose publications
+/// expired: `recovered: false`, and none of the publications, only the live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_recovery_that_cannot_be_exact_is_refused_whole() {
+    let Some(redis) = start_redis("with_redis_recovery_that_cannot_be_exact") else {
+        return;
+    };
+    let a = instance_with(redis.url(), |b| b.recovery_max_publications(300)).await;
+    let b = instance(redis.url()).await;
+    let mut keep = support::connect(a.addr, "pos-e", BOB).await;
+    let publish = |n: u64| {
+        let service = b.service.clone();
+        async move {
+            service
+                .publish("pos-e", &json!({ "n": n }))
+                .await
+                .unwrap()
+                .expect("a position")
+        }
+    };
+
+    // More missed than a recovery re-sends (300 here).
+    let mut c = rtk1(a.addr, "pos-e", None).await;
+    subscribed(&mut c, "pos-e").await;
+    let epoch = publish(1).await.epoch;
+    assert_eq!(next_pub(&mut c, "pos-e").await, (1, epoch.clone(), 1));
+    c.abort();
+    for n in 2..=302 {
+        publish(n).await;
+    }
+    for n in 1..=302 {
+        verbatim(&mut keep, n).await;
+    }
+    let s = refused(a.addr, &b, "pos-e", (&epoch, 1), 303).await;
+    assert_eq!(
+        (s["e"].as_str(), s["o"].as_u64()),
+        (Some(&*epoch), Some(302))
+    );
+    verbatim(&mut keep, 303).await;
+
+    // `remove_history` on the other instance deletes the stream from Redis: a new epoch, from 1.
+    let mut live = rtk1(a.addr, "pos-e", None).await;
+    subscribed(&mut live, "pos-e").await;
+    assert!(b.service.remove_history("pos-e").await);
+    let p = publish(1).await;
+    assert_eq!(p.offset, 1);
+    assert_ne!(p.epoch, epoch);
+    // A client connected meanwhile is told before anything of the new epoch.
+    assert_eq!(
+        live.recv_json().await,
+        json!({"type":"insufficient_state","topic":"pos-e"})
+    );
+    verbatim(&mut keep, 1).await;
+    let s = refused(a.addr, &b, "pos-e", (&epoch, 303), 2).await;
+    assert_eq!(
+        (s["e"].as_str(), s["o"].as_u64()),
+        (Some(&*p.epoch), Some(1))
+    );
+    verbatim(&mut keep, 2).await;
+
+    // Another program deletes the keys: a new epoch again.
+    let mut r = redis.client().await;
+    let deleted: i64 = redis::cmd("DEL")
+        .arg("{pos-e}:meta")
+        .arg("{pos-e}:stream")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    let q = publish(3).await;
+    assert_eq!(q.offset, 1);
+    assert_ne!(q.epoch, p.epoch);
+    verbatim(&mut keep, 3).await;
+    let s = refused(a.addr, &b, "pos-e", (&p.epoch, 2), 4).await;
+    assert_eq!(
+        (s["e"].as_str(), s["o"].as_u64()),
+        (Some(&*q.epoch), Some(1))
+    );
+
+    // Publications past their TTL (200 ms on `pos-ttl…`): gone from the instance's memory and
+    // from Redis, while the epoch lives on.
+    let mut keep_ttl = support::connect(a.addr, "pos-ttl-e", BOB).await;
+    let mut c = rtk1(a.addr, "pos-ttl-e", None).await;
+    subscribed(&mut c, "pos-ttl-e").await;
+    let publish_ttl = |n: u64| {
+        let service = b.service.clone();
+        async move {
+            service
+                .publish("pos-ttl-e", &json!({ "n": n }))
+                .await
+                .unwrap()
+                .expect("a position")
+        }
+    };
+    let t = publish_ttl(1).await;
+    assert_eq!(next_pub(&mut c, "pos-ttl-e").await, (1, t.epoch.clone(), 1));
+    c.abort();
+    publish_ttl(2).await;
+    verbatim(&mut keep_ttl, 1).await;
+    verbatim(&mut keep_ttl, 2).await;
+    // Past the TTL, whatever the machine's speed.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut c = rtk1(a.addr, "pos-ttl-e", Some((&t.epoch, 1))).await;
+    let s = subscribed(&mut c, "pos-ttl-e").await;
+    assert_eq!(s["recovered"], false, "{s}");
+    assert_eq!(
+        (s["e"].as_str(), s["o"].as_u64()),
+        (Some(&*t.epoch), Some(2))
+    );
+    let u = publish_ttl(3).await;
+    assert_eq!((u.offset, &u.epoch), (3, &t.epoch));
+    assert_eq!(next_pub(&mut c, "pos-ttl-e").await, (3, t.epoch.clone(), 3));
+
+    assert_eq!(a.service.metrics().recoveries_failed, 4);
+    assert_eq!(a.service.metrics().recoveries_succeeded, 0);
+}
+
+/// A payload another program PUBLISHes on a positioned topic's channel reaches subscribers
+/// without a position (`rtk1` clients: a `pub` without `o`/`e`; plain ones: the payload) and
+/// is counted as unpositioned. After `SCRIPT FLUSH` the next publish still succeeds (the
+/// script is loaded again), at the next offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_publish_and_a_script_flush_leave_positions_contiguous() {
+    let Some(redis) = start_redis("a_foreign_publish_and_a_script_flush") else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let mut c = rtk1(a.addr, "pos-g", None).await;
+    subscribed(&mut c, "pos-g").await;
+    let mut plain = support::connect(a.addr, "pos-g", BOB).await;
+    let publish = |n: u64| {
+        let service = b.service.clone();
+        async move {
+            service
+                .publish("pos-g", &json!({ "n": n }))
+                .await
+                .unwrap()
+                .expect("a position")
+        }
+    };
+    let epoch = publish(1).await.epoch;
+    assert_eq!(next_pub(&mut c, "pos-g").await, (1, epoch.clone(), 1));
+    verbatim(&mut plain, 1).await;
+
+    let mut r = redis.client().await;
+    for raw in ["not json", r#"{"n":50}"#] {
+        let _: i64 = redis::AsyncCommands::publish(&mut r, "pos-g", raw)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type":"pub","topic":"pos-g","d":"not json"})
+    );
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type":"pub","topic":"pos-g","d":{"n":50}})
+    );
+    let f = plain.recv_frame().await.unwrap();
+    assert_eq!((f.opcode, &f.payload[..]), (0x1, &b"not json"[..]));
+    verbatim(&mut plain, 50).await;
+    assert_eq!(a.service.metrics().unpositioned_publishes, 2);
+
+    let flushed: String = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(flushed, "OK");
+    for n in 2..=3 {
+        let p = publish(n).await;
+        assert_eq!((p.offset, &p.epoch), (n, &epoch));
+        assert_eq!(next_pub(&mut c, "pos-g").await, (n, epoch.clone(), n));
+        verbatim(&mut plain, n).await;
+    }
+    assert_eq!(b.service.metrics().publish_errors, 0);
+}
+
+/// Twenty clients recover the same range, which instance A's small cache lacks, at the same
+/// time (Redis paused until A has read every `subscribe` command): one read from the Redis
+/// stream serves them all, and each gets exactly the publications it missed, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_recoveries_of_one_range_share_one_read() {
+    const CLIENTS: u64 = 20;
+    let Some(redis) = start_redis("many_recoveries_of_one_range_share_one_read") else {
+        return;
+    };
+    let a = instance_with(redis.url(), |b| {
+        b.history_max_bytes(4_096)
+            .authorize_topics(|_, _, _: String| async { Ok(()) })
+    })
+    .await;
+    let b = instance(redis.url()).await;
+    let mut keep = support::connect(a.addr, "pos-s", BOB).await;
+    let mut epoch = String::new();
+    for n in 1..=200u64 {
+        let p = b
+            .service
+            .publish("pos-s", &json!({ "n": n }))
+            .await
+            .unwrap();
+        epoch = p.expect("a position").epoch;
+    }
+    for n in 1..=200u64 {
+        verbatim(&mut keep, n).await;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut c = rtk1(a.addr, "lobby", None).await;
+        subscribed(&mut c, "lobby").await;
+        clients.push(c);
+    }
+    let m = a.service.metrics();
+    assert_eq!((m.broker_history_reads, m.messages_in), (0, 0));
+    // Paused, Redis answers no read: every join waits on the first one. Far shorter than the
+    // publisher's timeout (the read's) and the subscriber's probe timeout.
+    redis.signal("STOP");
+    let since = json!({"type":"subscribe","topic":"pos-s","since":{"o":10,"e":epoch}});
+    for c in &mut clients {
+        c.send_text(&since.to_string()).await;
+    }
+    let svc = a.service.clone();
+    support::wait_until("every subscribe read", move || {
+        svc.metrics().messages_in == CLIENTS
+    })
+    .await;
+    // From reading a command to asking the dispatcher takes no I/O.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.signal("CONT");
+    for c in &mut clients {
+        let s = subscribed(c, "pos-s").await;
+        assert_eq!(s["recovered"], true, "{s}");
+        for n in 11..=200u64 {
+            assert_eq!(next_pub(c, "pos-s").await, (n, epoch.clone(), n));
+        }
+    }
+    let m = a.service.metrics();
+    assert_eq!(m.recoveries_succeeded, CLIENTS);
+    assert_eq!(m.broker_history_reads, 1);
+}
+
+/// The next frame, which must be the text frame of `basic_chat`'s `NewMessage` in `general`,
+/// byte for byte.
+async fn chat_frame(c: &mut Client, user: &str, text: &str) {
+    let f = c.recv_frame().await.expect("a frame");
+    assert_eq!(f.opcode, 0x1);
+    assert_eq!(
+        String::from_utf8(f.payload).unwrap(),
+        format!(r#"{{"NewMessage":{{"room":"general","username":"{user}","text":"{text}"}}}}"#)
+    );
+}
+
+/// The `basic_chat` example as two processes on one Redis: an `rtk1` client of `general` on
+/// instance A drops, messages are sent through instance B, and it reconnects to B with its
+/// position: it gets exactly the missed messages, in order, then live ones; a plain client
+/// sees today's frames, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_chat_on_two_instances_recovers_on_the_other_one() {
+    let Some(redis) = start_redis("basic_chat_on_two_instances_recovers") else {
+        return;
+    };
+    let url = redis.url();
+    let a = support::basic_chat(2, Some(&url));
+    let b = support::basic_chat(2, Some(&url));
+    let mut plain = support::connect(b.addr, "general", BOB).await;
+    let path = format!("/ws/general?token={ALICE}&proto=rtk1");
+    let (status, client) = try_connect(a.addr, &path, &[]).await;
+    assert_eq!(status, 101);
+    let mut c = client.unwrap();
+    subscribed(&mut c, "general").await;
+    c.send_text(&support::send_message("general", "first"))
+        .await;
+    let m = c.recv_json().await;
+    assert_eq!(m["type"], "pub", "{m}");
+    assert_eq!(m["d"]["NewMessage"]["text"], "first");
+    let (top, epoch) = (
+        m["o"].as_u64().unwrap(),
+        m["e"].as_str().unwrap().to_owned(),
+    );
+    chat_frame(&mut plain, "alice", "first").await;
+    c.abort();
+
+    let missed = ["second", "third", "fourth"];
+    for text in missed {
+        plain
+            .send_text(&support::send_message("general", text))
+            .await;
+        chat_frame(&mut plain, "bob", text).await;
+    }
+    let path = format!("/ws/general?token={ALICE}&proto=rtk1&since={top}&epoch={epoch}");
+    let (status, client) = try_connect(b.addr, &path, &[]).await;
+    assert_eq!(status, 101);
+    let mut c = client.unwrap();
+    let s = subscribed(&mut c, "general").await;
+    assert_eq!(s["recovered"], true, "{s}");
+    assert_eq!(s["o"], top, "{s}");
+    for (i, text) in missed.into_iter().enumerate() {
+        let m = c.recv_json().await;
+        assert_eq!(m["type"], "pub", "{m}");
+        assert_eq!(
+            (m["o"].as_u64(), m["e"].as_str()),
+            (Some(top + 1 + i as u64), Some(&*epoch))
+        );
+        assert_eq!(m["d"]["NewMessage"]["username"], "bob");
+        assert_eq!(m["d"]["NewMessage"]["text"], text);
+    }
+    plain
+        .send_text(&support::send_message("general", "live"))
+        .await;
+    let m = c.recv_json().await;
+    assert_eq!(
+        (m["o"].as_u64(), m["e"].as_str()),
+        (Some(top + 4), Some(&*epoch))
+    );
+    assert_eq!(m["d"]["NewMessage"]["text"], "live");
+    chat_frame(&mut plain, "bob", "live").await;
+    drop((a, b));
+}
+
+/// Instance B has no subscriber of the topic, so it has received none of its publications. A
+/// client that drops from instance A and reconnects to B with its position gets exactly what it
+/// missed (read from the Redis stream), in order, then live ones; on other such topics, a client
+/// already up to date gets nothing twice, and a position of another epoch is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_on_an_instance_that_received_nothing_of_the_topic() {
+    let Some(redis) = start_redis("a_client_recovers_on_an_instance_that_received_nothing") else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let publish = |on: &Server, topic: &'static str, n: u64| {
+        let service = on.service.clone();
+        async move {
+            service
+                .publish(topic, &json!({ "n": n }))
+                .await
+                .unwrap()
+                .expect("a position")
+        }
+    };
+    let mut c = rtk1(a.addr, "pos-c1", None).await;
+    subscribed(&mut c, "pos-c1").await;
+    let epoch = publish(&a, "pos-c1", 1).await.epoch;
+    for n in 2..=10 {
+        publish(&a, "pos-c1", n).await;
+    }
+    for n in 1..=10 {
+        assert_eq!(next_pub(&mut c, "pos-c1").await, (n, epoch.clone(), n));
+    }
+    c.abort();
+    for n in 11..=510 {
+        publish(&a, "pos-c1", n).await;
+    }
+    // More are published while it reconnects: some between B's read and B's subscription.
+    let publisher = {
+        let service = a.service.clone();
+        tokio::spawn(async move {
+            for n in 511..=700u64 {
+                service.publish("pos-c1", &json!({ "n": n })).await.unwrap();
+                if n % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+    };
+    let mut c = rtk1(b.addr, "pos-c1", Some((&epoch, 10))).await;
+    let s = subscribed(&mut c, "pos-c1").await;
+    assert_eq!(s["recovered"], true, "{s}");
+    assert_eq!(s["o"], 10, "{s}");
+    tokio::time::timeout(support::WAIT, publisher)
+        .await
+        .expect("publisher ends")
+        .unwrap();
+    // Live ones follow, whichever instance publishes them (the first one after a run B
+    // missed brings that run in, in order).
+    publish(&a, "pos-c1", 701).await;
+    publish(&b, "pos-c1", 702).await;
+    for n in 11..=702 {
+        assert_eq!(next_pub(&mut c, "pos-c1").await, (n, epoch.clone(), n));
+    }
+
+    // Up to date: nothing re-sent, the next live one comes next.
+    let e2 = publish(&a, "pos-c2", 1).await.epoch;
+    for n in 2..=5 {
+        publish(&a, "pos-c2", n).await;
+    }
+    let mut d = rtk1(b.addr, "pos-c2", Some((&e2, 5))).await;
+    let s = subscribed(&mut d, "pos-c2").await;
+    assert_eq!(
+        (s["recovered"].clone(), s["o"].clone()),
+        (json!(true), json!(5)),
+        "{s}"
+    );
+    publish(&a, "pos-c2", 6).await;
+    assert_eq!(next_pub(&mut d, "pos-c2").await, (6, e2, 6));
+
+    // Another epoch: refused, and the client continues in the stream's.
+    let e3 = publish(&a, "pos-c3", 1).await.epoch;
+    let mut f = rtk1(b.addr, "pos-c3", Some(("another", 1))).await;
+    let s = subscribed(&mut f, "pos-c3").await;
+    assert_eq!(s["recovered"], false, "{s}");
+    assert_eq!(
+        (s["e"].as_str(), s["o"].as_u64()),
+        (Some(&*e3), Some(1)),
+        "{s}"
+    );
+    publish(&a, "pos-c3", 2).await;
+    assert_eq!(next_pub(&mut f, "pos-c3").await, (2, e3, 2));
+
+    let m = b.service.metrics();
+    assert_eq!((m.recoveries_succeeded, m.recoveries_failed), (2, 1));
 }

@@ -11,9 +11,12 @@
 //!
 //! # Failures
 //! - The connection is made on the first publish after none exists, and dropped when it fails.
-//! - A publish whose connection was lost before Redis answered is tried once more, on a new
-//!   connection. That can duplicate only a message the old server processed but never
-//!   acknowledged before it went away.
+//! - A request whose connection was lost before it was written is tried once more, on a new
+//!   connection. One that was written and then lost without an answer may have been carried
+//!   out: a plain PUBLISH and a read ([`Publisher::call`]) are tried once more too (a PUBLISH can
+//!   then be delivered twice), but a command sent with [`Publisher::call_once`] (the position
+//!   script, which would give the publication a second offset) fails with an error that says its
+//!   outcome is unknown.
 //! - Every publish is bounded by [`PUBLISH_TIMEOUT`]: past it the caller gets
 //!   [`PublishError::Timeout`]. The connection is replaced only if Redis answered nothing on it
 //!   during that caller's whole wait (a frozen server, which would otherwise time out forever);
@@ -47,8 +50,12 @@ const WRITE_BATCH: usize = 256;
 /// Why a request got no success.
 #[derive(Debug)]
 enum Failure {
-    /// The connection was lost (or never made) before Redis answered: worth one more try.
+    /// The connection was lost (or never made) before the request was written: Redis never saw
+    /// it, so one more try is always safe.
     Lost(String),
+    /// The request was written, then the connection was lost before Redis answered: Redis may
+    /// or may not have carried it out.
+    Unanswered(String),
     /// Redis answered with an error.
     Refused(String),
 }
@@ -141,7 +148,7 @@ impl Publisher {
 
     /// Publishes `payload` on `channel`, within [`PUBLISH_TIMEOUT`].
     pub(crate) async fn publish(&self, channel: Bytes, payload: Bytes) -> Result<(), PublishError> {
-        self.send(Command::Publish { channel, payload })
+        self.send(Command::Publish { channel, payload }, true)
             .await
             .map(|_| ())
     }
@@ -149,12 +156,23 @@ impl Publisher {
     /// Sends `args` as one command on the pipelined connection, within [`PUBLISH_TIMEOUT`] and
     /// with the same retry as a publish; Redis's reply, `Err` for an error reply.
     pub(crate) async fn call(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
-        self.send(Command::Call(args))
+        self.send(Command::Call(args), true)
             .await
             .map(|v| v.unwrap_or(Value::Bulk(None)))
     }
 
-    async fn send(&self, command: Command) -> Result<Option<Value>, PublishError> {
+    /// [`call`](Self::call) for a command that must not run twice: it is tried once more only
+    /// if it was never written. Lost after it was written, it fails with
+    /// [`PublishError::Unavailable`] saying that Redis may have carried it out.
+    pub(crate) async fn call_once(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
+        self.send(Command::Call(args), false)
+            .await
+            .map(|v| v.unwrap_or(Value::Bulk(None)))
+    }
+
+    /// Sends `command`, once more after a lost connection if it never reached Redis, or if
+    /// `resend` allows it to run twice.
+    async fn send(&self, command: Command, resend: bool) -> Result<Option<Value>, PublishError> {
         // The connection the request went to last, and its reply count before it was sent.
         let used: Mutex<Option<(u64, Arc<AtomicU64>, u64)>> = Mutex::new(None);
         let attempt = async {
@@ -170,9 +188,11 @@ impl Publisher {
                     reply,
                 };
                 let res = match queue.send(request).await {
+                    // A reply slot dropped unanswered: the task ended, whether or not the
+                    // request was written.
                     Ok(()) => answer
                         .await
-                        .unwrap_or_else(|_| Err(Failure::Lost("connection ended".into()))),
+                        .unwrap_or_else(|_| Err(Failure::Unanswered("connection ended".into()))),
                     Err(_) => Err(Failure::Lost("connection ended".into())),
                 };
                 match res {
@@ -180,9 +200,20 @@ impl Publisher {
                         self.drop_link(generation);
                         retried = true;
                     }
+                    Err(Failure::Unanswered(_)) if resend && !retried => {
+                        self.drop_link(generation);
+                        retried = true;
+                    }
                     Err(Failure::Lost(e)) => {
                         self.drop_link(generation);
                         return Err(PublishError::Unavailable(e));
+                    }
+                    Err(Failure::Unanswered(e)) => {
+                        self.drop_link(generation);
+                        return Err(PublishError::Unavailable(format!(
+                            "{e}: the connection to Redis was lost after the command was sent, \
+                             so Redis may have carried it out"
+                        )));
                     }
                     Err(Failure::Refused(e)) => return Err(PublishError::Unavailable(e)),
                     Ok(v) => return Ok(v),
@@ -223,7 +254,8 @@ impl Owed {
 
 /// Runs one connection: connects, then writes requests and answers them from Redis's replies
 /// until the connection fails, `stop` fires or every sender of `queue` is gone. Whatever was
-/// not answered then fails with [`Failure::Lost`].
+/// not answered then fails: with [`Failure::Unanswered`] if it was written, [`Failure::Lost`]
+/// if not.
 async fn run(
     target: Arc<Target>,
     mut queue: mpsc::Receiver<Request>,
@@ -237,7 +269,7 @@ async fn run(
     };
     tracing::debug!(error = %why, "redis publisher connection ended");
     for (_, reply) in owed.lock().drain(..) {
-        let _ = reply.send(Err(Failure::Lost(why.clone())));
+        let _ = reply.send(Err(Failure::Unanswered(why.clone())));
     }
     queue.close();
     while let Ok(request) = queue.try_recv() {
@@ -467,6 +499,47 @@ mod tests {
         .await;
         let res = publish(&publisher, b"hi").await;
         assert!(res.is_ok(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn a_command_lost_after_it_was_sent_is_not_sent_again_by_call_once() {
+        // Every connection reads commands and counts them; the first hangs up after its first
+        // command, unanswered (the script ran, its reply never came back), later ones answer.
+        let seen = Arc::new(AtomicU64::new(0));
+        let counted = seen.clone();
+        let publisher = fake_redis(move |n, mut stream| {
+            let seen = counted.clone();
+            async move {
+                let mut buf = BytesMut::new();
+                loop {
+                    while let Some(Value::Array(Some(_))) = resp::parse(&mut buf).unwrap() {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        if n == 0 {
+                            return;
+                        }
+                        if stream.write_all(b":7\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                    if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+        let script = || vec![Bytes::from_static(b"EVALSHA"), Bytes::from_static(b"x")];
+        match publisher.call_once(script()).await {
+            Err(PublishError::Unavailable(e)) => assert!(e.contains("may have"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "sent once, never again");
+        // The next command goes to a new connection and is answered.
+        assert!(matches!(
+            publisher.call_once(script()).await,
+            Ok(Value::Int(7))
+        ));
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

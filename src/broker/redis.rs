@@ -320,6 +320,19 @@ impl RedisBroker {
         positioned::read_reply(value).ok_or_else(|| "unexpected reply reading history".into())
     }
 
+    /// Deletes `topic`'s stream and meta keys: the next publication starts a new epoch at
+    /// offset 1, on every instance. Whether there was anything to delete.
+    pub(crate) async fn remove_stream(&self, topic: &str) -> Result<bool, PublishError> {
+        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let cmd = vec![Bytes::from_static(b"DEL"), meta, stream];
+        match self.publisher.call(cmd).await? {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(PublishError::Unavailable(format!(
+                "unexpected reply to DEL: {other:?}"
+            ))),
+        }
+    }
+
     /// EVALSHA with `args`; on NOSCRIPT (a restarted or flushed Redis), EVAL, which loads the
     /// script again.
     async fn run_script(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
@@ -349,13 +362,15 @@ impl RedisBroker {
         cmd.push(Bytes::from_static(b"EVALSHA"));
         cmd.push(sha);
         cmd.extend(args.iter().cloned());
-        match self.publisher.call(cmd).await {
+        // `call_once`: a script that ran but whose answer was lost must not run again, or the
+        // publication would get two offsets.
+        match self.publisher.call_once(cmd).await {
             Err(PublishError::Unavailable(e)) if e.starts_with("NOSCRIPT") => {
                 let mut cmd = Vec::with_capacity(args.len() + 2);
                 cmd.push(Bytes::from_static(b"EVAL"));
                 cmd.push(Bytes::from_static(positioned::SCRIPT.as_bytes()));
                 cmd.extend(args);
-                self.publisher.call(cmd).await
+                self.publisher.call_once(cmd).await
             }
             other => other,
         }

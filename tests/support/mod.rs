@@ -42,6 +42,25 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
         build
             .args(["build", "--example", name])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // What cargo set for this test's own crate: inherited, these differ from a plain build's
+        // environment, so a dependency whose build script watches them (ring) would be built
+        // again, with everything above it, by this build and again by the next `cargo test`.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                || key == "CARGO_PRIMARY_PACKAGE"
+                || key == "CARGO_TARGET_TMPDIR"
+            {
+                build.env_remove(&*key);
+            }
+        }
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
