@@ -11,7 +11,9 @@
 
 mod charts;
 mod client;
+mod failover;
 mod publish;
+mod redis_clients;
 mod scenario;
 mod soak;
 mod system;
@@ -96,6 +98,16 @@ enum Command {
     /// Bounded soak of our server: churn and steady publishes through Redis; checks RSS, leaks
     /// and loss (starts its own Redis and basic_chat).
     Soak(soak::SoakArgs),
+    /// The runtime's own Redis connections against fred and redis-rs: publishes/s and
+    /// messages received/s, CPU per operation (starts its own Redis; each measurement in a
+    /// process of its own).
+    RedisClients(redis_clients::RedisClientsArgs),
+    /// Sentinel failover under traffic: time from killing the primary to resumed delivery, and
+    /// whether clients reconnected (starts its own primary, replica, sentinels and instances).
+    Failover(failover::FailoverArgs),
+    /// One measurement of `redis-clients`, in a process of its own (run by `redis-clients`).
+    #[command(hide = true)]
+    RedisClientsWorker(redis_clients::WorkerArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -261,6 +273,9 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
                 format!("Charts written:\n{}\n", list.join("\n")),
             ))
         }
+        Command::Failover(args) => failover::failover(&workspace_root(), args).await,
+        Command::RedisClients(args) => redis_clients::run(args, cli.client_threads),
+        Command::RedisClientsWorker(args) => redis_clients::worker(args).await,
         Command::Soak(args) => {
             let r = soak::soak(&workspace_root(), args).await?;
             let md = soak::report(&r);
@@ -302,20 +317,39 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
             .stdout(std::process::Stdio::null())
             .status();
     }
-    let redis = system::start_redis().map_err(|e| e.to_string())?;
+    // With `ours-tls` among the systems, the one Redis of the run listens with TLS as well.
+    let tls = if args.systems.contains(&System::OursTls) {
+        Some(system::start_redis_tls().map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let plain = match tls {
+        Some(_) => None,
+        None => Some(system::start_redis().map_err(|e| e.to_string())?),
+    };
+    let redis = match (&tls, &plain) {
+        (Some(t), _) => &t.redis,
+        (None, Some(p)) => p,
+        (None, None) => unreachable!(),
+    };
     let redis_url = format!("redis://{}/", redis.addr);
     let mut runs = Vec::new();
     for rep in 0..args.reps.max(1) {
         for &sys in &args.systems {
             eprintln!("== {} (rep {}/{})", sys.name(), rep + 1, args.reps.max(1));
-            let like_ours = matches!(sys, System::Ours | System::Baseline);
-            let env = if like_ours {
+            let like_ours = matches!(sys, System::Ours | System::OursTls | System::Baseline);
+            let mut env = if like_ours {
                 system::env_pairs(&args.ours_env)
             } else {
                 Vec::new()
             };
+            let mut url = redis_url.clone();
+            if let (System::OursTls, Some(t)) = (sys, &tls) {
+                url = format!("rediss://{}/", t.tls_addr);
+                env.push(("REDIS_CA_FILE".into(), t.ca.to_string_lossy().into_owned()));
+            }
             let opts = StartOpts {
-                redis_url: Some(redis_url.clone()),
+                redis_url: Some(url),
                 shards: if like_ours { args.shards } else { None },
                 cpus: args.pin.then(|| "0".to_string()),
                 env,
