@@ -613,6 +613,63 @@ mod report {
         s
     }
 
+    /// Per offered rate, per system: medians over reps of handled/s, delivered fraction, p99
+    /// and server CPU per handled message (× ours).
+    fn chat_steps_by_rate(
+        c: &crate::scenario::ChatArgs,
+        systems: &[System],
+        runs: &[CompareRun],
+    ) -> String {
+        let mut s = String::from(
+            "\nEach step, medians over reps (steps a run did not reach are left out):\n\n\
+             | msg/s per client | system | handled/s | delivered | p99 ms | server CPU µs/handled | CPU × ours | reps |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let mut systems = systems.to_vec();
+        systems.dedup();
+        let step_metric =
+            |sys: System, i: usize, g: &dyn Fn(&crate::scenario::ChatStep) -> Option<f64>| {
+                let v: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.system == sys)
+                    .filter_map(|r| match r.result.as_ref().ok()? {
+                        RunResult::Chat(cr) => cr.steps.get(i),
+                        _ => None,
+                    })
+                    .filter_map(g)
+                    .collect();
+                let n = v.len();
+                (median(v), n)
+            };
+        for (i, &rate) in c.rates.iter().enumerate() {
+            let cpu_of = |st: &crate::scenario::ChatStep| st.cpu_us_per_handled(c.step_secs);
+            let (ours_cpu, _) = step_metric(System::Ours, i, &cpu_of);
+            for &sys in &systems {
+                let (handled, n) = step_metric(sys, i, &|st| Some(st.handled_per_s));
+                if n == 0 {
+                    continue;
+                }
+                let (frac, _) = step_metric(sys, i, &|st| Some(st.delivered_fraction));
+                let (p99, _) = step_metric(sys, i, &|st| Some(st.latency.p99_ms));
+                let (cpu, _) = step_metric(sys, i, &cpu_of);
+                let ratio = match (cpu, ours_cpu) {
+                    (Some(c), Some(o)) if o > 0.0 => format!("{:.2}", c / o),
+                    _ => "–".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {rate} | {} | {} | {} | {} | {} | {ratio} | {n} |",
+                    sys.name(),
+                    opt(handled, 0),
+                    opt(frac, 4),
+                    opt(p99, 1),
+                    opt(cpu, 1),
+                );
+            }
+        }
+        s
+    }
+
     /// Side-by-side medians per system, with ratios to ours.
     pub(super) fn compare(args: &CompareArgs, runs: &[CompareRun]) -> String {
         let mut s = String::new();
@@ -776,6 +833,7 @@ mod report {
                         ratio(a, ours_any)
                     );
                 }
+                s.push_str(&chat_steps_by_rate(c, &args.systems, runs));
             }
             CompareScenario::Connect(c) => {
                 let _ = writeln!(
