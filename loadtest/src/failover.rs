@@ -153,8 +153,8 @@ fn array_len(v: &redis::Value) -> usize {
     }
 }
 
-/// Reads server frames off `stream` until it ends: each text frame's `~s<seq>~` marker is
-/// recorded (`seen[seq]`, and the time the first one after `after` arrived).
+/// What one client's reader saw: messages carrying a `~s<seq>~` marker, when the first one
+/// numbered `resume_from` or later arrived, and whether the connection closed.
 struct Receiver {
     received: AtomicU64,
     /// Microseconds (on [`client::now_micros`]'s clock) when the first message numbered at
@@ -164,6 +164,7 @@ struct Receiver {
     closed: AtomicBool,
 }
 
+/// Reads server frames off `stream` until it ends, recording them in `rx`.
 async fn read_frames(
     mut stream: tokio::net::tcp::OwnedReadHalf,
     mut buf: Vec<u8>,
