@@ -388,3 +388,61 @@ pub fn open_router<H: crate::ws::handler::MessageHandler>(
         .route("/ws/{topic}", axum::routing::get(route))
         .with_state(service)
 }
+
+/// The Redis side of an instance with nothing behind it: the runtime's own subscriber and
+/// publisher connections, feeding what the subscriber receives into a channel of the same
+/// capacity as the dispatcher's, which [`recv_many`](Self::recv_many) drains. For measuring the
+/// Redis client alone.
+#[derive(Debug)]
+pub struct RedisPubSub {
+    broker: crate::broker::redis::RedisBroker,
+    rx: tokio::sync::mpsc::Receiver<crate::dispatch::Published>,
+}
+
+impl RedisPubSub {
+    /// Connects (lazily, as the runtime does) to the Redis at `url`; channels are the topics
+    /// themselves (no prefix). Must be called inside a tokio runtime.
+    pub fn start(url: &str) -> Result<Self, String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::runtime::DISPATCH_CHANNEL);
+        let settings = crate::broker::RedisSettings {
+            url: url.to_owned(),
+            prefix: String::new(),
+            tls: None,
+        };
+        let broker = crate::broker::redis::RedisBroker::start(
+            settings,
+            uuid::Uuid::new_v4().as_u128() as u64,
+            tx,
+            Arc::new(Metrics::default()),
+        )?;
+        Ok(Self { broker, rx })
+    }
+
+    /// Subscribes `topic`, as a shard does when the topic gains its first local subscriber.
+    /// The subscription is batched with the others and confirmed by Redis later.
+    pub fn subscribe(&self, topic: &str) {
+        self.broker.interest().first_in_shard(&Arc::from(topic));
+    }
+
+    /// Publishes `payload` on `topic` through the pipelined publisher connection; resolves once
+    /// Redis answered.
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
+        self.broker
+            .publish(topic, payload)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Waits for at least one received message and takes up to `max` of those waiting;
+    /// returns how many it took (0 once the subscriber has stopped).
+    pub async fn recv_many(&mut self, max: usize) -> usize {
+        let mut batch = Vec::with_capacity(max);
+        self.rx.recv_many(&mut batch, max).await
+    }
+}
+
+impl Drop for RedisPubSub {
+    fn drop(&mut self) {
+        self.broker.stop();
+    }
+}

@@ -25,7 +25,7 @@ use crate::wire::Format;
 /// Capacity of the channel between the broker and the dispatcher. Every channel of the runtime is
 /// bounded: a producer that gets ahead waits instead of queuing without limit (invariant 4,
 /// docs/architecture.md).
-const DISPATCH_CHANNEL: usize = 8192;
+pub(crate) const DISPATCH_CHANNEL: usize = 8192;
 /// Capacity of the channel of requests to the dispatcher (`rtk1` joins, history reads).
 const REQUEST_CHANNEL: usize = 1024;
 /// Capacity of the channel of presence events from Redis; a full one drops events (`join` and

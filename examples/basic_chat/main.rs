@@ -6,7 +6,8 @@
 //!
 //! Environment: `BIND_ADDR` (default `127.0.0.1:3000`), `REDIS_URL` (unset: in-process broker,
 //! one instance; set: instances share rooms through Redis), `WRITE_DELAY_MS` (default: the
-//! builder's `write_delay`, 20 ms), `SHARDS` (default: available parallelism), `RUST_LOG`.
+//! builder's `write_delay`, 20 ms), `SHARDS` (default: available parallelism), `RUST_LOG`,
+//! `REDIS_CA_FILE` (a `rediss://` Redis whose certificate a private CA in this PEM file signed).
 //!
 //! Protocol:
 //! - `GET /ws/{topic}?token=<uuid>:<name>` (or `Authorization: Bearer <uuid>:<name>`): 401 without
@@ -257,6 +258,9 @@ pub fn chat_service(
     {
         let ttl = std::time::Duration::from_millis(ms);
         builder = builder.presence_timing(ttl / 3, ttl);
+    }
+    if let Some(ca) = std::env::var_os("REDIS_CA_FILE").filter(|v| !v.is_empty()) {
+        builder = builder.redis_tls(axum_realtime_kit::RedisTls::new().ca_file(ca));
     }
     // Tuning knob for the load tests (PERF.md): how long a writer lets frames collect.
     if let Some(ms) = std::env::var("WRITE_DELAY_MS")

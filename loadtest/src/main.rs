@@ -11,7 +11,9 @@
 
 mod charts;
 mod client;
+mod failover;
 mod publish;
+mod redis_clients;
 mod scenario;
 mod soak;
 mod system;
@@ -96,6 +98,16 @@ enum Command {
     /// Bounded soak of our server: churn and steady publishes through Redis; checks RSS, leaks
     /// and loss (starts its own Redis and basic_chat).
     Soak(soak::SoakArgs),
+    /// The runtime's own Redis connections against fred and redis-rs: publishes/s and
+    /// messages received/s, CPU per operation (starts its own Redis; each measurement in a
+    /// process of its own).
+    RedisClients(redis_clients::RedisClientsArgs),
+    /// Sentinel failover under traffic: time from killing the primary to resumed delivery, and
+    /// whether clients reconnected (starts its own primary, replica, sentinels and instances).
+    Failover(failover::FailoverArgs),
+    /// One measurement of `redis-clients`, in a process of its own (run by `redis-clients`).
+    #[command(hide = true)]
+    RedisClientsWorker(redis_clients::WorkerArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -261,6 +273,9 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
                 format!("Charts written:\n{}\n", list.join("\n")),
             ))
         }
+        Command::Failover(args) => failover::failover(&workspace_root(), args).await,
+        Command::RedisClients(args) => redis_clients::run(args, cli.client_threads),
+        Command::RedisClientsWorker(args) => redis_clients::worker(args).await,
         Command::Soak(args) => {
             let r = soak::soak(&workspace_root(), args).await?;
             let md = soak::report(&r);
@@ -302,20 +317,39 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
             .stdout(std::process::Stdio::null())
             .status();
     }
-    let redis = system::start_redis().map_err(|e| e.to_string())?;
+    // With `ours-tls` among the systems, the one Redis of the run listens with TLS as well.
+    let tls = if args.systems.contains(&System::OursTls) {
+        Some(system::start_redis_tls().map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let plain = match tls {
+        Some(_) => None,
+        None => Some(system::start_redis().map_err(|e| e.to_string())?),
+    };
+    let redis = match (&tls, &plain) {
+        (Some(t), _) => &t.redis,
+        (None, Some(p)) => p,
+        (None, None) => unreachable!(),
+    };
     let redis_url = format!("redis://{}/", redis.addr);
     let mut runs = Vec::new();
     for rep in 0..args.reps.max(1) {
         for &sys in &args.systems {
             eprintln!("== {} (rep {}/{})", sys.name(), rep + 1, args.reps.max(1));
-            let like_ours = matches!(sys, System::Ours | System::Baseline);
-            let env = if like_ours {
+            let like_ours = matches!(sys, System::Ours | System::OursTls | System::Baseline);
+            let mut env = if like_ours {
                 system::env_pairs(&args.ours_env)
             } else {
                 Vec::new()
             };
+            let mut url = redis_url.clone();
+            if let (System::OursTls, Some(t)) = (sys, &tls) {
+                url = format!("rediss://{}/", t.tls_addr);
+                env.push(("REDIS_CA_FILE".into(), t.ca.to_string_lossy().into_owned()));
+            }
             let opts = StartOpts {
-                redis_url: Some(redis_url.clone()),
+                redis_url: Some(url),
                 shards: if like_ours { args.shards } else { None },
                 cpus: args.pin.then(|| "0".to_string()),
                 env,
@@ -579,6 +613,63 @@ mod report {
         s
     }
 
+    /// Per offered rate, per system: medians over reps of handled/s, delivered fraction, p99
+    /// and server CPU per handled message (× ours).
+    fn chat_steps_by_rate(
+        c: &crate::scenario::ChatArgs,
+        systems: &[System],
+        runs: &[CompareRun],
+    ) -> String {
+        let mut s = String::from(
+            "\nEach step, medians over reps (steps a run did not reach are left out):\n\n\
+             | msg/s per client | system | handled/s | delivered | p99 ms | server CPU µs/handled | CPU × ours | reps |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let mut systems = systems.to_vec();
+        systems.dedup();
+        let step_metric =
+            |sys: System, i: usize, g: &dyn Fn(&crate::scenario::ChatStep) -> Option<f64>| {
+                let v: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.system == sys)
+                    .filter_map(|r| match r.result.as_ref().ok()? {
+                        RunResult::Chat(cr) => cr.steps.get(i),
+                        _ => None,
+                    })
+                    .filter_map(g)
+                    .collect();
+                let n = v.len();
+                (median(v), n)
+            };
+        for (i, &rate) in c.rates.iter().enumerate() {
+            let cpu_of = |st: &crate::scenario::ChatStep| st.cpu_us_per_handled(c.step_secs);
+            let (ours_cpu, _) = step_metric(System::Ours, i, &cpu_of);
+            for &sys in &systems {
+                let (handled, n) = step_metric(sys, i, &|st| Some(st.handled_per_s));
+                if n == 0 {
+                    continue;
+                }
+                let (frac, _) = step_metric(sys, i, &|st| Some(st.delivered_fraction));
+                let (p99, _) = step_metric(sys, i, &|st| Some(st.latency.p99_ms));
+                let (cpu, _) = step_metric(sys, i, &cpu_of);
+                let ratio = match (cpu, ours_cpu) {
+                    (Some(c), Some(o)) if o > 0.0 => format!("{:.2}", c / o),
+                    _ => "–".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {rate} | {} | {} | {} | {} | {} | {ratio} | {n} |",
+                    sys.name(),
+                    opt(handled, 0),
+                    opt(frac, 4),
+                    opt(p99, 1),
+                    opt(cpu, 1),
+                );
+            }
+        }
+        s
+    }
+
     /// Side-by-side medians per system, with ratios to ours.
     pub(super) fn compare(args: &CompareArgs, runs: &[CompareRun]) -> String {
         let mut s = String::new();
@@ -742,6 +833,7 @@ mod report {
                         ratio(a, ours_any)
                     );
                 }
+                s.push_str(&chat_steps_by_rate(c, &args.systems, runs));
             }
             CompareScenario::Connect(c) => {
                 let _ = writeln!(

@@ -544,7 +544,7 @@ impl ChatStep {
     }
 
     /// Server CPU per handled message, µs (the CPU of the step and of its drain).
-    fn cpu_us_per_handled(&self, step_secs: f64) -> Option<f64> {
+    pub(crate) fn cpu_us_per_handled(&self, step_secs: f64) -> Option<f64> {
         let handled = self.handled_per_s * step_secs;
         self.server_cpu_s
             .filter(|_| handled > 0.0)

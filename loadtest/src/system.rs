@@ -15,6 +15,9 @@ use serde::Serialize;
 pub(crate) enum System {
     /// This crate's `examples/basic_chat`.
     Ours,
+    /// `examples/basic_chat` talking to Redis over TLS (`rediss://`, the Redis the harness
+    /// starts listening on a TLS port too, with a CA made for the run).
+    OursTls,
     /// Another build of `examples/basic_chat` (`compare --baseline PATH`), run exactly like
     /// `ours`: a before/after comparison of two builds in one interleaved run.
     Baseline,
@@ -37,6 +40,7 @@ impl System {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Ours => "ours",
+            Self::OursTls => "ours, Redis over TLS",
             Self::Baseline => "ours (baseline)",
             Self::Reference => "reference 0.1.0",
             Self::Axum => "axum + broadcast",
@@ -49,7 +53,7 @@ impl System {
 
     fn binary(self, target: &Path) -> PathBuf {
         match self {
-            Self::Ours | Self::Baseline => target.join("examples/basic_chat"),
+            Self::Ours | Self::OursTls | Self::Baseline => target.join("examples/basic_chat"),
             Self::Reference => target.join("peer_reference"),
             Self::Axum => target.join("peer_axum"),
             Self::Socketioxide => target.join("peer_socketioxide"),
@@ -197,6 +201,78 @@ impl Drop for Proc {
 
 /// Starts a private `redis-server` on a free loopback port (never 6379).
 pub(crate) fn start_redis() -> std::io::Result<Proc> {
+    start_redis_with(&[])
+}
+
+/// A private `redis-server` that also listens with TLS, and the certificates it uses.
+#[derive(Debug)]
+pub(crate) struct TlsRedis {
+    /// The plain TCP port stays open (the harness publishes there).
+    pub(crate) redis: Proc,
+    /// Where TLS clients connect (`rediss://`; the certificate names `127.0.0.1`).
+    pub(crate) tls_addr: SocketAddr,
+    /// The CA that signed the server's certificate (PEM).
+    pub(crate) ca: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        self.redis.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Like [`start_redis`], plus a TLS port whose certificate a CA made for this run signed.
+pub(crate) fn start_redis_tls() -> std::io::Result<TlsRedis> {
+    let dir = std::env::temp_dir().join(format!("loadtest-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let pki = |e: rcgen::Error| std::io::Error::other(format!("certificates: {e}"));
+    let ca_key = rcgen::KeyPair::generate().map_err(pki)?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(pki)?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "loadtest CA");
+    std::fs::write(
+        dir.join("ca.crt"),
+        ca.self_signed(&ca_key).map_err(pki)?.pem(),
+    )?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().map_err(pki)?;
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .map_err(pki)?;
+    let cert = params.signed_by(&key, &issuer).map_err(pki)?;
+    std::fs::write(dir.join("server.crt"), cert.pem())?;
+    std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+    let tls_port = free_port();
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let redis = start_redis_with(&[
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        path("server.crt"),
+        "--tls-key-file".into(),
+        path("server.key"),
+        "--tls-ca-cert-file".into(),
+        path("ca.crt"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ])?;
+    if !wait_port(tls_port, Duration::from_secs(10)) {
+        return Err(std::io::Error::other(
+            "redis-server's TLS port did not open",
+        ));
+    }
+    Ok(TlsRedis {
+        redis,
+        tls_addr: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+        ca: dir.join("ca.crt"),
+        dir,
+    })
+}
+
+fn start_redis_with(extra: &[String]) -> std::io::Result<Proc> {
     let port = free_port();
     let child = Command::new("redis-server")
         .args([
@@ -213,6 +289,7 @@ pub(crate) fn start_redis() -> std::io::Result<Proc> {
             "--client-output-buffer-limit",
             "pubsub 256mb 128mb 60",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
