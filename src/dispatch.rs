@@ -465,17 +465,32 @@ impl Dispatcher {
                     })
                     .collect()
             }
-            Ok(_) => Vec::new(),
+            Ok((epoch, entries)) => {
+                // Trimmed away (more was missed than the stream keeps) or of another epoch.
+                tracing::warn!(
+                    topic = %topic,
+                    from,
+                    to,
+                    epoch = %epoch,
+                    kept = entries.len(),
+                    "skipped publications are no longer all in the Redis stream; their subscribers are told"
+                );
+                Vec::new()
+            }
             Err(e) => {
                 tracing::warn!(topic = %topic, error = %e, "reading skipped publications from Redis failed");
                 Vec::new()
             }
         };
+        let gave_up = healed.is_empty();
         for msg in healed {
             self.dispatch_healing(msg, false).await;
         }
-        for msg in healing.held {
-            self.dispatch_healing(msg, true).await;
+        for (i, msg) in healing.held.into_iter().enumerate() {
+            // After a read that could not fill the gap, the first held publication goes out as
+            // it is (its subscribers get `insufficient_state`): asking again for the same range
+            // would only hold the topic until the hold overflowed.
+            self.dispatch_healing(msg, !(gave_up && i == 0)).await;
         }
     }
 
@@ -870,6 +885,37 @@ mod tests {
             }
             _ => panic!("unexpected command"),
         }
+    }
+
+    /// More was skipped than the stream still keeps: the read comes back short, the gap is
+    /// reported once (`Lost`) and publications flow again at once, without asking for the same
+    /// range over and over while the topic is held.
+    #[tokio::test]
+    async fn a_gap_the_stream_no_longer_holds_is_reported_once_and_delivery_goes_on() {
+        let (d, mut rx) = external();
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = reads.clone();
+        let mut d = d.broker_positions(Fetch(Arc::new(move |_, _, to| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            // Only the last of the skipped offsets is still in the stream.
+            Box::pin(async move { Ok(("E".to_string(), vec![(to, Bytes::from_static(b"x"))])) })
+        })));
+        for o in 1..=2 {
+            d.dispatch(at(o)).await;
+            assert_eq!(next(&mut rx).unwrap()["deliver"], o.to_string());
+        }
+        d.dispatch(at(6)).await;
+        d.dispatch(at(7)).await;
+        assert!(rx.try_recv().is_err(), "held while 3..=5 are read");
+        let (key, res) = d.heals.1.recv().await.unwrap();
+        d.heal_done(key, res).await;
+        assert!(matches!(rx.try_recv(), Ok(Command::Lost { .. })));
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "6");
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "7");
+        d.dispatch(at(8)).await;
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "8");
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+        assert!(d.healing.is_empty());
     }
 
     /// A client that got offsets from an instance further ahead joins here with a position
