@@ -641,11 +641,19 @@ impl Subscriber {
                 // The next connection tries refused topics again (the ACL may have changed).
                 st.refused.clear();
             }
-            failures = failures.saturating_add(1);
-            let delay = backoff(failures);
+            // A new primary named by the sentinels is connected to at once, whatever the
+            // failures before it; so is one named while this waits out a backoff.
+            let delay = if matches!(lost, Lost::Failover) {
+                failures = 0;
+                Duration::ZERO
+            } else {
+                failures = failures.saturating_add(1);
+                backoff(failures)
+            };
             tracing::warn!(error = %lost, retry_in = ?delay, "redis subscriber connection lost");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = self.shared.failover.notified() => failures = 0,
                 _ = self.shared.stop.notified() => return,
             }
         }
