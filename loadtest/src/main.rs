@@ -11,7 +11,9 @@
 
 mod charts;
 mod client;
+mod positions;
 mod publish;
+mod recovery;
 mod scenario;
 mod soak;
 mod system;
@@ -96,6 +98,14 @@ enum Command {
     /// Bounded soak of our server: churn and steady publishes through Redis; checks RSS, leaks
     /// and loss (starts its own Redis and basic_chat).
     Soak(soak::SoakArgs),
+    /// Every client of a positioned room dropped at once, then all reconnecting with their
+    /// positions while publishes continue: time until each has every message again, loss,
+    /// duplicates, history reads (starts its own Redis and basic_chat).
+    Recovery(recovery::RecoveryArgs),
+    /// What positions cost: a room with history against one without, same load, same run
+    /// (fan-out CPU per delivery, and the publish path's saturation; starts its own Redis and
+    /// basic_chat).
+    Positions(positions::PositionsArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -269,6 +279,14 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
                 return Err("soak: a check failed (table above)".into());
             }
             Ok((to_json(&r), md))
+        }
+        Command::Recovery(args) => {
+            let r = recovery::recovery(&workspace_root(), args).await?;
+            Ok((to_json(&r), recovery::report(&r)))
+        }
+        Command::Positions(args) => {
+            let r = positions::positions(&workspace_root(), args).await?;
+            Ok((to_json(&r), positions::report(&r)))
         }
     }
 }
