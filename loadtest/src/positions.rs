@@ -45,7 +45,7 @@ pub(crate) struct PositionsArgs {
     #[arg(long, default_value_t = 64)]
     pub(crate) senders: usize,
     /// Publish rates the publish-path part steps through (all senders together).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![2000.0, 5000.0, 10000.0, 15000.0, 20000.0, 30000.0])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0])]
     pub(crate) publish_rates: Vec<f64>,
     /// Seconds of each publish-path step.
     #[arg(long, default_value_t = 3.0)]

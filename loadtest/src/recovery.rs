@@ -224,6 +224,37 @@ pub(crate) struct RecoveryArgs {
     /// Extra KEY=VALUE environment for the server.
     #[arg(long = "server-env", value_delimiter = ',')]
     pub(crate) server_env: Vec<String>,
+    /// Where the clients reconnect.
+    #[arg(long, value_enum, default_value_t = Again::Same)]
+    pub(crate) reconnect_to: Again,
+}
+
+/// Where the dropped clients reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Again {
+    /// The instance they were on (the publisher stays connected to it).
+    Same,
+    /// A second instance on the same Redis that serves the room (the witness is connected to
+    /// it from the start), as when a client's instance dies.
+    Warm,
+    /// A second instance on the same Redis that no client of the room is connected to: it
+    /// has seen none of the room's publications.
+    Cold,
+}
+
+impl Again {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Same => " to the same instance",
+            Self::Warm => {
+                " to a second instance that serves the room (one subscriber stays there; the publisher stays on the first)"
+            }
+            Self::Cold => {
+                " to a second instance that had no subscriber of the room (the publisher and one subscriber stay on the first)"
+            }
+        }
+    }
 }
 
 /// One repetition.
@@ -251,6 +282,9 @@ pub(crate) struct RecoveryRep {
     pub(crate) own_p99_ms: f64,
     /// Milliseconds until every client had reconnected (its `subscribed` arrived).
     pub(crate) all_subscribed_ms: f64,
+    /// Milliseconds the first connection of every client took, without positions (polled
+    /// every 20 ms): the same handshakes and subscriptions without a recovery.
+    pub(crate) first_connect_ms: f64,
     /// Offsets received over expected ones (from each client's first position to the last
     /// published), over every client that connected.
     pub(crate) delivered_fraction: f64,
@@ -294,6 +328,8 @@ enum Phase {
 #[derive(Debug)]
 struct Shared {
     addr: SocketAddr,
+    /// Where clients reconnect: `addr`, or another instance.
+    reconnect_addr: SocketAddr,
     path: String,
     handshakes: tokio::sync::Semaphore,
     /// Clients connected (first connection, with their `subscribed`).
@@ -302,6 +338,8 @@ struct Shared {
     resubscribed: AtomicUsize,
     /// Clients that have every offset up to `target`.
     caught_up: AtomicUsize,
+    /// Clients told `recovered: false` on reconnecting (they will not catch up).
+    refused: AtomicUsize,
     /// The offset live when the reconnection began.
     target: AtomicU64,
     /// The witness's highest offset.
@@ -331,17 +369,13 @@ struct ClientOut {
 /// handshake slot.
 async fn open(
     shared: &Shared,
+    addr: SocketAddr,
     path: &str,
     started: &mut Option<Instant>,
 ) -> Option<(TcpStream, Vec<u8>)> {
     let _slot = shared.handshakes.acquire().await.ok()?;
     *started = Some(Instant::now());
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        client::handshake(shared.addr, path),
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_secs(10), client::handshake(addr, path)).await {
         Ok(Ok((101, Some(conn)))) => Some(conn),
         _ => None,
     }
@@ -404,6 +438,9 @@ async fn session(
                 } => {
                     if reconnecting {
                         out.recovered = Some(recovered);
+                        if !recovered {
+                            shared.refused.fetch_add(1, Relaxed);
+                        }
                         out.subscribed_at = Some(Instant::now());
                         shared.resubscribed.fetch_add(1, Relaxed);
                     } else {
@@ -455,7 +492,7 @@ async fn run_client(
 ) -> ClientOut {
     let mut out = ClientOut::default();
     let reader = Reader::Client(idx);
-    let Some((mut stream, rest)) = open(&shared, &shared.path, &mut None).await else {
+    let Some((mut stream, rest)) = open(&shared, shared.addr, &shared.path, &mut None).await else {
         return out;
     };
     out.connected = true;
@@ -481,7 +518,9 @@ async fn run_client(
     let since = out.offsets.as_ref().map_or(0, Offsets::contiguous);
     out.dropped_at = since;
     let path = format!("{}&since={since}&epoch={}", shared.path, out.epoch);
-    let Some((mut stream, rest)) = open(&shared, &path, &mut out.own_start).await else {
+    let Some((mut stream, rest)) =
+        open(&shared, shared.reconnect_addr, &path, &mut out.own_start).await
+    else {
         return out;
     };
     out.reconnected = true;
@@ -499,8 +538,12 @@ async fn run_client(
 }
 
 /// The witness: one connection that stays, and tells which offset is live.
-async fn run_witness(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) -> Option<()> {
-    let (mut stream, rest) = open(&shared, &shared.path, &mut None).await?;
+async fn run_witness(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    mut phase: watch::Receiver<Phase>,
+) -> Option<()> {
+    let (mut stream, rest) = open(&shared, addr, &shared.path, &mut None).await?;
     let mut out = ClientOut::default();
     session(
         Reader::Witness,
@@ -577,27 +620,43 @@ fn pct(v: &[f64], q: f64) -> f64 {
     v[i]
 }
 
+/// The instances of one repetition: the one clients first connect to (the publisher and the
+/// witness stay there), and the one they reconnect to with its PID (the same, or another).
+#[derive(Debug, Clone, Copy)]
+struct Instances {
+    first: SocketAddr,
+    again: SocketAddr,
+    again_pid: u32,
+}
+
 /// One repetition against a fresh server.
 async fn rep(
     args: &RecoveryArgs,
-    addr: SocketAddr,
-    pid: u32,
+    instances: Instances,
     redis: SocketAddr,
 ) -> Result<RecoveryRep, String> {
+    let (addr, pid) = (instances.first, instances.again_pid);
     let token = token_for(0, 1);
     let (tx, rx) = watch::channel(Phase::Connected);
     let shared = Arc::new(Shared {
         addr,
+        reconnect_addr: instances.again,
         path: format!("/ws/general?token={token}&proto=rtk1"),
         handshakes: tokio::sync::Semaphore::new(args.connect_parallel.max(1)),
         subscribed: AtomicUsize::new(0),
         resubscribed: AtomicUsize::new(0),
         caught_up: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
         target: AtomicU64::new(0),
         live: AtomicU64::new(0),
         tops: (0..args.clients).map(|_| AtomicU64::new(0)).collect(),
     });
-    let witness = tokio::spawn(run_witness(shared.clone(), rx.clone()));
+    let witness_at = if args.reconnect_to == Again::Warm {
+        instances.again
+    } else {
+        addr
+    };
+    let witness = tokio::spawn(run_witness(shared.clone(), witness_at, rx.clone()));
     let mut publisher =
         Publisher::websocket(addr, vec!["general".into()], vec![token], args.payload)
             .await
@@ -608,6 +667,7 @@ async fn rep(
         .run(args.rate.max(1.0), Duration::from_millis(1000))
         .await
         .map_err(|e| e.to_string())?;
+    let first = Instant::now();
     let clients: Vec<_> = (0..args.clients)
         .map(|i| tokio::spawn(run_client(i, shared.clone(), rx.clone())))
         .collect();
@@ -619,7 +679,11 @@ async fn rep(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connected = shared.subscribed.load(Relaxed);
-    eprintln!("  {connected} of {} clients subscribed", args.clients);
+    let first_connect_ms = first.elapsed().as_secs_f64() * 1000.0;
+    eprintln!(
+        "  {connected} of {} clients subscribed in {first_connect_ms:.0} ms",
+        args.clients
+    );
 
     let total = args.warmup_secs + args.outage_ms as f64 / 1000.0 + args.after_secs;
     let rate = args.rate;
@@ -630,7 +694,9 @@ async fn rep(
     tokio::time::sleep(Duration::from_millis(args.outage_ms)).await;
 
     let calls0 = redis_calls(redis).await;
-    let metrics0 = crate::soak::scrape(addr).await.unwrap_or_default();
+    let metrics0 = crate::soak::scrape(instances.again)
+        .await
+        .unwrap_or_default();
     let cpu0 = system::cpu_seconds(pid);
     let harness0 = system::cpu_seconds(std::process::id());
     let target = shared.live.load(Relaxed);
@@ -640,14 +706,17 @@ async fn rep(
     // Until every client that connected has caught up, or 30 s.
     let deadline = start + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if shared.caught_up.load(Relaxed) >= connected {
+        // Told `recovered: false`: they will not catch up.
+        let settled = shared.caught_up.load(Relaxed) + shared.refused.load(Relaxed);
+        if settled >= connected {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eprintln!(
-        "  {} of {connected} resubscribed, {} caught up in {:.0} ms",
+        "  {} of {connected} resubscribed ({} told recovered: false), {} caught up in {:.0} ms",
         shared.resubscribed.load(Relaxed),
+        shared.refused.load(Relaxed),
         shared.caught_up.load(Relaxed),
         start.elapsed().as_secs_f64() * 1000.0
     );
@@ -678,7 +747,9 @@ async fn rep(
         .zip(harness0)
         .map(|(b, a)| b - a);
     let calls1 = redis_calls(redis).await;
-    let metrics1 = crate::soak::scrape(addr).await.unwrap_or_default();
+    let metrics1 = crate::soak::scrape(instances.again)
+        .await
+        .unwrap_or_default();
     let _ = tx.send(Phase::End);
     let mut outs = Vec::with_capacity(clients.len());
     for c in clients {
@@ -735,6 +806,7 @@ async fn rep(
         max_ms: from_start.last().copied().unwrap_or(f64::NAN),
         own_p50_ms: pct(&from_own, 0.50),
         own_p99_ms: pct(&from_own, 0.99),
+        first_connect_ms,
         all_subscribed_ms: if outs
             .iter()
             .any(|o| o.reconnected && o.subscribed_at.is_none())
@@ -786,10 +858,24 @@ pub(crate) async fn recovery(root: &Path, args: &RecoveryArgs) -> Result<Recover
     let mut reps = Vec::new();
     for r in 0..args.reps.max(1) {
         eprintln!("== recovery (rep {}/{})", r + 1, args.reps.max(1));
-        let mut server =
-            system::start_system(System::Ours, &target_dir, &opts).map_err(|e| e.to_string())?;
-        let res = rep(args, server.addr, server.pid(), redis.addr).await;
+        let start = || system::start_system(System::Ours, &target_dir, &opts);
+        let mut server = start().map_err(|e| e.to_string())?;
+        let mut other = if args.reconnect_to != Again::Same {
+            Some(start().map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let again = other.as_ref().unwrap_or(&server);
+        let instances = Instances {
+            first: server.addr,
+            again: again.addr,
+            again_pid: again.pid(),
+        };
+        let res = rep(args, instances, redis.addr).await;
         server.stop();
+        if let Some(o) = other.as_mut() {
+            o.stop();
+        }
         let res = res?;
         eprintln!("  {}", row(&res));
         reps.push(res);
@@ -811,8 +897,9 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 /// One repetition as a table row (see [`report`]).
 fn row(r: &RecoveryRep) -> String {
     format!(
-        "| {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} / {} | {} / {} | {} | {} | {} |",
+        "| {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} / {} / {} | {} / {} | {} | {} | {} |",
         r.clients,
+        opt(Some(r.first_connect_ms), 0),
         r.caught_up,
         r.clients - r.connect_failures,
         opt(Some(r.p50_ms), 0),
@@ -826,6 +913,7 @@ fn row(r: &RecoveryRep) -> String {
         r.duplicates,
         r.not_recovered + r.reconnect_failures,
         r.recoveries_succeeded,
+        r.recoveries_failed,
         r.recovered_publications,
         r.store_reads,
         r.store_publishes,
@@ -841,15 +929,16 @@ pub(crate) fn report(r: &RecoveryResult) -> String {
     let cmdline: Vec<String> = std::env::args().skip(1).collect();
     let mut s = format!(
         "Command: `cargo run --release -p loadtest -- {}`\n\n\
-         Recovery: {} `rtk1` clients of `general` through Redis, {} publishes/s of {} B through the server; every client dropped (TCP reset) after {} s, all reconnecting with their position {} ms later, publishing for {} s more; {} handshakes in flight; {} rep(s), a fresh server each.\n\n\
-         | clients | caught up | p50 ms | p99 ms | max ms | all resubscribed ms | own p50 ms | own p99 ms | missed per client | delivered | duplicates | not recovered | recoveries / publications re-sent | store reads / publishes | gaps healed | server CPU s | harness CPU s |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         Recovery: {} `rtk1` clients of `general` through Redis, {} publishes/s of {} B through the server; every client dropped (TCP reset) after {} s, all reconnecting with their position {} ms later{}, publishing for {} s more; {} handshakes in flight; {} rep(s), a fresh server each.\n\n\
+         | clients | first connect ms | caught up | p50 ms | p99 ms | max ms | all resubscribed ms | own p50 ms | own p99 ms | missed per client | delivered | duplicates | not recovered | recoveries ok / failed / publications re-sent | store reads / publishes | gaps healed | server CPU s | harness CPU s |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         cmdline.join(" "),
         a.clients,
         a.rate,
         a.payload,
         a.warmup_secs,
         a.outage_ms,
+        a.reconnect_to.describe(),
         a.after_secs,
         a.connect_parallel,
         r.reps.len(),
@@ -862,11 +951,12 @@ pub(crate) fn report(r: &RecoveryResult) -> String {
         crate::report::median(r.reps.iter().map(f).filter(|v| v.is_finite()).collect())
     };
     s.push_str(&format!(
-        "\nMedians over {} rep(s): p50 {} ms, p99 {} ms, slowest client {} ms after the reconnection began; delivered {}; duplicates {}; store reads {}.\n",
+        "\nMedians over {} rep(s): p50 {} ms, p99 {} ms, slowest client {} ms after the reconnection began (every first connection, without a position: {} ms); delivered {}; duplicates {}; store reads {}.\n",
         r.reps.len(),
         opt(med(&|x| x.p50_ms), 0),
         opt(med(&|x| x.p99_ms), 0),
         opt(med(&|x| x.max_ms), 0),
+        opt(med(&|x| x.first_connect_ms), 0),
         opt(med(&|x| x.delivered_fraction), 4),
         opt(med(&|x| x.duplicates as f64), 0),
         opt(med(&|x| x.store_reads as f64), 0),
