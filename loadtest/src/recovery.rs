@@ -5,8 +5,10 @@
 //! room with history), and publishes marked `SendMessage`s through the server at a steady rate
 //! (through the server, so that Redis's position script gives each one its offset). After a
 //! warm-up every client closes its TCP connection abruptly (a reset, no close frame); after an
-//! outage all reconnect at once with `since=<last offset>&epoch=<epoch>`. One more `rtk1`
-//! connection, the *witness*, stays connected throughout and tells which offset is live.
+//! outage all reconnect at once with `since=<last offset>&epoch=<epoch>`: to the same instance,
+//! or (`--reconnect-to warm|cold`) to a second one on the same Redis, which serves the room or
+//! has never had a client of it. One more `rtk1` connection, the *witness*, stays connected
+//! throughout and tells which offset is live.
 //!
 //! Per client it counts offsets (across both connections): duplicates, offsets that never came,
 //! and the moment it again has every offset up to the one that was live when the reconnection
