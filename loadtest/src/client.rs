@@ -150,7 +150,7 @@ pub(crate) fn split_rtk_path(path: &str) -> Option<(&str, &str)> {
 }
 
 /// The next whole frame in `b`: (opcode, payload, bytes it takes), unmasked server frames only.
-fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
+pub(crate) fn next_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
     if b.len() < 2 {
         return None;
     }

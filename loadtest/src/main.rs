@@ -12,7 +12,9 @@
 mod charts;
 mod client;
 mod failover;
+mod positions;
 mod publish;
+mod recovery;
 mod redis_clients;
 mod scenario;
 mod soak;
@@ -108,6 +110,14 @@ enum Command {
     /// One measurement of `redis-clients`, in a process of its own (run by `redis-clients`).
     #[command(hide = true)]
     RedisClientsWorker(redis_clients::WorkerArgs),
+    /// Every client of a positioned room dropped at once, then all reconnecting with their
+    /// positions while publishes continue: time until each has every message again, loss,
+    /// duplicates, history reads (starts its own Redis and basic_chat).
+    Recovery(recovery::RecoveryArgs),
+    /// What positions cost: a room with history against one without, same load, same run
+    /// (fan-out CPU per delivery, and the publish path's saturation; starts its own Redis and
+    /// basic_chat).
+    Positions(positions::PositionsArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -284,6 +294,14 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
                 return Err("soak: a check failed (table above)".into());
             }
             Ok((to_json(&r), md))
+        }
+        Command::Recovery(args) => {
+            let r = recovery::recovery(&workspace_root(), args).await?;
+            Ok((to_json(&r), recovery::report(&r)))
+        }
+        Command::Positions(args) => {
+            let r = positions::positions(&workspace_root(), args).await?;
+            Ok((to_json(&r), positions::report(&r)))
         }
     }
 }

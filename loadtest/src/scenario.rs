@@ -295,14 +295,38 @@ pub(crate) struct FanoutResult {
     pub(crate) max_sustainable_per_s: Option<f64>,
 }
 
+/// The topics of a fan-out run, each with a token that may open it, and what subscribers add to
+/// their query (`&proto=rtk1`, say).
+#[derive(Debug, Clone)]
+pub(crate) struct Rooms {
+    pub(crate) topics: Vec<String>,
+    pub(crate) tokens: Vec<String>,
+    pub(crate) query: String,
+}
+
 pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Result<FanoutResult> {
-    let n_topics = args.topics.max(1);
-    let topics: Vec<String> = (0..n_topics).map(|t| topic_name(t, n_topics)).collect();
+    let n = args.topics.max(1);
+    let rooms = Rooms {
+        topics: (0..n).map(|t| topic_name(t, n)).collect(),
+        tokens: (0..n).map(|t| token_for(t, n)).collect(),
+        query: String::new(),
+    };
+    fanout_in(target, args, &rooms).await
+}
+
+/// [`fanout`] over the given rooms (`args.topics` is not used).
+pub(crate) async fn fanout_in(
+    target: &Target,
+    args: &FanoutArgs,
+    rooms: &Rooms,
+) -> std::io::Result<FanoutResult> {
+    let n_topics = rooms.topics.len().max(1);
+    let topics = rooms.topics.clone();
     let stats = Stats::with_deflate(args.subscribers, args.deflate);
     let paths: Vec<String> = (0..args.subscribers)
         .map(|i| {
             let t = i % n_topics;
-            format!("/ws/{}?token={}", topics[t], token_for(t, n_topics))
+            format!("/ws/{}?token={}{}", topics[t], rooms.tokens[t], rooms.query)
         })
         .collect();
     let (_conns, connect_failures) = Conns::open(
@@ -319,7 +343,7 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
         _ if target.proto == client::Proto::SocketIo => {
             // A Socket.IO adapter's Redis channels carry its own encoding, not the contract's
             // payload: messages enter through the server, as `send` events.
-            let tokens = (0..n_topics).map(|t| token_for(t, n_topics)).collect();
+            let tokens = rooms.tokens.clone();
             let addr = target.publish_addr.unwrap_or(target.addr);
             Publisher::socketio(addr, topics.clone(), tokens, args.payload).await?
         }
@@ -332,7 +356,7 @@ pub(crate) async fn fanout(target: &Target, args: &FanoutArgs) -> std::io::Resul
                 .with_json(args.json_payload)
         }
         Via::Ws => {
-            let tokens = (0..n_topics).map(|t| token_for(t, n_topics)).collect();
+            let tokens = rooms.tokens.clone();
             let addr = target.publish_addr.unwrap_or(target.addr);
             Publisher::websocket(addr, topics.clone(), tokens, args.payload).await?
         }

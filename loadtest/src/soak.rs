@@ -164,7 +164,7 @@ impl Rng {
 }
 
 /// GET /metrics and return the values of unlabelled series.
-async fn scrape(addr: SocketAddr) -> Option<std::collections::HashMap<String, f64>> {
+pub(crate) async fn scrape(addr: SocketAddr) -> Option<std::collections::HashMap<String, f64>> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
