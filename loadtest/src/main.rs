@@ -11,6 +11,7 @@
 
 mod charts;
 mod client;
+mod presence;
 mod publish;
 mod scenario;
 mod soak;
@@ -96,6 +97,9 @@ enum Command {
     /// Bounded soak of our server: churn and steady publishes through Redis; checks RSS, leaks
     /// and loss (starts its own Redis and basic_chat).
     Soak(soak::SoakArgs),
+    /// What presence costs: joins with and without it (interleaved), stats and listing calls,
+    /// Redis commands and CPU per join and leave (starts its own Redis and basic_chat).
+    Presence(presence::PresenceArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -269,6 +273,10 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
                 return Err("soak: a check failed (table above)".into());
             }
             Ok((to_json(&r), md))
+        }
+        Command::Presence(args) => {
+            let r = presence::presence(&workspace_root(), args).await?;
+            Ok((to_json(&r), presence::report(&r)))
         }
     }
 }
