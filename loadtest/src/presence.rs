@@ -275,17 +275,19 @@ async fn redis_snapshot(addr: SocketAddr) -> std::io::Result<RedisSnapshot> {
     Ok(RedisSnapshot::parse(&info))
 }
 
-/// Waits until Redis has run no new command (but the measurement's own) for `quiet`, at most
-/// `max`; returns how long after `from` the last one was seen.
+/// Waits until Redis's count of commands (but the measurement's own) is at least `floor`, then
+/// unchanged for `quiet`; at most `max` after `from`. Returns how long after `from` the last
+/// one was seen.
 async fn redis_settle(
     addr: SocketAddr,
     from: Instant,
     quiet: Duration,
     max: Duration,
+    floor: u64,
 ) -> std::io::Result<f64> {
     let mut last = redis_snapshot(addr).await?.total_calls();
     let mut changed = Instant::now();
-    while changed.elapsed() < quiet && from.elapsed() < max {
+    while (changed.elapsed() < quiet || last < floor) && from.elapsed() < max {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = redis_snapshot(addr).await?.total_calls();
         if now != last {
@@ -466,6 +468,7 @@ async fn run_arm(
         Instant::now(),
         Duration::from_millis(500),
         Duration::from_secs(5),
+        0,
     )
     .await
     .map_err(s)?;
@@ -491,6 +494,7 @@ async fn run_arm(
         Instant::now(),
         Duration::from_millis(500),
         Duration::from_secs(30),
+        0,
     )
     .await
     .map_err(s)?;
@@ -512,9 +516,17 @@ async fn run_arm(
     for w in writers.iter_mut().flatten() {
         let _ = w.write_all(&CLOSE_FRAME).await;
     }
-    let leave_secs = redis_settle(redis, from, Duration::from_secs(1), Duration::from_secs(60))
-        .await
-        .map_err(s)?;
+    // With presence every leave runs one script: all of them, then a quiet second.
+    let floor = before_leave.total_calls() + if arm == Arm::Presence { opened } else { 0 };
+    let leave_secs = redis_settle(
+        redis,
+        from,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+        floor,
+    )
+    .await
+    .map_err(s)?;
     let left = redis_snapshot(redis).await.map_err(s)?;
     let leave_redis = left.since(&before_leave);
     drop(writers);
@@ -562,6 +574,7 @@ async fn read_times(
         Instant::now(),
         Duration::from_millis(300),
         Duration::from_secs(5),
+        0,
     )
     .await
     .map_err(s)?;
