@@ -13,6 +13,7 @@ mod charts;
 mod client;
 mod failover;
 mod positions;
+mod presence;
 mod publish;
 mod recovery;
 mod redis_clients;
@@ -118,6 +119,9 @@ enum Command {
     /// (fan-out CPU per delivery, and the publish path's saturation; starts its own Redis and
     /// basic_chat).
     Positions(positions::PositionsArgs),
+    /// What presence costs: joins with and without it (interleaved), stats and listing calls,
+    /// Redis commands and CPU per join and leave (starts its own Redis and basic_chat).
+    Presence(presence::PresenceArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -302,6 +306,10 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
         Command::Positions(args) => {
             let r = positions::positions(&workspace_root(), args).await?;
             Ok((to_json(&r), positions::report(&r)))
+        }
+        Command::Presence(args) => {
+            let r = presence::presence(&workspace_root(), args).await?;
+            Ok((to_json(&r), presence::report(&r)))
         }
     }
 }
