@@ -72,6 +72,18 @@ impl std::fmt::Debug for Fetch {
     }
 }
 
+/// Ends a topic's epoch in the shared store if it is still the given one, so that the next
+/// publication starts a new epoch (called when the stream went back, see
+/// [`Streams::rolls_back`]); it runs in the background.
+#[derive(Clone)]
+pub(crate) struct EndEpoch(pub(crate) Arc<dyn Fn(Arc<str>, String) + Send + Sync>);
+
+impl std::fmt::Debug for EndEpoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndEpoch")
+    }
+}
+
 /// What a [`Fetch`] read: the epoch and the publications.
 pub(crate) type Fetched = (String, Vec<(u64, Bytes)>);
 
@@ -163,6 +175,8 @@ pub(crate) struct Dispatcher {
     broker_positions: bool,
     /// Reads what the cache lacks from the shared store (Redis), if there is one.
     fetch: Option<Fetch>,
+    /// Ends an epoch whose stream went back (positions assigned by the broker only).
+    end_epoch: Option<EndEpoch>,
     /// Joins waiting for a read, by read: many clients asking the same range cost one read.
     waiting: ahash::AHashMap<ReadKey, Vec<Waiting>>,
     /// Topics whose skipped offsets are being read, with the publications held meanwhile.
@@ -223,6 +237,7 @@ impl Dispatcher {
             rtk1_conns: Arc::default(),
             broker_positions: false,
             fetch: None,
+            end_epoch: None,
             waiting: ahash::AHashMap::new(),
             reads: mpsc::unbounded_channel(),
             healing: ahash::AHashMap::new(),
@@ -253,6 +268,12 @@ impl Dispatcher {
     pub(crate) fn broker_positions(mut self, fetch: Fetch) -> Self {
         self.broker_positions = true;
         self.fetch = Some(fetch);
+        self
+    }
+
+    /// How to end an epoch whose stream went back in the shared store.
+    pub(crate) fn end_epoch(mut self, end: EndEpoch) -> Self {
+        self.end_epoch = Some(end);
         self
     }
 
@@ -301,6 +322,20 @@ impl Dispatcher {
         let mut gap = false;
         let verbatim = self.frame_for(&msg.payload);
         let now = Instant::now();
+        if let (Some(p), Some(end)) = (&msg.position, &self.end_epoch) {
+            if self.streams.rolls_back(&msg.topic, p) {
+                // The store handed out an offset of this epoch again (a promoted replica that
+                // lacked the last publications): positions of this epoch no longer name one
+                // publication each, so the epoch ends and recoveries from it are refused.
+                tracing::warn!(
+                    topic = %msg.topic,
+                    epoch = %p.epoch,
+                    offset = p.offset,
+                    "the Redis stream went back; ending its epoch"
+                );
+                (end.0)(msg.topic.clone(), p.epoch.clone());
+            }
+        }
         let position = match &msg.position {
             Some(p) => match self.streams.observe(&msg.topic, p, now) {
                 Observed::NoPolicy => None,
@@ -885,6 +920,30 @@ mod tests {
             }
             _ => panic!("unexpected command"),
         }
+    }
+
+    /// The store hands out an offset of the epoch again (a failover to a replica that lacked
+    /// the last publications): the subscribers are told, and the epoch is ended in the store,
+    /// once, so that no position of it can be recovered from past the publications it lost.
+    #[tokio::test]
+    async fn a_stream_that_goes_back_ends_its_epoch() {
+        let (d, mut rx) = external();
+        let ended = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ended.clone();
+        let mut d = d.end_epoch(EndEpoch(Arc::new(move |topic, epoch| {
+            seen.lock().unwrap().push((topic.to_string(), epoch));
+        })));
+        for o in 1..=3 {
+            d.dispatch(at(o)).await;
+            assert_eq!(next(&mut rx).unwrap()["deliver"], o.to_string());
+        }
+        assert!(ended.lock().unwrap().is_empty());
+        d.dispatch(at(2)).await;
+        assert!(matches!(rx.try_recv(), Ok(Command::Lost { .. })));
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "2");
+        d.dispatch(at(3)).await;
+        assert_eq!(next(&mut rx).unwrap()["deliver"], "3");
+        assert_eq!(*ended.lock().unwrap(), [("t".to_string(), "E".to_string())]);
     }
 
     /// More was skipped than the stream still keeps: the read comes back short, the gap is

@@ -291,6 +291,18 @@ impl Streams {
                 .is_some_and(|s| !s.epoch.is_empty() && *s.epoch == *epoch && offset > s.top)
     }
 
+    /// Whether `position` is of the epoch `topic`'s cache follows but at or below its top: the
+    /// store handed out an offset of this epoch again (positions assigned elsewhere only).
+    pub(crate) fn rolls_back(&self, topic: &str, position: &Position) -> bool {
+        self.external
+            && self.streams.get(topic).is_some_and(|s| {
+                !s.epoch.is_empty()
+                    && *s.epoch == *position.epoch
+                    && s.top > 0
+                    && position.offset <= s.top
+            })
+    }
+
     /// The top of `topic`'s stream if `position` is of the same epoch but skips offsets after
     /// it (positions assigned elsewhere only).
     pub(crate) fn skips(&self, topic: &str, position: &Position) -> Option<u64> {

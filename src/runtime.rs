@@ -13,7 +13,7 @@ use crate::broker::{
 };
 use crate::config::Config;
 use crate::deflate::Agreed;
-use crate::dispatch::{Dispatcher, Fetch, Published, Request};
+use crate::dispatch::{Dispatcher, EndEpoch, Fetch, Published, Request};
 use crate::frame::close_code;
 use crate::history::{HistoryPage, PolicyRule, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
@@ -296,12 +296,21 @@ impl Runtime {
             Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
                 .with_positions(streams, recovery, rtk1_conns.clone());
         if let BrokerHandle::Redis(redis) = &broker {
-            let redis = redis.clone();
+            let reader = redis.clone();
             let fetch = Fetch(Arc::new(move |topic: Arc<str>, from, to| {
-                let redis = redis.clone();
+                let redis = reader.clone();
                 Box::pin(async move { redis.read_range(&topic, from, to).await })
             }));
-            dispatcher = dispatcher.broker_positions(fetch);
+            let redis = redis.clone();
+            let end_epoch = EndEpoch(Arc::new(move |topic: Arc<str>, epoch: String| {
+                let redis = redis.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = redis.end_epoch(&topic, &epoch).await {
+                        tracing::warn!(topic = %topic, error = %e, "ending an epoch in Redis failed");
+                    }
+                });
+            }));
+            dispatcher = dispatcher.broker_positions(fetch).end_epoch(end_epoch);
         }
         tokio::spawn(dispatcher.run(pub_rx, req_rx));
         let hub = Arc::new(Hub {

@@ -44,6 +44,16 @@ local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
 return {epoch, redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[2])}
 "#;
 
+/// Ends an epoch if it is still the current one: KEYS: meta, stream. ARGV: the epoch. Deletes
+/// both keys, so the next publication starts a new epoch at offset 1; returns 1 if it did.
+pub(crate) const END_EPOCH_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
+"#;
+
 /// The epoch and `(offset, payload)` pairs of a [`READ_SCRIPT`] reply.
 pub(crate) fn read_reply(v: super::resp::Value) -> Option<(String, Vec<(u64, Bytes)>)> {
     use super::resp::Value;

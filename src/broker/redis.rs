@@ -320,6 +320,26 @@ impl RedisBroker {
         positioned::read_reply(value).ok_or_else(|| "unexpected reply reading history".into())
     }
 
+    /// Ends `topic`'s epoch in Redis if it is still `epoch` (its stream went back after a
+    /// failover): the next publication starts a new one. Whether it was still current.
+    pub(crate) async fn end_epoch(&self, topic: &str, epoch: &str) -> Result<bool, PublishError> {
+        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let cmd = vec![
+            Bytes::from_static(b"EVAL"),
+            Bytes::from_static(positioned::END_EPOCH_SCRIPT.as_bytes()),
+            Bytes::from_static(b"2"),
+            meta,
+            stream,
+            Bytes::copy_from_slice(epoch.as_bytes()),
+        ];
+        match self.publisher.call(cmd).await? {
+            Value::Int(n) => Ok(n == 1),
+            other => Err(PublishError::Unavailable(format!(
+                "unexpected reply ending an epoch: {other:?}"
+            ))),
+        }
+    }
+
     /// Deletes `topic`'s stream and meta keys: the next publication starts a new epoch at
     /// offset 1, on every instance. Whether there was anything to delete.
     pub(crate) async fn remove_stream(&self, topic: &str) -> Result<bool, PublishError> {
