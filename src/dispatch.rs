@@ -572,22 +572,14 @@ impl Dispatcher {
                             (*offset).max(1),
                             offset.saturating_add(self.recovery.count as u64 + 1),
                         );
-                        let key = (topic.clone(), from, to);
-                        let waiting = self.cold.entry(key.clone()).or_default();
-                        if waiting.is_empty() {
-                            self.metrics.history_read();
-                            let (read, colds) =
-                                ((fetch.0)(topic.clone(), from, to), self.colds.0.clone());
-                            tokio::spawn(async move {
-                                let _ = colds.send((key, read.await));
-                            });
-                        }
-                        waiting.push(Waiting {
+                        let waiting = Waiting {
                             conn,
                             since: since.unwrap_or_default(),
                             max_topics,
                             done,
-                        });
+                        };
+                        let read = (fetch, &*self.metrics, &self.colds.0);
+                        wait_for_read(&mut self.cold, read, (topic, from, to), waiting);
                         return;
                     }
                 }
@@ -596,22 +588,14 @@ impl Dispatcher {
                         self.streams
                             .missing_head(&topic, (epoch, *offset), self.recovery, now);
                     if let Some((from, to)) = head {
-                        let key = (topic.clone(), from, to);
-                        let waiting = self.waiting.entry(key.clone()).or_default();
-                        if waiting.is_empty() {
-                            self.metrics.history_read();
-                            let (read, reads) =
-                                ((fetch.0)(topic.clone(), from, to), self.reads.0.clone());
-                            tokio::spawn(async move {
-                                let _ = reads.send((key, read.await));
-                            });
-                        }
-                        waiting.push(Waiting {
+                        let waiting = Waiting {
                             conn,
                             since: (epoch.clone(), *offset),
                             max_topics,
                             done,
-                        });
+                        };
+                        let read = (fetch, &*self.metrics, &self.reads.0);
+                        wait_for_read(&mut self.waiting, read, (topic, from, to), waiting);
                         return;
                     }
                 }
@@ -821,6 +805,26 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// Parks `waiting` on the read of `key` in `parked`, starting that read (through `fetch`,
+/// its result sent to `done`) only if no join waits for it yet: many joins, one read.
+fn wait_for_read(
+    parked: &mut ahash::AHashMap<ReadKey, Vec<Waiting>>,
+    (fetch, metrics, done): (&Fetch, &Metrics, &mpsc::UnboundedSender<ReadDone>),
+    key: ReadKey,
+    waiting: Waiting,
+) {
+    let joins = parked.entry(key.clone()).or_default();
+    if joins.is_empty() {
+        metrics.history_read();
+        let (topic, from, to) = key.clone();
+        let (read, done) = ((fetch.0)(topic, from, to), done.clone());
+        tokio::spawn(async move {
+            let _ = done.send((key, read.await));
+        });
+    }
+    joins.push(waiting);
 }
 
 /// The length of the frame `frame::encode` writes for a payload of `len` bytes.
