@@ -64,3 +64,23 @@ fn the_test_cluster_forms_and_moves_a_slot_with_its_keys() {
     }
     assert!(cluster.info_cpu(0) > 0.0);
 }
+
+#[test]
+fn the_test_cluster_serves_on_without_a_stopped_primary_and_takes_it_back() {
+    let Some(mut cluster) = start_cluster("the_test_cluster_serves_on") else {
+        return;
+    };
+    let keys = one_key_per_node(&cluster);
+    cluster.stop(2);
+    assert!(!cluster.is_running(2));
+    for (key, node) in &keys[..2] {
+        assert_eq!(cluster.cli(*node, &["SET", key, "up"]), "OK");
+    }
+    let info = cluster.cli(0, &["CLUSTER", "INFO"]);
+    assert!(info.contains("cluster_state:ok"), "{info}");
+    cluster.restart(2);
+    let (key, node) = &keys[2];
+    assert_eq!(*node, 2);
+    assert_eq!(cluster.slot_owner(key_slot(key)), 2);
+    assert_eq!(cluster.cli(2, &["SET", key, "back"]), "OK");
+}
