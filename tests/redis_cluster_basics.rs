@@ -240,3 +240,54 @@ async fn a_bad_cluster_url_is_a_build_error() {
         assert!(err.to_string().contains(says), "{url}: {err}");
     }
 }
+
+/// A primary stopped: publishes on its partitions fail with a retryable error naming the
+/// partition, the others go through, and once the cluster has flagged the primary as failed the
+/// instance is ready again (every instance sees the same outage). Restarted, it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_primary_fails_its_partitions_only_and_leaves_the_instance_ready() {
+    let Some(mut cluster) = start_cluster("a_failed_primary_fails_its_partitions_only") else {
+        return;
+    };
+    let a = positioned(cluster.url()).await;
+    let topics = positioned_topics_on_every_node(&cluster, &a).await;
+    let (down_topic, _) = topics.iter().find(|(_, n)| *n == 2).cloned().unwrap();
+    tokio::task::block_in_place(|| cluster.stop(2));
+    let service = a.service.clone();
+    let flagged = tokio::time::timeout(CLUSTER_WAIT, async {
+        loop {
+            let res = service.publish(&down_topic, &json!({ "n": 1 })).await;
+            let e = res.expect_err("the stopped primary's partition publishes");
+            assert!(e.is_retryable(), "{e}");
+            assert!(e.to_string().contains("partition"), "{e}");
+            if e.to_string().contains("no Redis Cluster primary serves") && service.is_ready() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        flagged.is_ok(),
+        "the instance never saw the primary as failed"
+    );
+    for (topic, node) in topics.iter().filter(|(_, n)| *n != 2) {
+        let p = a.service.publish(topic, &json!({ "n": 1 })).await;
+        assert!(p.is_ok(), "{topic} on node {node}: {p:?}");
+    }
+    tokio::task::block_in_place(|| cluster.restart(2));
+    let back = tokio::time::timeout(CLUSTER_WAIT, async {
+        while service
+            .publish(&down_topic, &json!({ "n": 2 }))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        back.is_ok(),
+        "the restarted primary never served its partitions again"
+    );
+}

@@ -411,13 +411,16 @@ impl Cluster {
         let _ = tokio::time::timeout(limit, rx.changed()).await;
     }
 
-    /// Whether every slot of a partition has a node and every node's probe comes back.
+    /// Readiness on a cluster: the slot table was read and the probe of every primary in it
+    /// comes back. A primary this instance cannot reach while the cluster counts it healthy
+    /// makes the instance unready (the fault may be this instance's own link, and another
+    /// instance may serve its clients better). A primary the cluster itself has flagged as
+    /// failed is no longer in the table: its partitions fail their publishes with
+    /// [`PublishError::Unavailable`](super::PublishError::Unavailable), and the instance is
+    /// ready again, since every instance sees the same outage and the other partitions work.
     pub(crate) fn is_live(&self) -> bool {
         let table = self.table();
-        !table.nodes.is_empty()
-            && (0..self.partitions.count())
-                .all(|p| table.node_of_slot(self.partitions.slot(p)).is_some())
-            && table.nodes.iter().all(|n| n.live.load(Ordering::Acquire))
+        !table.nodes.is_empty() && table.nodes.iter().all(|n| n.live.load(Ordering::Acquire))
     }
 }
 
