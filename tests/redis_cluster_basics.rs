@@ -13,7 +13,7 @@ use axum_realtime_kit::TopicPolicy;
 use serde_json::{Value, json};
 use support::presence::{self as scenario};
 use support::redis_cluster::start_cluster;
-use support::{ALICE, ALICE_ID, BOB, Client, Server, serve_chat, try_connect};
+use support::{ALICE, Client, Server, serve_chat, try_connect};
 
 /// Longest an instance may take to see the whole cluster. A bound on a wait, never a speed
 /// assertion.
@@ -175,48 +175,10 @@ async fn presence_gives_one_join_per_user_and_one_leave_across_instances() {
 /// instance's entries under a key it derives itself, in the topic's slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_chat_on_a_cluster_cleans_up_a_killed_instances_users() {
-    use support::{free_port, spawn_example};
     let Some(cluster) = start_cluster("basic_chat_on_a_cluster") else {
         return;
     };
-    let bob_id = "b1b2b3b4-a1a2-b1b2-c1c2-c3c4c5c6c7c8";
-    let (pa, pb) = (free_port(), free_port());
-    let env = [
-        ("REDIS_URL", cluster.url()),
-        ("PRESENCE_TTL_MS", "1500".into()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _a = spawn_example("basic_chat", pa, &env);
-    let b = spawn_example("basic_chat", pb, &env);
-    for port in [pa, pb] {
-        support::browser::poll("instance ready", CLUSTER_WAIT, || {
-            let ready = support::browser::http(port, "GET", "/ready", &[], None);
-            ready.is_ok_and(|(s, _)| s == 200).then_some(())
-        });
-    }
-    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let open = |port: u16, token: &'static str| async move {
-        let path = format!("/ws/general?token={token}&proto=rtk1");
-        let (status, client) = try_connect(addr(port), &path, &[]).await;
-        assert_eq!(status, 101);
-        let mut client = client.unwrap();
-        assert_eq!(client.recv_json().await["type"], "subscribed");
-        client
-    };
-    let mut alice = open(pa, ALICE).await;
-    let next = |m: Value| (m["type"].clone(), m["user"].clone(), m["info"].clone());
-    let join = |id: &str, name: &str| (json!("join"), json!(id), json!({ "name": name }));
-    assert_eq!(next(alice.recv_json().await), join(ALICE_ID, "alice"));
-    let _bob = open(pb, BOB).await;
-    assert_eq!(next(alice.recv_json().await), join(bob_id, "bob"));
-
-    drop(b); // SIGKILL: no shutdown, its entries stay until they expire.
-    assert_eq!(
-        next(alice.recv_json().await),
-        (json!("leave"), json!(bob_id), json!({ "name": "bob" }))
-    );
-    let body = scenario::poll_presence(pa, "general", ALICE, |_| true).await;
-    assert_eq!(body["stats"], json!({"users": 1, "connections": 1}));
+    scenario::a_killed_instances_users_leave(cluster.url(), CLUSTER_WAIT).await;
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use std::time::Duration;
 use ahash::AHashMap;
 use tokio::sync::watch;
 
-use super::connect::{Addr, Target, connect, request};
+use super::connect::{Addr, Target, connect, host_list, request};
 use super::redis::{Node, Shared};
 use super::resp::Value;
 use super::slots::{self, Partitions, SLOTS};
@@ -66,24 +66,7 @@ impl Spec {
             Some((user, hosts)) => (Some(user), hosts),
             None => (None, authority),
         };
-        let mut seeds = Vec::new();
-        for node in hosts.split(',').filter(|n| !n.is_empty()) {
-            let (host, port) = match node.rsplit_once(':') {
-                Some((host, port)) => {
-                    let port = port
-                        .parse()
-                        .map_err(|_| format!("cluster node {node:?}: the port is not a number"))?;
-                    (host, port)
-                }
-                None => (node, REDIS_PORT),
-            };
-            if host.is_empty() || host.contains(['[', ']']) {
-                return Err(format!(
-                    "cluster node {node:?}: give a host name or an IPv4 address"
-                ));
-            }
-            seeds.push((host.to_owned(), port));
-        }
+        let seeds = host_list(hosts, REDIS_PORT, "cluster node")?;
         if seeds.is_empty() {
             return Err(
                 "a Redis Cluster URL names at least one node: redis+cluster://host:port/".into(),
