@@ -7,7 +7,6 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::json;
 use support::presence::{self as scenario, builder, expect_event, rtk1, wait_stats};
 use support::redis_server::start_redis;
 use support::{Server, serve_chat};
@@ -107,48 +106,8 @@ async fn entries_redis_lost_are_put_back_by_the_next_renewal() {
 /// SIGKILL has its user leave, seen on the other, whose users stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_with_sigkill_has_its_users_leave_once_its_entries_expire() {
-    use support::{ALICE, ALICE_ID, BOB, free_port, spawn_example, try_connect};
     let Some(redis) = start_redis("presence_sigkill") else {
         return;
     };
-    let bob_id = "b1b2b3b4-a1a2-b1b2-c1c2-c3c4c5c6c7c8";
-    let (pa, pb) = (free_port(), free_port());
-    let env = [
-        ("REDIS_URL", redis.url()),
-        ("PRESENCE_TTL_MS", "1500".into()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _a = spawn_example("basic_chat", pa, &env);
-    let b = spawn_example("basic_chat", pb, &env);
-    for port in [pa, pb] {
-        support::browser::poll("instance ready", support::WAIT, || {
-            let ready = support::browser::http(port, "GET", "/ready", &[], None);
-            ready.is_ok_and(|(s, _)| s == 200).then_some(())
-        });
-    }
-    let addr = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let open = |port: u16, token: &'static str| async move {
-        let path = format!("/ws/general?token={token}&proto=rtk1");
-        let (status, client) = try_connect(addr(port), &path, &[]).await;
-        assert_eq!(status, 101);
-        let mut client = client.unwrap();
-        assert_eq!(client.recv_json().await["type"], "subscribed");
-        client
-    };
-    let mut alice = open(pa, ALICE).await;
-    let next = |m: serde_json::Value| (m["type"].clone(), m["user"].clone(), m["info"].clone());
-    let join = |id: &str, name: &str| (json!("join"), json!(id), json!({ "name": name }));
-    assert_eq!(next(alice.recv_json().await), join(ALICE_ID, "alice"));
-    let _bob = open(pb, BOB).await;
-    assert_eq!(next(alice.recv_json().await), join(bob_id, "bob"));
-
-    drop(b); // SIGKILL: no shutdown, its entries stay until they expire.
-    let left = next(alice.recv_json().await);
-    assert_eq!(
-        left,
-        (json!("leave"), json!(bob_id), json!({ "name": "bob" }))
-    );
-    let body = support::presence::poll_presence(pa, "general", ALICE, |_| true).await;
-    assert_eq!(body["stats"], json!({"users": 1, "connections": 1}));
-    assert_eq!(body["users"][0]["user"], ALICE_ID);
+    scenario::a_killed_instances_users_leave(redis.url(), support::WAIT).await;
 }

@@ -65,7 +65,7 @@ const USER_A: &str = "00000000-0000-0000-0000-00000000000a";
 const USER_B: &str = "00000000-0000-0000-0000-00000000000b";
 
 /// A child process killed (SIGKILL) and reaped when dropped.
-struct Kid(Child);
+pub(crate) struct Kid(pub(crate) Child);
 
 impl Drop for Kid {
     fn drop(&mut self) {
@@ -74,7 +74,11 @@ impl Drop for Kid {
     }
 }
 
-fn redis_node(dir: &std::path::Path, port: u16, extra: &[String]) -> std::io::Result<Kid> {
+pub(crate) fn redis_node(
+    dir: &std::path::Path,
+    port: u16,
+    extra: &[String],
+) -> std::io::Result<Kid> {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
@@ -396,7 +400,7 @@ async fn one_run(
     Ok(run)
 }
 
-struct RemoveDir(PathBuf);
+pub(crate) struct RemoveDir(pub(crate) PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {

@@ -11,6 +11,7 @@
 
 mod charts;
 mod client;
+mod cluster;
 mod failover;
 mod positions;
 mod presence;
@@ -122,6 +123,10 @@ enum Command {
     /// What presence costs: joins with and without it (interleaved), stats and listing calls,
     /// Redis commands and CPU per join and leave (starts its own Redis and basic_chat).
     Presence(presence::PresenceArgs),
+    /// Redis Cluster: Redis CPU per published message on each node, sharded Pub/Sub
+    /// (`redis+cluster://`) against classic Pub/Sub on one node, same cluster, interleaved
+    /// (starts its own three-primary cluster and basic_chat instances).
+    Cluster(cluster::ClusterArgs),
 }
 
 /// The scenario a comparison runs, with its own arguments.
@@ -310,6 +315,10 @@ async fn run(cli: &Cli) -> Result<(String, String), String> {
         Command::Presence(args) => {
             let r = presence::presence(&workspace_root(), args).await?;
             Ok((to_json(&r), presence::report(&r)))
+        }
+        Command::Cluster(args) => {
+            let r = cluster::cluster(&workspace_root(), args).await?;
+            Ok((to_json(&r), cluster::report(&r)))
         }
     }
 }

@@ -227,7 +227,7 @@ pub(crate) fn quantile(samples: &[f64], q: f64) -> Option<f64> {
 }
 
 /// Sends one command to Redis, returns its reply as text (a bulk string or a status line).
-async fn redis_command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+pub(crate) async fn redis_command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
     let mut req = format!("*{}\r\n", args.len());
     for a in args {
         req.push_str(&format!("${}\r\n{a}\r\n", a.len()));

@@ -154,7 +154,12 @@ fn step_bar(label: String, secs: f64) -> ProgressBar {
 }
 
 /// Waits until `delivered()` reaches `expected`, or stops growing for `idle`, or `max` passes.
-async fn drain(mut delivered: impl FnMut() -> u64, expected: u64, idle: Duration, max: Duration) {
+pub(crate) async fn drain(
+    mut delivered: impl FnMut() -> u64,
+    expected: u64,
+    idle: Duration,
+    max: Duration,
+) {
     let start = Instant::now();
     let mut last = delivered();
     let mut last_change = Instant::now();

@@ -190,6 +190,30 @@ impl Target {
     }
 }
 
+/// The `host[:port]` list of a Sentinel or Cluster URL (`port` when one leaves it out); `what`
+/// names an entry in errors.
+pub(super) fn host_list(hosts: &str, port: u16, what: &str) -> Result<Vec<(String, u16)>, String> {
+    let mut nodes = Vec::new();
+    for node in hosts.split(',').filter(|n| !n.is_empty()) {
+        let (host, port) = match node.rsplit_once(':') {
+            Some((host, p)) => {
+                let p = p
+                    .parse()
+                    .map_err(|_| format!("{what} {node:?}: the port is not a number"))?;
+                (host, p)
+            }
+            None => (node, port),
+        };
+        if host.is_empty() || host.contains(['[', ']']) {
+            return Err(format!(
+                "{what} {node:?}: give a host name or an IPv4 address"
+            ));
+        }
+        nodes.push((host.to_owned(), port));
+    }
+    Ok(nodes)
+}
+
 /// Turns an elapsed timeout into `TimedOut`, naming the step.
 pub(super) async fn within<T>(
     step: &str,

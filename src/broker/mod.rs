@@ -9,6 +9,7 @@
 //! [`BrokerHandle`] is an enum rather than a trait object: there are few kinds, and the publish
 //! path then needs no boxing.
 
+mod cluster;
 mod connect;
 mod stream;
 
@@ -23,6 +24,7 @@ mod publisher;
 pub(crate) mod redis;
 mod resp;
 mod sentinel;
+mod slots;
 
 use std::fmt;
 use std::sync::Arc;

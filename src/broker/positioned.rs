@@ -8,7 +8,9 @@
 //! behind a position header on the topic's usual channel. Since Redis runs scripts one at a time
 //! and delivers a channel's messages in the order they were published, offsets follow the
 //! delivery order every instance sees. Both keys carry the hash tag `{<prefix><topic>}`, so the
-//! script runs on Redis Cluster too.
+//! script touches one slot; on Redis Cluster the keys start with the topic's partition tag
+//! instead (`{<tag>}<prefix><topic>:meta`, see [`super::slots`]), the channel too, and the
+//! script publishes with `SPUBLISH`.
 //!
 //! The header is `0xFF 'P' <offset> ' ' <epoch> '\n'` in front of the payload. `0xFF` never
 //! occurs in UTF-8, so a text payload published by another program is never taken for one; it
@@ -101,9 +103,9 @@ pub(crate) fn read_reply(v: super::resp::Value) -> Option<(String, Vec<(u64, Byt
     Some((epoch, out))
 }
 
-/// The meta and stream keys of `topic`.
-pub(crate) fn keys(prefix: &str, topic: &str) -> (Bytes, Bytes) {
-    let tag = format!("{{{prefix}{topic}}}");
+/// The meta and stream keys of a topic whose keys start with `tag` (`{<prefix><topic>}`, or
+/// on a cluster `{<partition tag>}<prefix><topic>`).
+pub(crate) fn keys(tag: &str) -> (Bytes, Bytes) {
     (
         Bytes::from(format!("{tag}:meta")),
         Bytes::from(format!("{tag}:stream")),
@@ -112,14 +114,13 @@ pub(crate) fn keys(prefix: &str, topic: &str) -> (Bytes, Bytes) {
 
 /// The arguments after the script (or its SHA) of one publication.
 pub(crate) fn args(
-    prefix: &str,
-    topic: &str,
+    tag: &str,
     channel: Bytes,
     payload: Bytes,
     policy: &TopicPolicy,
     new_epoch: &str,
 ) -> Vec<Bytes> {
-    let (meta, stream) = keys(prefix, topic);
+    let (meta, stream) = keys(tag);
     let ms = |d: std::time::Duration| Bytes::from(d.as_millis().max(1).to_string());
     vec![
         Bytes::from_static(b"2"),

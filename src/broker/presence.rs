@@ -2,7 +2,8 @@
 //! with entries that disappear when their instance dies.
 //!
 //! Keys of topic `T` (all with the hash tag `{<prefix>T}` of the history keys, so one script
-//! touches one slot and runs on Redis Cluster):
+//! touches one slot; on Redis Cluster they start with the topic's partition tag instead,
+//! `{<tag>}<prefix>T`, and the script publishes with `SPUBLISH`):
 //!
 //! | key | type | content |
 //! |---|---|---|
@@ -111,9 +112,9 @@ end
 return redis.error_reply('unknown presence operation')
 "#;
 
-/// The script's keys for `topic` and `instance`, after the key count.
-pub(crate) fn keys(prefix: &str, topic: &str, instance: &str) -> [Bytes; 5] {
-    let tag = format!("{{{prefix}{topic}}}");
+/// The script's keys for the topic whose keys start with `tag` (see
+/// [`positioned::keys`](super::positioned::keys)) and for `instance`, after the key count.
+pub(crate) fn keys(tag: &str, instance: &str) -> [Bytes; 5] {
     [
         Bytes::from(format!("{tag}:p:inst")),
         Bytes::from(format!("{tag}:p:c:{instance}")),

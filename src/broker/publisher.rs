@@ -67,6 +67,9 @@ pub(crate) enum Command {
     Publish { channel: Bytes, payload: Bytes },
     /// Any other command, given whole; answered by Redis's reply.
     Call(Vec<Bytes>),
+    /// `ASKING`, then the command, in the same write: a cluster node takes the command for a
+    /// slot being migrated to it only right after an `ASKING` on the same connection.
+    Asking(Vec<Bytes>),
 }
 
 struct Request {
@@ -86,6 +89,8 @@ struct Link {
 
 pub(crate) struct Publisher {
     target: Arc<Target>,
+    /// `PUBLISH`, or `SPUBLISH` on a cluster (sharded Pub/Sub).
+    verb: &'static [u8],
     /// A std mutex held only to clone or swap, never across an await.
     link: Mutex<(u64, Option<Link>)>,
 }
@@ -94,8 +99,20 @@ impl Publisher {
     pub(crate) fn new(target: Target) -> Self {
         Self {
             target: Arc::new(target),
+            verb: b"PUBLISH",
             link: Mutex::new((0, None)),
         }
+    }
+
+    /// Publishes with `SPUBLISH` (a cluster's sharded Pub/Sub) instead of `PUBLISH`.
+    pub(crate) fn sharded(mut self) -> Self {
+        self.verb = b"SPUBLISH";
+        self
+    }
+
+    /// The publish command's name.
+    pub(crate) fn verb(&self) -> &'static [u8] {
+        self.verb
     }
 
     /// The current connection's generation, queue and reply count, starting one if there is
@@ -110,7 +127,13 @@ impl Publisher {
         let (queue, rx) = mpsc::channel(QUEUE);
         let (stop, stopped) = oneshot::channel();
         let answers = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(self.target.clone(), rx, stopped, answers.clone()));
+        tokio::spawn(run(
+            self.target.clone(),
+            self.verb,
+            rx,
+            stopped,
+            answers.clone(),
+        ));
         *slot = Some(Link {
             generation: *last,
             queue: queue.clone(),
@@ -166,6 +189,24 @@ impl Publisher {
     /// [`PublishError::Unavailable`] saying that Redis may have carried it out.
     pub(crate) async fn call_once(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
         self.send(Command::Call(args), false)
+            .await
+            .map(|v| v.unwrap_or(Value::Bulk(None)))
+    }
+
+    /// [`call`](Self::call) or [`call_once`](Self::call_once) (`resend` false), preceded by
+    /// `ASKING` when `asking` (a cluster's `ASK` redirection).
+    pub(crate) async fn call_with(
+        &self,
+        args: Vec<Bytes>,
+        resend: bool,
+        asking: bool,
+    ) -> Result<Value, PublishError> {
+        let command = if asking {
+            Command::Asking(args)
+        } else {
+            Command::Call(args)
+        };
+        self.send(command, resend)
             .await
             .map(|v| v.unwrap_or(Value::Bulk(None)))
     }
@@ -258,6 +299,7 @@ impl Owed {
 /// if not.
 async fn run(
     target: Arc<Target>,
+    verb: &'static [u8],
     mut queue: mpsc::Receiver<Request>,
     stop: oneshot::Receiver<()>,
     answers: Arc<AtomicU64>,
@@ -265,7 +307,7 @@ async fn run(
     let owed = Owed::default();
     let why = tokio::select! {
         _ = stop => "connection replaced".to_string(),
-        why = serve(&target, &mut queue, &owed, &answers) => why,
+        why = serve(&target, verb, &mut queue, &owed, &answers) => why,
     };
     tracing::debug!(error = %why, "redis publisher connection ended");
     for (_, reply) in owed.lock().drain(..) {
@@ -280,6 +322,7 @@ async fn run(
 /// The connection's work; returns why it ended.
 async fn serve(
     target: &Target,
+    verb: &'static [u8],
     queue: &mut mpsc::Receiver<Request>,
     owed: &Owed,
     answers: &AtomicU64,
@@ -316,11 +359,18 @@ async fn serve(
                         Command::Publish { channel, payload } => {
                             resp::encode_command(
                                 &mut out,
-                                [&b"PUBLISH"[..], &channel[..], &payload[..]].into_iter(),
+                                [verb, &channel[..], &payload[..]].into_iter(),
                             );
                             false
                         }
                         Command::Call(args) => {
+                            resp::encode_command(&mut out, args.iter().map(|a| &a[..]));
+                            true
+                        }
+                        Command::Asking(args) => {
+                            // ASKING's own `+OK` goes to a slot nobody waits on.
+                            resp::encode_command(&mut out, [&b"ASKING"[..]].into_iter());
+                            owed.push_back((false, oneshot::channel().0));
                             resp::encode_command(&mut out, args.iter().map(|a| &a[..]));
                             true
                         }

@@ -35,7 +35,8 @@
 //! Delivery is at-most-once across an outage, like Redis Pub/Sub itself.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,10 +46,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::connect::{Addr, Target, connect};
+use super::cluster::{self, Cluster, Redirect};
+use super::connect::{Addr, Target, connect, tls};
 use super::positioned;
 use super::presence;
-use super::publisher::Publisher;
+use super::publisher::{PUBLISH_TIMEOUT, Publisher};
 use super::resp::{self, Value};
 use super::sentinel;
 use super::stream::Stream;
@@ -77,15 +79,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
 
 /// Subscription bookkeeping shared by the shards (through [`TopicInterest`]), the connections
-/// waiting for confirmation, and the subscriber task.
+/// waiting for confirmation, and the subscriber tasks.
 #[derive(Debug, Default)]
-struct Interest {
+pub(crate) struct Interest {
     /// Topic → number of shards with at least one local subscriber. The keys are the topics this
     /// instance wants.
-    counts: AHashMap<Arc<str>, usize>,
-    /// Topics whose wanted state changed since the subscriber last looked.
-    dirty: AHashSet<Arc<str>>,
-    /// Topics Redis confirmed on the current subscriber connection.
+    pub(crate) counts: AHashMap<Arc<str>, usize>,
+    /// Topics Redis confirmed on the current subscriber connection (of their node).
     confirmed: AHashSet<Arc<str>>,
     /// Connections waiting for a topic's confirmation: only joins under way (a waiter that times
     /// out removes itself; a topic no longer wanted takes its waiters with it).
@@ -95,37 +95,253 @@ struct Interest {
     refused: AHashMap<Arc<str>, Arc<str>>,
 }
 
-#[derive(Debug)]
-struct Shared {
-    /// Guarded by a std mutex: held for map updates only, never across an await.
-    interest: Mutex<Interest>,
-    /// Wakes the subscriber task when `dirty` gains a topic.
-    wake: Notify,
+/// One Redis server's connections: its pipelined publisher, and its subscriber's state as the
+/// rest of the broker sees it. A single server (or Sentinel's primary) is one node; a cluster
+/// has one per primary, made and dropped as the slot table changes.
+pub(crate) struct Node {
+    /// Where it is, for log lines and errors (no credentials).
+    pub(crate) name: String,
+    /// A cluster node's address (empty and 0 otherwise).
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    publisher: Arc<Publisher>,
+    /// Whether the subscriber uses sharded Pub/Sub (`SSUBSCRIBE`, a cluster).
+    sharded: bool,
     /// True while the last probe came back: publish → Redis → our subscriber connection works.
-    live: AtomicBool,
+    pub(crate) live: AtomicBool,
     /// False after a publish failure left the publisher without a connection, until a probe
     /// publish succeeds again. While false, publishes fail at once instead of each waiting for a
     /// reconnect attempt.
     publisher_ok: AtomicBool,
     /// A task retries probe publishes every [`PROBE_RETRY`] to reopen `publisher_ok`.
     recovering: AtomicBool,
-    /// `<prefix>` prepended to every topic to form the channel name.
-    prefix: String,
-    /// Set when the service is dropped; the subscriber task then ends.
+    /// Topics whose wanted state on this node changed since its subscriber last looked. Taken
+    /// only while the interest lock is held (that lock first, then this one).
+    dirty: Mutex<AHashSet<Arc<str>>>,
+    /// Wakes the subscriber task when `dirty` gains a topic.
+    pub(crate) wake: Notify,
+    /// The subscriber connection is made again at once: the sentinels named a new primary, or
+    /// the probe's channel changed.
+    reconnect: Notify,
+    /// Set when the node's tasks end (the service stops, or the node left the cluster).
     stopped: AtomicBool,
     stop: Notify,
-    /// The sentinels named a new primary: the subscriber connection is made again at once.
-    failover: Notify,
+    /// The channel the probe is published on: the instance's own, on one of the node's slots
+    /// in a cluster. Read when the subscriber connects.
+    probe: Mutex<Bytes>,
+    /// The slot of `probe` in a cluster (`u16::MAX` before it has one).
+    pub(crate) probe_slot: AtomicU16,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub(crate) fn new(target: &Target, sharded: bool) -> Arc<Self> {
+        let (host, port) = match &target.addr {
+            Addr::Tcp { host, port } => (host.clone(), *port),
+            _ => (String::new(), 0),
+        };
+        let publisher = Publisher::new(target.clone());
+        let publisher = if sharded {
+            publisher.sharded()
+        } else {
+            publisher
+        };
+        Arc::new(Self {
+            name: target.to_string(),
+            host,
+            port,
+            publisher: Arc::new(publisher),
+            sharded,
+            live: AtomicBool::new(false),
+            publisher_ok: AtomicBool::new(true),
+            recovering: AtomicBool::new(false),
+            dirty: Mutex::default(),
+            wake: Notify::new(),
+            reconnect: Notify::new(),
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+            probe: Mutex::new(Bytes::new()),
+            probe_slot: AtomicU16::new(u16::MAX),
+        })
+    }
+
+    fn dirty(&self) -> MutexGuard<'_, AHashSet<Arc<str>>> {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that `topic`'s wanted state on this node changed (the caller holds the interest
+    /// lock, and wakes the subscriber).
+    pub(crate) fn mark(&self, topic: &Arc<str>) {
+        self.dirty().insert(topic.clone());
+    }
+
+    /// Ends the node's subscriber and drops its publisher's connection.
+    pub(crate) fn shut(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.notify_one();
+        self.publisher.reconnect();
+    }
+
+    fn probe_channel(&self) -> Bytes {
+        self.probe.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Moves the probe to `channel`; a subscriber connected on the old one connects again.
+    pub(crate) fn set_probe(&self, channel: Bytes) {
+        let old = std::mem::replace(
+            &mut *self.probe.lock().unwrap_or_else(|e| e.into_inner()),
+            channel,
+        );
+        if !old.is_empty() {
+            self.reconnect.notify_one();
+        }
+    }
+}
+
+/// A single server (or Sentinel's primary), or a cluster's primaries.
+#[derive(Debug)]
+enum Layout {
+    Single(Arc<Node>),
+    Cluster(Cluster),
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Guarded by a std mutex: held for map updates only, never across an await.
+    interest: Mutex<Interest>,
+    /// `<prefix>` prepended to every topic to form the channel name.
+    prefix: String,
+    /// Set when the service is dropped; the subscriber tasks then end.
+    pub(crate) stopped: AtomicBool,
     /// Where the subscriber hands presence events (`join`/`leave` of a topic), once presence
     /// is wired ([`RedisBroker::on_presence`]).
     presence_events: std::sync::OnceLock<mpsc::Sender<(Arc<str>, Bytes)>>,
     /// This instance's id in presence keys.
     instance: String,
+    layout: Layout,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Interest> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Interest> {
         self.interest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&Cluster> {
+        match &self.layout {
+            Layout::Cluster(c) => Some(c),
+            Layout::Single(_) => None,
+        }
+    }
+
+    /// The node that serves `topic` now (none while a cluster's table lacks its slot).
+    fn owner(&self, topic: &str) -> Option<Arc<Node>> {
+        match &self.layout {
+            Layout::Single(node) => Some(node.clone()),
+            Layout::Cluster(c) => c.node_of(topic).0,
+        }
+    }
+
+    /// Whether `node` serves `topic` now.
+    fn owns(&self, node: &Arc<Node>, topic: &str) -> bool {
+        match &self.layout {
+            Layout::Single(_) => true,
+            Layout::Cluster(c) => c.node_of(topic).0.is_some_and(|n| Arc::ptr_eq(&n, node)),
+        }
+    }
+
+    /// `topic`'s partition (a cluster's; 0 otherwise).
+    fn partition(&self, topic: &str) -> u16 {
+        self.cluster().map_or(0, |c| c.partitions.of(topic))
+    }
+
+    /// The channel of `topic`: `<prefix><topic>`, on a cluster `{<tag>}<prefix><topic>`.
+    fn channel(&self, topic: &str) -> Bytes {
+        let tag = self
+            .cluster()
+            .map(|c| c.partitions.tag(c.partitions.of(topic)));
+        let mut channel = BytesMut::with_capacity(
+            self.prefix.len() + topic.len() + tag.map_or(0, |t| t.len() + 2),
+        );
+        if let Some(tag) = tag {
+            channel.extend_from_slice(b"{");
+            channel.extend_from_slice(tag.as_bytes());
+            channel.extend_from_slice(b"}");
+        }
+        channel.extend_from_slice(self.prefix.as_bytes());
+        channel.extend_from_slice(topic.as_bytes());
+        channel.freeze()
+    }
+
+    /// What `topic`'s keys start with, hash tag included: `{<prefix><topic>}`, on a cluster
+    /// `{<tag>}<prefix><topic>` (its channel).
+    fn key_tag(&self, topic: &str) -> String {
+        match self.cluster() {
+            None => format!("{{{}{topic}}}", self.prefix),
+            Some(c) => format!(
+                "{{{}}}{}{topic}",
+                c.partitions.tag(c.partitions.of(topic)),
+                self.prefix
+            ),
+        }
+    }
+
+    /// The topic named by a channel (no allocation).
+    fn topic_name<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
+        let channel = if self.cluster().is_some() {
+            let rest = channel.strip_prefix(b"{")?;
+            &rest[rest.iter().position(|&b| b == b'}')? + 1..]
+        } else {
+            channel
+        };
+        std::str::from_utf8(channel.strip_prefix(self.prefix.as_bytes())?).ok()
+    }
+
+    /// A cluster node's probe channel, on `slot`.
+    pub(crate) fn probe_channel(&self, slot: u16) -> Bytes {
+        Bytes::from(format!(
+            "{{{}}}{}__rtk_probe:{}",
+            super::slots::tag_of_slot(slot),
+            self.prefix,
+            self.instance
+        ))
+    }
+
+    /// `topics` were not subscribed where they were sent (a cluster's slot moved): once the
+    /// slot table was read again, each still wanted is marked on the node that serves it.
+    fn displaced(self: &Arc<Self>, topics: Vec<Arc<str>>) {
+        let Some(cluster) = self.cluster() else {
+            return;
+        };
+        cluster.refresh_soon();
+        let shared = self.clone();
+        tokio::spawn(async move {
+            if let Some(c) = shared.cluster() {
+                c.refreshed(Duration::from_secs(2)).await;
+            }
+            let st = shared.lock();
+            let mut woken = Vec::new();
+            for t in topics {
+                if !st.counts.contains_key(&t) {
+                    continue;
+                }
+                if let Some(node) = shared.owner(&t) {
+                    node.mark(&t);
+                    woken.push(node);
+                }
+            }
+            drop(st);
+            for node in woken {
+                node.wake.notify_one();
+            }
+        });
     }
 }
 
@@ -135,9 +351,12 @@ impl TopicInterest for Shared {
         let n = st.counts.entry(topic.clone()).or_insert(0);
         *n += 1;
         if *n == 1 {
-            st.dirty.insert(topic.clone());
-            drop(st);
-            self.wake.notify_one();
+            // A cluster's table not read yet: the first table marks every wanted topic.
+            if let Some(node) = self.owner(topic) {
+                node.mark(topic);
+                drop(st);
+                node.wake.notify_one();
+            }
         }
     }
 
@@ -158,9 +377,38 @@ impl TopicInterest for Shared {
             if st.refused.remove(topic).is_some() {
                 st.refused.shrink_when_sparse();
             }
-            st.dirty.insert(topic.clone());
-            drop(st);
-            self.wake.notify_one();
+            if let Some(node) = self.owner(topic) {
+                node.mark(topic);
+                drop(st);
+                node.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// The scripts' text: on a cluster they publish with `SPUBLISH`.
+#[derive(Debug)]
+struct Scripts {
+    position: Bytes,
+    read: Bytes,
+    end_epoch: Bytes,
+    presence: Bytes,
+}
+
+impl Scripts {
+    fn new(sharded: bool) -> Self {
+        let text = |s: &'static str| {
+            if sharded {
+                Bytes::from(s.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
+            } else {
+                Bytes::from_static(s.as_bytes())
+            }
+        };
+        Self {
+            position: text(positioned::SCRIPT),
+            read: text(positioned::READ_SCRIPT),
+            end_epoch: text(positioned::END_EPOCH_SCRIPT),
+            presence: text(presence::SCRIPT),
         }
     }
 }
@@ -168,16 +416,15 @@ impl TopicInterest for Shared {
 /// The Redis side of one instance.
 #[derive(Clone)]
 pub(crate) struct RedisBroker {
-    publisher: Arc<Publisher>,
     shared: Arc<Shared>,
-    /// The instance's probe channel, also published on to reopen `publisher_ok`.
-    probe_channel: Bytes,
-    /// Through Sentinel: the task that follows failovers ([`sentinel::watch`]).
+    /// Through Sentinel: the task that follows failovers ([`sentinel::watch`]); on a cluster,
+    /// the task that keeps the slot table ([`cluster::keep`]).
     watcher: Option<Arc<tokio::task::JoinHandle<()>>>,
     /// Which topics are positioned: their publications go through [`positioned::SCRIPT`].
     rule: Option<PolicyRule>,
     /// The script's SHA once `SCRIPT LOAD` gave it.
     sha: Arc<Mutex<Option<Bytes>>>,
+    scripts: Arc<Scripts>,
     /// How long this instance's presence entries outlive their last renewal.
     presence_ttl: Duration,
 }
@@ -185,15 +432,16 @@ pub(crate) struct RedisBroker {
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
-            .field("live", &self.shared.live.load(Ordering::Relaxed))
+            .field("live", &self.is_live())
             .field("prefix", &self.shared.prefix)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisBroker {
-    /// Validates the URL, creates the (lazy) publisher and spawns the subscriber task. Nothing
-    /// here waits for Redis: an instance starts, unready, while Redis is down.
+    /// Validates the URL, creates the (lazy) publisher and spawns the subscriber task (on a
+    /// cluster, the task that reads the slot table and starts each primary's). Nothing here
+    /// waits for Redis: an instance starts, unready, while Redis is down.
     pub(crate) fn start(
         settings: RedisSettings,
         instance: u64,
@@ -201,49 +449,65 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let RedisSettings { url, prefix, tls } = settings;
-        let target = Target::from_url(&url, tls.as_ref())?;
-        let publisher = Arc::new(Publisher::new(target.clone()));
+        let (layout, single) = match cluster::Spec::from_url(&url) {
+            Some(spec) => {
+                let spec = spec?;
+                let mut template = Target::from_url(&spec.node_url, None)?;
+                if spec.tls {
+                    template.tls = Some(tls::Client::new(None, tls.as_ref())?);
+                }
+                (Layout::Cluster(Cluster::new(&spec, template)?), None)
+            }
+            None => {
+                let target = Target::from_url(&url, tls.as_ref())?;
+                let node = Node::new(&target, false);
+                node.set_probe(Bytes::from(format!("{prefix}__rtk_probe:{instance:016x}")));
+                (Layout::Single(node.clone()), Some((node, target)))
+            }
+        };
+        let sharded = matches!(layout, Layout::Cluster(_));
         let shared = Arc::new(Shared {
             interest: Mutex::new(Interest::default()),
-            wake: Notify::new(),
-            live: AtomicBool::new(false),
-            publisher_ok: AtomicBool::new(true),
-            recovering: AtomicBool::new(false),
             prefix,
             stopped: AtomicBool::new(false),
-            stop: Notify::new(),
-            failover: Notify::new(),
             presence_events: std::sync::OnceLock::new(),
             instance: format!("{instance:016x}"),
+            layout,
         });
-        let watcher = matches!(target.addr, Addr::Sentinel(_)).then(|| {
-            let (publisher, shared) = (publisher.clone(), shared.clone());
-            Arc::new(tokio::spawn(sentinel::watch(target.clone(), move || {
-                publisher.reconnect();
-                shared.failover.notify_one();
-            })))
-        });
-        let probe_channel = Bytes::from(format!("{}__rtk_probe:{instance:016x}", shared.prefix));
-        let task = Subscriber {
-            shared: shared.clone(),
-            target,
-            publisher: publisher.clone(),
-            dispatch,
-            probe_channel: probe_channel.clone(),
-            actual: AHashSet::new(),
-            sent: VecDeque::new(),
-            resend: Vec::new(),
-            pending_acks: AHashMap::new(),
-            metrics,
+        let watcher = match single {
+            Some((node, target)) => {
+                let watcher = matches!(target.addr, Addr::Sentinel(_)).then(|| {
+                    let node = node.clone();
+                    Arc::new(tokio::spawn(sentinel::watch(target.clone(), move || {
+                        node.publisher.reconnect();
+                        node.reconnect.notify_one();
+                    })))
+                });
+                let task = Subscriber::new(shared.clone(), node, target, dispatch, metrics);
+                tokio::spawn(task.run());
+                watcher
+            }
+            None => {
+                let spawner = shared.clone();
+                let spawn = move |node: &Arc<Node>, target: Target| {
+                    let task = Subscriber::new(
+                        spawner.clone(),
+                        node.clone(),
+                        target,
+                        dispatch.clone(),
+                        metrics.clone(),
+                    );
+                    tokio::spawn(task.run());
+                };
+                Some(Arc::new(tokio::spawn(cluster::keep(shared.clone(), spawn))))
+            }
         };
-        tokio::spawn(task.run());
         Ok(Self {
-            publisher,
             shared,
-            probe_channel,
             watcher,
             rule: None,
             sha: Arc::default(),
+            scripts: Arc::new(Scripts::new(sharded)),
             presence_ttl: Duration::from_secs(60),
         })
     }
@@ -260,6 +524,87 @@ impl RedisBroker {
         self
     }
 
+    /// Runs `op` on the node that serves `topic`, given that node and whether to send `ASKING`
+    /// first. With `gate`, fails at once while that node's publisher is known to be down, and
+    /// closes the gate when a failure left it without a connection.
+    ///
+    /// On a cluster, a command answered `MOVED` did not run: the slot table is read again and
+    /// the command sent once more to the node it names. One answered `ASK` is sent once to the
+    /// node named, behind `ASKING`, and the table stays. A failure names the node and the
+    /// topic's partition.
+    async fn on_node<T, F, Fut>(&self, topic: &str, gate: bool, op: F) -> Result<T, PublishError>
+    where
+        F: Fn(Arc<Node>, bool) -> Fut,
+        Fut: Future<Output = Result<T, PublishError>>,
+    {
+        let node = match &self.shared.layout {
+            Layout::Single(node) => return self.gated(node.clone(), gate, &op, false).await,
+            Layout::Cluster(c) => c.node_of(topic),
+        };
+        let cluster = self.shared.cluster().expect("a cluster");
+        let partition = node.1;
+        let unserved = || {
+            PublishError::Unavailable(format!(
+                "no Redis Cluster primary serves partition {partition} (slot {}) now",
+                cluster.partitions.slot(partition)
+            ))
+        };
+        let mut node = node.0.ok_or_else(unserved)?;
+        let mut res = self.gated(node.clone(), gate, &op, false).await;
+        if let Err(PublishError::Unavailable(e)) = &res {
+            match Redirect::parse(e) {
+                Some(Redirect::Moved { .. }) => {
+                    cluster.refreshed(PUBLISH_TIMEOUT).await;
+                    node = cluster.node_of(topic).0.ok_or_else(unserved)?;
+                    res = self.gated(node.clone(), gate, &op, false).await;
+                }
+                Some(Redirect::Ask { node: to, .. }) => {
+                    let table = cluster.table();
+                    let named = table.nodes.iter().find(|n| {
+                        let port = n.port.to_string();
+                        to == format!("{}:{port}", n.host) || to == format!(":{port}")
+                    });
+                    if let Some(n) = named {
+                        node = n.clone();
+                        res = self.gated(node.clone(), gate, &op, true).await;
+                    }
+                }
+                None => {}
+            }
+        }
+        res.map_err(|e| match e {
+            PublishError::Unavailable(e) => PublishError::Unavailable(format!(
+                "Redis Cluster node {} (partition {partition}): {e}",
+                node.name
+            )),
+            other => other,
+        })
+    }
+
+    async fn gated<T, F, Fut>(
+        &self,
+        node: Arc<Node>,
+        gate: bool,
+        op: &F,
+        asking: bool,
+    ) -> Result<T, PublishError>
+    where
+        F: Fn(Arc<Node>, bool) -> Fut,
+        Fut: Future<Output = Result<T, PublishError>>,
+    {
+        if gate && !node.publisher_ok.load(Ordering::Acquire) {
+            return Err(PublishError::Unavailable(
+                "Redis unreachable; reconnecting".into(),
+            ));
+        }
+        let res = op(node.clone(), asking).await;
+        if gate && res.is_err() && node.publisher.link_down() {
+            node.publisher_ok.store(false, Ordering::Release);
+            self.recover(&node);
+        }
+        res
+    }
+
     /// Publishes `payload` on `topic`: through the position script if the topic has a policy
     /// (returning its position), with a plain PUBLISH otherwise.
     pub(crate) async fn publish_at(
@@ -270,32 +615,34 @@ impl RedisBroker {
         let Some(policy) = self.rule.as_ref().and_then(|rule| rule(topic)) else {
             return self.publish(topic, payload).await.map(|()| None);
         };
-        if !self.shared.publisher_ok.load(Ordering::Acquire) {
-            return Err(PublishError::Unavailable(
-                "Redis unreachable; reconnecting".into(),
-            ));
-        }
-        let channel = Bytes::from(format!("{}{topic}", self.shared.prefix));
+        let channel = self.shared.channel(topic);
         let args = positioned::args(
-            &self.shared.prefix,
-            topic,
+            &self.shared.key_tag(topic),
             channel,
             payload,
             &policy,
             &new_epoch(),
         );
-        let res = self.run_script(args).await;
-        if res.is_err() && self.publisher.link_down() {
-            self.shared.publisher_ok.store(false, Ordering::Release);
-            self.recover();
-        }
-        let value = res?;
+        let value = self
+            .on_node(topic, true, |node, asking| {
+                self.run_script(node, args.clone(), asking)
+            })
+            .await?;
         match positioned::reply_position(&value) {
             Some(p) => Ok(Some(p)),
             None => Err(PublishError::Unavailable(format!(
                 "unexpected reply to the position script: {value:?}"
             ))),
         }
+    }
+
+    /// Sends `cmd` to the node of `topic` (see [`on_node`](Self::on_node)), without the gate.
+    async fn call(&self, topic: &str, cmd: Vec<Bytes>) -> Result<Value, PublishError> {
+        self.on_node(topic, false, |node, asking| {
+            let cmd = cmd.clone();
+            async move { node.publisher.call_with(cmd, true, asking).await }
+        })
+        .await
     }
 
     /// Reads the publications `from ..= to` of `topic` from its Redis stream, with the
@@ -306,33 +653,33 @@ impl RedisBroker {
         from: u64,
         to: u64,
     ) -> Result<(String, Vec<(u64, Bytes)>), String> {
-        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let (meta, stream) = positioned::keys(&self.shared.key_tag(topic));
         let cmd = vec![
             Bytes::from_static(b"EVAL"),
-            Bytes::from_static(positioned::READ_SCRIPT.as_bytes()),
+            self.scripts.read.clone(),
             Bytes::from_static(b"2"),
             meta,
             stream,
             Bytes::from(format!("{from}-0")),
             Bytes::from(format!("{to}-0")),
         ];
-        let value = self.publisher.call(cmd).await.map_err(|e| e.to_string())?;
+        let value = self.call(topic, cmd).await.map_err(|e| e.to_string())?;
         positioned::read_reply(value).ok_or_else(|| "unexpected reply reading history".into())
     }
 
     /// Ends `topic`'s epoch in Redis if it is still `epoch` (its stream went back after a
     /// failover): the next publication starts a new one. Whether it was still current.
     pub(crate) async fn end_epoch(&self, topic: &str, epoch: &str) -> Result<bool, PublishError> {
-        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let (meta, stream) = positioned::keys(&self.shared.key_tag(topic));
         let cmd = vec![
             Bytes::from_static(b"EVAL"),
-            Bytes::from_static(positioned::END_EPOCH_SCRIPT.as_bytes()),
+            self.scripts.end_epoch.clone(),
             Bytes::from_static(b"2"),
             meta,
             stream,
             Bytes::copy_from_slice(epoch.as_bytes()),
         ];
-        match self.publisher.call(cmd).await? {
+        match self.call(topic, cmd).await? {
             Value::Int(n) => Ok(n == 1),
             other => Err(PublishError::Unavailable(format!(
                 "unexpected reply ending an epoch: {other:?}"
@@ -343,9 +690,9 @@ impl RedisBroker {
     /// Deletes `topic`'s stream and meta keys: the next publication starts a new epoch at
     /// offset 1, on every instance. Whether there was anything to delete.
     pub(crate) async fn remove_stream(&self, topic: &str) -> Result<bool, PublishError> {
-        let (meta, stream) = positioned::keys(&self.shared.prefix, topic);
+        let (meta, stream) = positioned::keys(&self.shared.key_tag(topic));
         let cmd = vec![Bytes::from_static(b"DEL"), meta, stream];
-        match self.publisher.call(cmd).await? {
+        match self.call(topic, cmd).await? {
             Value::Int(n) => Ok(n > 0),
             other => Err(PublishError::Unavailable(format!(
                 "unexpected reply to DEL: {other:?}"
@@ -353,9 +700,14 @@ impl RedisBroker {
         }
     }
 
-    /// EVALSHA with `args`; on NOSCRIPT (a restarted or flushed Redis), EVAL, which loads the
-    /// script again.
-    async fn run_script(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
+    /// EVALSHA with `args` on `node`; on NOSCRIPT (a restarted or flushed Redis, or a cluster
+    /// node that has not run it yet), EVAL, which loads the script again.
+    async fn run_script(
+        &self,
+        node: Arc<Node>,
+        args: Vec<Bytes>,
+        asking: bool,
+    ) -> Result<Value, PublishError> {
         let cached = self.sha.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sha = match cached {
             Some(sha) => sha,
@@ -363,9 +715,9 @@ impl RedisBroker {
                 let load = vec![
                     Bytes::from_static(b"SCRIPT"),
                     Bytes::from_static(b"LOAD"),
-                    Bytes::from_static(positioned::SCRIPT.as_bytes()),
+                    self.scripts.position.clone(),
                 ];
-                match self.publisher.call(load).await? {
+                match node.publisher.call(load).await? {
                     Value::Bulk(Some(sha)) => {
                         *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
                         sha
@@ -382,61 +734,74 @@ impl RedisBroker {
         cmd.push(Bytes::from_static(b"EVALSHA"));
         cmd.push(sha);
         cmd.extend(args.iter().cloned());
-        // `call_once`: a script that ran but whose answer was lost must not run again, or the
-        // publication would get two offsets.
-        match self.publisher.call_once(cmd).await {
+        // `resend` false: a script that ran but whose answer was lost must not run again, or
+        // the publication would get two offsets.
+        let node = &node;
+        let once = |cmd| async move {
+            if asking {
+                node.publisher.call_with(cmd, false, true).await
+            } else {
+                node.publisher.call_once(cmd).await
+            }
+        };
+        match once(cmd).await {
             Err(PublishError::Unavailable(e)) if e.starts_with("NOSCRIPT") => {
                 let mut cmd = Vec::with_capacity(args.len() + 2);
                 cmd.push(Bytes::from_static(b"EVAL"));
-                cmd.push(Bytes::from_static(positioned::SCRIPT.as_bytes()));
+                cmd.push(self.scripts.position.clone());
                 cmd.extend(args);
-                self.publisher.call_once(cmd).await
+                once(cmd).await
             }
             other => other,
         }
     }
 
     pub(crate) async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
-        if !self.shared.publisher_ok.load(Ordering::Acquire) {
-            return Err(PublishError::Unavailable(
-                "Redis unreachable; reconnecting".into(),
-            ));
-        }
-        let mut channel = BytesMut::with_capacity(self.shared.prefix.len() + topic.len());
-        channel.extend_from_slice(self.shared.prefix.as_bytes());
-        channel.extend_from_slice(topic.as_bytes());
-        let res = self.publisher.publish(channel.freeze(), payload).await;
-        if res.is_err() && self.publisher.link_down() {
-            self.shared.publisher_ok.store(false, Ordering::Release);
-            self.recover();
-        }
-        res
+        let channel = self.shared.channel(topic);
+        self.on_node(topic, true, |node, asking| {
+            let (channel, payload) = (channel.clone(), payload.clone());
+            async move {
+                if asking {
+                    let verb = Bytes::from_static(node.publisher.verb());
+                    let cmd = vec![verb, channel, payload];
+                    node.publisher.call_with(cmd, true, true).await.map(drop)
+                } else {
+                    node.publisher.publish(channel, payload).await
+                }
+            }
+        })
+        .await
     }
 
     /// Unless a recovery already runs: tries a probe publish every [`PROBE_RETRY`] until one
-    /// succeeds, then reopens `publisher_ok`.
-    fn recover(&self) {
-        if self.shared.recovering.swap(true, Ordering::AcqRel) {
+    /// succeeds, then reopens `publisher_ok` of `node`.
+    fn recover(&self, node: &Arc<Node>) {
+        if node.recovering.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (publisher, shared) = (self.publisher.clone(), self.shared.clone());
-        let channel = self.probe_channel.clone();
+        let (node, shared) = (node.clone(), self.shared.clone());
         tokio::spawn(async move {
             loop {
                 // Not `stop.notified()`: its one permit is the subscriber task's.
                 tokio::time::sleep(PROBE_RETRY).await;
                 if shared.stopped.load(Ordering::Acquire)
-                    || shared.publisher_ok.load(Ordering::Acquire)
+                    || node.stopped.load(Ordering::Acquire)
+                    || node.publisher_ok.load(Ordering::Acquire)
                 {
                     break;
                 }
                 let probe = Bytes::from_static(b"probe");
-                if publisher.publish(channel.clone(), probe).await.is_ok() {
-                    shared.publisher_ok.store(true, Ordering::Release);
+                if node
+                    .publisher
+                    .publish(node.probe_channel(), probe)
+                    .await
+                    .is_ok()
+                {
+                    node.publisher_ok.store(true, Ordering::Release);
                     break;
                 }
             }
-            shared.recovering.store(false, Ordering::Release);
+            node.recovering.store(false, Ordering::Release);
         });
     }
 
@@ -453,19 +818,21 @@ impl RedisBroker {
         op: &'static str,
         args: Vec<Bytes>,
     ) -> Result<Value, String> {
-        let prefix = &self.shared.prefix;
         let ttl = self.presence_ttl.as_millis().max(1);
         let mut cmd = Vec::with_capacity(12 + args.len());
         cmd.push(Bytes::from_static(b"EVAL"));
-        cmd.push(Bytes::from_static(presence::SCRIPT.as_bytes()));
+        cmd.push(self.scripts.presence.clone());
         cmd.push(Bytes::from_static(b"5"));
-        cmd.extend(presence::keys(prefix, topic, &self.shared.instance));
+        cmd.extend(presence::keys(
+            &self.shared.key_tag(topic),
+            &self.shared.instance,
+        ));
         cmd.push(Bytes::from_static(op.as_bytes()));
-        cmd.push(Bytes::from(format!("{prefix}{topic}")));
+        cmd.push(self.shared.channel(topic));
         cmd.push(Bytes::from(self.shared.instance.clone()));
         cmd.push(Bytes::from(ttl.to_string()));
         cmd.extend(args);
-        self.publisher.call(cmd).await.map_err(|e| e.to_string())
+        self.call(topic, cmd).await.map_err(|e| e.to_string())
     }
 
     /// Adds connection `conn` of `who` to `topic`'s presence.
@@ -531,17 +898,29 @@ impl RedisBroker {
             .ok_or_else(|| format!("unexpected reply to presence stats: {v:?}"))
     }
 
-    /// Ends the subscriber task (the service is going away).
+    /// Ends the subscriber tasks (the service is going away).
     pub(crate) fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Release);
-        self.shared.stop.notify_one();
         if let Some(watcher) = &self.watcher {
             watcher.abort();
         }
+        match &self.shared.layout {
+            Layout::Single(node) => node.stop.notify_one(),
+            Layout::Cluster(c) => {
+                for node in &c.table().nodes {
+                    node.shut();
+                }
+            }
+        }
     }
 
+    /// Whether publishes reach every subscriber connection: the node's probe comes back; on a
+    /// cluster, every slot of a partition has a primary and every primary's probe comes back.
     pub(crate) fn is_live(&self) -> bool {
-        self.shared.live.load(Ordering::Acquire)
+        match &self.shared.layout {
+            Layout::Single(node) => node.live.load(Ordering::Acquire),
+            Layout::Cluster(c) => c.is_live(),
+        }
     }
 
     pub(crate) fn interest(&self) -> Arc<dyn TopicInterest> {
@@ -607,17 +986,22 @@ impl std::fmt::Display for Lost {
             Self::ProbeTimeout => {
                 write!(f, "liveness probe not delivered within {PROBE_TIMEOUT:?}")
             }
-            Self::Failover => f.write_str("the sentinels named a new primary"),
+            Self::Failover => {
+                f.write_str("told to reconnect (a new primary, or the probe's slot moved)")
+            }
             Self::Shutdown => f.write_str("shutdown"),
         }
     }
 }
 
+/// The subscriber connection of one node: all of a single server's topics, or on a cluster the
+/// topics whose partitions that primary serves.
 struct Subscriber {
     shared: Arc<Shared>,
+    node: Arc<Node>,
     target: Target,
-    publisher: Arc<Publisher>,
     dispatch: mpsc::Sender<Published>,
+    /// The probe channel of the current connection.
     probe_channel: Bytes,
     /// Topics subscribed (or being subscribed) on the current connection.
     actual: AHashSet<Arc<str>>,
@@ -629,14 +1013,43 @@ struct Subscriber {
     /// SUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet, kept for a
     /// topic left meanwhile too, until its acknowledgements are in.
     pending_acks: AHashMap<Arc<str>, u32>,
+    /// SUNSUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet: a
+    /// `sunsubscribe` of a topic without one is the server's own (its slot moved).
+    pending_unsubs: AHashMap<Arc<str>, u32>,
     metrics: Arc<Metrics>,
 }
 
 impl Subscriber {
+    fn new(
+        shared: Arc<Shared>,
+        node: Arc<Node>,
+        target: Target,
+        dispatch: mpsc::Sender<Published>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            shared,
+            node,
+            target,
+            dispatch,
+            probe_channel: Bytes::new(),
+            actual: AHashSet::new(),
+            sent: VecDeque::new(),
+            resend: Vec::new(),
+            pending_acks: AHashMap::new(),
+            pending_unsubs: AHashMap::new(),
+            metrics,
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire) || self.node.stopped.load(Ordering::Acquire)
+    }
+
     async fn run(mut self) {
         let mut failures: u32 = 0;
         loop {
-            if self.shared.stopped.load(Ordering::Acquire) {
+            if self.stopped() {
                 return;
             }
             let lost = match connect(&self.target).await {
@@ -649,18 +1062,30 @@ impl Subscriber {
                 }
                 Err(e) => Lost::Io(e),
             };
-            self.shared.live.store(false, Ordering::Release);
+            self.node.live.store(false, Ordering::Release);
+            if self.stopped() {
+                return;
+            }
             self.metrics.broker_reconnect();
+            if let Some(cluster) = self.shared.cluster() {
+                // The node may have failed over or left: read the slot table again.
+                cluster.refresh_soon();
+            }
+            {
+                let mut st = self.shared.lock();
+                // Confirmed topics are all subscribed on this connection (on a cluster, other
+                // nodes' stay confirmed).
+                st.confirmed.retain(|t| !self.actual.contains(t));
+                // The next connection tries refused topics again (the ACL may have changed).
+                let shared = &self.shared;
+                let node = &self.node;
+                st.refused.retain(|t, _| !shared.owns(node, t));
+            }
             self.actual.clear();
             self.sent.clear();
             self.resend.clear();
             self.pending_acks.clear();
-            {
-                let mut st = self.shared.lock();
-                st.confirmed.clear();
-                // The next connection tries refused topics again (the ACL may have changed).
-                st.refused.clear();
-            }
+            self.pending_unsubs.clear();
             // A new primary named by the sentinels is connected to at once, whatever the
             // failures before it; so is one named while this waits out a backoff.
             let delay = if matches!(lost, Lost::Failover) {
@@ -670,11 +1095,11 @@ impl Subscriber {
                 failures = failures.saturating_add(1);
                 backoff(failures)
             };
-            tracing::warn!(error = %lost, retry_in = ?delay, "redis subscriber connection lost");
+            tracing::warn!(node = %self.node.name, error = %lost, retry_in = ?delay, "redis subscriber connection lost");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = self.shared.failover.notified() => failures = 0,
-                _ = self.shared.stop.notified() => return,
+                _ = self.node.reconnect.notified() => failures = 0,
+                _ = self.node.stop.notified() => return,
             }
         }
     }
@@ -683,17 +1108,25 @@ impl Subscriber {
     async fn serve(&mut self, mut stream: Stream, failures: &mut u32) -> Lost {
         // Re-subscribe everything wanted, the probe channel first, in one pipelined write.
         let wanted: Vec<Arc<str>> = {
-            let mut st = self.shared.lock();
-            st.dirty.clear();
-            st.counts.keys().cloned().collect()
+            let st = self.shared.lock();
+            self.node.dirty().clear();
+            st.counts
+                .keys()
+                .filter(|t| self.shared.owns(&self.node, t))
+                .cloned()
+                .collect()
         };
+        self.probe_channel = self.node.probe_channel();
         let mut out = Vec::new();
-        resp::encode_command(
-            &mut out,
-            [&b"SUBSCRIBE"[..], &self.probe_channel].into_iter(),
-        );
+        let verb: &[u8] = if self.node.sharded {
+            b"SSUBSCRIBE"
+        } else {
+            b"SUBSCRIBE"
+        };
+        resp::encode_command(&mut out, [verb, &self.probe_channel].into_iter());
         self.sent.push_back(Sent {
             topics: None,
+            subscribe: true,
             replies: 1,
         });
         self.subscribe_cmds(&mut out, wanted);
@@ -736,7 +1169,7 @@ impl Subscriber {
                     Ok(_) => {}
                     Err(e) => return Lost::Io(e),
                 },
-                _ = self.shared.wake.notified() => {
+                _ = self.node.wake.notified() => {
                     let mut out = Vec::new();
                     self.reconcile(&mut out);
                     if !out.is_empty() {
@@ -763,6 +1196,9 @@ impl Subscriber {
                         .unanswered_since
                         .is_some_and(|t| now.saturating_duration_since(t) > PROBE_TIMEOUT)
                     {
+                        if let Some(cluster) = self.shared.cluster() {
+                            cluster.refresh_soon();
+                        }
                         return Lost::ProbeTimeout;
                     }
                     if !probe.in_flight && now >= probe.next_at {
@@ -771,26 +1207,26 @@ impl Subscriber {
                         self.send_probe(probe_tx.clone());
                     }
                 }
-                _ = self.shared.failover.notified() => return Lost::Failover,
+                _ = self.node.reconnect.notified() => return Lost::Failover,
                 _ = self.dispatch.closed() => return Lost::Shutdown,
-                _ = self.shared.stop.notified() => return Lost::Shutdown,
+                _ = self.node.stop.notified() => return Lost::Shutdown,
             }
         }
     }
 
     /// Publishes one probe in the background; a failure is reported on `failed`.
     fn send_probe(&self, failed: mpsc::Sender<()>) {
-        let publisher = self.publisher.clone();
+        let node = self.node.clone();
         let channel = self.probe_channel.clone();
-        let shared = self.shared.clone();
         tokio::spawn(async move {
-            match publisher
+            match node
+                .publisher
                 .publish(channel, Bytes::from_static(b"probe"))
                 .await
             {
-                Ok(()) => shared.publisher_ok.store(true, Ordering::Release),
+                Ok(()) => node.publisher_ok.store(true, Ordering::Release),
                 Err(_) => {
-                    shared.publisher_ok.store(false, Ordering::Release);
+                    node.publisher_ok.store(false, Ordering::Release);
                     let _ = failed.send(()).await;
                 }
             }
@@ -803,22 +1239,41 @@ impl Subscriber {
             self.actual.insert(t.clone());
             *self.pending_acks.entry(t.clone()).or_insert(0) += 1;
         }
-        self.channel_cmds(out, b"SUBSCRIBE", &topics);
+        self.channel_cmds(out, true, &topics);
     }
 
-    fn channel_cmds(&mut self, out: &mut Vec<u8>, verb: &[u8], topics: &[Arc<str>]) {
-        let prefix = self.shared.prefix.as_bytes();
-        for chunk in topics.chunks(BATCH) {
-            self.sent.push_back(Sent {
-                topics: (verb == b"SUBSCRIBE").then(|| chunk.to_vec()),
-                replies: chunk.len(),
-            });
-            let channels: Vec<Vec<u8>> = chunk
-                .iter()
-                .map(|t| [prefix, t.as_bytes()].concat())
-                .collect();
-            let parts = std::iter::once(verb).chain(channels.iter().map(Vec::as_slice));
-            resp::encode_command(out, parts.collect::<Vec<_>>().into_iter());
+    /// Appends SUBSCRIBE (`subscribe`) or UNSUBSCRIBE commands for `topics`, at most [`BATCH`]
+    /// channels each; on a cluster SSUBSCRIBE or SUNSUBSCRIBE, one partition per command (a
+    /// command's channels must all be in one slot).
+    fn channel_cmds(&mut self, out: &mut Vec<u8>, subscribe: bool, topics: &[Arc<str>]) {
+        let verb: &[u8] = match (subscribe, self.node.sharded) {
+            (true, false) => b"SUBSCRIBE",
+            (false, false) => b"UNSUBSCRIBE",
+            (true, true) => b"SSUBSCRIBE",
+            (false, true) => b"SUNSUBSCRIBE",
+        };
+        let mut by_partition: Vec<(u16, &Arc<str>)> = topics
+            .iter()
+            .map(|t| (self.shared.partition(t), t))
+            .collect();
+        by_partition.sort_by_key(|(p, _)| *p);
+        for group in by_partition.chunk_by(|a, b| a.0 == b.0) {
+            for chunk in group.chunks(BATCH) {
+                let topics: Vec<Arc<str>> = chunk.iter().map(|(_, t)| (*t).clone()).collect();
+                if !subscribe && self.node.sharded {
+                    for t in &topics {
+                        *self.pending_unsubs.entry(t.clone()).or_insert(0) += 1;
+                    }
+                }
+                let channels: Vec<Bytes> = topics.iter().map(|t| self.shared.channel(t)).collect();
+                self.sent.push_back(Sent {
+                    topics: Some(topics),
+                    subscribe,
+                    replies: chunk.len(),
+                });
+                let parts = std::iter::once(verb).chain(channels.iter().map(|c| &c[..]));
+                resp::encode_command(out, parts.collect::<Vec<_>>().into_iter());
+            }
         }
     }
 
@@ -829,14 +1284,19 @@ impl Subscriber {
             let mut st = self.shared.lock();
             let mut sub = Vec::new();
             let mut unsub = Vec::new();
-            for t in std::mem::take(&mut st.dirty) {
-                let wanted = st.counts.contains_key(&t);
+            let dirty = std::mem::take(&mut *self.node.dirty());
+            for t in dirty {
+                let wanted = st.counts.contains_key(&t) && self.shared.owns(&self.node, &t);
                 let have = self.actual.contains(&t);
                 if wanted && !have {
                     sub.push(t);
                 } else if !wanted && have {
-                    st.confirmed.remove(&t);
-                    st.waiters.remove(&t);
+                    // A topic that moved to another node of a cluster is still wanted: its
+                    // confirmation and waiters are the new node's.
+                    if !st.counts.contains_key(&t) {
+                        st.confirmed.remove(&t);
+                        st.waiters.remove(&t);
+                    }
                     unsub.push(t);
                 }
             }
@@ -852,7 +1312,7 @@ impl Subscriber {
             self.subscribe_cmds(out, subscribe);
         }
         if !unsubscribe.is_empty() {
-            self.channel_cmds(out, b"UNSUBSCRIBE", &unsubscribe);
+            self.channel_cmds(out, false, &unsubscribe);
         }
     }
 
@@ -870,9 +1330,28 @@ impl Subscriber {
                 return match self.sent.pop_front() {
                     Some(Sent {
                         topics: Some(topics),
+                        subscribe: true,
                         ..
                     }) => {
-                        self.refused(topics, why);
+                        if self.shared.cluster().is_some() && is_elsewhere(&why) {
+                            // The slot is not (or no longer) this node's: subscribe the topics
+                            // where the slot table says they live.
+                            self.not_here(&topics);
+                            self.shared.displaced(topics);
+                        } else {
+                            self.refused(topics, why);
+                        }
+                        Ok(())
+                    }
+                    // An UNSUBSCRIBE refused (its slot moved away): nothing left to undo here.
+                    Some(Sent {
+                        topics: Some(topics),
+                        subscribe: false,
+                        ..
+                    }) => {
+                        for t in &topics {
+                            self.unsub_answered(t);
+                        }
                         Ok(())
                     }
                     // The probe channel's SUBSCRIBE, or an error that answers nothing we sent.
@@ -889,7 +1368,32 @@ impl Subscriber {
             Value::Bulk(Some(c)) => c,
             _ => return Ok(()),
         };
-        if &kind[..] == b"subscribe" || &kind[..] == b"unsubscribe" {
+        if &kind[..] == b"sunsubscribe" {
+            // Ours, or the server's own: a slot of this node moved to another one.
+            let name = self.shared.topic_name(&channel);
+            let ours =
+                name.and_then(|n| self.pending_unsubs.get_key_value(n).map(|(t, _)| t.clone()));
+            if let Some(topic) = ours {
+                self.unsub_answered(&topic);
+            } else {
+                if channel == self.probe_channel {
+                    if let Some(cluster) = self.shared.cluster() {
+                        cluster.refresh_soon();
+                    }
+                    return Err(Lost::Protocol("the probe channel's slot moved".into()));
+                }
+                if let Some(topic) = self.topic_of(&channel) {
+                    tracing::info!(node = %self.node.name, topic = %topic, "redis cluster slot moved; subscribing where it lives now");
+                    self.not_here(std::slice::from_ref(&topic));
+                    self.shared.displaced(vec![topic]);
+                }
+                return Ok(());
+            }
+        }
+        if matches!(
+            &kind[..],
+            b"subscribe" | b"unsubscribe" | b"ssubscribe" | b"sunsubscribe"
+        ) {
             // One reply of the oldest command still owed some.
             if let Some(front) = self.sent.front_mut() {
                 front.replies -= 1;
@@ -899,14 +1403,14 @@ impl Subscriber {
             }
         }
         match &kind[..] {
-            b"message" => {
+            b"message" | b"smessage" => {
                 let Some(Value::Bulk(Some(payload))) = it.next() else {
                     return Ok(());
                 };
                 if channel == self.probe_channel {
                     probe.answered();
-                    if !self.shared.live.swap(true, Ordering::AcqRel) {
-                        tracing::info!("redis broker live");
+                    if !self.node.live.swap(true, Ordering::AcqRel) {
+                        tracing::info!(node = %self.node.name, "redis broker live");
                     }
                     *failures = 0;
                     return Ok(());
@@ -942,7 +1446,7 @@ impl Subscriber {
                     Err(mpsc::error::TrySendError::Closed(_)) => return Err(Lost::Shutdown),
                 }
             }
-            b"subscribe" => {
+            b"subscribe" | b"ssubscribe" => {
                 if channel == self.probe_channel {
                     return Ok(());
                 }
@@ -981,6 +1485,30 @@ impl Subscriber {
         Ok(())
     }
 
+    /// One SUNSUBSCRIBE of `topic` was answered.
+    fn unsub_answered(&mut self, topic: &Arc<str>) {
+        if let Some(n) = self.pending_unsubs.get_mut(topic) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_unsubs.remove(topic);
+                self.pending_unsubs.shrink_when_sparse();
+            }
+        }
+    }
+
+    /// `topics` are not subscribed on this node after all (the server ended or refused their
+    /// subscription because their slot lives elsewhere).
+    fn not_here(&mut self, topics: &[Arc<str>]) {
+        let mut st = self.shared.lock();
+        for t in topics {
+            self.actual.remove(t);
+            if self.pending_acks.remove(t).is_some() {
+                self.pending_acks.shrink_when_sparse();
+            }
+            st.confirmed.remove(t);
+        }
+    }
+
     /// Redis refused the SUBSCRIBE of `topics` with `why`. A batch is sent again one topic per
     /// command, so that only the refused ones fail; a single topic is refused: its joins fail
     /// with `why`, and the connection stays.
@@ -1013,8 +1541,7 @@ impl Subscriber {
 
     /// The topic of a channel whose SUBSCRIBE is still unacknowledged (no allocation).
     fn pending_topic(&self, channel: &[u8]) -> Option<Arc<str>> {
-        let name = channel.strip_prefix(self.shared.prefix.as_bytes())?;
-        let name = std::str::from_utf8(name).ok()?;
+        let name = self.shared.topic_name(channel)?;
         self.pending_acks
             .get_key_value(name)
             .map(|(t, _)| t.clone())
@@ -1022,17 +1549,25 @@ impl Subscriber {
 
     /// The interned topic of a channel this connection subscribed to (no allocation).
     fn topic_of(&self, channel: &[u8]) -> Option<Arc<str>> {
-        let name = channel.strip_prefix(self.shared.prefix.as_bytes())?;
-        let name = std::str::from_utf8(name).ok()?;
+        let name = self.shared.topic_name(channel)?;
         self.actual.get(name).cloned()
     }
+}
+
+/// Whether a cluster node's error reply says that the slot lives, or is moving, elsewhere.
+fn is_elsewhere(error: &str) -> bool {
+    ["MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"]
+        .iter()
+        .any(|p| error.starts_with(p))
 }
 
 /// A SUBSCRIBE or UNSUBSCRIBE command whose replies are still owed.
 #[derive(Debug)]
 struct Sent {
-    /// The topics of a SUBSCRIBE of topics; `None` for the probe channel's and for UNSUBSCRIBE.
+    /// The topics of the command; `None` for the probe channel's.
     topics: Option<Vec<Arc<str>>>,
+    /// SUBSCRIBE (or SSUBSCRIBE), not UNSUBSCRIBE.
+    subscribe: bool,
     /// Replies still owed: one per channel.
     replies: usize,
 }
@@ -1178,30 +1713,19 @@ mod tests {
     fn subscriber() -> Subscriber {
         let (dispatch, _) = mpsc::channel(1);
         let target = Target::from_url("redis://127.0.0.1:1/", None).unwrap();
-        Subscriber {
-            shared: Arc::new(Shared {
-                interest: Mutex::new(Interest::default()),
-                wake: Notify::new(),
-                live: AtomicBool::new(false),
-                publisher_ok: AtomicBool::new(true),
-                recovering: AtomicBool::new(false),
-                prefix: String::new(),
-                stopped: AtomicBool::new(false),
-                stop: Notify::new(),
-                failover: Notify::new(),
-                presence_events: std::sync::OnceLock::new(),
-                instance: "1".into(),
-            }),
-            publisher: Arc::new(Publisher::new(target.clone())),
-            target,
-            dispatch,
-            probe_channel: Bytes::from_static(b"__rtk_probe:1"),
-            actual: AHashSet::new(),
-            sent: VecDeque::new(),
-            resend: Vec::new(),
-            pending_acks: AHashMap::new(),
-            metrics: Arc::default(),
-        }
+        let node = Node::new(&target, false);
+        node.set_probe(Bytes::from_static(b"__rtk_probe:1"));
+        let shared = Arc::new(Shared {
+            interest: Mutex::new(Interest::default()),
+            prefix: String::new(),
+            stopped: AtomicBool::new(false),
+            presence_events: std::sync::OnceLock::new(),
+            instance: "1".into(),
+            layout: Layout::Single(node.clone()),
+        });
+        let mut sub = Subscriber::new(shared, node, target, dispatch, Arc::default());
+        sub.probe_channel = sub.node.probe_channel();
+        sub
     }
 
     /// Redis's acknowledgement of one channel of a SUBSCRIBE or UNSUBSCRIBE.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::connect::{Target, open_tcp, request, tls};
+use super::connect::{Target, host_list, open_tcp, request, tls};
 use super::resp::{self, Value};
 use super::stream::Stream;
 
@@ -55,24 +55,7 @@ impl Sentinels {
             Some((user, hosts)) => (Some(user), hosts),
             None => (None, authority),
         };
-        let mut nodes = Vec::new();
-        for node in hosts.split(',').filter(|n| !n.is_empty()) {
-            let (host, port) = match node.rsplit_once(':') {
-                Some((host, port)) => {
-                    let port = port
-                        .parse()
-                        .map_err(|_| format!("sentinel {node:?}: the port is not a number"))?;
-                    (host, port)
-                }
-                None => (node, SENTINEL_PORT),
-            };
-            if host.is_empty() || host.contains(['[', ']']) {
-                return Err(format!(
-                    "sentinel {node:?}: give a host name or an IPv4 address"
-                ));
-            }
-            nodes.push((host.to_owned(), port));
-        }
+        let nodes = host_list(hosts, SENTINEL_PORT, "sentinel")?;
         if nodes.is_empty() {
             return Err("a Sentinel URL names at least one sentinel".into());
         }

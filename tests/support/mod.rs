@@ -8,6 +8,7 @@ pub mod certs;
 pub mod chat;
 pub mod presence;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod redis_server;
 
 use std::net::SocketAddr;

@@ -37,7 +37,7 @@ pub fn start_redis(test: &str) -> Option<RedisServer> {
 
 /// Whether `program` (`redis-server`, `redis-sentinel`: the Debian package has its name) can be
 /// run; says so loudly when it cannot (see [`start_redis`]).
-fn installed(test: &str, program: &str) -> bool {
+pub fn installed(test: &str, program: &str) -> bool {
     let found = Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
