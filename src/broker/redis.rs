@@ -1,5 +1,9 @@
 //! The Redis broker: instances share topics through Redis Pub/Sub.
 //!
+//! What follows describes one [`Node`]: a single server, Sentinel's primary, or one primary of
+//! a Redis Cluster ([`super::cluster`]), where each primary has its own publisher, subscriber
+//! (sharded Pub/Sub) and probe, and a topic's commands go to the primary of its partition.
+//!
 //! # Publishing
 //! One long-lived connection ([`super::publisher`]): concurrent publishes are pipelined on it,
 //! many to a write, and it is made again when it fails. Every publish is bounded by
