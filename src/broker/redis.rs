@@ -1020,6 +1020,9 @@ struct Subscriber {
     /// SUNSUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet: a
     /// `sunsubscribe` of a topic without one is the server's own (its slot moved).
     pending_unsubs: AHashMap<Arc<str>, u32>,
+    /// Topics whose slot turned out to live elsewhere, handed on together once the values read
+    /// so far are handled (a slot that moves ends all of its subscriptions at once).
+    moved: Vec<Arc<str>>,
     metrics: Arc<Metrics>,
 }
 
@@ -1042,6 +1045,7 @@ impl Subscriber {
             resend: Vec::new(),
             pending_acks: AHashMap::new(),
             pending_unsubs: AHashMap::new(),
+            moved: Vec::new(),
             metrics,
         }
     }
@@ -1090,6 +1094,9 @@ impl Subscriber {
             self.resend.clear();
             self.pending_acks.clear();
             self.pending_unsubs.clear();
+            if !self.moved.is_empty() {
+                self.shared.displaced(std::mem::take(&mut self.moved));
+            }
             // A new primary named by the sentinels is connected to at once, whatever the
             // failures before it; so is one named while this waits out a backoff.
             let delay = if matches!(lost, Lost::Failover) {
@@ -1155,6 +1162,10 @@ impl Subscriber {
                     Ok(None) => break,
                     Err(e) => return Lost::Protocol(e.to_string()),
                 }
+            }
+            if !self.moved.is_empty() {
+                tracing::info!(node = %self.node.name, topics = self.moved.len(), "redis cluster slots moved; subscribing their topics where they live now");
+                self.shared.displaced(std::mem::take(&mut self.moved));
             }
             if !self.resend.is_empty() {
                 let mut out = Vec::new();
@@ -1341,7 +1352,7 @@ impl Subscriber {
                             // The slot is not (or no longer) this node's: subscribe the topics
                             // where the slot table says they live.
                             self.not_here(&topics);
-                            self.shared.displaced(topics);
+                            self.moved.extend(topics);
                         } else {
                             self.refused(topics, why);
                         }
@@ -1387,9 +1398,8 @@ impl Subscriber {
                     return Err(Lost::Protocol("the probe channel's slot moved".into()));
                 }
                 if let Some(topic) = self.topic_of(&channel) {
-                    tracing::info!(node = %self.node.name, topic = %topic, "redis cluster slot moved; subscribing where it lives now");
                     self.not_here(std::slice::from_ref(&topic));
-                    self.shared.displaced(vec![topic]);
+                    self.moved.push(topic);
                 }
                 return Ok(());
             }
