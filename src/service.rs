@@ -210,7 +210,9 @@ impl<H: MessageHandler> WebsocketService<H> {
     }
 
     /// Whether the broker connection is live (always true for the in-process broker). Serve it
-    /// as a readiness probe.
+    /// as a readiness probe. On Redis Cluster: the slot table was read and every primary in it
+    /// answers this instance's probe (a primary the cluster flagged as failed is out of the
+    /// table: its partitions' publishes fail, the instance stays ready).
     pub fn is_ready(&self) -> bool {
         !self.runtime.is_shutting_down() && self.runtime.broker().is_live()
     }
@@ -309,6 +311,14 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     }
 
     /// The Redis URL to scale out with; `None` (the default) selects the in-process broker.
+    ///
+    /// One node: `redis://[user:password@]host[:port][/db]` (`rediss://` for TLS),
+    /// `redis+unix:///path`; Sentinel: `redis+sentinel://host:port[,…]/service[/db]`; Redis
+    /// Cluster with sharded Pub/Sub: `redis+cluster://[user:password@]host:port[,…]/` (seed
+    /// nodes; `rediss+cluster://` for TLS), with `?partitions=N` (1 to 16 384, default 128):
+    /// topics are spread over that many partitions, each pinned to one slot, and every instance
+    /// of an application must use the same count. A URL that cannot be used is a
+    /// [`BuildError`] at build time. See the scaling-out guide.
     pub fn redis_url(mut self, url: Option<impl Into<String>>) -> Self {
         self.redis_url = url.map(Into::into);
         self
@@ -325,7 +335,8 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     }
 
     /// A prefix for Redis channel names: topic `general` is channel `<prefix>general`. Default:
-    /// none, so any program can `PUBLISH general …` to reach the topic's subscribers.
+    /// none, so any program can `PUBLISH general …` to reach the topic's subscribers. (On Redis
+    /// Cluster the channel is `{<partition tag>}<prefix>general`.)
     pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.channel_prefix = prefix.into();
         self

@@ -253,3 +253,59 @@ async fn a_failed_primary_fails_its_partitions_only_and_leaves_the_instance_read
         "the restarted primary never served its partitions again"
     );
 }
+
+/// An ACL user on every node, given in the URL: the instances authenticate as that user on
+/// every primary's connections, and messages go through on a topic of each primary.
+/// A wrong password leaves an instance not ready, and its publishes fail with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_in_the_url_is_used_on_every_primary() {
+    let Some(cluster) = start_cluster("an_acl_user_in_the_url_is_used_on_every_primary") else {
+        return;
+    };
+    tokio::task::block_in_place(|| {
+        for i in 0..cluster.len() {
+            let reply = cluster.cli(
+                i,
+                &[
+                    "ACL", "SETUSER", "app", "on", ">s3cret", "~*", "&*", "+@all",
+                ],
+            );
+            assert_eq!(reply, "OK");
+        }
+    });
+    let with = |auth: &str| {
+        cluster
+            .url()
+            .replace("redis+cluster://", &format!("redis+cluster://{auth}@"))
+    };
+    let a = positioned(with("app:s3cret")).await;
+    let b = positioned(with("app:s3cret")).await;
+    let topics = positioned_topics_on_every_node(&cluster, &a).await;
+    for (topic, node) in &topics {
+        let (mut c, _) = rtk1(a.addr, topic, None).await;
+        let p = b.service.publish(topic, &json!({ "n": 1 })).await;
+        assert!(p.is_ok(), "{topic} on node {node}: {p:?}");
+        assert_eq!(next_pub(&mut c, topic).await.2, 1, "{topic} on node {node}");
+    }
+    tokio::task::block_in_place(|| {
+        for i in 0..cluster.len() {
+            let clients = cluster.cli(i, &["CLIENT", "LIST"]);
+            let of_app = clients.lines().filter(|l| l.contains(" user=app ")).count();
+            // Each instance's subscriber and publisher on every primary.
+            assert!(of_app >= 4, "node {i}: {clients}");
+        }
+    });
+
+    let wrong = support::chat::builder()
+        .redis_url(Some(with("app:wrong")))
+        .build();
+    let wrong = serve_chat(wrong).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!wrong.service.is_ready());
+    let e = wrong
+        .service
+        .publish("general", &json!({ "n": 1 }))
+        .await
+        .expect_err("a wrong password publishes nothing");
+    assert!(e.is_retryable(), "{e}");
+}

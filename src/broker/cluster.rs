@@ -472,7 +472,7 @@ async fn read_any(cluster: &Cluster) -> Result<Vec<Range>, String> {
 /// Installs a new slot table: keeps the connections of the primaries that stay, starts those
 /// of new ones, stops those of primaries gone, and has every wanted topic whose node changed
 /// subscribed where it now lives.
-fn apply(
+pub(super) fn apply(
     shared: &Shared,
     cluster: &Cluster,
     ranges: Vec<Range>,

@@ -1,5 +1,9 @@
 //! The Redis broker: instances share topics through Redis Pub/Sub.
 //!
+//! What follows describes one [`Node`]: a single server, Sentinel's primary, or one primary of
+//! a Redis Cluster ([`super::cluster`]), where each primary has its own publisher, subscriber
+//! (sharded Pub/Sub) and probe, and a topic's commands go to the primary of its partition.
+//!
 //! # Publishing
 //! One long-lived connection ([`super::publisher`]): concurrent publishes are pipelined on it,
 //! many to a write, and it is made again when it fails. Every publish is bounded by
@@ -1016,6 +1020,9 @@ struct Subscriber {
     /// SUNSUBSCRIBE commands sent per topic whose acknowledgement has not arrived yet: a
     /// `sunsubscribe` of a topic without one is the server's own (its slot moved).
     pending_unsubs: AHashMap<Arc<str>, u32>,
+    /// Topics whose slot turned out to live elsewhere, handed on together once the values read
+    /// so far are handled (a slot that moves ends all of its subscriptions at once).
+    moved: Vec<Arc<str>>,
     metrics: Arc<Metrics>,
 }
 
@@ -1038,6 +1045,7 @@ impl Subscriber {
             resend: Vec::new(),
             pending_acks: AHashMap::new(),
             pending_unsubs: AHashMap::new(),
+            moved: Vec::new(),
             metrics,
         }
     }
@@ -1086,6 +1094,9 @@ impl Subscriber {
             self.resend.clear();
             self.pending_acks.clear();
             self.pending_unsubs.clear();
+            if !self.moved.is_empty() {
+                self.shared.displaced(std::mem::take(&mut self.moved));
+            }
             // A new primary named by the sentinels is connected to at once, whatever the
             // failures before it; so is one named while this waits out a backoff.
             let delay = if matches!(lost, Lost::Failover) {
@@ -1151,6 +1162,10 @@ impl Subscriber {
                     Ok(None) => break,
                     Err(e) => return Lost::Protocol(e.to_string()),
                 }
+            }
+            if !self.moved.is_empty() {
+                tracing::info!(node = %self.node.name, topics = self.moved.len(), "redis cluster slots moved; subscribing their topics where they live now");
+                self.shared.displaced(std::mem::take(&mut self.moved));
             }
             if !self.resend.is_empty() {
                 let mut out = Vec::new();
@@ -1337,7 +1352,7 @@ impl Subscriber {
                             // The slot is not (or no longer) this node's: subscribe the topics
                             // where the slot table says they live.
                             self.not_here(&topics);
-                            self.shared.displaced(topics);
+                            self.moved.extend(topics);
                         } else {
                             self.refused(topics, why);
                         }
@@ -1383,9 +1398,8 @@ impl Subscriber {
                     return Err(Lost::Protocol("the probe channel's slot moved".into()));
                 }
                 if let Some(topic) = self.topic_of(&channel) {
-                    tracing::info!(node = %self.node.name, topic = %topic, "redis cluster slot moved; subscribing where it lives now");
                     self.not_here(std::slice::from_ref(&topic));
-                    self.shared.displaced(vec![topic]);
+                    self.moved.push(topic);
                 }
                 return Ok(());
             }
@@ -1992,5 +2006,221 @@ mod tests {
                 .is_some_and(|e| e.contains("NOPERM"))
         );
         assert!(sub.sent.is_empty() && sub.pending_acks.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use crate::broker::cluster::{Range, Spec, apply};
+    use crate::broker::slots;
+
+    /// A cluster broker's shared state with two primaries (slots 0–8191 on A, the rest on B)
+    /// and A's subscriber, driven by hand (no connection).
+    fn subscriber_of_a() -> (Subscriber, Arc<Node>) {
+        let spec = Spec::from_url("redis+cluster://127.0.0.1:1/")
+            .unwrap()
+            .unwrap();
+        let template = Target::from_url(&spec.node_url, None).unwrap();
+        let shared = Arc::new(Shared {
+            interest: Mutex::new(Interest::default()),
+            prefix: "app:".into(),
+            stopped: AtomicBool::new(false),
+            presence_events: std::sync::OnceLock::new(),
+            instance: "1".into(),
+            layout: Layout::Cluster(Cluster::new(&spec, template).unwrap()),
+        });
+        let range = |first, last, port| Range {
+            first,
+            last,
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let ranges = vec![range(0, 8191, 7001), range(8192, 16383, 7002)];
+        apply(
+            &shared,
+            shared.cluster().unwrap(),
+            ranges,
+            &|_: &Arc<Node>, _| {},
+        );
+        let table = shared.cluster().unwrap().table();
+        let (a, b) = (table.nodes[0].clone(), table.nodes[1].clone());
+        let (dispatch, _) = mpsc::channel(1);
+        let target = shared.cluster().unwrap().target("127.0.0.1", 7001);
+        let mut sub = Subscriber::new(shared, a, target, dispatch, Arc::default());
+        sub.probe_channel = sub.node.probe_channel();
+        (sub, b)
+    }
+
+    /// Topics of A (slots below 8192), from distinct partitions.
+    fn topics_of(sub: &Subscriber, n: usize) -> Vec<Arc<str>> {
+        (0..)
+            .map(|i| Arc::<str>::from(format!("room:{i}")))
+            .filter(|t| sub.shared.owns(&sub.node, t))
+            .take(n)
+            .collect()
+    }
+
+    /// The commands in `out`, each as its words.
+    fn commands(out: &[u8]) -> Vec<Vec<Bytes>> {
+        let mut buf = BytesMut::from(out);
+        let mut cmds = Vec::new();
+        while let Some(Value::Array(Some(parts))) = resp::parse(&mut buf).unwrap() {
+            cmds.push(
+                parts
+                    .into_iter()
+                    .map(|p| match p {
+                        Value::Bulk(Some(b)) => b,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect(),
+            );
+        }
+        cmds
+    }
+
+    fn push(kind: &'static [u8], channel: Bytes) -> Value {
+        Value::Array(Some(vec![
+            Value::Bulk(Some(Bytes::from_static(kind))),
+            Value::Bulk(Some(channel)),
+            Value::Int(0),
+        ]))
+    }
+
+    #[test]
+    fn names_carry_the_partition_tag_first_and_parse_back() {
+        let (sub, _) = subscriber_of_a();
+        let shared = &sub.shared;
+        let c = shared.cluster().unwrap();
+        let tag = c.partitions.tag(c.partitions.of("general"));
+        assert_eq!(
+            &shared.channel("general")[..],
+            format!("{{{tag}}}app:general").as_bytes()
+        );
+        assert_eq!(shared.key_tag("general"), format!("{{{tag}}}app:general"));
+        let (meta, _) = positioned::keys(&shared.key_tag("general"));
+        assert_eq!(slots::slot(&meta), slots::slot(&shared.channel("general")));
+        assert_eq!(
+            shared.topic_name(&shared.channel("general")),
+            Some("general")
+        );
+        assert_eq!(shared.topic_name(b"app:general"), None);
+        assert_eq!(shared.topic_name(b"{x}other:general"), None);
+        // The probe rides on a slot of its own node.
+        let probe = sub.node.probe_channel();
+        assert!(slots::slot(&probe) < 8192, "{probe:?}");
+    }
+
+    #[test]
+    fn each_ssubscribe_carries_the_channels_of_one_slot() {
+        let (mut sub, _) = subscriber_of_a();
+        let mut topics = topics_of(&sub, 40);
+        // Two topics of one partition go in one command.
+        let p = sub.shared.partition(&topics[0]);
+        let twin: Arc<str> = (0..)
+            .map(|i| Arc::<str>::from(format!("twin:{i}")))
+            .find(|t| sub.shared.partition(t) == p)
+            .unwrap();
+        topics.push(twin.clone());
+        let mut out = Vec::new();
+        sub.subscribe_cmds(&mut out, topics.clone());
+        let cmds = commands(&out);
+        let partitions: AHashSet<u16> = topics.iter().map(|t| sub.shared.partition(t)).collect();
+        assert_eq!(cmds.len(), partitions.len());
+        for cmd in &cmds {
+            assert_eq!(&cmd[0][..], b"SSUBSCRIBE");
+            let slots: AHashSet<u16> = cmd[1..].iter().map(|c| slots::slot(c)).collect();
+            assert_eq!(slots.len(), 1, "{cmd:?}");
+        }
+        assert!(
+            cmds.iter().any(|c| c.len() == 3),
+            "the twins share a command"
+        );
+        assert_eq!(sub.sent.len(), cmds.len());
+    }
+
+    #[tokio::test]
+    async fn a_sunsubscribe_the_server_sent_takes_the_topic_off_and_ours_are_acknowledged() {
+        let (mut sub, _) = subscriber_of_a();
+        let interest: Arc<dyn TopicInterest> = sub.shared.clone();
+        let topics = topics_of(&sub, 2);
+        let (mut probe, mut failures, mut out) = (Probe::new(), 0, Vec::new());
+        for t in &topics {
+            interest.first_in_shard(t);
+        }
+        sub.reconcile(&mut out);
+        for t in &topics {
+            let ack = push(b"ssubscribe", sub.shared.channel(t));
+            sub.handle(ack, &mut probe, &mut failures).await.unwrap();
+        }
+        assert!(sub.sent.is_empty());
+        assert_eq!(sub.shared.lock().confirmed.len(), 2);
+
+        // We leave topic 0: our SUNSUBSCRIBE's acknowledgement settles what is owed.
+        interest.last_in_shard(&topics[0]);
+        sub.reconcile(&mut out);
+        assert_eq!(sub.sent.len(), 1);
+        let ack = push(b"sunsubscribe", sub.shared.channel(&topics[0]));
+        sub.handle(ack, &mut probe, &mut failures).await.unwrap();
+        assert!(sub.sent.is_empty() && sub.pending_unsubs.is_empty());
+
+        // The server ends topic 1's subscription (its slot moved): not an acknowledgement of
+        // anything, and the topic is no longer on this connection.
+        let ended = push(b"sunsubscribe", sub.shared.channel(&topics[1]));
+        sub.handle(ended, &mut probe, &mut failures).await.unwrap();
+        assert!(!sub.actual.contains(&topics[1]));
+        assert!(!sub.shared.lock().confirmed.contains(&topics[1]));
+        assert!(
+            sub.shared.lock().counts.contains_key(&topics[1]),
+            "still wanted"
+        );
+
+        // The probe channel's subscription ended: the connection is made again.
+        let probe_ended = push(b"sunsubscribe", sub.probe_channel.clone());
+        let lost = sub.handle(probe_ended, &mut probe, &mut failures).await;
+        assert!(matches!(lost, Err(Lost::Protocol(_))), "{lost:?}");
+    }
+
+    #[tokio::test]
+    async fn a_moved_reply_to_ssubscribe_is_not_a_refusal() {
+        let (mut sub, _) = subscriber_of_a();
+        let interest: Arc<dyn TopicInterest> = sub.shared.clone();
+        let topic = topics_of(&sub, 1).remove(0);
+        let (mut probe, mut failures, mut out) = (Probe::new(), 0, Vec::new());
+        interest.first_in_shard(&topic);
+        sub.reconcile(&mut out);
+        let moved = Value::Error(Bytes::from_static(b"MOVED 3999 127.0.0.1:7002"));
+        sub.handle(moved, &mut probe, &mut failures).await.unwrap();
+        assert!(sub.shared.lock().refused.is_empty());
+        assert!(!sub.actual.contains(&topic) && sub.pending_acks.is_empty());
+        assert!(sub.sent.is_empty());
+    }
+
+    #[test]
+    fn a_topic_whose_slot_moves_is_marked_on_both_nodes() {
+        let (mut sub, b) = subscriber_of_a();
+        let interest: Arc<dyn TopicInterest> = sub.shared.clone();
+        let topic = topics_of(&sub, 1).remove(0);
+        let mut out = Vec::new();
+        interest.first_in_shard(&topic);
+        sub.reconcile(&mut out);
+        assert!(sub.actual.contains(&topic));
+        // Every slot moves to B.
+        let c = sub.shared.cluster().unwrap();
+        let all = vec![Range {
+            first: 0,
+            last: 16383,
+            host: "127.0.0.1".into(),
+            port: 7002,
+        }];
+        apply(&sub.shared, c, all, &|_: &Arc<Node>, _| {});
+        assert!(b.dirty().contains(&topic), "the new node subscribes it");
+        let mut out = Vec::new();
+        sub.reconcile(&mut out);
+        let cmds = commands(&out);
+        assert_eq!(cmds.len(), 1);
+        assert_eq!(&cmds[0][0][..], b"SUNSUBSCRIBE", "the old node lets it go");
+        assert!(!sub.actual.contains(&topic));
+        assert!(sub.node.stopped.load(Ordering::Acquire), "A left the table");
     }
 }
