@@ -399,9 +399,20 @@ pub(crate) async fn open_many(
     stats: Arc<Stats>,
     check: SeqCheck,
 ) -> (Vec<Option<Writer>>, u64) {
+    let dests = paths.into_iter().map(|p| (addr, p)).collect();
+    open_many_to(dests, parallel, stats, check).await
+}
+
+/// [`open_many`] with a server address per connection (instances sharing one Redis).
+pub(crate) async fn open_many_to(
+    dests: Vec<(SocketAddr, String)>,
+    parallel: usize,
+    stats: Arc<Stats>,
+    check: SeqCheck,
+) -> (Vec<Option<Writer>>, u64) {
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
-    let mut handles = Vec::with_capacity(paths.len());
-    for (idx, path) in paths.into_iter().enumerate() {
+    let mut handles = Vec::with_capacity(dests.len());
+    for (idx, (addr, path)) in dests.into_iter().enumerate() {
         let sem = sem.clone();
         let stats = stats.clone();
         handles.push(tokio::spawn(async move {

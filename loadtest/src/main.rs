@@ -145,13 +145,17 @@ enum CompareScenario {
     /// (`SendMessage`, or a Socket.IO `send` event) on the other, so that every delivery crosses
     /// instances. Takes the fan-out arguments; `--via` is always `ws`.
     MultiInstance(FanoutArgs),
+    /// One instance, then two sharing one Redis with the same subscribers each (fan-out
+    /// arguments, `basic_chat`'s protocol): each instance's CPU per delivery and Redis's CPU per
+    /// publish, two instances against one, in the same run.
+    SharedRedis(FanoutArgs),
 }
 
 impl CompareScenario {
     /// The fan-out sweep a scenario runs, if it is one.
     fn fanout(&self) -> Option<FanoutArgs> {
         match self {
-            Self::Fanout(f) => Some(f.clone()),
+            Self::Fanout(f) | Self::SharedRedis(f) => Some(f.clone()),
             Self::Notifications(n) => Some(n.fanout()),
             Self::MultiInstance(f) => Some(FanoutArgs {
                 via: scenario::Via::Ws,
@@ -167,6 +171,9 @@ impl CompareScenario {
             Self::Notifications(_) => "Notifications (one subscriber per topic, via Redis)",
             Self::MultiInstance(_) => {
                 "Multi-instance (subscribers on one instance, publisher on another, one Redis)"
+            }
+            Self::SharedRedis(_) => {
+                "Shared Redis (one instance, then two with the same subscribers each, one Redis)"
             }
             Self::Chat(_) => "Chat",
             Self::Connect(_) => "Connect",
@@ -256,6 +263,7 @@ fn target(ext: &External) -> Result<Target, String> {
         redis_pid: None,
         proto: ext.proto,
         publish_addr: None,
+        mirror: None,
     })
 }
 
@@ -336,6 +344,8 @@ enum RunResult {
 struct CompareRun {
     system: System,
     rep: usize,
+    /// Instances carrying the subscribers: 2 for the second arrangement of `shared-redis`.
+    instances: usize,
     result: Result<RunResult, String>,
 }
 
@@ -369,9 +379,23 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
     };
     let redis_url = format!("redis://{}/", redis.addr);
     let mut runs = Vec::new();
+    let arrangements: &[usize] = match &args.scenario {
+        CompareScenario::SharedRedis(_) => &[1, 2],
+        _ => &[1],
+    };
     for rep in 0..args.reps.max(1) {
-        for &sys in &args.systems {
-            eprintln!("== {} (rep {}/{})", sys.name(), rep + 1, args.reps.max(1));
+        for (&sys, &instances) in args
+            .systems
+            .iter()
+            .flat_map(|s| arrangements.iter().map(move |i| (s, i)))
+        {
+            eprintln!(
+                "== {}{} (rep {}/{})",
+                sys.name(),
+                if instances > 1 { " × 2 instances" } else { "" },
+                rep + 1,
+                args.reps.max(1)
+            );
             let like_ours = matches!(sys, System::Ours | System::OursTls | System::Baseline);
             let mut env = if like_ours {
                 system::env_pairs(&args.ours_env)
@@ -401,20 +425,22 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
             let result = async {
                 let mut server =
                     system::start_system(sys, &target_dir, &opts).map_err(|e| e.to_string())?;
-                // The publishing instance of a multi-instance run (unpinned: with --pin the
-                // measured instance has CPU 0 to itself).
-                let mut other = match &args.scenario {
-                    CompareScenario::MultiInstance(_) => {
-                        let o = StartOpts {
-                            cpus: None,
-                            ..opts.clone()
-                        };
-                        Some(
-                            system::start_system(sys, &target_dir, &o)
-                                .map_err(|e| e.to_string())?,
-                        )
-                    }
-                    _ => None,
+                // The second instance: the publisher's in a multi-instance run, the mirror in
+                // the second arrangement of shared-redis (unpinned: with --pin the measured
+                // instance has CPU 0 to itself).
+                let second = match &args.scenario {
+                    CompareScenario::MultiInstance(_) => true,
+                    CompareScenario::SharedRedis(_) => instances > 1,
+                    _ => false,
+                };
+                let mut other = if second {
+                    let o = StartOpts {
+                        cpus: None,
+                        ..opts.clone()
+                    };
+                    Some(system::start_system(sys, &target_dir, &o).map_err(|e| e.to_string())?)
+                } else {
+                    None
                 };
                 let t = Target {
                     addr: server.addr,
@@ -422,12 +448,25 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
                     redis: Some(redis.addr),
                     redis_pid: Some(redis.pid()),
                     proto: sys.proto(),
-                    publish_addr: other.as_ref().map(|o| o.addr),
+                    publish_addr: match &args.scenario {
+                        CompareScenario::MultiInstance(_) => other.as_ref().map(|o| o.addr),
+                        _ => None,
+                    },
+                    mirror: match &args.scenario {
+                        CompareScenario::SharedRedis(_) => {
+                            other.as_ref().map(|o| scenario::Mirror {
+                                addr: o.addr,
+                                pid: Some(o.pid()),
+                            })
+                        }
+                        _ => None,
+                    },
                 };
                 let r = match &args.scenario {
                     CompareScenario::Fanout(_)
                     | CompareScenario::Notifications(_)
-                    | CompareScenario::MultiInstance(_) => {
+                    | CompareScenario::MultiInstance(_)
+                    | CompareScenario::SharedRedis(_) => {
                         let a = args.scenario.fanout().unwrap_or_else(|| unreachable!());
                         scenario::fanout(&t, &a).await.map(RunResult::Fanout)
                     }
@@ -449,6 +488,7 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
             runs.push(CompareRun {
                 system: sys,
                 rep,
+                instances,
                 result,
             });
             // Let sockets in TIME_WAIT and the server's exit settle between systems.
@@ -648,6 +688,87 @@ mod report {
         s
     }
 
+    /// `shared-redis`: per rate and system, one instance against two sharing one Redis, medians
+    /// over reps: each instance's CPU per delivery and Redis's CPU per publish, with ratios.
+    fn shared_redis(
+        f: &crate::scenario::FanoutArgs,
+        systems: &[System],
+        runs: &[CompareRun],
+    ) -> String {
+        let mut s = String::from(
+            "| pub/s | frames/s per connection | system | instances | deliveries/s per instance | delivered | p99 ms | server CPU µs/delivery (first) | (second) | × one instance | Redis CPU µs/publish | × one instance | reps |\n\
+             |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let metric =
+            |sys: System,
+             instances: usize,
+             rate: f64,
+             g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>| {
+                let v: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.system == sys && r.instances == instances)
+                    .filter_map(|r| match r.result.as_ref().ok()? {
+                        RunResult::Fanout(fr) => {
+                            fr.steps.iter().find(|st| st.publishes_per_s == rate)
+                        }
+                        _ => None,
+                    })
+                    .filter_map(g)
+                    .collect();
+                let n = v.len();
+                (median(v), n)
+            };
+        // Per rep, the mean of the instances' CPU per delivery.
+        let cpu_mean = |st: &crate::scenario::FanoutStep| match st.mirror_cpu_us_per_delivery {
+            Some(m) => st.server_cpu_us_per_delivery.map(|c| (c + m) / 2.0),
+            None => st.server_cpu_us_per_delivery,
+        };
+        let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
+            (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+            _ => "–".into(),
+        };
+        for &rate in &f.rates {
+            for &sys in systems {
+                let (one_cpu, _) = metric(sys, 1, rate, &cpu_mean);
+                let (one_redis, _) = metric(sys, 1, rate, &|st| st.redis_cpu_us_per_publish);
+                for instances in [1, 2] {
+                    let (got, n) = metric(sys, instances, rate, &|st| Some(st.deliveries_per_s));
+                    if n == 0 {
+                        continue;
+                    }
+                    let (frac, _) = metric(sys, instances, rate, &|st| Some(st.delivered_fraction));
+                    let (p99, _) = metric(sys, instances, rate, &|st| Some(st.latency.p99_ms));
+                    let (first, _) =
+                        metric(sys, instances, rate, &|st| st.server_cpu_us_per_delivery);
+                    let (second, _) =
+                        metric(sys, instances, rate, &|st| st.mirror_cpu_us_per_delivery);
+                    let (mean, _) = metric(sys, instances, rate, &cpu_mean);
+                    let (redis, _) =
+                        metric(sys, instances, rate, &|st| st.redis_cpu_us_per_publish);
+                    let _ = writeln!(
+                        s,
+                        "| {rate} | {:.1} | {} | {instances} | {} | {} | {} | {} | {} | {} | {} | {} | {n} |",
+                        rate / f.topics.max(1) as f64,
+                        sys.name(),
+                        opt(got.map(|g| g / instances as f64), 0),
+                        opt(frac, 4),
+                        opt(p99, 2),
+                        opt(first, 2),
+                        opt(second, 2),
+                        ratio(mean, one_cpu),
+                        opt(redis, 2),
+                        ratio(redis, one_redis),
+                    );
+                }
+            }
+        }
+        s.push_str(
+            "\n× one instance: the instances' mean CPU per delivery, and Redis's CPU per publish, \
+             over the same with one instance. Redis's CPU includes its idle work.\n",
+        );
+        s
+    }
+
     /// Per offered rate, per system: medians over reps of handled/s, delivered fraction, p99
     /// and server CPU per handled message (× ours).
     fn chat_steps_by_rate(
@@ -726,6 +847,21 @@ mod report {
         let mut systems = args.systems.clone();
         systems.dedup();
         match &args.scenario {
+            CompareScenario::SharedRedis(f) => {
+                let _ = writeln!(
+                    s,
+                    "{}: {} subscribers per instance, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s).\n",
+                    args.scenario.title(),
+                    f.subscribers,
+                    f.topics,
+                    f.payload,
+                    f.via,
+                    f.step_secs,
+                    f.rates,
+                    args.reps
+                );
+                s.push_str(&shared_redis(f, &systems, runs));
+            }
             CompareScenario::Fanout(_)
             | CompareScenario::Notifications(_)
             | CompareScenario::MultiInstance(_) => {

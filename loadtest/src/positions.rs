@@ -300,6 +300,7 @@ async fn measure(
         redis_pid: Some(redis.pid()),
         proto: client::Proto::Rtk,
         publish_addr: None,
+        mirror: None,
     };
     let fan = FanoutArgs {
         subscribers: args.subscribers,

@@ -29,6 +29,17 @@ pub(crate) struct Target {
     /// Another instance sharing the same Redis that publishers connect to (`--via ws`), so that
     /// every delivery crosses instances; `None`: publishers connect to `addr`.
     pub(crate) publish_addr: Option<SocketAddr>,
+    /// Another instance sharing the same Redis that gets the same subscribers as `addr` (fan-out
+    /// only, `basic_chat`'s protocol), so that Redis sends every publish to two instances.
+    pub(crate) mirror: Option<Mirror>,
+}
+
+/// The second instance of [`Target::mirror`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mirror {
+    pub(crate) addr: SocketAddr,
+    /// Its PID, for its CPU (optional).
+    pub(crate) pid: Option<u32>,
 }
 
 /// How fan-out messages are published.
@@ -188,23 +199,33 @@ enum Conns {
 }
 
 impl Conns {
+    /// Opens `paths` on the target; with a mirror, opens them again on the mirror (connections
+    /// `paths.len()..` are the mirror's).
     async fn open(
         target: &Target,
         paths: Vec<String>,
         parallel: usize,
         stats: Arc<Stats>,
         check: SeqCheck,
-    ) -> (Self, u64) {
-        match target.proto {
-            client::Proto::Rtk => {
-                let (w, f) = client::open_many(target.addr, paths, parallel, stats, check).await;
-                (Self::Rtk(w), f)
+    ) -> std::io::Result<(Self, u64)> {
+        match (target.proto, target.mirror) {
+            (client::Proto::Rtk, mirror) => {
+                let mut dests: Vec<(SocketAddr, String)> =
+                    paths.iter().map(|p| (target.addr, p.clone())).collect();
+                if let Some(m) = mirror {
+                    dests.extend(paths.into_iter().map(|p| (m.addr, p)));
+                }
+                let (w, f) = client::open_many_to(dests, parallel, stats, check).await;
+                Ok((Self::Rtk(w), f))
             }
-            client::Proto::SocketIo => {
+            (client::Proto::SocketIo, None) => {
                 let (r, f) =
                     client::open_many_sio(target.addr, paths, parallel, stats, check).await;
-                (Self::Sio(r), f)
+                Ok((Self::Sio(r), f))
             }
+            (client::Proto::SocketIo, Some(_)) => Err(std::io::Error::other(
+                "a mirrored instance is supported for basic_chat's protocol only",
+            )),
         }
     }
 
@@ -287,6 +308,11 @@ pub(crate) struct FanoutStep {
     pub(crate) wire_bytes_per_delivery: Option<f64>,
     /// Cores Redis kept busy over the step and its drain (CPU seconds over wall seconds).
     pub(crate) redis_cores: Option<f64>,
+    /// Redis's CPU over the step and its drain per message published (its idle work included).
+    pub(crate) redis_cpu_us_per_publish: Option<f64>,
+    /// With a mirror: the mirror's CPU per delivery to its own subscribers (`server_cpu_*` and
+    /// the delivery counts above are then the first instance's alone).
+    pub(crate) mirror_cpu_us_per_delivery: Option<f64>,
     pub(crate) pass: bool,
 }
 
@@ -327,7 +353,10 @@ pub(crate) async fn fanout_in(
 ) -> std::io::Result<FanoutResult> {
     let n_topics = rooms.topics.len().max(1);
     let topics = rooms.topics.clone();
-    let stats = Stats::with_deflate(args.subscribers, args.deflate);
+    // With a mirror, connection `i` and `subscribers + i` subscribe to the same topic, on the
+    // first instance and on the mirror.
+    let instances = if target.mirror.is_some() { 2 } else { 1 };
+    let stats = Stats::with_deflate(args.subscribers * instances, args.deflate);
     let paths: Vec<String> = (0..args.subscribers)
         .map(|i| {
             let t = i % n_topics;
@@ -341,7 +370,7 @@ pub(crate) async fn fanout_in(
         stats.clone(),
         SeqCheck::Increasing,
     )
-    .await;
+    .await?;
     // Let the server finish subscribing (Redis SUBSCRIBE round trips).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut publisher = match args.via {
@@ -377,6 +406,7 @@ pub(crate) async fn fanout_in(
         let wire0 = stats.wire_bytes.load(Relaxed);
         stats.take_latency();
         let watch = ServerWatch::start(target.pid);
+        let mirror_watch = target.mirror.map(|m| ServerWatch::start(m.pid));
         let redis_cpu0 = target.redis_pid.and_then(system::cpu_seconds);
         let step_start = Instant::now();
         let bar = step_bar(
@@ -386,7 +416,12 @@ pub(crate) async fn fanout_in(
         let counts = publisher
             .run(rate, Duration::from_secs_f64(args.step_secs))
             .await?;
-        let expected: u64 = counts.iter().zip(&subs_per_topic).map(|(c, s)| c * s).sum();
+        let expected: u64 = counts
+            .iter()
+            .zip(&subs_per_topic)
+            .map(|(c, s)| c * s)
+            .sum::<u64>()
+            * instances as u64;
         let delivered_now = || -> u64 {
             stats
                 .per_conn
@@ -404,18 +439,25 @@ pub(crate) async fn fanout_in(
         .await;
         bar.finish_and_clear();
         let (cpu, rss) = watch.finish();
-        let redis_cores = match (target.redis_pid.and_then(system::cpu_seconds), redis_cpu0) {
-            (Some(b), Some(a)) => Some((b - a) / step_start.elapsed().as_secs_f64()),
+        let mirror_cpu = mirror_watch.and_then(|w| w.finish().0);
+        let redis_cpu = match (target.redis_pid.and_then(system::cpu_seconds), redis_cpu0) {
+            (Some(b), Some(a)) => Some(b - a),
             _ => None,
         };
+        let redis_cores = redis_cpu.map(|c| c / step_start.elapsed().as_secs_f64());
+        let published: u64 = counts.iter().sum();
         let after = stats.per_conn_snapshot();
         let mut delivered = 0u64;
+        let mut delivered_first = 0u64;
         let mut with_loss = 0usize;
         let mut worst = 1.0f64;
         for (i, (a, b)) in after.iter().zip(&before).enumerate() {
             let got = a - b;
-            let want = counts[i % n_topics];
+            let want = counts[(i % args.subscribers.max(1)) % n_topics];
             delivered += got;
+            if i < args.subscribers {
+                delivered_first += got;
+            }
             if got < want {
                 with_loss += 1;
             }
@@ -440,8 +482,14 @@ pub(crate) async fn fanout_in(
             worst_subscriber_fraction: worst,
             reorders: stats.reorders.load(Relaxed) - reorders0,
             server_cpu_us_per_delivery: cpu
-                .filter(|_| delivered > 0)
-                .map(|c| c * 1e6 / delivered as f64),
+                .filter(|_| delivered_first > 0)
+                .map(|c| c * 1e6 / delivered_first as f64),
+            mirror_cpu_us_per_delivery: mirror_cpu
+                .filter(|_| delivered > delivered_first)
+                .map(|c| c * 1e6 / (delivered - delivered_first) as f64),
+            redis_cpu_us_per_publish: redis_cpu
+                .filter(|_| published > 0)
+                .map(|c| c * 1e6 / published as f64),
             server_cpu_s: cpu,
             server_peak_rss_mib: rss,
             wire_bytes_per_delivery: (delivered > 0)
@@ -798,7 +846,7 @@ pub(crate) async fn connect(target: &Target, args: &ConnectArgs) -> std::io::Res
     let bar = step_bar(format!("connect {}", args.connections), 1.0);
     let start = Instant::now();
     let (writers, failures) =
-        Conns::open(target, paths, args.parallel, stats, SeqCheck::None).await;
+        Conns::open(target, paths, args.parallel, stats, SeqCheck::None).await?;
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
