@@ -18,7 +18,8 @@
 //!   a core writes one frame at a time, so every write should carry several frames. A connection
 //!   that is not batching but gets frames from that shard less than [`coalesce_wait`] apart
 //!   (a quiet connection on a busy topic: 10 000 subscribers of 30 publishes/s get one frame
-//!   each per 33 ms) waits that long before writing, so the next frame shares its write.
+//!   each per 33 ms) writes that long after the frame that woke it arrived, so the next frame
+//!   shares its write.
 //!
 //! A frame is written directly only when both allow it and the connection has nothing else
 //! pending ([`Pace::may_write_directly`]); otherwise it is queued for the writer, which waits
@@ -158,9 +159,10 @@ pub(super) struct Pace {
     last_write: Option<(Instant, usize)>,
     /// When the shard last handed this connection a data frame, written directly or queued.
     last_frame: Option<Instant>,
-    /// The frame that woke the writer came from a saturated shard, this long after the one
-    /// before it (see [`coalesce_wait`]); cleared when the writer takes the queue.
-    saturated_gap: Option<Duration>,
+    /// The frame that woke the writer came from a saturated shard: when it arrived, and how
+    /// long after the one before it (see [`coalesce_wait`]); cleared when the writer takes the
+    /// queue.
+    saturated_wake: Option<(Instant, Duration)>,
 }
 
 impl Pace {
@@ -177,8 +179,9 @@ impl Pace {
     }
 
     /// How long a writer woken at `now` waits before taking the queue: `write_delay` while the
-    /// connection is batching; [`coalesce_wait`] when a saturated shard's frame woke it and
-    /// frames come less than that apart; otherwise nothing. Never while a direct write's rest is
+    /// connection is batching; when a saturated shard's frame woke it and frames come less than
+    /// [`coalesce_wait`] apart, until that long after the frame arrived (time the writer spent
+    /// waiting for the core counts); otherwise nothing. Never while a direct write's rest is
     /// pending (`partial`): the socket was full, and nothing may be written before that rest
     /// anyway, so waiting would only delay the frame it belongs to.
     pub(super) fn wait_first(
@@ -193,9 +196,10 @@ impl Pace {
             Some(write_delay)
         } else {
             let wait = coalesce_wait(write_delay);
-            self.saturated_gap
-                .is_some_and(|gap| gap < wait)
-                .then_some(wait)
+            self.saturated_wake
+                .filter(|(_, gap)| *gap < wait)
+                .map(|(arrived, _)| (arrived + wait).saturating_duration_since(now))
+                .filter(|left| !left.is_zero())
         }
     }
 
@@ -216,14 +220,16 @@ impl Pace {
         let gap = self.last_frame.map(|at| now.saturating_duration_since(at));
         self.last_frame = Some(now);
         if wakes {
-            self.saturated_gap = gap.filter(|_| route == Route::Coalesce);
+            self.saturated_wake = gap
+                .filter(|_| route == Route::Coalesce)
+                .map(|gap| (now, gap));
         }
     }
 
     /// The writer took frames to write: no direct writes until it is done.
     pub(super) fn writer_took(&mut self) {
         self.writing = true;
-        self.saturated_gap = None;
+        self.saturated_wake = None;
     }
 
     /// The writer finished writing `frames` frames at `now`. A wake-up that found nothing to
@@ -251,9 +257,9 @@ fn loaded(since_last_write: Duration, last_batch: usize, write_delay: Duration) 
         || (last_batch >= LOADED_BATCH && since_last_write < write_delay)
 }
 
-/// How long the writer of a quiet connection on a saturated shard waits before writing: twice
-/// `write_delay` (40 ms by default), and only if its frames come less than that apart, so the
-/// wait always gathers at least the next one. On such a shard the writes, not the latency of
+/// How long after the frame that woke it the writer of a quiet connection on a saturated shard
+/// writes: twice `write_delay` (40 ms by default), and only if its frames come less than that
+/// apart, so the wait always gathers at least the next one. On such a shard the writes, not the latency of
 /// one frame, are what grows the backlog: a connection receiving 30 frames a second waits at
 /// most 40 ms and writes two frames a time (docs/performance-notes.md#saturated-shard).
 pub(super) fn coalesce_wait(write_delay: Duration) -> Duration {
@@ -302,6 +308,16 @@ mod tests {
             quiet(Route::Coalesce).wait_first(false, now, delay),
             Some(ms(40)),
             "saturated: waits for the next frame, due in 33 ms"
+        );
+        // The time the writer took to wake counts: woken 30 ms late, it waits 10 ms more; woken
+        // after the deadline, it writes at once.
+        assert_eq!(
+            quiet(Route::Coalesce).wait_first(false, now + ms(30), delay),
+            Some(ms(10))
+        );
+        assert_eq!(
+            quiet(Route::Coalesce).wait_first(false, now + ms(45), delay),
+            None
         );
         // Nothing to wait for while a direct write's rest is pending, or with batching off.
         assert_eq!(quiet(Route::Coalesce).wait_first(true, now, delay), None);
