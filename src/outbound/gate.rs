@@ -150,19 +150,21 @@ impl DirectGate {
 }
 
 /// One connection's writing rhythm: whether its writer is busy, and when it last wrote how many
-/// frames. Kept under the connection's lock with its queue.
+/// frames. Kept under the connection's lock with its queue. Counts and gaps are `u32` so that
+/// every idle connection's `Conn` stays in the allocator's size class it had before the
+/// saturated-shard rule.
 #[derive(Debug, Default)]
 pub(super) struct Pace {
     /// The writer has taken frames it has not finished writing: no direct write meanwhile.
     writing: bool,
     /// When the last write finished and how many frames it carried (see [`loaded`]).
-    last_write: Option<(Instant, usize)>,
+    last_write: Option<(Instant, u32)>,
     /// When the shard last handed this connection a data frame, written directly or queued.
     last_frame: Option<Instant>,
     /// The frame that woke the writer came from a saturated shard: when it arrived, and how
-    /// long after the one before it (see [`coalesce_wait`]); cleared when the writer takes the
-    /// queue.
-    saturated_wake: Option<(Instant, Duration)>,
+    /// long after the one before it in microseconds (see [`coalesce_wait`]); cleared when the
+    /// writer takes the queue.
+    saturated_wake: Option<(Instant, u32)>,
 }
 
 impl Pace {
@@ -197,15 +199,16 @@ impl Pace {
         } else {
             let wait = coalesce_wait(write_delay);
             self.saturated_wake
-                .filter(|(_, gap)| *gap < wait)
+                .filter(|(_, gap)| Duration::from_micros(u64::from(*gap)) < wait)
                 .map(|(arrived, _)| (arrived + wait).saturating_duration_since(now))
                 .filter(|left| !left.is_zero())
         }
     }
 
     fn batching(&self, now: Instant, write_delay: Duration) -> bool {
-        self.last_write
-            .is_some_and(|(at, n)| loaded(now.saturating_duration_since(at), n, write_delay))
+        self.last_write.is_some_and(|(at, n)| {
+            loaded(now.saturating_duration_since(at), n as usize, write_delay)
+        })
     }
 
     /// The shard wrote one frame at `now`.
@@ -222,7 +225,7 @@ impl Pace {
         if wakes {
             self.saturated_wake = gap
                 .filter(|_| route == Route::Coalesce)
-                .map(|gap| (now, gap));
+                .map(|gap| (now, u32::try_from(gap.as_micros()).unwrap_or(u32::MAX)));
         }
     }
 
@@ -237,7 +240,7 @@ impl Pace {
     pub(super) fn writer_wrote(&mut self, frames: usize, now: Instant) {
         self.writing = false;
         if frames > 0 {
-            self.last_write = Some((now, frames));
+            self.last_write = Some((now, u32::try_from(frames).unwrap_or(u32::MAX)));
         }
     }
 }
