@@ -32,7 +32,7 @@ use crate::deflate::PublicationFrames;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbound::{
-    Conn, Delivered, DirectGate, NO_TOPIC, POSITIONED, Push, Route, TopicKey, WriteTally,
+    Conn, Delivered, DirectGate, NO_TOPIC, POSITIONED, Push, TopicKey, WriteTally,
 };
 use crate::shrink::ShrinkWhenSparse;
 use crate::wire::{self, Format, Frames};
@@ -166,8 +166,8 @@ impl Shard {
                 since,
             } => {
                 let now = Instant::now();
-                let route = self.gate.route(now, since);
-                let done = self.deliver_frames(&topic, &frames, Some((now, route)));
+                let direct = self.gate.allows(now, since);
+                let done = self.deliver_frames(&topic, &frames, direct.then_some(now));
                 let end = Instant::now();
                 self.gate.record(done, end.saturating_duration_since(now));
                 self.metrics
@@ -331,14 +331,14 @@ impl Shard {
         &mut self,
         topic: &str,
         frames: &PublicationFrames,
-        route: Option<(Instant, Route)>,
+        direct: Option<Instant>,
     ) -> Delivered {
-        self.deliver_frames(topic, &Frames::verbatim(frames.clone()), route)
+        self.deliver_frames(topic, &Frames::verbatim(frames.clone()), direct)
     }
 
     /// The hot path: per subscriber, the frame of its format ([`Frames::for_format`]), one
-    /// refcount and one queue push, or with [`Route::Direct`] (and the time now) one
-    /// non-blocking write when the connection's writer is idle ([`Conn::push_or_write`]). No await; no allocation
+    /// refcount and one queue push, or with `direct` (the time now) one non-blocking write when
+    /// the connection's writer is idle ([`Conn::push_or_write`]). No await; no allocation
     /// unless a policy dropped a positioned frame (then `insufficient_state`, see
     /// [`report_lost`](Self::report_lost)). An `rtk1` subscriber that joined after the
     /// publication was framed for verbatim subscribers only gets an envelope framed here, once
@@ -347,7 +347,7 @@ impl Shard {
         &mut self,
         topic: &str,
         frames: &Frames,
-        route: Option<(Instant, Route)>,
+        direct: Option<Instant>,
     ) -> Delivered {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return Delivered::default();
@@ -381,11 +381,8 @@ impl Shard {
             };
             // The plain frame, or the publication's one compressed frame (invariant 2).
             let frame = formatted.for_subscriber(conn.deflate());
-            let pushed = match route {
-                Some((now, Route::Direct)) => {
-                    conn.push_or_write(frame.clone(), topic_key, now, &mut tally)
-                }
-                Some((now, route)) => conn.push_routed(frame.clone(), topic_key, now, route),
+            let pushed = match direct {
+                Some(now) => conn.push_or_write(frame.clone(), topic_key, now, &mut tally),
                 None => conn.push(frame.clone(), topic_key),
             };
             match pushed {

@@ -14,16 +14,9 @@
 //!   before its next write so that frames collect ([`loaded`]). A batching connection gets no
 //!   direct writes; its writer takes everything queued at once.
 //!
-//! - **Both, when the shard is saturated**: a shard whose gate is closed has more to write than
-//!   a core writes one frame at a time, so every write should carry several frames. A connection
-//!   that is not batching but gets frames from that shard less than [`coalesce_wait`] apart
-//!   (a quiet connection on a busy topic: 10 000 subscribers of 30 publishes/s get one frame
-//!   each per 33 ms) writes that long after the frame that woke it arrived, so the next frame
-//!   shares its write.
-//!
 //! A frame is written directly only when both allow it and the connection has nothing else
 //! pending ([`Pace::may_write_directly`]); otherwise it is queued for the writer, which waits
-//! first for as long as [`Pace::wait_first`] says.
+//! first when [`Pace::waits_first`] says so.
 
 use std::time::{Duration, Instant};
 
@@ -47,19 +40,6 @@ const LOADED_WINDOW: Duration = Duration::from_millis(4);
 /// A writer whose last write carried at least this many frames stays under load for as long
 /// as it is woken within `write_delay` of that write (see [`loaded`]).
 const LOADED_BATCH: usize = 3;
-
-/// How a shard hands one delivery's frames to its connections ([`DirectGate::route`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route {
-    /// Written directly to a connection that has nothing pending and is not batching; queued
-    /// otherwise.
-    Direct,
-    /// Queued: the shard is behind (the message waited in its channel).
-    Queue,
-    /// Queued, and the shard is saturated: a quiet connection that gets frames less than
-    /// [`coalesce_wait`] apart waits for the next one before writing.
-    Coalesce,
-}
 
 /// How one delivery went: to how many subscribers, how many of them by a direct write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,19 +80,12 @@ impl DirectGate {
         }
     }
 
-    /// How a delivery starting `now`, of a message the broker handed over at `since`, reaches
-    /// its connections. Directly while the gate is open and the shard is not behind. Behind (the
-    /// frame waited in the channel): queued for the writers, which batch, rather than a `write`
-    /// per subscriber while the backlog grows. Gate closed (writing directly at this rate would
-    /// take most of a core): queued, and quiet connections coalesce too ([`Route::Coalesce`]).
-    pub(crate) fn route(&mut self, now: Instant, since: Instant) -> Route {
-        if !self.is_open(now) {
-            Route::Coalesce
-        } else if now.saturating_duration_since(since) < DIRECT_MAX_LAG {
-            Route::Direct
-        } else {
-            Route::Queue
-        }
+    /// Whether a delivery starting `now`, of a message the broker handed over at `since`, may
+    /// write directly: the gate is open and the shard is not behind. Behind (the frame waited in
+    /// the channel), or writing directly at this rate would take most of a core: queue for the
+    /// writers, which batch, rather than spend a `write` per subscriber while the backlog grows.
+    pub(crate) fn allows(&mut self, now: Instant, since: Instant) -> bool {
+        self.is_open(now) && now.saturating_duration_since(since) < DIRECT_MAX_LAG
     }
 
     /// Whether the gate is open at `now`; re-estimated once per window.
@@ -150,21 +123,13 @@ impl DirectGate {
 }
 
 /// One connection's writing rhythm: whether its writer is busy, and when it last wrote how many
-/// frames. Kept under the connection's lock with its queue. Counts and gaps are `u32` so that
-/// every idle connection's `Conn` stays in the allocator's size class it had before the
-/// saturated-shard rule.
+/// frames. Kept under the connection's lock with its queue.
 #[derive(Debug, Default)]
 pub(super) struct Pace {
     /// The writer has taken frames it has not finished writing: no direct write meanwhile.
     writing: bool,
     /// When the last write finished and how many frames it carried (see [`loaded`]).
-    last_write: Option<(Instant, u32)>,
-    /// When the shard last handed this connection a data frame, written directly or queued.
-    last_frame: Option<Instant>,
-    /// The frame that woke the writer came from a saturated shard: when it arrived, and how
-    /// long after the one before it in microseconds (see [`coalesce_wait`]); cleared when the
-    /// writer takes the queue.
-    saturated_wake: Option<(Instant, u32)>,
+    last_write: Option<(Instant, usize)>,
 }
 
 impl Pace {
@@ -180,59 +145,26 @@ impl Pace {
         !self.writing && !pending && !self.batching(now, write_delay)
     }
 
-    /// How long a writer woken at `now` waits before taking the queue: `write_delay` while the
-    /// connection is batching; when a saturated shard's frame woke it and frames come less than
-    /// [`coalesce_wait`] apart, until that long after the frame arrived (time the writer spent
-    /// waiting for the core counts); otherwise nothing. Never while a direct write's rest is
-    /// pending (`partial`): the socket was full, and nothing may be written before that rest
-    /// anyway, so waiting would only delay the frame it belongs to.
-    pub(super) fn wait_first(
-        &self,
-        partial: bool,
-        now: Instant,
-        write_delay: Duration,
-    ) -> Option<Duration> {
-        if write_delay.is_zero() || partial {
-            None
-        } else if self.batching(now, write_delay) {
-            Some(write_delay)
-        } else {
-            let wait = coalesce_wait(write_delay);
-            self.saturated_wake
-                .filter(|(_, gap)| Duration::from_micros(u64::from(*gap)) < wait)
-                .map(|(arrived, _)| (arrived + wait).saturating_duration_since(now))
-                .filter(|left| !left.is_zero())
-        }
+    /// Whether a writer woken at `now` waits `write_delay` before taking the queue. Never while
+    /// a direct write's rest is pending (`partial`): the socket was full, and nothing may be
+    /// written before that rest anyway, so waiting would only delay the frame it belongs to.
+    pub(super) fn waits_first(&self, partial: bool, now: Instant, write_delay: Duration) -> bool {
+        !write_delay.is_zero() && !partial && self.batching(now, write_delay)
     }
 
     fn batching(&self, now: Instant, write_delay: Duration) -> bool {
-        self.last_write.is_some_and(|(at, n)| {
-            loaded(now.saturating_duration_since(at), n as usize, write_delay)
-        })
+        self.last_write
+            .is_some_and(|(at, n)| loaded(now.saturating_duration_since(at), n, write_delay))
     }
 
     /// The shard wrote one frame at `now`.
     pub(super) fn wrote_directly(&mut self, now: Instant) {
         self.last_write = Some((now, 1));
-        self.last_frame = Some(now);
-    }
-
-    /// The shard queued a data frame at `now`, by `route`; `wakes` says whether the queue was
-    /// empty, so that this frame wakes the writer.
-    pub(super) fn shard_queued(&mut self, now: Instant, route: Route, wakes: bool) {
-        let gap = self.last_frame.map(|at| now.saturating_duration_since(at));
-        self.last_frame = Some(now);
-        if wakes {
-            self.saturated_wake = gap
-                .filter(|_| route == Route::Coalesce)
-                .map(|gap| (now, u32::try_from(gap.as_micros()).unwrap_or(u32::MAX)));
-        }
     }
 
     /// The writer took frames to write: no direct writes until it is done.
     pub(super) fn writer_took(&mut self) {
         self.writing = true;
-        self.saturated_wake = None;
     }
 
     /// The writer finished writing `frames` frames at `now`. A wake-up that found nothing to
@@ -240,7 +172,7 @@ impl Pace {
     pub(super) fn writer_wrote(&mut self, frames: usize, now: Instant) {
         self.writing = false;
         if frames > 0 {
-            self.last_write = Some((now, u32::try_from(frames).unwrap_or(u32::MAX)));
+            self.last_write = Some((now, frames));
         }
     }
 }
@@ -258,15 +190,6 @@ impl Pace {
 fn loaded(since_last_write: Duration, last_batch: usize, write_delay: Duration) -> bool {
     since_last_write < LOADED_WINDOW
         || (last_batch >= LOADED_BATCH && since_last_write < write_delay)
-}
-
-/// How long after the frame that woke it the writer of a quiet connection on a saturated shard
-/// writes: twice `write_delay` (40 ms by default), and only if its frames come less than that
-/// apart, so the wait always gathers at least the next one. On such a shard the writes, not the latency of
-/// one frame, are what grows the backlog: a connection receiving 30 frames a second waits at
-/// most 40 ms and writes two frames a time (docs/performance-notes.md#saturated-shard).
-pub(super) fn coalesce_wait(write_delay: Duration) -> Duration {
-    write_delay * 2
 }
 
 #[cfg(test)]
@@ -288,88 +211,6 @@ mod tests {
             "three frames and woken within the delay"
         );
         assert!(!loaded(ms(25), 8, delay), "a batch long ago");
-    }
-
-    #[test]
-    fn a_quiet_connection_on_a_saturated_shard_waits_for_its_next_frame() {
-        let ms = Duration::from_millis;
-        let delay = ms(20);
-        let t0 = Instant::now();
-        // One frame every 33 ms, each written alone: a quiet connection, never batching.
-        let quiet = |route| {
-            let mut pace = Pace::default();
-            pace.shard_queued(t0, route, true);
-            pace.writer_took();
-            pace.writer_wrote(1, t0);
-            pace.shard_queued(t0 + ms(33), route, true);
-            pace
-        };
-        let now = t0 + ms(33);
-        assert_eq!(quiet(Route::Direct).wait_first(false, now, delay), None);
-        assert_eq!(quiet(Route::Queue).wait_first(false, now, delay), None);
-        assert_eq!(
-            quiet(Route::Coalesce).wait_first(false, now, delay),
-            Some(ms(40)),
-            "saturated: waits for the next frame, due in 33 ms"
-        );
-        // The time the writer took to wake counts: woken 30 ms late, it waits 10 ms more; woken
-        // after the deadline, it writes at once.
-        assert_eq!(
-            quiet(Route::Coalesce).wait_first(false, now + ms(30), delay),
-            Some(ms(10))
-        );
-        assert_eq!(
-            quiet(Route::Coalesce).wait_first(false, now + ms(45), delay),
-            None
-        );
-        // Nothing to wait for while a direct write's rest is pending, or with batching off.
-        assert_eq!(quiet(Route::Coalesce).wait_first(true, now, delay), None);
-        assert_eq!(quiet(Route::Coalesce).wait_first(false, now, ms(0)), None);
-
-        // Frames further apart than the wait: waiting would gather nothing.
-        let mut sparse = Pace::default();
-        sparse.shard_queued(t0, Route::Coalesce, true);
-        sparse.writer_took();
-        sparse.writer_wrote(1, t0);
-        sparse.shard_queued(t0 + ms(50), Route::Coalesce, true);
-        assert_eq!(sparse.wait_first(false, t0 + ms(50), delay), None);
-
-        // Its first frame: no gap to go by.
-        let mut first = Pace::default();
-        first.shard_queued(t0, Route::Coalesce, true);
-        assert_eq!(first.wait_first(false, t0, delay), None);
-
-        // A frame that did not wake the writer (the queue held one) leaves the wait as it was;
-        // once the writer took the queue, a wake-up by anything else does not wait.
-        let mut pace = quiet(Route::Coalesce);
-        pace.shard_queued(now + ms(1), Route::Direct, false);
-        assert_eq!(pace.wait_first(false, now, delay), Some(ms(40)));
-        pace.writer_took();
-        assert_eq!(pace.wait_first(false, now, delay), None);
-
-        // A batching connection keeps its own wait, `write_delay`.
-        let mut busy = quiet(Route::Coalesce);
-        busy.writer_wrote(5, now);
-        busy.shard_queued(now + ms(10), Route::Coalesce, true);
-        assert_eq!(busy.wait_first(false, now + ms(10), delay), Some(delay));
-    }
-
-    #[test]
-    fn the_gate_routes_by_load_and_lag() {
-        let ms = Duration::from_millis;
-        let t0 = Instant::now();
-        let mut gate = DirectGate::new(t0);
-        assert_eq!(gate.route(t0, t0), Route::Direct);
-        assert_eq!(gate.route(t0 + ms(6), t0), Route::Queue, "waited 6 ms");
-        gate.record(
-            Delivered {
-                total: 30_000,
-                direct: 30_000,
-            },
-            ms(210),
-        );
-        let later = t0 + GATE_WINDOW;
-        assert_eq!(gate.route(later, later), Route::Coalesce, "saturated");
     }
 
     #[test]

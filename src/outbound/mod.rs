@@ -54,7 +54,7 @@ use crate::wire::Format;
 use gate::Pace;
 use queue::{Limits, Queue, Queued};
 
-pub(crate) use gate::{Delivered, DirectGate, Route};
+pub(crate) use gate::{Delivered, DirectGate};
 pub use queue::SlowConsumerPolicy;
 pub(crate) use queue::{DEFAULT_CEILING_FACTOR, DEFAULT_GRACE, NO_TOPIC, POSITIONED, TopicKey};
 pub(crate) use writer::{WriteSide, spawn as spawn_writer};
@@ -216,18 +216,6 @@ impl Conn {
         self.push_locked(self.lock(), frame, topic, None)
     }
 
-    /// Queues a data frame a shard delivers at `now` by `route` ([`Route::Queue`] or
-    /// [`Route::Coalesce`]), for the writer's pace (see [`gate`]).
-    pub(crate) fn push_routed(
-        &self,
-        frame: Bytes,
-        topic: TopicKey,
-        now: Instant,
-        route: Route,
-    ) -> Push {
-        self.push_locked(self.lock(), frame, topic, Some((now, route)))
-    }
-
     /// Like [`push`](Self::push), but writes the frame to the socket at once when the [`gate`]
     /// allows it for this connection at `now` (nothing pending, writer idle, not batching),
     /// counting what it wrote into `tally`. Never blocks: a socket that does not take the whole
@@ -273,7 +261,7 @@ impl Conn {
                 }
             }
         }
-        self.push_locked(st, frame, topic, Some((now, Route::Direct)))
+        self.push_locked(st, frame, topic, Some(now))
     }
 
     fn push_locked(
@@ -281,13 +269,10 @@ impl Conn {
         mut st: MutexGuard<'_, State>,
         frame: Bytes,
         topic: TopicKey,
-        from_shard: Option<(Instant, Route)>,
+        now: Option<Instant>,
     ) -> Push {
         let was_empty = !st.queue.pending();
-        if let Some((now, route)) = from_shard {
-            st.pace.shard_queued(now, route, was_empty);
-        }
-        let now = || from_shard.map_or_else(Instant::now, |(now, _)| now);
+        let now = || now.unwrap_or_else(Instant::now);
         match st.queue.push(frame, topic, self.limits, self.policy, now) {
             Queued::Yes { dropped } => {
                 drop(st);
@@ -454,11 +439,11 @@ impl Conn {
         self.lock().queue.peak
     }
 
-    /// How long a writer woken now waits before taking the queue, if at all.
-    fn writer_wait_first(&self, write_delay: Duration) -> Option<Duration> {
+    /// Whether a writer woken now waits `write_delay` before taking the queue.
+    fn writer_waits_first(&self, write_delay: Duration) -> bool {
         let st = self.lock();
         st.pace
-            .wait_first(st.queue.partial.is_some(), Instant::now(), write_delay)
+            .waits_first(st.queue.partial.is_some(), Instant::now(), write_delay)
     }
 
     /// Marks the socket as failed: further frames are dropped, the socket is detached and the
@@ -830,7 +815,7 @@ mod tests {
         let n = n as usize;
         assert!(n > 0 && n < big.len(), "wrote {n} of {}", big.len());
         // The writer sends the rest at once: the delay would only hold up this frame.
-        assert_eq!(conn.writer_wait_first(Duration::from_millis(20)), None);
+        assert!(!conn.writer_waits_first(Duration::from_millis(20)));
         // Later frames queue behind the rest; the policy drops those, never the rest. Frames of
         // `n` bytes: one fits beside the rest, the next pushes out the one before it.
         let later = |k: u8| Bytes::from(vec![k; n]);

@@ -1,9 +1,8 @@
 //! The writer task: drains one connection's queue into its socket in vectored writes.
 //!
 //! # Batching
-//! The writer wakes when the queue goes from empty to non-empty, waits first when the
-//! connection is batching or its shard is saturated
-//! ([`Pace::wait_first`](super::gate::Pace::wait_first)), then
+//! The writer wakes when the queue goes from empty to non-empty, waits `write_delay` first when
+//! the connection is batching ([`Pace::waits_first`](super::gate::Pace::waits_first)), then
 //! takes **everything** queued and sends it with as few system calls as the socket allows.
 //! Under load the writer wakes less often than frames arrive, so batches form by themselves.
 
@@ -78,17 +77,13 @@ async fn run<W>(
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         conn.writer_wake.notified().await;
-        let delay = if conn.is_ending() {
-            None
-        } else {
-            conn.writer_wait_first(write_delay)
-        };
+        let delay = !conn.is_ending() && conn.writer_waits_first(write_delay);
         // Boxed: the delay and the write (timers, `writev` state) are this task's largest
         // states, and a future is as large as its largest state. Boxing them costs one
         // allocation per batch written, and keeps an idle connection's writer task small.
         let written = Box::pin(async {
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
+            if delay {
+                tokio::time::sleep(write_delay).await;
             }
             let closing = conn.take(&mut batch);
             // A batch that ends with the close frame is written whole: cutting it would lose
