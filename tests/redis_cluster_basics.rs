@@ -9,10 +9,11 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum_realtime_kit::TopicPolicy;
+use axum_realtime_kit::{RedisTls, TopicPolicy};
 use serde_json::{Value, json};
+use support::certs::TestPki;
 use support::presence::{self as scenario};
-use support::redis_cluster::start_cluster;
+use support::redis_cluster::{TlsFiles, start_cluster, start_tls_cluster};
 use support::{ALICE, Client, Server, serve_chat, try_connect};
 
 /// Longest an instance may take to see the whole cluster. A bound on a wait, never a speed
@@ -33,13 +34,20 @@ async fn ready(server: Server) -> Server {
 
 /// An instance on `url` whose topics starting with `pos` keep 1 000 publications for a minute.
 async fn positioned(url: String) -> Server {
+    positioned_with(url, None).await
+}
+
+/// [`positioned`], reaching the cluster over TLS with `tls` when given.
+async fn positioned_with(url: String, tls: Option<RedisTls>) -> Server {
     let policy = TopicPolicy::history(1_000, Duration::from_secs(60));
-    let service = support::chat::builder()
+    let mut builder = support::chat::builder()
         .shards(2)
         .topic_policy(move |topic| topic.starts_with("pos").then(|| policy.clone()))
-        .redis_url(Some(url))
-        .build();
-    ready(serve_chat(service).await).await
+        .redis_url(Some(url));
+    if let Some(tls) = tls {
+        builder = builder.redis_tls(tls);
+    }
+    ready(serve_chat(builder.build()).await).await
 }
 
 /// Opens `topic` speaking `rtk1`, recovering from `since` (epoch, offset) if given, and reads
@@ -118,7 +126,38 @@ async fn positions_recovery_and_removal_on_every_primary() {
     };
     let a = positioned(cluster.url()).await;
     let b = positioned(cluster.url()).await;
-    let topics = positioned_topics_on_every_node(&cluster, &a).await;
+    positions_on_every_primary(&cluster, &a, &b).await;
+}
+
+/// The same over a cluster that serves TLS only: the seeds and every node found through them
+/// are reached over TLS and verified against the test CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_recovery_and_removal_on_a_tls_cluster() {
+    let pki = TestPki::new("cluster-tls");
+    let files = TlsFiles {
+        cert: pki.path("server.crt"),
+        key: pki.path("server.key"),
+        client_cert: pki.path("client.crt"),
+        client_key: pki.path("client.key"),
+        ca: pki.path("ca.crt"),
+    };
+    let Some(cluster) = start_tls_cluster("positions_recovery_and_removal_on_a_tls_cluster", files)
+    else {
+        return;
+    };
+    let tls = || Some(RedisTls::new().ca_file(pki.path("ca.crt")));
+    let a = positioned_with(cluster.tls_url(), tls()).await;
+    let b = positioned_with(cluster.tls_url(), tls()).await;
+    positions_on_every_primary(&cluster, &a, &b).await;
+}
+
+/// The body of the two tests above.
+async fn positions_on_every_primary(
+    cluster: &support::redis_cluster::RedisCluster,
+    a: &Server,
+    b: &Server,
+) {
+    let topics = positioned_topics_on_every_node(cluster, a).await;
     for (topic, node) in &topics {
         let (mut c, _) = rtk1(a.addr, topic, None).await;
         let mut epoch = String::new();

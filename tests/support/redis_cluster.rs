@@ -25,6 +25,20 @@ pub struct RedisCluster {
     nodes: Vec<Node>,
     /// Holds each node's `nodes-<port>.conf`; removed on drop.
     dir: PathBuf,
+    /// Set for a TLS-only cluster: its certificate files.
+    tls: Option<TlsFiles>,
+}
+
+/// The files a TLS-only cluster serves with: the server's certificate and key (for
+/// `localhost`), the client certificate and key the nodes present to each other on the
+/// cluster bus, and the CA that signed them.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub ca: PathBuf,
 }
 
 struct Node {
@@ -41,6 +55,17 @@ pub fn start_cluster(test: &str) -> Option<RedisCluster> {
 /// [`start_cluster`] with `primaries` primaries (at least 3, as `redis-cli --cluster create`
 /// demands).
 pub fn start_cluster_of(test: &str, primaries: usize) -> Option<RedisCluster> {
+    start(test, primaries, None)
+}
+
+/// A three-primary cluster that serves TLS only, on the nodes' ports, with `tls`'s files; the
+/// cluster bus is TLS too. The nodes announce the host name `localhost`, which the server
+/// certificate names, so clients verify every node they discover.
+pub fn start_tls_cluster(test: &str, tls: TlsFiles) -> Option<RedisCluster> {
+    start(test, 3, Some(tls))
+}
+
+fn start(test: &str, primaries: usize, tls: Option<TlsFiles>) -> Option<RedisCluster> {
     assert!(primaries >= 3, "a Redis Cluster needs at least 3 primaries");
     if !installed(test, "redis-server") || !installed(test, "redis-cli") {
         return None;
@@ -60,6 +85,7 @@ pub fn start_cluster_of(test: &str, primaries: usize) -> Option<RedisCluster> {
             .map(|port| Node { port, child: None })
             .collect(),
         dir,
+        tls,
     };
     for i in 0..primaries {
         cluster.spawn(i);
@@ -70,6 +96,7 @@ pub fn start_cluster_of(test: &str, primaries: usize) -> Option<RedisCluster> {
         .map(|n| format!("127.0.0.1:{}", n.port))
         .collect();
     let out = Command::new("redis-cli")
+        .args(cluster.cli_tls())
         .arg("--cluster")
         .arg("create")
         .args(&addrs)
@@ -101,6 +128,22 @@ fn cluster_port() -> u16 {
 }
 
 impl RedisCluster {
+    /// `redis-cli`'s TLS arguments for this cluster (none for a plain one).
+    fn cli_tls(&self) -> Vec<std::ffi::OsString> {
+        match &self.tls {
+            None => Vec::new(),
+            Some(t) => vec!["--tls".into(), "--cacert".into(), t.ca.clone().into()],
+        }
+    }
+
+    /// `rediss+cluster://localhost:<port>,…/` with the first two nodes as seeds (a TLS cluster).
+    pub fn tls_url(&self) -> String {
+        format!(
+            "rediss+cluster://localhost:{},localhost:{}/",
+            self.nodes[0].port, self.nodes[1].port
+        )
+    }
+
     /// `redis+cluster://` with the first two nodes as seeds: the third is found through them.
     pub fn url(&self) -> String {
         format!(
@@ -148,8 +191,27 @@ impl RedisCluster {
         let port = self.nodes[i].port;
         assert_ne!(port, 6379);
         let conf = self.dir.join(format!("nodes-{port}.conf"));
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        let mut server = Command::new("redis-server");
+        match &self.tls {
+            None => server.args(["--port", &port.to_string()]),
+            Some(t) => server
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(&t.cert)
+                .arg("--tls-key-file")
+                .arg(&t.key)
+                .arg("--tls-client-cert-file")
+                .arg(&t.client_cert)
+                .arg("--tls-client-key-file")
+                .arg(&t.client_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.ca)
+                .args(["--cluster-announce-hostname", "localhost"])
+                .args(["--cluster-preferred-endpoint-type", "hostname"]),
+        };
+        let child = server
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--save",
                 "",
@@ -238,6 +300,7 @@ impl RedisCluster {
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
         assert!(self.is_running(i), "node {i} is stopped");
         let out = Command::new("redis-cli")
+            .args(self.cli_tls())
             .args(["-h", "127.0.0.1", "-p", &self.nodes[i].port.to_string()])
             .args(args)
             .stdin(Stdio::null())
