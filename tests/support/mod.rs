@@ -211,12 +211,26 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     assert!(ok.is_ok(), "timed out waiting for: {what}");
 }
 
+/// A loopback port that was free a moment ago and that no other test of this binary was given:
+/// tests run in parallel, and two servers started on one port would fail each other.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if reserve_port(port) {
+            return port;
+        }
+    }
+}
+
+/// Marks `port` as taken by a test of this binary; `false` when another test already has it.
+pub fn reserve_port(port: u16) -> bool {
+    static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    TAKEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port)
 }
 
 /// One received frame.

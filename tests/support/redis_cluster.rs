@@ -88,7 +88,11 @@ fn start(test: &str, primaries: usize, tls: Option<TlsFiles>) -> Option<RedisClu
         tls,
     };
     for i in 0..primaries {
-        cluster.spawn(i);
+        // A port seen free can be taken before the node binds it (or its bus port) by a process
+        // outside this binary, e.g. as a client socket's local port: then take other ports.
+        while !cluster.spawn(i) {
+            cluster.nodes[i].port = cluster_port();
+        }
     }
     let addrs: Vec<String> = cluster
         .nodes
@@ -114,14 +118,16 @@ fn start(test: &str, primaries: usize, tls: Option<TlsFiles>) -> Option<RedisClu
     Some(cluster)
 }
 
-/// A free loopback port whose cluster bus port (port + 10 000) is free too.
+/// A free loopback port whose cluster bus port (port + 10 000) is free too; both are reserved
+/// for this test, so no other test of the binary starts a server on either.
 fn cluster_port() -> u16 {
     loop {
         let port = super::free_port();
         if port == 6379 || port > u16::MAX - 10_000 {
             continue;
         }
-        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let bus = port + 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() && super::reserve_port(bus) {
             return port;
         }
     }
@@ -187,7 +193,8 @@ impl RedisCluster {
         self.nodes[i].child.is_some()
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// Starts node `i` on its port; `false` when the port turned out to be someone else's.
+    fn spawn(&mut self, i: usize) -> bool {
         let port = self.nodes[i].port;
         assert_ne!(port, 6379);
         let conf = self.dir.join(format!("nodes-{port}.conf"));
@@ -230,9 +237,32 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
+        let pid = child.id();
         self.nodes[i].child = Some(child);
         let deadline = Instant::now() + super::WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            let exited = self.nodes[i].child.as_mut().unwrap().try_wait();
+            if !matches!(exited, Ok(None)) {
+                // It could not bind its port or its bus port.
+                self.nodes[i].child = None;
+                return false;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Something listens: it must be this node and not another process on the port.
+                let info = self.try_cli(i, &["INFO", "server"]).unwrap_or_default();
+                let server_pid = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("process_id:"))
+                    .map(str::trim);
+                match server_pid {
+                    Some(p) if p == pid.to_string() => return true,
+                    Some(_) => {
+                        self.kill(i);
+                        return false;
+                    }
+                    None => {}
+                }
+            }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -260,7 +290,7 @@ impl RedisCluster {
     /// waits until every node sees a healthy cluster again.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
-        self.spawn(i);
+        assert!(self.spawn(i), "node {i} could not take its port back");
         self.wait_healthy();
     }
 
@@ -299,6 +329,12 @@ impl RedisCluster {
     /// one reply element per line). Panics when node `i` is not running.
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
         assert!(self.is_running(i), "node {i} is stopped");
+        self.try_cli(i, args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+    }
+
+    /// [`Self::cli`], or `None` when `redis-cli` fails.
+    fn try_cli(&self, i: usize, args: &[&str]) -> Option<String> {
         let out = Command::new("redis-cli")
             .args(self.cli_tls())
             .args(["-h", "127.0.0.1", "-p", &self.nodes[i].port.to_string()])
@@ -306,8 +342,9 @@ impl RedisCluster {
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli");
-        assert!(out.status.success(), "redis-cli {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// Runs a command on node `i` and asserts it answered `OK`.
