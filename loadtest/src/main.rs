@@ -826,6 +826,30 @@ mod report {
         s
     }
 
+    /// The paragraph that opens the report of a fan-out sweep: the scenario, its subscribers
+    /// (`subscribers` names them: "subscribers", "subscribers per instance"), the sweep, and
+    /// `note` after it.
+    fn sweep_header(
+        s: &mut String,
+        args: &CompareArgs,
+        f: &crate::scenario::FanoutArgs,
+        subscribers: &str,
+        note: &str,
+    ) {
+        let _ = writeln!(
+            s,
+            "{}: {} {subscribers}, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s).{note}\n",
+            args.scenario.title(),
+            f.subscribers,
+            f.topics,
+            f.payload,
+            f.via,
+            f.step_secs,
+            f.rates,
+            args.reps
+        );
+    }
+
     /// Side-by-side medians per system, with ratios to ours.
     pub(super) fn compare(args: &CompareArgs, runs: &[CompareRun]) -> String {
         let mut s = String::new();
@@ -848,35 +872,20 @@ mod report {
         systems.dedup();
         match &args.scenario {
             CompareScenario::SharedRedis(f) => {
-                let _ = writeln!(
-                    s,
-                    "{}: {} subscribers per instance, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s).\n",
-                    args.scenario.title(),
-                    f.subscribers,
-                    f.topics,
-                    f.payload,
-                    f.via,
-                    f.step_secs,
-                    f.rates,
-                    args.reps
-                );
+                sweep_header(&mut s, args, f, "subscribers per instance", "");
                 s.push_str(&shared_redis(f, &systems, runs));
             }
             CompareScenario::Fanout(_)
             | CompareScenario::Notifications(_)
             | CompareScenario::MultiInstance(_) => {
                 let f = &args.scenario.fanout().unwrap_or_else(|| unreachable!());
-                let _ = writeln!(
-                    s,
-                    "{}: {} subscribers, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s). Socket.IO systems always publish through the server (a `send` event): their adapters' Redis channels carry their own encoding.\n",
-                    args.scenario.title(),
-                    f.subscribers,
-                    f.topics,
-                    f.payload,
-                    f.via,
-                    f.step_secs,
-                    f.rates,
-                    args.reps
+                sweep_header(
+                    &mut s,
+                    args,
+                    f,
+                    "subscribers",
+                    " Socket.IO systems always publish through the server (a `send` event): \
+                     their adapters' Redis channels carry their own encoding.",
                 );
                 let max = |r: &RunResult| match r {
                     RunResult::Fanout(f) => f.max_sustainable_per_s,
