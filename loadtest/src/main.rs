@@ -626,6 +626,35 @@ mod report {
         })
     }
 
+    /// `v / base` with two decimals, or "–" without both or with a base of 0.
+    fn ratio(v: Option<f64>, base: Option<f64>) -> String {
+        match (v, base) {
+            (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+            _ => "–".into(),
+        }
+    }
+
+    /// Over the fan-out runs `which` keeps, the median of `g` at their step offered `rate`
+    /// pub/s, and how many runs had a value there.
+    fn step_median(
+        runs: &[CompareRun],
+        which: impl Fn(&CompareRun) -> bool,
+        rate: f64,
+        g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>,
+    ) -> (Option<f64>, usize) {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| which(r))
+            .filter_map(|r| match r.result.as_ref().ok()? {
+                RunResult::Fanout(fr) => fr.steps.iter().find(|st| st.publishes_per_s == rate),
+                _ => None,
+            })
+            .filter_map(g)
+            .collect();
+        let n = v.len();
+        (median(v), n)
+    }
+
     /// Per offered rate, per system: medians over reps of deliveries/s, delivered fraction, p99,
     /// server CPU per delivery (× ours) and Redis cores.
     fn fanout_steps_by_rate(
@@ -642,19 +671,7 @@ mod report {
         systems.dedup();
         let step_metric =
             |sys: System, rate: f64, g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter(|r| r.system == sys)
-                    .filter_map(|r| match r.result.as_ref().ok()? {
-                        RunResult::Fanout(fr) => {
-                            fr.steps.iter().find(|st| st.publishes_per_s == rate)
-                        }
-                        _ => None,
-                    })
-                    .filter_map(g)
-                    .collect();
-                let n = v.len();
-                (median(v), n)
+                step_median(runs, |r| r.system == sys, rate, g)
             };
         for &rate in &f.rates {
             let (ours_cpu, _) =
@@ -668,19 +685,16 @@ mod report {
                 let (p99, _) = step_metric(sys, rate, &|st| Some(st.latency.p99_ms));
                 let (cpu, _) = step_metric(sys, rate, &|st| st.server_cpu_us_per_delivery);
                 let (redis, _) = step_metric(sys, rate, &|st| st.redis_cores);
-                let ratio = match (cpu, ours_cpu) {
-                    (Some(c), Some(o)) if o > 0.0 => format!("{:.2}", c / o),
-                    _ => "–".into(),
-                };
                 let _ = writeln!(
                     s,
-                    "| {rate} | {:.0} | {} | {} | {} | {} | {} | {ratio} | {} | {n} |",
+                    "| {rate} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {n} |",
                     f.offered_deliveries_per_s(rate),
                     sys.name(),
                     opt(got, 0),
                     opt(frac, 4),
                     opt(p99, 2),
                     opt(cpu, 2),
+                    ratio(cpu, ours_cpu),
                     opt(redis, 2),
                 );
             }
@@ -704,28 +718,17 @@ mod report {
              instances: usize,
              rate: f64,
              g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter(|r| r.system == sys && r.instances == instances)
-                    .filter_map(|r| match r.result.as_ref().ok()? {
-                        RunResult::Fanout(fr) => {
-                            fr.steps.iter().find(|st| st.publishes_per_s == rate)
-                        }
-                        _ => None,
-                    })
-                    .filter_map(g)
-                    .collect();
-                let n = v.len();
-                (median(v), n)
+                step_median(
+                    runs,
+                    |r| r.system == sys && r.instances == instances,
+                    rate,
+                    g,
+                )
             };
         // Per rep, the mean of the instances' CPU per delivery.
         let cpu_mean = |st: &crate::scenario::FanoutStep| match st.mirror_cpu_us_per_delivery {
             Some(m) => st.server_cpu_us_per_delivery.map(|c| (c + m) / 2.0),
             None => st.server_cpu_us_per_delivery,
-        };
-        let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
-            (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
-            _ => "–".into(),
         };
         for &rate in &f.rates {
             for &sys in systems {
@@ -808,18 +811,15 @@ mod report {
                 let (frac, _) = step_metric(sys, i, &|st| Some(st.delivered_fraction));
                 let (p99, _) = step_metric(sys, i, &|st| Some(st.latency.p99_ms));
                 let (cpu, _) = step_metric(sys, i, &cpu_of);
-                let ratio = match (cpu, ours_cpu) {
-                    (Some(c), Some(o)) if o > 0.0 => format!("{:.2}", c / o),
-                    _ => "–".into(),
-                };
                 let _ = writeln!(
                     s,
-                    "| {rate} | {} | {} | {} | {} | {} | {ratio} | {n} |",
+                    "| {rate} | {} | {} | {} | {} | {} | {} | {n} |",
                     sys.name(),
                     opt(handled, 0),
                     opt(frac, 4),
                     opt(p99, 1),
                     opt(cpu, 1),
+                    ratio(cpu, ours_cpu),
                 );
             }
         }
@@ -931,10 +931,6 @@ mod report {
                         }
                         _ => None,
                     });
-                    let ratio = match (m, ours) {
-                        (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
-                        _ => "–".into(),
-                    };
                     let mut notes = Vec::new();
                     if m.is_some_and(|m| m >= 0.999 * highest) {
                         notes.push("passed every step: the true maximum is higher");
@@ -955,7 +951,7 @@ mod report {
                         "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         sys.name(),
                         opt(m, 0),
-                        ratio,
+                        ratio(m, ours),
                         opt(p50, 2),
                         opt(p99, 2),
                         opt(cpu, 2),
@@ -990,10 +986,6 @@ mod report {
                 };
                 let ours = metric(System::Ours, &max);
                 let ours_any = metric(System::Ours, &any_latency);
-                let ratio = |m: Option<f64>, o: Option<f64>| match (m, o) {
-                    (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
-                    _ => "–".into(),
-                };
                 let _ = writeln!(
                     s,
                     "| system | handled SendMessage/s (≥ 99.9% delivered, p99 ≤ {} ms) | × ours | p99 ms there | server CPU µs/handled there | handled/s, ≥ 99.9% delivered at any latency | × ours |\n|---|---:|---:|---:|---:|---:|---:|",
