@@ -4,13 +4,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum_realtime_kit::{SlowConsumerPolicy, TopicPolicy, WebsocketServiceBuilder};
 use serde_json::{Value, json};
 use support::chat::ChatHandler;
+use support::rtk1::{rtk1, subscribed};
 use support::{ALICE, BOB, Client, Server, WAIT, serve_chat, try_connect};
 
 /// Topics starting with `pos` keep 5 000 publications for a minute; others have no history.
@@ -33,25 +33,6 @@ fn positioned(policy: TopicPolicy) -> WebsocketServiceBuilder<ChatHandler> {
 
 async fn start(builder: WebsocketServiceBuilder<ChatHandler>) -> Server {
     serve_chat(builder.build()).await
-}
-
-/// Opens `topic` speaking `rtk1`, recovering from `since` (epoch, offset) if given.
-async fn rtk1(addr: SocketAddr, topic: &str, since: Option<(&str, u64)>) -> Client {
-    let mut path = format!("/ws/{topic}?token={ALICE}&proto=rtk1");
-    if let Some((epoch, offset)) = since {
-        path.push_str(&format!("&since={offset}&epoch={epoch}"));
-    }
-    let (status, client) = try_connect(addr, &path, &[]).await;
-    assert_eq!(status, 101, "upgrade to {path} refused");
-    client.unwrap()
-}
-
-/// The next message, which must be `subscribed` for `topic`.
-async fn subscribed(c: &mut Client, topic: &str) -> Value {
-    let m = c.recv_json().await;
-    assert_eq!(m["type"], "subscribed", "{m}");
-    assert_eq!(m["topic"], topic, "{m}");
-    m
 }
 
 /// The next message, which must be a `pub` of `topic`: its offset and its payload's `n`.
@@ -544,12 +525,8 @@ async fn slow_consumer_is_told(policy: SlowConsumerPolicy) {
 async fn basic_chat_rooms_recover_for_rtk1_clients() {
     let server = support::basic_chat(2, None);
     let addr = server.addr;
-    let token = ALICE;
     let mut plain = support::connect(addr, "general", BOB).await;
-    let (status, client) =
-        try_connect(addr, &format!("/ws/general?token={token}&proto=rtk1"), &[]).await;
-    assert_eq!(status, 101);
-    let mut a = client.unwrap();
+    let mut a = rtk1(addr, "general", None).await;
     let s = subscribed(&mut a, "general").await;
     assert_eq!(s["recoverable"], true, "{s}");
     let epoch = s["e"].as_str().unwrap().to_owned();
@@ -576,13 +553,7 @@ async fn basic_chat_rooms_recover_for_rtk1_clients() {
             json!({"NewMessage":{"room":"general","username":user,"text":text}})
         );
     }
-    let path = format!(
-        "/ws/general?token={token}&proto=rtk1&since={}&epoch={epoch}",
-        top + 1
-    );
-    let (status, client) = try_connect(addr, &path, &[]).await;
-    assert_eq!(status, 101);
-    let mut a = client.unwrap();
+    let mut a = rtk1(addr, "general", Some((&epoch, top + 1))).await;
     let s = subscribed(&mut a, "general").await;
     assert_eq!(s["recovered"], true, "{s}");
     for (i, text) in ["second", "third"].into_iter().enumerate() {

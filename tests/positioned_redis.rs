@@ -14,7 +14,8 @@ use axum_realtime_kit::{TopicPolicy, WebsocketServiceBuilder};
 use serde_json::{Value, json};
 use support::chat::ChatHandler;
 use support::redis_server::{Listen, start_redis, start_redis_with, start_sentinel};
-use support::{ALICE, BOB, Client, Server, serve_chat, try_connect};
+use support::rtk1::{Received, follow, next_pub, rtk1, subscribed};
+use support::{BOB, Client, Server, serve_chat};
 
 /// An instance on `url` whose topics starting with `pos` keep 5 000 publications for a minute
 /// (those starting with `pos-ttl`, 100 for 200 ms).
@@ -48,39 +49,8 @@ async fn instance_with(
         .redis_url(Some(url));
     let service = configure(builder).build();
     let server = serve_chat(service).await;
-    let ready = server.service.clone();
-    support::wait_until("instance ready", move || ready.is_ready()).await;
+    support::wait_ready(&server.service).await;
     server
-}
-
-/// Opens `topic` speaking `rtk1`, recovering from `since` (epoch, offset) if given.
-async fn rtk1(addr: SocketAddr, topic: &str, since: Option<(&str, u64)>) -> Client {
-    let mut path = format!("/ws/{topic}?token={ALICE}&proto=rtk1");
-    if let Some((epoch, offset)) = since {
-        path.push_str(&format!("&since={offset}&epoch={epoch}"));
-    }
-    let (status, client) = try_connect(addr, &path, &[]).await;
-    assert_eq!(status, 101, "upgrade to {path} refused");
-    client.unwrap()
-}
-
-async fn subscribed(c: &mut Client, topic: &str) -> Value {
-    let m = c.recv_json().await;
-    assert_eq!(m["type"], "subscribed", "{m}");
-    assert_eq!(m["topic"], topic, "{m}");
-    m
-}
-
-/// The next message, which must be a `pub` of `topic`: its offset, epoch and payload's `n`.
-async fn next_pub(c: &mut Client, topic: &str) -> (u64, String, u64) {
-    let m = c.recv_json().await;
-    assert_eq!(m["type"], "pub", "{m}");
-    assert_eq!(m["topic"], topic, "{m}");
-    (
-        m["o"].as_u64().expect("an offset"),
-        m["e"].as_str().expect("an epoch").to_owned(),
-        m["d"]["n"].as_u64().expect("payload with n"),
-    )
 }
 
 /// The next frame, which must be the text frame `{"n":<n>}` exactly as published.
@@ -907,10 +877,7 @@ async fn basic_chat_on_two_instances_recovers_on_the_other_one() {
     let a = support::basic_chat(2, Some(&url));
     let b = support::basic_chat(2, Some(&url));
     let mut plain = support::connect(b.addr, "general", BOB).await;
-    let path = format!("/ws/general?token={ALICE}&proto=rtk1");
-    let (status, client) = try_connect(a.addr, &path, &[]).await;
-    assert_eq!(status, 101);
-    let mut c = client.unwrap();
+    let mut c = rtk1(a.addr, "general", None).await;
     subscribed(&mut c, "general").await;
     c.send_text(&support::send_message("general", "first"))
         .await;
@@ -931,10 +898,7 @@ async fn basic_chat_on_two_instances_recovers_on_the_other_one() {
             .await;
         chat_frame(&mut plain, "bob", text).await;
     }
-    let path = format!("/ws/general?token={ALICE}&proto=rtk1&since={top}&epoch={epoch}");
-    let (status, client) = try_connect(b.addr, &path, &[]).await;
-    assert_eq!(status, 101);
-    let mut c = client.unwrap();
+    let mut c = rtk1(b.addr, "general", Some((&epoch, top))).await;
     let s = subscribed(&mut c, "general").await;
     assert_eq!(s["recovered"], true, "{s}");
     assert_eq!(s["o"], top, "{s}");
@@ -1055,15 +1019,6 @@ async fn a_client_recovers_on_an_instance_that_received_nothing_of_the_topic() {
     assert_eq!((m.recoveries_succeeded, m.recoveries_failed), (2, 1));
 }
 
-/// What one client of [`a_sentinel_failover_under_flow_loses_no_acknowledged_publication`]
-/// received: each publication's `n`, in arrival order, and whether a recovery was refused
-/// (`recovered: false`: the application reloads its state).
-#[derive(Default)]
-struct Received {
-    ns: Vec<u64>,
-    refused: bool,
-}
-
 /// Redis behind Sentinel, a positioned topic, publications flowing through instance B, and the
 /// primary killed (SIGKILL). The clients, one on each instance, follow the protocol: on
 /// `insufficient_state` they subscribe again from their position. None loses its connection;
@@ -1106,39 +1061,7 @@ async fn a_sentinel_failover_under_flow_loses_no_acknowledged_publication() {
         subscribed(&mut c, "pos-fo").await;
         let (stop, seen) = (stop.clone(), Arc::new(Mutex::new(Received::default())));
         received.push(seen.clone());
-        readers.push(tokio::spawn(async move {
-            // A closed connection ends the test here: no client may reconnect.
-            let mut position = None::<(u64, String)>;
-            while !stop.load(Ordering::Acquire) {
-                let Ok(m) = tokio::time::timeout(Duration::from_millis(100), c.recv_json()).await
-                else {
-                    continue;
-                };
-                match m["type"].as_str() {
-                    Some("pub") => {
-                        let n = m["d"]["n"].as_u64().unwrap();
-                        seen.lock().unwrap().ns.push(n);
-                        position = Some((m["o"].as_u64().unwrap(), m["e"].to_string()));
-                    }
-                    Some("insufficient_state") => {
-                        let since = position
-                            .as_ref()
-                            .map(|(o, e)| format!(r#","since":{{"o":{o},"e":{e}}}"#))
-                            .unwrap_or_default();
-                        c.send_text(&format!(
-                            r#"{{"type":"subscribe","topic":"pos-fo"{since}}}"#
-                        ))
-                        .await;
-                    }
-                    Some("subscribed") => {
-                        if m["recovered"] == false {
-                            seen.lock().unwrap().refused = true;
-                        }
-                    }
-                    _ => panic!("unexpected frame {m}"),
-                }
-            }
-        }));
+        readers.push(follow(c, "pos-fo", seen, stop));
     }
 
     // About 500 publications a second through B, each awaited; `acked` holds those that got a

@@ -15,8 +15,7 @@ use support::{Server, serve_chat};
 async fn instance(url: String, grace: Duration) -> Server {
     let service = builder(grace).redis_url(Some(url)).build();
     let server = serve_chat(service).await;
-    let ready = server.service.clone();
-    support::wait_until("instance ready", move || ready.is_ready()).await;
+    support::wait_ready(&server.service).await;
     server
 }
 
@@ -87,8 +86,7 @@ async fn entries_redis_lost_are_put_back_by_the_next_renewal() {
             .build(),
     )
     .await;
-    let ready = a.service.clone();
-    support::wait_until("instance ready", move || ready.is_ready()).await;
+    support::wait_ready(&a.service).await;
     let topic = "room-lost";
     let mut obs = rtk1(a.addr, topic, "obs").await;
     expect_event(&mut obs, "join", topic, "obs").await;
@@ -97,8 +95,7 @@ async fn entries_redis_lost_are_put_back_by_the_next_renewal() {
     wait_stats(&a.service, topic, 2, 2).await;
 
     redis.restart();
-    let ready = a.service.clone();
-    support::wait_until("instance ready again", move || ready.is_ready()).await;
+    support::wait_ready(&a.service).await;
     wait_stats(&a.service, topic, 2, 2).await;
 }
 

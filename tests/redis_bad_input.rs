@@ -50,8 +50,7 @@ async fn a_publish_larger_than_the_outbound_queue_is_dropped_and_counted() {
         .outbound_queue_bytes(4096)
         .build();
     let a = serve_chat(service).await;
-    let ready = a.service.clone();
-    wait_until("instance ready", move || ready.is_ready()).await;
+    wait_ready(&a.service).await;
     let mut first = connect(a.addr, "general", ALICE).await;
     let mut second = connect(a.addr, "general", BOB).await;
     let mut c = redis.client().await;
@@ -145,8 +144,7 @@ async fn a_channel_the_redis_user_may_not_subscribe_is_refused_and_the_rest_work
         .redis_url(Some(url))
         .build();
     let addr = serve(open_router(service.clone(), 1)).await;
-    let ready = service.clone();
-    wait_until("instance ready", move || ready.is_ready()).await;
+    wait_ready(&service).await;
     let reconnects = service.metrics().broker_reconnects;
 
     let (_, client) = try_connect(addr, "/ws/open:lobby", &[]).await;

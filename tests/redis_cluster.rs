@@ -11,14 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum_realtime_kit::{TopicPolicy, WebsocketServiceBuilder};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::chat::ChatHandler;
-use support::redis_cluster::{RedisCluster, key_slot, start_cluster};
-use support::{ALICE, Client, Server, serve_chat, try_connect};
-
-/// Longest the cluster-level steps here may take (a subscription reaching every node, a restarted
-/// primary serving again). A bound on a wait, never a speed assertion.
-const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+use support::redis_cluster::{CLUSTER_WAIT, RedisCluster, key_slot, start_cluster};
+use support::rtk1::{Received, follow, rtk1};
+use support::{Client, Server, serve_chat};
 
 /// An instance on `url`: two shards, every topic open to `subscribe` commands, and topics
 /// starting with `pos` keeping 5 000 publications for a minute.
@@ -40,35 +37,19 @@ async fn instance_with(
         .redis_url(Some(url));
     let service = configure(builder).build();
     let server = serve_chat(service).await;
-    let ready = server.service.clone();
-    let ok = tokio::time::timeout(CLUSTER_WAIT, async move {
-        while !ready.is_ready() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(ok.is_ok(), "the instance never got ready on the cluster");
+    support::wait_ready_within(&server.service, CLUSTER_WAIT).await;
     server
 }
 
 /// Waits up to [`CLUSTER_WAIT`] for `cond`.
-async fn wait_long(what: &str, mut cond: impl FnMut() -> bool) {
-    let ok = tokio::time::timeout(CLUSTER_WAIT, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(ok.is_ok(), "timed out waiting for: {what}");
+async fn wait_long(what: &str, cond: impl FnMut() -> bool) {
+    support::wait_until_within(what, CLUSTER_WAIT, cond).await;
 }
 
 /// One `rtk1` connection to `addr` subscribed to every topic of `topics` (the first through the
 /// URL, the others with `subscribe` commands), once each has been confirmed.
 async fn subscribe_all(addr: SocketAddr, topics: &[String]) -> Client {
-    let path = format!("/ws/{}?token={ALICE}&proto=rtk1", topics[0]);
-    let (status, client) = try_connect(addr, &path, &[]).await;
-    assert_eq!(status, 101, "upgrade to {path} refused");
-    let mut c = client.unwrap();
+    let mut c = rtk1(addr, &topics[0], None).await;
     for topic in &topics[1..] {
         c.send_text(&json!({"type": "subscribe", "topic": topic}).to_string())
             .await;
@@ -339,52 +320,6 @@ async fn two_instances_exchange_messages_on_a_thousand_topics_over_every_node() 
         assert_eq!(inbox.ns.get(topic), Some(&want), "topic {topic}");
     }
     assert_eq!(a.service.metrics().broker_reconnects, 0);
-}
-
-/// What one `rtk1` client of a positioned topic received.
-#[derive(Default)]
-struct Received {
-    ns: Vec<u64>,
-    /// A recovery was refused (`recovered: false`).
-    refused: bool,
-}
-
-/// Follows `topic` on `c` as `rtk1` asks a client to: records each publication's `n`, and answers
-/// `insufficient_state` by subscribing again from its last position.
-fn follow(
-    mut c: Client,
-    topic: &'static str,
-    seen: Arc<Mutex<Received>>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut position = None::<(u64, Value)>;
-        while !stop.load(Ordering::Acquire) {
-            let Ok(m) = tokio::time::timeout(Duration::from_millis(100), c.recv_json()).await
-            else {
-                continue;
-            };
-            match m["type"].as_str() {
-                Some("pub") => {
-                    seen.lock().unwrap().ns.push(m["d"]["n"].as_u64().unwrap());
-                    position = Some((m["o"].as_u64().unwrap(), m["e"].clone()));
-                }
-                Some("insufficient_state") => {
-                    let mut sub = json!({"type": "subscribe", "topic": topic});
-                    if let Some((o, e)) = &position {
-                        sub["since"] = json!({"o": o, "e": e});
-                    }
-                    c.send_text(&sub.to_string()).await;
-                }
-                Some("subscribed") => {
-                    if m["recovered"] == false && m["was_recovering"] == true {
-                        seen.lock().unwrap().refused = true;
-                    }
-                }
-                _ => panic!("unexpected frame {m}"),
-            }
-        }
-    })
 }
 
 /// The slot of a positioned topic's history (its partition's hash slot) and the node that owns

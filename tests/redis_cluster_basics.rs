@@ -6,29 +6,19 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum_realtime_kit::{RedisTls, TopicPolicy};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::certs::TestPki;
 use support::presence::{self as scenario};
-use support::redis_cluster::{TlsFiles, start_cluster, start_tls_cluster};
-use support::{ALICE, Client, Server, serve_chat, try_connect};
+use support::redis_cluster::{CLUSTER_WAIT, TlsFiles, start_cluster, start_tls_cluster};
+use support::rtk1::{next_pub, rtk1_subscribed};
+use support::{Server, serve_chat};
 
-/// Longest an instance may take to see the whole cluster. A bound on a wait, never a speed
-/// assertion.
-const CLUSTER_WAIT: Duration = Duration::from_secs(30);
-
+/// `server`, once its instance is ready on the cluster.
 async fn ready(server: Server) -> Server {
-    let ready = server.service.clone();
-    let ok = tokio::time::timeout(CLUSTER_WAIT, async move {
-        while !ready.is_ready() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(ok.is_ok(), "the instance never got ready on the cluster");
+    support::wait_ready_within(&server.service, CLUSTER_WAIT).await;
     server
 }
 
@@ -50,39 +40,6 @@ async fn positioned_with(url: String, tls: Option<RedisTls>) -> Server {
     ready(serve_chat(builder.build()).await).await
 }
 
-/// Opens `topic` speaking `rtk1`, recovering from `since` (epoch, offset) if given, and reads
-/// its `subscribed`.
-async fn rtk1(addr: SocketAddr, topic: &str, since: Option<(&str, u64)>) -> (Client, Value) {
-    let mut path = format!("/ws/{topic}?token={ALICE}&proto=rtk1");
-    if let Some((epoch, offset)) = since {
-        path.push_str(&format!("&since={offset}&epoch={epoch}"));
-    }
-    let (status, client) = try_connect(addr, &path, &[]).await;
-    assert_eq!(status, 101, "upgrade to {path} refused");
-    let mut c = client.unwrap();
-    let m = c.recv_json().await;
-    assert_eq!(
-        (&m["type"], &m["topic"]),
-        (&json!("subscribed"), &json!(topic))
-    );
-    (c, m)
-}
-
-/// The next message, which must be a `pub` of `topic`: its offset, epoch and payload's `n`.
-async fn next_pub(c: &mut Client, topic: &str) -> (u64, String, u64) {
-    let m = c.recv_json().await;
-    assert_eq!(
-        (&m["type"], &m["topic"]),
-        (&json!("pub"), &json!(topic)),
-        "{m}"
-    );
-    (
-        m["o"].as_u64().expect("an offset"),
-        m["e"].as_str().expect("an epoch").to_owned(),
-        m["d"]["n"].as_u64().expect("payload with n"),
-    )
-}
-
 /// Topics `pos-0`, `pos-1`… until every primary serves at least one, as the instances'
 /// subscriptions show; each with the node it lives on.
 async fn positioned_topics_on_every_node(
@@ -93,7 +50,7 @@ async fn positioned_topics_on_every_node(
     let mut holders = Vec::new();
     for i in 0..64 {
         let topic = format!("pos-{i}");
-        let (c, _) = rtk1(a.addr, &topic, None).await;
+        let (c, _) = rtk1_subscribed(a.addr, &topic, None).await;
         holders.push(c);
         let owner = tokio::task::block_in_place(|| {
             (0..cluster.len()).find(|&n| {
@@ -159,7 +116,7 @@ async fn positions_on_every_primary(
 ) {
     let topics = positioned_topics_on_every_node(cluster, a).await;
     for (topic, node) in &topics {
-        let (mut c, _) = rtk1(a.addr, topic, None).await;
+        let (mut c, _) = rtk1_subscribed(a.addr, topic, None).await;
         let mut epoch = String::new();
         for n in 1..=10u64 {
             let p = b.service.publish(topic, &json!({ "n": n })).await.unwrap();
@@ -172,7 +129,7 @@ async fn positions_on_every_primary(
         for n in 11..=60u64 {
             b.service.publish(topic, &json!({ "n": n })).await.unwrap();
         }
-        let (mut c, s) = rtk1(a.addr, topic, Some((&epoch, 10))).await;
+        let (mut c, s) = rtk1_subscribed(a.addr, topic, Some((&epoch, 10))).await;
         assert_eq!(s["recovered"], true, "{topic} on node {node}: {s}");
         // A, away from the topic meanwhile, learns of the 50 with the next publication and
         // reads them back from the stream before delivering it.
@@ -321,7 +278,7 @@ async fn an_acl_user_in_the_url_is_used_on_every_primary() {
     let b = positioned(with("app:s3cret")).await;
     let topics = positioned_topics_on_every_node(&cluster, &a).await;
     for (topic, node) in &topics {
-        let (mut c, _) = rtk1(a.addr, topic, None).await;
+        let (mut c, _) = rtk1_subscribed(a.addr, topic, None).await;
         let p = b.service.publish(topic, &json!({ "n": 1 })).await;
         assert!(p.is_ok(), "{topic} on node {node}: {p:?}");
         assert_eq!(next_pub(&mut c, topic).await.2, 1, "{topic} on node {node}");

@@ -37,8 +37,7 @@ async fn delivers(url: String, tls: Option<RedisTls>) {
         builder = builder.redis_tls(tls);
     }
     let server = serve_chat(builder.build()).await;
-    let ready = server.service.clone();
-    wait_until("instance ready", move || ready.is_ready()).await;
+    wait_ready(&server.service).await;
     let mut client = connect(server.addr, "general", ALICE).await;
     for n in 0..3 {
         server

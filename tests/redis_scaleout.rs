@@ -276,8 +276,7 @@ async fn joiner_server(redis_url: String) -> (std::net::SocketAddr, Arc<Websocke
         .max_topics_per_connection(10_000)
         .build();
     let addr = support::serve(open_router(service.clone(), 1)).await;
-    let ready = service.clone();
-    wait_until("joiner ready", move || ready.is_ready()).await;
+    wait_ready(&service).await;
     (addr, service)
 }
 

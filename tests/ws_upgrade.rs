@@ -55,8 +55,7 @@ async fn a_client_that_hangs_up_during_the_upgrade_leaves_no_subscription() {
         .max_connections(N)
         .build();
     let server = serve_chat(service).await;
-    let ready = server.service.clone();
-    wait_until("instance ready", move || ready.is_ready()).await;
+    wait_ready(&server.service).await;
 
     // Redis stops answering: every join now waits for its SUBSCRIBE confirmation.
     redis.signal("STOP");

@@ -137,16 +137,81 @@ struct Cluster {
     _dir: RemoveDir,
 }
 
-/// A free loopback port whose cluster bus port (port + 10 000) is free too.
-fn cluster_port() -> u16 {
+/// A free loopback port whose cluster bus port (port + 10 000) is free too, neither of them
+/// among `taken` (the ports and bus ports of the nodes already started).
+fn cluster_port(taken: &[u16]) -> u16 {
     loop {
         let port = system::free_port();
         if port == 0 || port == 6379 || port > u16::MAX - 10_000 {
             continue;
         }
-        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let bus = port + 10_000;
+        if taken.contains(&port) || taken.contains(&bus) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
             return port;
         }
+    }
+}
+
+/// Starts a cluster node in `dir` on a free port; returns the port and the node. A port seen
+/// free can be taken before the node binds it (or its bus port) by another process, e.g. as a
+/// client socket's local port: a node counts as started only when `INFO server` on its port
+/// answers with the node's own `process_id`, else it is stopped and other ports are tried.
+async fn start_node(dir: &Path, taken: &[u16]) -> Result<(u16, Kid), String> {
+    const ATTEMPTS: usize = 20;
+    for _ in 0..ATTEMPTS {
+        let port = cluster_port(taken);
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let extra: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            conf.to_str().ok_or("temp dir is not UTF-8")?,
+            "--cluster-node-timeout",
+            &NODE_TIMEOUT_MS.to_string(),
+            "--cluster-require-full-coverage",
+            "no",
+            // As `start_redis` does: a subscriber that falls behind is not cut off while
+            // the measurement pushes.
+            "--client-output-buffer-limit",
+            "pubsub 256mb 128mb 60",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut node = redis_node(dir, port, &extra).map_err(|e| e.to_string())?;
+        if answers_as_itself(&mut node, port).await? {
+            return Ok((port, node));
+        }
+        // Dropped: stopped by PID.
+    }
+    Err(format!(
+        "no cluster node could keep its ports in {ATTEMPTS} attempts"
+    ))
+}
+
+/// Waits until `node` answers on `port`: `true` when `INFO server` there names its process id,
+/// `false` when it exited (it could not bind its port or its bus port) or another Redis
+/// answers.
+async fn answers_as_itself(node: &mut Kid, port: u16) -> Result<bool, String> {
+    let pid = node.0.id().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if !matches!(node.0.try_wait(), Ok(None)) {
+            return Ok(false);
+        }
+        if let Ok(info) = redis_command(addr(port), &["INFO", "server"]).await {
+            let server_pid = info.lines().find_map(|l| l.strip_prefix("process_id:"));
+            if let Some(p) = server_pid {
+                return Ok(p.trim() == pid);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("redis-server on {port} did not start"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -157,36 +222,13 @@ impl Cluster {
         std::fs::create_dir_all(&dir).map_err(io)?;
         let dir = RemoveDir(dir);
         let mut ports: Vec<u16> = Vec::new();
-        while ports.len() < 3 {
-            let p = cluster_port();
-            if !ports.contains(&p) {
-                ports.push(p);
-            }
-        }
         let mut nodes = Vec::new();
-        for &p in &ports {
-            let conf = dir.0.join(format!("nodes-{p}.conf"));
-            let extra: Vec<String> = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                conf.to_str().ok_or("temp dir is not UTF-8")?,
-                "--cluster-node-timeout",
-                &NODE_TIMEOUT_MS.to_string(),
-                "--cluster-require-full-coverage",
-                "no",
-                // As `start_redis` does: a subscriber that falls behind is not cut off while
-                // the measurement pushes.
-                "--client-output-buffer-limit",
-                "pubsub 256mb 128mb 60",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            nodes.push(redis_node(&dir.0, p, &extra).map_err(io)?);
-        }
-        for &p in &ports {
-            wait_port(p).await?;
+        let mut taken = Vec::new();
+        while nodes.len() < 3 {
+            let (port, node) = start_node(&dir.0, &taken).await?;
+            taken.extend([port, port + 10_000]);
+            ports.push(port);
+            nodes.push(node);
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
@@ -255,17 +297,6 @@ impl Cluster {
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-async fn wait_port(port: u16) -> Result<(), String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr(port)).await.is_err() {
-        if std::time::Instant::now() > deadline {
-            return Err(format!("redis-server on {port} did not start"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 fn uptime() -> String {
@@ -496,4 +527,30 @@ pub(crate) fn report(r: &ClusterResult) -> String {
         }
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_counts_as_started_only_when_its_own_process_answers() {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: redis-server is not installed");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("loadtest-node-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = RemoveDir(dir);
+        let (port, mut first) = start_node(&dir.0, &[]).await.unwrap();
+        assert!(answers_as_itself(&mut first, port).await.unwrap());
+        // Another server on the same port: it cannot bind it, and the one answering is not it.
+        let mut second = redis_node(&dir.0, port, &[]).unwrap();
+        assert!(!answers_as_itself(&mut second, port).await.unwrap());
+        assert!(answers_as_itself(&mut first, port).await.unwrap());
+    }
 }

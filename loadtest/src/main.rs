@@ -626,6 +626,35 @@ mod report {
         })
     }
 
+    /// `v / base` with two decimals, or "–" without both or with a base of 0.
+    fn ratio(v: Option<f64>, base: Option<f64>) -> String {
+        match (v, base) {
+            (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+            _ => "–".into(),
+        }
+    }
+
+    /// Over the fan-out runs `which` keeps, the median of `g` at their step offered `rate`
+    /// pub/s, and how many runs had a value there.
+    fn step_median(
+        runs: &[CompareRun],
+        which: impl Fn(&CompareRun) -> bool,
+        rate: f64,
+        g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>,
+    ) -> (Option<f64>, usize) {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| which(r))
+            .filter_map(|r| match r.result.as_ref().ok()? {
+                RunResult::Fanout(fr) => fr.steps.iter().find(|st| st.publishes_per_s == rate),
+                _ => None,
+            })
+            .filter_map(g)
+            .collect();
+        let n = v.len();
+        (median(v), n)
+    }
+
     /// Per offered rate, per system: medians over reps of deliveries/s, delivered fraction, p99,
     /// server CPU per delivery (× ours) and Redis cores.
     fn fanout_steps_by_rate(
@@ -642,19 +671,7 @@ mod report {
         systems.dedup();
         let step_metric =
             |sys: System, rate: f64, g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter(|r| r.system == sys)
-                    .filter_map(|r| match r.result.as_ref().ok()? {
-                        RunResult::Fanout(fr) => {
-                            fr.steps.iter().find(|st| st.publishes_per_s == rate)
-                        }
-                        _ => None,
-                    })
-                    .filter_map(g)
-                    .collect();
-                let n = v.len();
-                (median(v), n)
+                step_median(runs, |r| r.system == sys, rate, g)
             };
         for &rate in &f.rates {
             let (ours_cpu, _) =
@@ -668,19 +685,16 @@ mod report {
                 let (p99, _) = step_metric(sys, rate, &|st| Some(st.latency.p99_ms));
                 let (cpu, _) = step_metric(sys, rate, &|st| st.server_cpu_us_per_delivery);
                 let (redis, _) = step_metric(sys, rate, &|st| st.redis_cores);
-                let ratio = match (cpu, ours_cpu) {
-                    (Some(c), Some(o)) if o > 0.0 => format!("{:.2}", c / o),
-                    _ => "–".into(),
-                };
                 let _ = writeln!(
                     s,
-                    "| {rate} | {:.0} | {} | {} | {} | {} | {} | {ratio} | {} | {n} |",
-                    rate * f.subscribers as f64 / f.topics.max(1) as f64,
+                    "| {rate} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {n} |",
+                    f.offered_deliveries_per_s(rate),
                     sys.name(),
                     opt(got, 0),
                     opt(frac, 4),
                     opt(p99, 2),
                     opt(cpu, 2),
+                    ratio(cpu, ours_cpu),
                     opt(redis, 2),
                 );
             }
@@ -704,28 +718,17 @@ mod report {
              instances: usize,
              rate: f64,
              g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter(|r| r.system == sys && r.instances == instances)
-                    .filter_map(|r| match r.result.as_ref().ok()? {
-                        RunResult::Fanout(fr) => {
-                            fr.steps.iter().find(|st| st.publishes_per_s == rate)
-                        }
-                        _ => None,
-                    })
-                    .filter_map(g)
-                    .collect();
-                let n = v.len();
-                (median(v), n)
+                step_median(
+                    runs,
+                    |r| r.system == sys && r.instances == instances,
+                    rate,
+                    g,
+                )
             };
         // Per rep, the mean of the instances' CPU per delivery.
         let cpu_mean = |st: &crate::scenario::FanoutStep| match st.mirror_cpu_us_per_delivery {
             Some(m) => st.server_cpu_us_per_delivery.map(|c| (c + m) / 2.0),
             None => st.server_cpu_us_per_delivery,
-        };
-        let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
-            (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
-            _ => "–".into(),
         };
         for &rate in &f.rates {
             for &sys in systems {
@@ -808,22 +811,43 @@ mod report {
                 let (frac, _) = step_metric(sys, i, &|st| Some(st.delivered_fraction));
                 let (p99, _) = step_metric(sys, i, &|st| Some(st.latency.p99_ms));
                 let (cpu, _) = step_metric(sys, i, &cpu_of);
-                let ratio = match (cpu, ours_cpu) {
-                    (Some(c), Some(o)) if o > 0.0 => format!("{:.2}", c / o),
-                    _ => "–".into(),
-                };
                 let _ = writeln!(
                     s,
-                    "| {rate} | {} | {} | {} | {} | {} | {ratio} | {n} |",
+                    "| {rate} | {} | {} | {} | {} | {} | {} | {n} |",
                     sys.name(),
                     opt(handled, 0),
                     opt(frac, 4),
                     opt(p99, 1),
                     opt(cpu, 1),
+                    ratio(cpu, ours_cpu),
                 );
             }
         }
         s
+    }
+
+    /// The paragraph that opens the report of a fan-out sweep: the scenario, its subscribers
+    /// (`subscribers` names them: "subscribers", "subscribers per instance"), the sweep, and
+    /// `note` after it.
+    fn sweep_header(
+        s: &mut String,
+        args: &CompareArgs,
+        f: &crate::scenario::FanoutArgs,
+        subscribers: &str,
+        note: &str,
+    ) {
+        let _ = writeln!(
+            s,
+            "{}: {} {subscribers}, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s).{note}\n",
+            args.scenario.title(),
+            f.subscribers,
+            f.topics,
+            f.payload,
+            f.via,
+            f.step_secs,
+            f.rates,
+            args.reps
+        );
     }
 
     /// Side-by-side medians per system, with ratios to ours.
@@ -848,35 +872,20 @@ mod report {
         systems.dedup();
         match &args.scenario {
             CompareScenario::SharedRedis(f) => {
-                let _ = writeln!(
-                    s,
-                    "{}: {} subscribers per instance, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s).\n",
-                    args.scenario.title(),
-                    f.subscribers,
-                    f.topics,
-                    f.payload,
-                    f.via,
-                    f.step_secs,
-                    f.rates,
-                    args.reps
-                );
+                sweep_header(&mut s, args, f, "subscribers per instance", "");
                 s.push_str(&shared_redis(f, &systems, runs));
             }
             CompareScenario::Fanout(_)
             | CompareScenario::Notifications(_)
             | CompareScenario::MultiInstance(_) => {
                 let f = &args.scenario.fanout().unwrap_or_else(|| unreachable!());
-                let _ = writeln!(
-                    s,
-                    "{}: {} subscribers, {} topic(s), {} B payloads via {:?}, steps of {} s at {:?} pub/s; median of {} rep(s). Socket.IO systems always publish through the server (a `send` event): their adapters' Redis channels carry their own encoding.\n",
-                    args.scenario.title(),
-                    f.subscribers,
-                    f.topics,
-                    f.payload,
-                    f.via,
-                    f.step_secs,
-                    f.rates,
-                    args.reps
+                sweep_header(
+                    &mut s,
+                    args,
+                    f,
+                    "subscribers",
+                    " Socket.IO systems always publish through the server (a `send` event): \
+                     their adapters' Redis channels carry their own encoding.",
                 );
                 let max = |r: &RunResult| match r {
                     RunResult::Fanout(f) => f.max_sustainable_per_s,
@@ -905,6 +914,9 @@ mod report {
                     s,
                     "| system | max sustainable deliveries/s | × ours | p50 ms | p99 ms | server CPU µs/delivery | peak RSS MiB | reorders | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---|"
                 );
+                // Deliveries/s of the highest step offered: a maximum there passed every step.
+                let highest =
+                    f.offered_deliveries_per_s(f.rates.iter().cloned().fold(0.0, f64::max));
                 for sys in systems {
                     let m = metric(sys, &max);
                     let p50 = metric(sys, &|r| best_step(r).map(|s| s.latency.p50_ms));
@@ -919,12 +931,6 @@ mod report {
                         }
                         _ => None,
                     });
-                    let ratio = match (m, ours) {
-                        (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
-                        _ => "–".into(),
-                    };
-                    let highest =
-                        f.rates.iter().cloned().fold(0.0, f64::max) * f.subscribers as f64;
                     let mut notes = Vec::new();
                     if m.is_some_and(|m| m >= 0.999 * highest) {
                         notes.push("passed every step: the true maximum is higher");
@@ -945,7 +951,7 @@ mod report {
                         "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         sys.name(),
                         opt(m, 0),
-                        ratio,
+                        ratio(m, ours),
                         opt(p50, 2),
                         opt(p99, 2),
                         opt(cpu, 2),
@@ -980,10 +986,6 @@ mod report {
                 };
                 let ours = metric(System::Ours, &max);
                 let ours_any = metric(System::Ours, &any_latency);
-                let ratio = |m: Option<f64>, o: Option<f64>| match (m, o) {
-                    (Some(m), Some(o)) if o > 0.0 => format!("{:.2}", m / o),
-                    _ => "–".into(),
-                };
                 let _ = writeln!(
                     s,
                     "| system | handled SendMessage/s (≥ 99.9% delivered, p99 ≤ {} ms) | × ours | p99 ms there | server CPU µs/handled there | handled/s, ≥ 99.9% delivered at any latency | × ours |\n|---|---:|---:|---:|---:|---:|---:|",
@@ -1058,5 +1060,146 @@ mod report {
             let _ = writeln!(s, "\nFailed runs: {}", failed.join("; "));
         }
         s
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use clap::Parser;
+
+        use super::compare;
+        use crate::scenario::{FanoutResult, FanoutStep, Latency};
+        use crate::system::System;
+        use crate::{Cli, Command, CompareArgs, CompareRun, RunResult};
+
+        /// `compare --systems ours <words>…` as the command line gives it.
+        fn compare_args(words: &[&str]) -> CompareArgs {
+            let line = ["loadtest", "compare", "--systems", "ours"];
+            let cli = Cli::try_parse_from(line.iter().chain(words)).expect("a valid command line");
+            match cli.command {
+                Command::Compare(args) => args,
+                _ => unreachable!(),
+            }
+        }
+
+        /// A run of ours that delivered every publication of each step in `args`' sweep at
+        /// once; the steps from `fail_from` on missed the latency bound.
+        fn run(args: &CompareArgs, fail_from: usize) -> CompareRun {
+            let f = args.scenario.fanout().expect("a fan-out sweep");
+            let steps: Vec<FanoutStep> = f
+                .rates
+                .iter()
+                .enumerate()
+                .map(|(i, &rate)| {
+                    let per_s = f.offered_deliveries_per_s(rate);
+                    let delivered = (per_s * f.step_secs) as u64;
+                    FanoutStep {
+                        publishes_per_s: rate,
+                        expected: delivered,
+                        delivered,
+                        delivered_fraction: 1.0,
+                        deliveries_per_s: per_s,
+                        subscribers_with_loss: 0,
+                        worst_subscriber_fraction: 1.0,
+                        reorders: 0,
+                        latency: Latency::default(),
+                        server_cpu_s: None,
+                        server_cpu_us_per_delivery: None,
+                        server_peak_rss_mib: None,
+                        wire_bytes_per_delivery: None,
+                        redis_cores: None,
+                        redis_cpu_us_per_publish: None,
+                        mirror_cpu_us_per_delivery: None,
+                        pass: i < fail_from,
+                    }
+                })
+                .collect();
+            let max_sustainable_per_s = steps
+                .iter()
+                .filter(|s| s.pass)
+                .map(|s| s.deliveries_per_s)
+                .reduce(f64::max);
+            CompareRun {
+                system: System::Ours,
+                rep: 0,
+                instances: 1,
+                result: Ok(RunResult::Fanout(FanoutResult {
+                    args: f,
+                    connect_failures: 0,
+                    steps,
+                    max_sustainable_per_s,
+                })),
+            }
+        }
+
+        /// The row of `system` in the summary table.
+        fn row<'a>(report: &'a str, system: &str) -> &'a str {
+            let start = format!("| {system} |");
+            report
+                .lines()
+                .find(|l| l.starts_with(&start))
+                .unwrap_or_else(|| panic!("no row of {system} in {report}"))
+        }
+
+        #[test]
+        fn a_notifications_step_delivers_each_publish_once() {
+            let args =
+                compare_args(&["notifications", "--topics", "10000", "--rates", "1000,2000"]);
+            let f = args.scenario.fanout().unwrap();
+            for rate in [1000.0, 2000.0] {
+                assert_eq!(f.offered_deliveries_per_s(rate), rate);
+            }
+            let report = compare(&args, &[run(&args, 2)]);
+            assert!(
+                report.contains(
+                    "Notifications (one subscriber per topic, via Redis): 10000 subscribers, 10000 \
+                     topic(s), 128 B payloads via Redis, steps of 3 s at [1000.0, 2000.0] pub/s; \
+                     median of 1 rep(s). Socket.IO systems always publish through the server (a \
+                     `send` event): their adapters' Redis channels carry their own encoding.\n\n"
+                ),
+                "{report}"
+            );
+            let ours = row(&report, "ours");
+            assert!(ours.starts_with("| ours | 2000 | 1.00 |"), "{ours}");
+            assert!(ours.contains("passed every step"), "{ours}");
+            assert!(report.contains("| 2000 | 2000 | ours | 2000 |"), "{report}");
+        }
+
+        #[test]
+        fn a_fanout_step_delivers_each_publish_to_its_topics_subscribers() {
+            let args = compare_args(&["fanout", "--subscribers", "100", "--rates", "10,20"]);
+            let f = args.scenario.fanout().unwrap();
+            assert_eq!(f.offered_deliveries_per_s(20.0), 2000.0);
+            let report = compare(&args, &[run(&args, 2)]);
+            let ours = row(&report, "ours");
+            assert!(ours.starts_with("| ours | 2000 | 1.00 |"), "{ours}");
+            assert!(ours.contains("passed every step"), "{ours}");
+
+            let args = compare_args(&["fanout", "--subscribers", "100", "--topics", "4"]);
+            let f = args.scenario.fanout().unwrap();
+            assert_eq!(f.offered_deliveries_per_s(20.0), 500.0);
+        }
+
+        #[test]
+        fn a_maximum_below_the_highest_step_is_not_said_to_pass_every_step() {
+            let args =
+                compare_args(&["notifications", "--topics", "10000", "--rates", "1000,2000"]);
+            let ours = row(&compare(&args, &[run(&args, 1)]), "ours").to_owned();
+            assert!(ours.starts_with("| ours | 1000 | 1.00 |"), "{ours}");
+            assert!(!ours.contains("passed every step"), "{ours}");
+        }
+
+        #[test]
+        fn shared_redis_names_the_subscribers_per_instance() {
+            let args = compare_args(&["shared-redis", "--subscribers", "100", "--rates", "10"]);
+            let report = compare(&args, &[]);
+            assert!(
+                report.contains(
+                    "Shared Redis (one instance, then two with the same subscribers each, one \
+                     Redis): 100 subscribers per instance, 1 topic(s), 128 B payloads via Redis, \
+                     steps of 3 s at [10.0] pub/s; median of 1 rep(s).\n\n"
+                ),
+                "{report}"
+            );
+        }
     }
 }

@@ -288,6 +288,15 @@ pub(crate) struct FanoutArgs {
     pub(crate) json_payload: bool,
 }
 
+impl FanoutArgs {
+    /// The deliveries a sweep offers at `rate` publishes/s: each publish goes to one topic and
+    /// reaches that topic's subscribers, `subscribers / topics` of them. With one topic, `rate ×
+    /// subscribers`; with one subscriber per topic (`notifications`), `rate`.
+    pub(crate) fn offered_deliveries_per_s(&self, rate: f64) -> f64 {
+        rate * self.subscribers as f64 / self.topics.max(1) as f64
+    }
+}
+
 /// One step of a fan-out sweep.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct FanoutStep {

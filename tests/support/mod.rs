@@ -10,12 +10,14 @@ pub mod presence;
 pub mod proxy;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod rtk1;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum_realtime_kit::ws::handler::MessageHandler;
 use axum_realtime_kit::ws::service::WebsocketService;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -169,8 +171,7 @@ pub async fn chat_server_with(redis_url: Option<String>, shards: usize) -> Serve
         .shards(test_shards(shards))
         .build();
     let server = serve_chat(service).await;
-    let ready = server.service.clone();
-    wait_until("instance ready", move || ready.is_ready()).await;
+    wait_ready(&server.service).await;
     server
 }
 
@@ -201,14 +202,32 @@ pub async fn assert_stays_unready(service: &Arc<WebsocketService<chat::ChatHandl
 }
 
 /// Polls `cond` every 10 ms until it holds; fails the test after [`WAIT`].
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let ok = tokio::time::timeout(WAIT, async {
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, WAIT, cond).await;
+}
+
+/// [`wait_until`], failing the test after `within` instead: for steps bounded by something
+/// slower than one server (a Redis Cluster healing). A bound on a wait, never a speed assertion.
+pub async fn wait_until_within(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let ok = tokio::time::timeout(within, async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
     assert!(ok.is_ok(), "timed out waiting for: {what}");
+}
+
+/// Waits until `service` is ready (its broker connected and subscribed); fails the test after
+/// [`WAIT`].
+pub async fn wait_ready<H: MessageHandler>(service: &WebsocketService<H>) {
+    wait_ready_within(service, WAIT).await;
+}
+
+/// [`wait_ready`], failing the test after `within` instead (an instance on a Redis Cluster
+/// reaches every primary first).
+pub async fn wait_ready_within<H: MessageHandler>(service: &WebsocketService<H>, within: Duration) {
+    wait_until_within("instance ready", within, || service.is_ready()).await;
 }
 
 /// A loopback port that was free a moment ago and that no other test of this binary was given:

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use super::redis_server::installed;
 
-/// How long the cluster may take to form, to heal after a restart, or to notice a stopped node.
-/// A bound on a wait, never a speed assertion.
-const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+/// How long the cluster may take to form, to heal after a restart, or to notice a stopped node,
+/// and how long an instance may take to see the whole cluster or a change of it (a subscription
+/// reaching every node, a restarted primary serving again). A bound on a wait, never a speed
+/// assertion.
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(30);
 
 /// Node timeout: a stopped primary is flagged failed after about this long.
 const NODE_TIMEOUT_MS: u32 = 2000;
