@@ -267,23 +267,23 @@ fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) -> impl Future<Ou
         sink: WsSink::new(conn.clone(), rt.hub.clone()).with_identity(who),
     };
     let mut buf = pre_read;
+    span.in_scope(|| match subscribed {
+        JoinOutcome::Refused(why) => {
+            tracing::warn!(reason = %why, "the broker refused the connection's topic");
+            conn.close(
+                close_code::POLICY_VIOLATION,
+                "topic refused by the broker",
+                true,
+            );
+        }
+        outcome if outcome != JoinOutcome::Subscribed || rt.is_shutting_down() => {
+            conn.close(close_code::GOING_AWAY, "server shutting down", true);
+        }
+        _ => {}
+    });
 
     async move {
         let rt = &service.runtime;
-        match &subscribed {
-            JoinOutcome::Refused(why) => {
-                tracing::warn!(reason = %why, "the broker refused the connection's topic");
-                conn.close(
-                    close_code::POLICY_VIOLATION,
-                    "topic refused by the broker",
-                    true,
-                );
-            }
-            outcome if *outcome != JoinOutcome::Subscribed || rt.is_shutting_down() => {
-                conn.close(close_code::GOING_AWAY, "server shutting down", true);
-            }
-            _ => {}
-        }
         // Invariant 6: on_connect runs after the subscription is in place.
         if AssertUnwindSafe(service.handler.on_connect(&ctx))
             .catch_unwind()
