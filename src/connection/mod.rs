@@ -25,6 +25,7 @@ use std::sync::{Arc, Weak};
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
+use futures_util::future::OptionFuture;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -154,9 +155,13 @@ impl<H: MessageHandler> Admitted<H> {
         let who = service.identity(&user_id);
         let weak = Arc::downgrade(&conn);
         let (joined_tx, joined) = oneshot::channel();
-        let task = tokio::spawn(async move {
+        // Two phases, so that the connection's long-lived future does not also carry the
+        // short-lived state of its start: the join and the wait for the upgrade run boxed, and
+        // hand over the future of the connection's life (`run`), which the task then polls in
+        // place.
+        let start = Box::pin(async move {
             // Counted before the join, so publications from then on are framed for `rtk1`.
-            let _rtk1 = (opening.format == Format::Rtk1)
+            let rtk1 = (opening.format == Format::Rtk1)
                 .then(|| Rtk1Conn::new(&service.runtime.hub.rtk1_conns));
             // A new connection is in no topic yet: the topic limit cannot refuse it.
             let subscribed = service
@@ -174,16 +179,19 @@ impl<H: MessageHandler> Admitted<H> {
                         topic,
                         user_id,
                         who,
+                        _rtk1: rtk1,
+                        _admission: admission,
                     };
-                    run(joined, socket).await;
+                    Some(run(joined, socket))
                 }
                 None => {
                     conn.fail();
                     service.runtime.hub.remove(&conn, true).await;
+                    None
                 }
             }
-            drop(admission);
         });
+        let task = tokio::spawn(start.then(OptionFuture::from).map(drop));
         // Err only if the task panicked before the join finished; the task is over then.
         let _ = joined.await;
         Spawned { task, conn: weak }
@@ -200,6 +208,10 @@ struct Joined<H: MessageHandler> {
     user_id: H::UserId,
     /// Who the connection is for presence (when a topic may track it).
     who: Option<Arc<Identity>>,
+    /// Counts the connection among the `rtk1` ones while it lives.
+    _rtk1: Option<Rtk1Conn>,
+    /// Its connection slot, released when it has ended.
+    _admission: Admission,
 }
 
 /// Why the read loop stopped.
@@ -214,7 +226,10 @@ enum End {
 }
 
 /// Runs the connection to its end.
-async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
+///
+/// Not an `async fn`: the future it returns holds the connection's state once, as the captures
+/// of one async block, and lives as long as the connection.
+fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) -> impl Future<Output = ()> {
     let Joined {
         service,
         conn,
@@ -222,6 +237,8 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
         topic,
         user_id,
         who,
+        _rtk1,
+        _admission,
     } = joined;
     let Upgraded {
         read: mut inbound,
@@ -242,28 +259,31 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
         rt.metrics.clone(),
     );
 
-    async {
-        let ctx = ConnectionContext {
-            conn_id: conn.id,
-            user_id,
-            topic,
-            app_state: service.app_state.clone(),
-            sink: WsSink::new(conn.clone(), rt.hub.clone()).with_identity(who),
-        };
-        match &subscribed {
-            JoinOutcome::Refused(why) => {
-                tracing::warn!(reason = %why, "the broker refused the connection's topic");
-                conn.close(
-                    close_code::POLICY_VIOLATION,
-                    "topic refused by the broker",
-                    true,
-                );
-            }
-            outcome if *outcome != JoinOutcome::Subscribed || rt.is_shutting_down() => {
-                conn.close(close_code::GOING_AWAY, "server shutting down", true);
-            }
-            _ => {}
+    let ctx = ConnectionContext {
+        conn_id: conn.id,
+        user_id,
+        topic,
+        app_state: service.app_state.clone(),
+        sink: WsSink::new(conn.clone(), rt.hub.clone()).with_identity(who),
+    };
+    let mut buf = pre_read;
+    span.in_scope(|| match subscribed {
+        JoinOutcome::Refused(why) => {
+            tracing::warn!(reason = %why, "the broker refused the connection's topic");
+            conn.close(
+                close_code::POLICY_VIOLATION,
+                "topic refused by the broker",
+                true,
+            );
         }
+        outcome if outcome != JoinOutcome::Subscribed || rt.is_shutting_down() => {
+            conn.close(close_code::GOING_AWAY, "server shutting down", true);
+        }
+        _ => {}
+    });
+
+    async move {
+        let rt = &service.runtime;
         // Invariant 6: on_connect runs after the subscription is in place.
         if AssertUnwindSafe(service.handler.on_connect(&ctx))
             .catch_unwind()
@@ -274,7 +294,6 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
             conn.close(close_code::INTERNAL_ERROR, "internal error", false);
         }
 
-        let mut buf = pre_read;
         let end = read::read_loop(&service, &conn, &ctx, &mut inbound, &mut buf).await;
         tracing::debug!(?end, "connection ending");
 
@@ -304,7 +323,8 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
         }
         // A connection that dropped without a close stays present for the grace: a client
         // that reconnects at once does not leave and join again.
-        rt.hub.remove(&conn, end != End::Eof).await;
+        // Boxed: inline, the removal would size this future, held for the connection's life.
+        Box::pin(rt.hub.remove(&conn, end != End::Eof)).await;
         // Invariant 6: on_disconnect runs exactly once, here, whatever ended the connection.
         if AssertUnwindSafe(service.handler.on_disconnect(&ctx))
             .catch_unwind()
@@ -313,8 +333,8 @@ async fn run<H: MessageHandler>(joined: Joined<H>, socket: Upgraded) {
         {
             tracing::error!("on_disconnect panicked");
         }
+        rt.connection_closed();
+        drop((_rtk1, _admission));
     }
     .instrument(span)
-    .await;
-    rt.connection_closed();
 }

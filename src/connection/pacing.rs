@@ -5,34 +5,32 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Server-side heartbeat: ping a connection that has been quiet for `interval`, and give up on
-/// it when it then stays silent for `timeout`.
+/// Server-side heartbeat: ping a connection that has been quiet for the ping interval, and give
+/// up on it when it then stays silent for the pong timeout. Both come from the configuration
+/// at each call rather than living here: every idle connection holds one of these.
 #[derive(Debug)]
 pub(super) struct Heartbeat {
-    interval: Duration,
-    timeout: Duration,
     last_heard: Instant,
     pinged_at: Option<Instant>,
 }
 
 impl Heartbeat {
-    pub(super) fn new(interval: Duration, timeout: Duration) -> Self {
+    pub(super) fn new() -> Self {
         Self {
-            interval,
-            timeout,
             last_heard: Instant::now(),
             pinged_at: None,
         }
     }
 
-    /// When the next ping is due or the pong timeout expires; `None` when disabled.
-    pub(super) fn deadline(&self) -> Option<Instant> {
-        if self.interval.is_zero() {
+    /// When the next ping is due (`interval` after the client was last heard) or the pong
+    /// timeout expires (`timeout` after the ping); `None` when disabled (a zero `interval`).
+    pub(super) fn deadline(&self, interval: Duration, timeout: Duration) -> Option<Instant> {
+        if interval.is_zero() {
             return None;
         }
         Some(match self.pinged_at {
-            Some(at) => at + self.timeout,
-            None => self.last_heard + self.interval,
+            Some(at) => at + timeout,
+            None => self.last_heard + interval,
         })
     }
 
@@ -61,37 +59,35 @@ pub(super) enum Admit {
     Close,
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+/// A token bucket: `rate` tokens a second, at most `burst` saved up. The limit itself is passed
+/// to [`admit`](Self::admit) from the configuration; only the bucket's state lives here.
 #[derive(Debug)]
 pub(super) struct RateLimiter {
-    rate: f64,
-    burst: f64,
     tokens: f64,
     refilled: Instant,
-    grace: Duration,
     /// When the current run of over-limit traffic began, and the last drop in it. A run ends
-    /// once a second passes without a drop; a run longer than `grace` closes the connection.
+    /// once a second passes without a drop; a run longer than the grace closes the connection.
     dropping_since: Option<Instant>,
     last_drop: Option<Instant>,
 }
 
 impl RateLimiter {
-    pub(super) fn new(rate: u32, burst: u32, grace: Duration) -> Self {
+    /// A full bucket of `burst` tokens.
+    pub(super) fn new(burst: u32) -> Self {
         Self {
-            rate: rate as f64,
-            burst: burst as f64,
             tokens: burst as f64,
             refilled: Instant::now(),
-            grace,
             dropping_since: None,
             last_drop: None,
         }
     }
 
-    pub(super) fn admit(&mut self) -> Admit {
+    /// Takes a token for one message under `rate` a second with `burst` saved up; over the
+    /// limit for longer than `grace`, the connection is to be closed.
+    pub(super) fn admit(&mut self, (rate, burst): (u32, u32), grace: Duration) -> Admit {
         let now = Instant::now();
         let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * rate as f64).min(burst as f64);
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -109,7 +105,7 @@ impl RateLimiter {
                 self.dropping_since = Some(now);
                 Admit::DropAndTell
             }
-            Some(since) if now.duration_since(since) > self.grace => Admit::Close,
+            Some(since) if now.duration_since(since) > grace => Admit::Close,
             Some(_) => Admit::Drop,
         }
     }

@@ -141,25 +141,30 @@ pub(super) async fn read_loop<H: MessageHandler>(
         inbound,
         buf,
         assembler: MessageAssembler::new(max),
-        heartbeat: Heartbeat::new(config.ping_interval, config.pong_timeout),
-        limiter: config
-            .rate_limit
-            .map(|(rate, burst)| RateLimiter::new(rate, burst, config.rate_limit_grace)),
+        heartbeat: Heartbeat::new(),
+        limiter: config.rate_limit.map(|(_, burst)| RateLimiter::new(burst)),
     };
     // One timer for the connection's life, armed at the heartbeat's deadline (when disabled the
     // branch that polls it is off).
     let mut beat = std::pin::pin!(tokio::time::sleep_until(
-        reader.heartbeat.deadline().unwrap_or_else(Instant::now)
+        reader.deadline().unwrap_or_else(Instant::now)
     ));
     loop {
         // A continuation frame that would take the message past its limit is refused from its
         // header, before its payload is buffered.
         let room = reader.assembler.continuation_room();
         let step = match parser.parse_for(reader.buf, room) {
-            Ok(Some(frame)) => match reader.on_frame(frame).await {
-                None if conn.is_ending() => Some(End::ServerClosed),
-                step => step,
-            },
+            Ok(Some(frame)) => {
+                let step = match reader.on_frame(frame) {
+                    Ok(None) => None,
+                    Ok(Some(message)) => reader.on_message(message).await,
+                    Err(end) => Some(end),
+                };
+                match step {
+                    None if reader.conn.is_ending() => Some(End::ServerClosed),
+                    step => step,
+                }
+            }
             Ok(None) => reader.wait(beat.as_mut()).await,
             Err(e) => Some(reader.violation(e)),
         };
@@ -170,6 +175,13 @@ pub(super) async fn read_loop<H: MessageHandler>(
 }
 
 impl<H: MessageHandler> Reader<'_, H> {
+    /// The heartbeat's next deadline under the configured interval and timeout.
+    fn deadline(&self) -> Option<Instant> {
+        let config = &self.service.runtime.config;
+        self.heartbeat
+            .deadline(config.ping_interval, config.pong_timeout)
+    }
+
     /// No complete frame is buffered: waits for more input, for the connection to end, or for
     /// the heartbeat's deadline. `Some` when the connection must end.
     async fn wait(&mut self, mut beat: Pin<&mut Sleep>) -> Option<End> {
@@ -195,7 +207,7 @@ impl<H: MessageHandler> Reader<'_, H> {
                     None
                 }
             },
-            _ = &mut beat, if self.heartbeat.deadline().is_some() => self.on_beat(beat),
+            _ = &mut beat, if self.deadline().is_some() => self.on_beat(beat),
         }
     }
 
@@ -203,7 +215,7 @@ impl<H: MessageHandler> Reader<'_, H> {
     /// timer update per message): it fires at the old deadline and is set again to the current
     /// one. Past the pong timeout the connection ends; otherwise a ping goes out.
     fn on_beat(&mut self, mut beat: Pin<&mut Sleep>) -> Option<End> {
-        let due = self.heartbeat.deadline().unwrap_or_else(Instant::now);
+        let due = self.deadline().unwrap_or_else(Instant::now);
         if Instant::now() < due {
             beat.as_mut().reset(due);
             return None;
@@ -216,22 +228,27 @@ impl<H: MessageHandler> Reader<'_, H> {
         }
         self.conn.push_control(frame::encode(OpCode::Ping, b""));
         self.heartbeat.pinged();
-        if let Some(at) = self.heartbeat.deadline() {
+        if let Some(at) = self.deadline() {
             beat.as_mut().reset(at);
         }
         None
     }
 
     /// One parsed frame: control frames are answered here, data frames assembled into messages.
-    async fn on_frame(&mut self, frame: Frame) -> Option<End> {
+    /// A message it completes is returned, for [`on_message`](Self::on_message); `Err` when the
+    /// connection must end.
+    ///
+    /// Not `async`: the frame would otherwise be kept in the reader's future next to the
+    /// handler's, in room every idle connection carries.
+    fn on_frame(&mut self, frame: Frame) -> Result<Option<Message>, End> {
         match frame.opcode {
             OpCode::Ping => {
                 self.conn
                     .push_control(frame::encode(OpCode::Pong, &frame.payload));
-                None
+                Ok(None)
             }
-            OpCode::Pong => None,
-            OpCode::Close => Some(match frame::parse_close_payload(&frame.payload) {
+            OpCode::Pong => Ok(None),
+            OpCode::Close => Err(match frame::parse_close_payload(&frame.payload) {
                 Ok(code) => {
                     self.conn
                         .close(code.unwrap_or(close_code::NORMAL), "", true);
@@ -240,11 +257,7 @@ impl<H: MessageHandler> Reader<'_, H> {
                 Err(e) => self.violation(e),
             }),
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                match self.assembler.push(frame) {
-                    Ok(None) => None,
-                    Ok(Some(message)) => self.on_message(message).await,
-                    Err(e) => Some(self.violation(e)),
-                }
+                self.assembler.push(frame).map_err(|e| self.violation(e))
             }
         }
     }
@@ -254,7 +267,12 @@ impl<H: MessageHandler> Reader<'_, H> {
     async fn on_message(&mut self, message: Message) -> Option<End> {
         let (service, conn, ctx) = (self.service, self.conn, self.ctx);
         service.runtime.metrics.message_in();
-        match self.limiter.as_mut().map_or(Admit::Yes, RateLimiter::admit) {
+        let config = &self.service.runtime.config;
+        let admit = match (&mut self.limiter, config.rate_limit) {
+            (Some(limiter), Some(limit)) => limiter.admit(limit, config.rate_limit_grace),
+            _ => Admit::Yes,
+        };
+        match admit {
             Admit::Yes => {}
             Admit::DropAndTell => {
                 send_error(ctx, "Rate limit exceeded: message dropped");

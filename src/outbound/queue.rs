@@ -133,7 +133,9 @@ pub(super) struct Queue {
     pub(super) close: Option<Bytes>,
     /// Topics (keys with [`POSITIONED`]) of which a positioned frame was dropped since the last
     /// [`take_lost`](Self::take_lost): each at most once, so at most one per joined topic.
-    lost: Vec<TopicKey>,
+    /// Boxed (one word): only a connection that lost frames has any, and a `Vec` would take
+    /// three words in every connection's queue.
+    lost: Option<Box<Lost>>,
 }
 
 impl Queue {
@@ -218,14 +220,12 @@ impl Queue {
 
     /// Records that a frame of `key` was dropped, if it was positioned.
     fn lose(&mut self, key: TopicKey) {
-        if key & POSITIONED != 0 && !self.lost.contains(&key) {
-            self.lost.push(key);
-        }
+        record_lost(&mut self.lost, key);
     }
 
     /// The positioned topics that lost a frame since the last call.
     pub(super) fn take_lost(&mut self) -> Vec<TopicKey> {
-        std::mem::take(&mut self.lost)
+        self.lost.take().map_or_else(Vec::new, |lost| lost.0)
     }
 
     /// Drops the queued data and queues the 1008 close (policy `Close`).
@@ -332,12 +332,24 @@ impl Queue {
                 kept.push_front((topic, frame));
             } else {
                 self.data_bytes -= frame.len();
-                if topic & POSITIONED != 0 && !self.lost.contains(&topic) {
-                    self.lost.push(topic);
-                }
+                record_lost(&mut self.lost, topic);
             }
         }
         self.data = kept;
         (before - self.data.len()) as u64
     }
 }
+
+/// Adds `key` to `lost` if it is positioned and not there yet.
+fn record_lost(lost: &mut Option<Box<Lost>>, key: TopicKey) {
+    if key & POSITIONED != 0 {
+        let lost = &mut lost.get_or_insert_default().0;
+        if !lost.contains(&key) {
+            lost.push(key);
+        }
+    }
+}
+
+/// The positioned topics a connection lost frames of ([`Queue::take_lost`]).
+#[derive(Debug, Default)]
+struct Lost(Vec<TopicKey>);

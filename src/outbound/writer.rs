@@ -61,90 +61,147 @@ impl Drop for Detach {
     }
 }
 
+/// The writer's durations, in microseconds (saturated): an idle connection's writer task holds
+/// them, and three `Duration`s would take four times the room.
+#[derive(Clone, Copy)]
+struct Timing {
+    delay_us: u32,
+    timeout_us: u32,
+    check_every_us: u32,
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().try_into().unwrap_or(u32::MAX)
+}
+
+fn from_micros(us: u32) -> Duration {
+    Duration::from_micros(us.into())
+}
+
 /// Drains `conn`'s queue into `io` until the close frame is written or the socket fails.
-async fn run<W>(
+///
+/// Not an `async fn`: its arguments would be kept in the task twice (as arguments and as the
+/// locals they move into), in every idle connection's writer task.
+fn run<W>(
     conn: Arc<Conn>,
     mut io: W,
     write_delay: Duration,
     write_timeout: Duration,
     metrics: Arc<Metrics>,
-) where
+) -> impl Future<Output = ()>
+where
     W: AsyncWrite + Unpin,
 {
-    let conn = Detach(conn, metrics.clone());
-    let conn = &*conn.0;
-    let check_every = conn.stall_check_every(write_timeout);
-    let mut batch: Vec<Bytes> = Vec::new();
-    loop {
-        conn.writer_wake.notified().await;
-        let delay = !conn.is_ending() && conn.writer_waits_first(write_delay);
-        // Boxed: the delay and the write (timers, `writev` state) are this task's largest
-        // states, and a future is as large as its largest state. Boxing them costs one
-        // allocation per batch written, and keeps an idle connection's writer task small.
-        let written = Box::pin(async {
-            if delay {
-                tokio::time::sleep(write_delay).await;
-            }
-            let closing = conn.take(&mut batch);
-            // A batch that ends with the close frame is written whole: cutting it would lose
-            // the close.
-            let mut stalled = || {
-                if closing {
-                    return false;
+    let timing = Timing {
+        delay_us: micros(write_delay),
+        timeout_us: micros(write_timeout),
+        check_every_us: micros(conn.stall_check_every(write_timeout)),
+    };
+    let detach = Detach(conn, metrics);
+    async move {
+        loop {
+            // `conn` and `metrics` are bound between the awaits, never across one: the task
+            // holds no copies of them (see `run`'s docs).
+            detach.0.writer_wake.notified().await;
+            let conn = &*detach.0;
+            let delay = !conn.is_ending() && conn.writer_waits_first(from_micros(timing.delay_us));
+            // Boxed: the delay and the write (timers, `writev` state) are this task's largest
+            // states, and a future is as large as its largest state. Boxing them costs one
+            // allocation per batch written, and keeps an idle connection's writer task small.
+            let written = Box::pin(async {
+                let (conn, metrics) = (&*detach.0, &*detach.1);
+                if delay {
+                    tokio::time::sleep(from_micros(timing.delay_us)).await;
                 }
-                match conn.writer_stalled() {
-                    Stalled::Wait => false,
-                    Stalled::Cut => true,
-                    Stalled::CutLagged => {
-                        metrics.add_slow_consumers(1);
-                        true
+                // A batch of its own each time: kept across the wait for the next one, an
+                // emptied vector would still take room in every idle connection's task.
+                let mut batch: Vec<Bytes> = Vec::new();
+                let closing = conn.take(&mut batch);
+                // A batch that ends with the close frame is written whole: cutting it would lose
+                // the close.
+                let mut stalled = || {
+                    if closing {
+                        return false;
                     }
+                    match conn.writer_stalled() {
+                        Stalled::Wait => false,
+                        Stalled::Cut => true,
+                        Stalled::CutLagged => {
+                            metrics.add_slow_consumers(1);
+                            true
+                        }
+                    }
+                };
+                // A write the socket took only part of: what is left is all the batch still holds.
+                let mut progress = |unwritten| conn.batch_progress(unwritten);
+                let timing = WriteTiming {
+                    timeout: from_micros(timing.timeout_us),
+                    check_every: from_micros(timing.check_every_us),
+                };
+                write_frames(&mut io, &batch, timing, &mut stalled, &mut progress)
+                    .await
+                    .map(|wrote| (closing, wrote, batch))
+            })
+            .await;
+            // Settled in a plain function, so nothing of the batch is kept in the task
+            // across the close's shutdown below.
+            match settle(&detach.0, &detach.1, written) {
+                Settled::More => {}
+                Settled::Closing => {
+                    detach.0.detach_socket();
+                    let _ = io.shutdown().await;
+                    return;
                 }
-            };
-            // A write the socket took only part of: what is left is all the batch still holds.
-            let mut progress = |unwritten| conn.batch_progress(unwritten);
-            let timing = WriteTiming {
-                timeout: write_timeout,
-                check_every,
-            };
-            write_frames(&mut io, &batch, timing, &mut stalled, &mut progress)
-                .await
-                .map(|wrote| (closing, wrote))
-        })
-        .await;
-        let (closing, wrote) = match written {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::debug!(conn_id = %conn.id, error = %e, "write failed");
-                conn.fail();
-                return;
-            }
-        };
-        let mut tally = WriteTally::default();
-        match wrote {
-            Wrote::All => {
-                conn.written(batch.len());
-                tally.add(batch.iter().map(Bytes::len).sum());
-            }
-            Wrote::Cut { frames, offset } => {
-                // The rest of the batch is dropped; what is left of the frame in progress
-                // goes first, before the close.
-                let rest = (offset > 0).then(|| batch[frames].slice(offset..));
-                conn.cut(frames, rest);
-                tally.add(batch[..frames].iter().map(Bytes::len).sum::<usize>() + offset);
+                Settled::Failed => return,
             }
         }
-        tally.report(&metrics);
-        batch.clear();
-        if closing {
-            conn.detach_socket();
-            let _ = io.shutdown().await;
-            return;
+    }
+}
+
+/// What a writer does after a batch.
+enum Settled {
+    /// Waits for the next batch.
+    More,
+    /// The batch ended with the close frame: shut the socket down and stop.
+    Closing,
+    /// The write failed: the connection has failed, stop.
+    Failed,
+}
+
+/// Books a written batch (`written`: whether it ended with the close, how far it went, the
+/// frames) into `conn` and `metrics`.
+fn settle(
+    conn: &Conn,
+    metrics: &Metrics,
+    written: io::Result<(bool, Wrote, Vec<Bytes>)>,
+) -> Settled {
+    let (closing, wrote, batch) = match written {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::debug!(conn_id = %conn.id, error = %e, "write failed");
+            conn.fail();
+            return Settled::Failed;
         }
-        if batch.capacity() > 1024 {
-            // A burst is over: give the memory back rather than keep it per idle connection.
-            batch = Vec::new();
+    };
+    let mut tally = WriteTally::default();
+    match wrote {
+        Wrote::All => {
+            conn.written(batch.len());
+            tally.add(batch.iter().map(Bytes::len).sum());
         }
+        Wrote::Cut { frames, offset } => {
+            // The rest of the batch is dropped; what is left of the frame in progress goes
+            // first, before the close.
+            let rest = (offset > 0).then(|| batch[frames].slice(offset..));
+            conn.cut(frames, rest);
+            tally.add(batch[..frames].iter().map(Bytes::len).sum::<usize>() + offset);
+        }
+    }
+    tally.report(metrics);
+    if closing {
+        Settled::Closing
+    } else {
+        Settled::More
     }
 }
 
