@@ -113,9 +113,9 @@ where
                 if delay {
                     tokio::time::sleep(from_micros(timing.delay_us)).await;
                 }
-                // A batch of its own each time: kept across the wait for the next one, an
-                // emptied vector would still take room in every idle connection's task.
-                let mut batch: Vec<Bytes> = Vec::new();
+                // The batch's vector is not kept across the wait for the next one (it would take
+                // room in every idle connection's task): it comes from the thread's spare.
+                let mut batch = spare_batch();
                 let closing = conn.take(&mut batch);
                 // A batch that ends with the close frame is written whole: cutting it would lose
                 // the close.
@@ -198,11 +198,41 @@ fn settle(
         }
     }
     tally.report(metrics);
+    return_batch(batch);
     if closing {
         Settled::Closing
     } else {
         Settled::More
     }
+}
+
+thread_local! {
+    /// One emptied batch vector per worker thread, reused by the writers that run on it, so a
+    /// writer neither keeps a vector while idle nor allocates one for every batch.
+    static SPARE_BATCH: std::cell::Cell<Vec<Bytes>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An empty vector for a batch: the thread's spare, or a new one.
+fn spare_batch() -> Vec<Bytes> {
+    SPARE_BATCH.with(std::cell::Cell::take)
+}
+
+/// Gives a written batch's vector back as the thread's spare, emptied; one that grew large in a
+/// burst is dropped instead, to give its memory back.
+fn return_batch(mut batch: Vec<Bytes>) {
+    if batch.capacity() > 1024 {
+        return;
+    }
+    batch.clear();
+    SPARE_BATCH.with(|spare| {
+        // Keeps the larger of the two.
+        let held = spare.take();
+        spare.set(if held.capacity() >= batch.capacity() {
+            held
+        } else {
+            batch
+        });
+    });
 }
 
 /// The writer's handle on a TCP stream the shard may also write to directly
