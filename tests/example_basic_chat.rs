@@ -76,12 +76,16 @@ async fn the_example_serves_prometheus_metrics() {
         assert_eq!(c.recv_json().await["NewMessage"]["text"], "counted");
     }
 
-    // The counters are added after the frames went out, so a client can read its frame before
-    // the delivery is counted: wait until the publication is counted, then check every value.
+    // The counters are added after the frames went out (the publish is counted once the broker
+    // has answered, which can be after the subscribers have the message), so a client can read
+    // its frame before the message, the publish or the delivery is counted: wait until all of
+    // them are, then check every value.
     let counted = tokio::time::timeout(WAIT, async {
         loop {
             let (status, body) = http_get(port, "/metrics").await;
             if status == 200
+                && sample(&body, "rtk_messages_in_total") >= Some(1.0)
+                && sample(&body, "rtk_publishes_total") >= Some(1.0)
                 && sample(&body, "rtk_deliveries_total") >= Some(2.0)
                 && sample(&body, "rtk_bytes_written_total") > Some(0.0)
             {
