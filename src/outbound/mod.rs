@@ -128,8 +128,19 @@ struct DirectSocket {
 
 impl DirectSocket {
     fn write_delay(&self) -> Duration {
-        Duration::from_micros(self.write_delay_us.into())
+        from_micros(self.write_delay_us)
     }
+}
+
+/// `d` in whole microseconds, saturated at `u32::MAX` (71 minutes): how a connection's
+/// durations are kept where every idle connection holds them.
+fn micros(d: Duration) -> u32 {
+    d.as_micros().try_into().unwrap_or(u32::MAX)
+}
+
+/// The [`Duration`] of `us` microseconds ([`micros`]'s inverse).
+fn from_micros(us: u32) -> Duration {
+    Duration::from_micros(us.into())
 }
 
 /// The shared part of one connection: its outbound queue and the signals between its tasks.
@@ -371,7 +382,7 @@ impl Conn {
         if st.queue.close.is_none() {
             st.socket = Some(DirectSocket {
                 stream,
-                write_delay_us: write_delay.as_micros().try_into().unwrap_or(u32::MAX),
+                write_delay_us: micros(write_delay),
             });
         }
     }

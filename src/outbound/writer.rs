@@ -18,7 +18,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::{Conn, Stalled, WriteTally};
+use super::{Conn, Stalled, WriteTally, from_micros, micros};
 use crate::metrics::Metrics;
 
 /// The write side of an upgraded connection, as the writer gets it.
@@ -68,14 +68,6 @@ struct Timing {
     delay_us: u32,
     timeout_us: u32,
     check_every_us: u32,
-}
-
-fn micros(d: Duration) -> u32 {
-    d.as_micros().try_into().unwrap_or(u32::MAX)
-}
-
-fn from_micros(us: u32) -> Duration {
-    Duration::from_micros(us.into())
 }
 
 /// Drains `conn`'s queue into `io` until the close frame is written or the socket fails.
