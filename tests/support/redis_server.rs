@@ -105,7 +105,7 @@ pub fn start_redis_with(test: &str, listen: Listen) -> Option<RedisServer> {
         }
         Listen::Tcp(extra) => extra,
     };
-    server.spawn();
+    server.spawn(true);
     Some(server)
 }
 
@@ -114,7 +114,30 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server and waits until it listens. A first start that loses its port to
+    /// another process (the server exits, or another process answers there) tries fresh ports;
+    /// a restart keeps its port, which its clients reconnect to.
+    fn spawn(&mut self, may_move: bool) {
+        for _ in 0..5 {
+            if self.try_spawn() {
+                return;
+            }
+            if may_move && self.unix.is_none() {
+                self.port = super::free_port();
+                // A TLS server's port is its `--tls-port`.
+                if let Some(i) = self.extra.iter().position(|a| a == "--tls-port") {
+                    self.extra[i + 1] = self.port.to_string();
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// One start: `true` once this process listens; `false` (and the process gone) when it
+    /// exited, or when another process answered on its port.
+    fn try_spawn(&mut self) -> bool {
         assert_ne!(self.port, 6379);
         let child = Command::new("redis-server")
             .args([
@@ -134,19 +157,60 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
+        let pid = child.id();
         self.child = Some(child);
         let deadline = std::time::Instant::now() + super::WAIT;
-        let listening = || match &self.unix {
-            Some(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
-            None => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
-        };
-        while !listening() {
+        loop {
+            let exited = self.child.as_mut().map(Child::try_wait);
+            if !matches!(exited, Some(Ok(None))) {
+                // It could not bind its port.
+                self.child = None;
+                return false;
+            }
+            let listening = match &self.unix {
+                Some(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+                None => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            };
+            if listening {
+                // On a plain port, whoever answers must be this process.
+                match self.answering_pid() {
+                    Some(p) if p != pid => {
+                        self.kill();
+                        return false;
+                    }
+                    _ => return true,
+                }
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The `process_id` of the server answering on the plain TCP port; `None` for other
+    /// listeners, or when it does not answer `INFO` without credentials.
+    fn answering_pid(&self) -> Option<u32> {
+        if self.unix.is_some() || !self.extra.is_empty() {
+            return None;
+        }
+        let out = Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "INFO",
+                "server",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
     }
 
     /// The server's process id, to pause it (`kill -STOP`) and resume it (`kill -CONT`).
@@ -176,7 +240,7 @@ impl RedisServer {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        self.spawn(false);
     }
 
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
