@@ -194,10 +194,10 @@ impl Queue {
                             Some((key, old)) => {
                                 self.data_bytes -= old.len();
                                 dropped += 1;
-                                self.lose(key);
+                                record_lost(&mut self.lost, key);
                             }
                             None if frame.len() > max_bytes => {
-                                self.lose(topic);
+                                record_lost(&mut self.lost, topic);
                                 return Queued::DroppedItself { dropped };
                             }
                             // Only what the writer holds is left: keep the newest frame.
@@ -216,11 +216,6 @@ impl Queue {
             self.peak = held;
         }
         Queued::Yes { dropped }
-    }
-
-    /// Records that a frame of `key` was dropped, if it was positioned.
-    fn lose(&mut self, key: TopicKey) {
-        record_lost(&mut self.lost, key);
     }
 
     /// The positioned topics that lost a frame since the last call.
@@ -340,7 +335,8 @@ impl Queue {
     }
 }
 
-/// Adds `key` to `lost` if it is positioned and not there yet.
+/// Records that a frame of `key` was dropped: adds `key` to `lost` if it is positioned and not
+/// there yet. A free function, so that it can run while the queue's frames are borrowed.
 fn record_lost(lost: &mut Option<Box<Lost>>, key: TopicKey) {
     if key & POSITIONED != 0 {
         let lost = &mut lost.get_or_insert_default().0;
