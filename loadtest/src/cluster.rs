@@ -339,44 +339,18 @@ async fn one_run(
         .map_err(io)?;
     // Let both instances finish subscribing, then warm the path up at the same rate.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let delivered = |stats: &Stats| -> u64 { stats.per_conn.iter().map(|c| c.load(Relaxed)).sum() };
-    let warm: u64 = publisher
-        .run(args.rate, Duration::from_secs(1))
-        .await
-        .map_err(io)?
-        .iter()
-        .sum();
-    drain(
-        || delivered(&stats),
-        warm,
-        Duration::from_millis(1000),
-        Duration::from_secs(10),
-    )
-    .await;
+    publish_and_drain(&mut publisher, &stats, args.rate, 1.0).await?;
 
     let before = cluster.snapshot().await?;
     let cpu0 = system::cpu_seconds(a.pid()).zip(system::cpu_seconds(b.pid()));
-    let got0 = delivered(&stats);
-    let published: u64 = publisher
-        .run(args.rate, Duration::from_secs_f64(args.secs))
-        .await
-        .map_err(io)?
-        .iter()
-        .sum();
-    drain(
-        || delivered(&stats) - got0,
-        published,
-        Duration::from_millis(1000),
-        Duration::from_secs(10),
-    )
-    .await;
+    let (published, got) = publish_and_drain(&mut publisher, &stats, args.rate, args.secs).await?;
     let after = cluster.snapshot().await?;
     let cpu1 = system::cpu_seconds(a.pid()).zip(system::cpu_seconds(b.pid()));
     let run = ClusterRun {
         mode,
         rep,
         published,
-        delivered: delivered(&stats) - got0,
+        delivered: got,
         nodes: after.iter().zip(&before).map(|(a, b)| a.since(b)).collect(),
         instances_cpu_s: cpu0
             .zip(cpu1)
@@ -397,6 +371,32 @@ async fn one_run(
     drop(publisher);
     drop((a, b));
     Ok(run)
+}
+
+/// Publishes at `rate` for `secs`, then waits (up to 10 s, or 1 s without progress) for the
+/// subscribers to receive it: how many were published, and how many of them arrived.
+async fn publish_and_drain(
+    publisher: &mut Publisher,
+    stats: &Stats,
+    rate: f64,
+    secs: f64,
+) -> Result<(u64, u64), String> {
+    let delivered = || -> u64 { stats.per_conn.iter().map(|c| c.load(Relaxed)).sum() };
+    let got0 = delivered();
+    let published: u64 = publisher
+        .run(rate, Duration::from_secs_f64(secs))
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .sum();
+    drain(
+        || delivered() - got0,
+        published,
+        Duration::from_millis(1000),
+        Duration::from_secs(10),
+    )
+    .await;
+    Ok((published, delivered() - got0))
 }
 
 /// Runs the reps, each mode in turn within each rep.
