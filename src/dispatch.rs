@@ -657,6 +657,40 @@ impl Dispatcher {
         }
     }
 
+    /// A publication read back from the shared store, framed as if it had been received.
+    fn read_frames(&mut self, topic: &str, position: &Position, payload: &Bytes) -> Frames {
+        Frames {
+            verbatim: self.frame_for(payload),
+            rtk1: Some(PublicationFrames::new(wire::rtk1_pub(
+                topic,
+                Some(position),
+                payload,
+            ))),
+            positioned: true,
+        }
+    }
+
+    /// Puts the publications of a read that come just before `topic`'s cache in front of it
+    /// (see [`Streams::prepend`]).
+    fn cache_read(&mut self, topic: &str, epoch: &str, entries: &[(u64, Bytes)], now: Instant) {
+        let Some((first, room)) = self.streams.room_before(topic, epoch) else {
+            return;
+        };
+        // Only what could be kept is framed: the newest `room` before the cache.
+        let before = entries.partition_point(|(offset, _)| *offset < first);
+        let read = entries[before.saturating_sub(room)..before]
+            .iter()
+            .map(|(offset, payload)| {
+                let position = Position {
+                    offset: *offset,
+                    epoch: epoch.to_owned(),
+                };
+                (*offset, self.read_frames(topic, &position, payload))
+            })
+            .collect();
+        self.streams.prepend(topic, epoch, read, now);
+    }
+
     /// A read for joins on a topic this instance had seen nothing of came back. If it starts at
     /// the offset asked and is contiguous and shorter than asked (so it reaches the top), its
     /// publications become the topic's cache, exactly as if they had been received; every
@@ -682,19 +716,13 @@ impl Dispatcher {
                         epoch: epoch.clone(),
                     };
                     self.streams.observe(&topic, &position, now);
-                    let frames = Frames {
-                        verbatim: self.frame_for(&payload),
-                        rtk1: Some(PublicationFrames::new(wire::rtk1_pub(
-                            &topic,
-                            Some(&position),
-                            &payload,
-                        ))),
-                        positioned: true,
-                    };
+                    let frames = self.read_frames(&topic, &position, &payload);
                     self.streams.keep(&topic, offset, frames, now);
                 }
             }
-            Ok(_) => {}
+            // A publication arrived meanwhile: what the read has before it still serves the
+            // next recoveries.
+            Ok((epoch, entries)) => self.cache_read(&topic, &epoch, &entries, now),
             Err(e) => {
                 tracing::warn!(topic = %topic, error = %e, "reading history from Redis failed");
             }
@@ -740,6 +768,10 @@ impl Dispatcher {
             }
         };
         let now = Instant::now();
+        if let Some((epoch, entries)) = &read {
+            // Kept in front of the cache: the next recovery from the same offset reads nothing.
+            self.cache_read(&topic, epoch, entries, now);
+        }
         for w in waiting {
             let frames = read.as_ref().and_then(|(epoch, entries)| {
                 let exact = *epoch == w.since.0

@@ -390,6 +390,72 @@ impl Streams {
         }
     }
 
+    /// Where a read of `topic`'s publications of `epoch` could go in front of its cache: the
+    /// cache's first offset and how many more the stream keeps (see [`prepend`](Self::prepend)).
+    pub(crate) fn room_before(&self, topic: &str, epoch: &str) -> Option<(u64, usize)> {
+        let stream = self.streams.get(topic)?;
+        let room = stream
+            .policy
+            .history_size
+            .saturating_sub(stream.entries.len());
+        (!stream.epoch.is_empty() && *stream.epoch == *epoch && room > 0)
+            .then(|| (stream.first(), room))
+    }
+
+    /// Puts publications read back from the shared store in front of `topic`'s cache, so that
+    /// the next recovery from the same offset finds them here instead of reading them again.
+    /// `read` is `(offset, frames)` in order, of `epoch`; only those just before the cache's
+    /// first offset count, and only if they reach it without a hole. They never push out a kept
+    /// publication: as many are kept, newest first, as the stream's size and the byte cap leave
+    /// room for. They expire with the cache's oldest entry (their own age is not known).
+    /// Returns how many were kept.
+    pub(crate) fn prepend(
+        &mut self,
+        topic: &str,
+        epoch: &str,
+        read: Vec<(u64, Frames)>,
+        now: Instant,
+    ) -> usize {
+        let Some(stream) = self.streams.get_mut(topic) else {
+            return 0;
+        };
+        let first = stream.first();
+        let before: Vec<_> = read.into_iter().filter(|(o, _)| *o < first).collect();
+        let reaches = before.last().is_some_and(|(o, _)| *o + 1 == first)
+            && before.windows(2).all(|w| w[0].0 + 1 == w[1].0);
+        if stream.epoch.is_empty() || *stream.epoch != *epoch || !reaches {
+            return 0;
+        }
+        let at = stream.entries.front().map_or(now, |e| e.at);
+        let mut room = stream
+            .policy
+            .history_size
+            .saturating_sub(stream.entries.len());
+        let mut added = 0;
+        for (offset, frames) in before.into_iter().rev() {
+            let entry = Entry {
+                offset,
+                at,
+                frames: Kept {
+                    verbatim: frames.verbatim.plain().clone(),
+                    rtk1: frames.rtk1.as_ref().map(|f| f.plain().clone()),
+                },
+            };
+            let size = entry.bytes();
+            if room == 0 || self.bytes + size > self.max_bytes {
+                break;
+            }
+            room -= 1;
+            self.bytes += size;
+            self.kept += 1;
+            stream.entries.push_front(entry);
+            // The oldest kept: first in the byte cap's order too.
+            self.order.push_front((stream.name.clone(), offset));
+            added += 1;
+        }
+        added
+    }
+
     /// Accounts for `(count, bytes)` of publications trimmed from their stream.
     fn forget(&mut self, (count, bytes): (usize, usize)) {
         self.kept -= count;
@@ -732,5 +798,71 @@ mod tests {
             publish(&mut s, "pos-b", now);
         }
         assert!(s.order.len() <= 2 * s.kept + 64);
+    }
+    /// An instance that learns positions from elsewhere, and first sees offsets 101..=120.
+    fn seeing_101_to_120(size: usize, max_bytes: usize, now: Instant) -> Streams {
+        let mut s = streams(size, max_bytes).external();
+        for offset in 101..=120 {
+            let p = Position {
+                offset,
+                epoch: "e1".into(),
+            };
+            s.observe("pos", &p, now);
+            s.keep("pos", offset, frames(offset), now);
+        }
+        s
+    }
+
+    fn read(offsets: std::ops::RangeInclusive<u64>) -> Vec<(u64, Frames)> {
+        offsets.map(|o| (o, frames(o))).collect()
+    }
+
+    #[test]
+    fn a_range_read_back_goes_in_front_of_the_cache() {
+        let now = Instant::now();
+        let mut s = seeing_101_to_120(150, usize::MAX, now);
+        let from_50 = |s: &mut Streams| s.missing_head("pos", ("e1", 50), LIMITS, now);
+        assert_eq!(from_50(&mut s), Some((51, 100)));
+
+        // Another epoch, a read with a hole, or one that stops short of the cache: not kept.
+        assert_eq!(s.prepend("pos", "e0", read(51..=100), now), 0);
+        let mut holed = read(51..=100);
+        holed.remove(10);
+        assert_eq!(s.prepend("pos", "e1", holed, now), 0);
+        assert_eq!(s.prepend("pos", "e1", read(51..=99), now), 0);
+        assert_eq!(from_50(&mut s), Some((51, 100)));
+
+        // Reaching the cache (what overlaps it is ignored): kept, and a recovery from 50 is
+        // served whole from memory, in order.
+        assert_eq!(s.prepend("pos", "e1", read(51..=110), now), 50);
+        assert_eq!(from_50(&mut s), None);
+        let r = s.recover("pos", Some(("e1", 50)), LIMITS, now);
+        assert!(r.subscribed.recovered);
+        let rtk1 = |o: u64| frames(o).rtk1.unwrap().plain().clone();
+        assert_eq!(r.frames, (51..=120).map(rtk1).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_range_read_back_never_pushes_out_what_the_cache_holds() {
+        let now = Instant::now();
+        // The stream keeps 30 and holds 20: the newest 10 of the read fit.
+        let mut s = seeing_101_to_120(30, usize::MAX, now);
+        assert_eq!(s.prepend("pos", "e1", read(51..=100), now), 10);
+        assert_eq!(
+            s.missing_head("pos", ("e1", 80), LIMITS, now),
+            Some((81, 90))
+        );
+
+        // The byte cap leaves room for 100, 99 and 98 (two frames each: 16, 14 and 14 bytes).
+        let held = seeing_101_to_120(150, usize::MAX, now).bytes;
+        let mut s = seeing_101_to_120(150, held + 16 + 2 * 14, now);
+        assert_eq!(s.prepend("pos", "e1", read(51..=100), now), 3);
+        assert_eq!(
+            s.missing_head("pos", ("e1", 90), LIMITS, now),
+            Some((91, 97))
+        );
+        let r = s.recover("pos", Some(("e1", 97)), LIMITS, now);
+        assert!(r.subscribed.recovered);
+        assert_eq!(r.frames.len(), 23);
     }
 }

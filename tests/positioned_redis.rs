@@ -842,6 +842,56 @@ async fn many_recoveries_of_one_range_share_one_read() {
     assert_eq!(m.broker_history_reads, 1);
 }
 
+/// Instance A receives a topic's publications from 101 on; clients recover on it from 50, 50
+/// again, 20 and 30. What A lacks is read from the Redis stream once per range and kept in
+/// front of A's cache: the second recovery from 50 and the one from 30 read nothing, and every
+/// client gets every publication after its position, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_read_back_serves_the_next_recoveries_from_memory() {
+    let Some(redis) = start_redis("a_range_read_back_serves_the_next_recoveries") else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let publish = |n: u64| {
+        let service = b.service.clone();
+        async move {
+            service
+                .publish("pos-m", &json!({ "n": n }))
+                .await
+                .unwrap()
+                .expect("a position")
+        }
+    };
+    let epoch = publish(1).await.epoch;
+    for n in 2..=100 {
+        publish(n).await;
+    }
+    // From here on A is subscribed and caches what it receives.
+    let mut keep = support::connect(a.addr, "pos-m", BOB).await;
+    for n in 101..=200 {
+        publish(n).await;
+    }
+    for n in 101..=200 {
+        verbatim(&mut keep, n).await;
+    }
+    for (since, reads) in [(50, 1), (50, 1), (20, 2), (30, 2)] {
+        let mut c = rtk1(a.addr, "pos-m", Some((&epoch, since))).await;
+        let s = subscribed(&mut c, "pos-m").await;
+        assert_eq!(s["recovered"], true, "from {since}: {s}");
+        assert_eq!(s["o"], since, "{s}");
+        for n in since + 1..=200 {
+            assert_eq!(next_pub(&mut c, "pos-m").await, (n, epoch.clone(), n));
+        }
+        let m = a.service.metrics();
+        assert_eq!(
+            m.broker_history_reads, reads,
+            "after the recovery from {since}"
+        );
+    }
+    assert_eq!(a.service.metrics().recoveries_succeeded, 4);
+}
+
 /// The next frame, which must be the text frame of `basic_chat`'s `NewMessage` in `general`,
 /// byte for byte.
 async fn chat_frame(c: &mut Client, user: &str, text: &str) {
