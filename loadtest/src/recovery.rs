@@ -301,8 +301,9 @@ pub(crate) struct RecoveryRep {
     pub(crate) recoveries_failed: f64,
     pub(crate) recovered_publications: f64,
     pub(crate) gaps_healed: f64,
-    /// History reads the server made from Redis over the reconnection (`EVAL` of the read
-    /// script), and publications (`EVALSHA` of the position script).
+    /// Ranges of history the instance the clients reconnect to read from Redis over the
+    /// reconnection (its `rtk_broker_history_reads_total`; the `EVAL` calls Redis counts include
+    /// presence joins and leaves), and publications (`EVALSHA` of the position script).
     pub(crate) store_reads: u64,
     pub(crate) store_publishes: u64,
     /// Server CPU seconds from the reconnection's start to the end of the drain.
@@ -834,7 +835,7 @@ async fn rep(
         recoveries_failed: delta(&metrics0, &metrics1, "rtk_recoveries_failed_total"),
         recovered_publications: delta(&metrics0, &metrics1, "rtk_recovered_publications_total"),
         gaps_healed: delta(&metrics0, &metrics1, "rtk_broker_gaps_healed_total"),
-        store_reads: calls("eval"),
+        store_reads: delta(&metrics0, &metrics1, "rtk_broker_history_reads_total").max(0.0) as u64,
         store_publishes: calls("evalsha"),
         server_cpu_s,
         harness_cpu_s,
