@@ -39,8 +39,8 @@ use crate::frame::{self, OpCode, ProtocolError, close_code};
 
 /// Payloads shorter than this many bytes are sent uncompressed (the default of
 /// `permessage_deflate_min_size`). Measured on chat and dashboard JSON
-/// (`deflate::tests::threshold_figures`, PERF.md#permessage-deflate): below it deflate saves a
-/// few bytes at most, for the cost of compressing and of the client inflating.
+/// (`deflate::tests::threshold_figures`, docs/performance-notes.md#deflate-threshold): below it
+/// deflate saves a few bytes at most, for the cost of compressing and of the client inflating.
 pub(crate) const THRESHOLD: usize = 256;
 
 /// The compression level: zlib's level 6 trade-off, on a payload compressed once per

@@ -672,8 +672,8 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
 
     /// With [`permessage_deflate`](Self::permessage_deflate), messages shorter than `bytes` are
     /// sent uncompressed. Default: 256. Below that, JSON shrinks by a few bytes at most, and
-    /// compressing a message costs about 10 µs whatever its size (measured: PERF.md's
-    /// permessage-deflate section). 0 compresses every message.
+    /// compressing a message costs about 10 µs whatever its size (measured:
+    /// docs/performance-notes.md#deflate-threshold). 0 compresses every message.
     pub fn permessage_deflate_min_size(mut self, bytes: u32) -> Self {
         self.config.permessage_deflate_min_size = bytes;
         self

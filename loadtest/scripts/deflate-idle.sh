@@ -2,7 +2,7 @@
 # Server memory per idle connection with and without permessage-deflate, interleaved: for each
 # repetition, a fresh basic_chat (compression on, as the example ships) with a private Redis
 # takes CONNECTIONS clients that do not offer it, then a fresh one takes clients that do.
-# PERF.md#permessage-deflate.
+# docs/performance-notes.md#deflate-idle-memory.
 #
 #   loadtest/scripts/deflate-idle.sh [REPS] [CONNECTIONS]
 #
