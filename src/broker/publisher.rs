@@ -14,9 +14,9 @@
 //! - A request whose connection was lost before it was written is tried once more, on a new
 //!   connection. One that was written and then lost without an answer may have been carried
 //!   out: a plain PUBLISH and a read ([`Publisher::call`]) are tried once more too (a PUBLISH can
-//!   then be delivered twice), but a command sent with [`Publisher::call_once`] (the position
-//!   script, which would give the publication a second offset) fails with an error that says its
-//!   outcome is unknown.
+//!   then be delivered twice), but a command sent with [`Publisher::call_with`] without
+//!   `resend` (the position script, which would give the publication a second offset) fails
+//!   with an error that says its outcome is unknown.
 //! - Every publish is bounded by [`PUBLISH_TIMEOUT`]: past it the caller gets
 //!   [`PublishError::Timeout`]. The connection is replaced only if Redis answered nothing on it
 //!   during that caller's whole wait (a frozen server, which would otherwise time out forever);
@@ -184,17 +184,10 @@ impl Publisher {
             .map(|v| v.unwrap_or(Value::Bulk(None)))
     }
 
-    /// [`call`](Self::call) for a command that must not run twice: it is tried once more only
-    /// if it was never written. Lost after it was written, it fails with
+    /// [`call`](Self::call), preceded by `ASKING` when `asking` (a cluster's `ASK`
+    /// redirection). With `resend` false, for a command that must not run twice: it is tried
+    /// once more only if it was never written; lost after it was written, it fails with
     /// [`PublishError::Unavailable`] saying that Redis may have carried it out.
-    pub(crate) async fn call_once(&self, args: Vec<Bytes>) -> Result<Value, PublishError> {
-        self.send(Command::Call(args), false)
-            .await
-            .map(|v| v.unwrap_or(Value::Bulk(None)))
-    }
-
-    /// [`call`](Self::call) or [`call_once`](Self::call_once) (`resend` false), preceded by
-    /// `ASKING` when `asking` (a cluster's `ASK` redirection).
     pub(crate) async fn call_with(
         &self,
         args: Vec<Bytes>,
@@ -552,7 +545,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_command_lost_after_it_was_sent_is_not_sent_again_by_call_once() {
+    async fn a_command_lost_after_it_was_sent_is_not_sent_again_without_resend() {
         // Every connection reads commands and counts them; the first hangs up after its first
         // command, unanswered (the script ran, its reply never came back), later ones answer.
         let seen = Arc::new(AtomicU64::new(0));
@@ -579,14 +572,14 @@ mod tests {
         })
         .await;
         let script = || vec![Bytes::from_static(b"EVALSHA"), Bytes::from_static(b"x")];
-        match publisher.call_once(script()).await {
+        match publisher.call_with(script(), false, false).await {
             Err(PublishError::Unavailable(e)) => assert!(e.contains("may have"), "{e}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(seen.load(Ordering::SeqCst), 1, "sent once, never again");
         // The next command goes to a new connection and is answered.
         assert!(matches!(
-            publisher.call_once(script()).await,
+            publisher.call_with(script(), false, false).await,
             Ok(Value::Int(7))
         ));
         assert_eq!(seen.load(Ordering::SeqCst), 2);

@@ -390,29 +390,38 @@ impl TopicInterest for Shared {
     }
 }
 
-/// The scripts' text: on a cluster they publish with `SPUBLISH`.
+/// The scripts: on a cluster they publish with `SPUBLISH`.
 #[derive(Debug)]
 struct Scripts {
-    position: Bytes,
-    read: Bytes,
-    end_epoch: Bytes,
-    presence: Bytes,
+    position: Script,
+    read: Script,
+    end_epoch: Script,
+    presence: Script,
+}
+
+/// A Lua script's text, and its SHA once `SCRIPT LOAD` gave it: called by SHA, the text
+/// travels and is hashed only when a server lacks it.
+#[derive(Debug)]
+struct Script {
+    text: Bytes,
+    sha: Mutex<Option<Bytes>>,
 }
 
 impl Scripts {
     fn new(sharded: bool) -> Self {
-        let text = |s: &'static str| {
-            if sharded {
+        let script = |s: &'static str| Script {
+            text: if sharded {
                 Bytes::from(s.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
             } else {
                 Bytes::from_static(s.as_bytes())
-            }
+            },
+            sha: Mutex::new(None),
         };
         Self {
-            position: text(positioned::SCRIPT),
-            read: text(positioned::READ_SCRIPT),
-            end_epoch: text(positioned::END_EPOCH_SCRIPT),
-            presence: text(presence::SCRIPT),
+            position: script(positioned::SCRIPT),
+            read: script(positioned::READ_SCRIPT),
+            end_epoch: script(positioned::END_EPOCH_SCRIPT),
+            presence: script(presence::SCRIPT),
         }
     }
 }
@@ -426,8 +435,6 @@ pub(crate) struct RedisBroker {
     watcher: Option<Arc<tokio::task::JoinHandle<()>>>,
     /// Which topics are positioned: their publications go through [`positioned::SCRIPT`].
     rule: Option<PolicyRule>,
-    /// The script's SHA once `SCRIPT LOAD` gave it.
-    sha: Arc<Mutex<Option<Bytes>>>,
     scripts: Arc<Scripts>,
     /// How long this instance's presence entries outlive their last renewal.
     presence_ttl: Duration,
@@ -510,7 +517,6 @@ impl RedisBroker {
             shared,
             watcher,
             rule: None,
-            sha: Arc::default(),
             scripts: Arc::new(Scripts::new(sharded)),
             presence_ttl: Duration::from_secs(60),
         })
@@ -629,7 +635,10 @@ impl RedisBroker {
         );
         let value = self
             .on_node(topic, true, |node, asking| {
-                self.run_script(node, args.clone(), asking)
+                // Not resent: a script that ran but whose answer was lost must not run again,
+                // or the publication would get two offsets.
+                let script = &self.scripts.position;
+                self.run_script(node, script, args.clone(), false, asking)
             })
             .await?;
         match positioned::reply_position(&value) {
@@ -638,6 +647,19 @@ impl RedisBroker {
                 "unexpected reply to the position script: {value:?}"
             ))),
         }
+    }
+
+    /// Runs `script` with `args` on the node of `topic`, like [`call`](Self::call).
+    async fn call_script(
+        &self,
+        topic: &str,
+        script: &Script,
+        args: Vec<Bytes>,
+    ) -> Result<Value, PublishError> {
+        self.on_node(topic, false, |node, asking| {
+            self.run_script(node, script, args.clone(), true, asking)
+        })
+        .await
     }
 
     /// Sends `cmd` to the node of `topic` (see [`on_node`](Self::on_node)), without the gate.
@@ -658,16 +680,17 @@ impl RedisBroker {
         to: u64,
     ) -> Result<(String, Vec<(u64, Bytes)>), String> {
         let (meta, stream) = positioned::keys(&self.shared.key_tag(topic));
-        let cmd = vec![
-            Bytes::from_static(b"EVAL"),
-            self.scripts.read.clone(),
+        let args = vec![
             Bytes::from_static(b"2"),
             meta,
             stream,
             Bytes::from(format!("{from}-0")),
             Bytes::from(format!("{to}-0")),
         ];
-        let value = self.call(topic, cmd).await.map_err(|e| e.to_string())?;
+        let value = self
+            .call_script(topic, &self.scripts.read, args)
+            .await
+            .map_err(|e| e.to_string())?;
         positioned::read_reply(value).ok_or_else(|| "unexpected reply reading history".into())
     }
 
@@ -675,15 +698,16 @@ impl RedisBroker {
     /// failover): the next publication starts a new one. Whether it was still current.
     pub(crate) async fn end_epoch(&self, topic: &str, epoch: &str) -> Result<bool, PublishError> {
         let (meta, stream) = positioned::keys(&self.shared.key_tag(topic));
-        let cmd = vec![
-            Bytes::from_static(b"EVAL"),
-            self.scripts.end_epoch.clone(),
+        let args = vec![
             Bytes::from_static(b"2"),
             meta,
             stream,
             Bytes::copy_from_slice(epoch.as_bytes()),
         ];
-        match self.call(topic, cmd).await? {
+        match self
+            .call_script(topic, &self.scripts.end_epoch, args)
+            .await?
+        {
             Value::Int(n) => Ok(n == 1),
             other => Err(PublishError::Unavailable(format!(
                 "unexpected reply ending an epoch: {other:?}"
@@ -704,26 +728,29 @@ impl RedisBroker {
         }
     }
 
-    /// EVALSHA with `args` on `node`; on NOSCRIPT (a restarted or flushed Redis, or a cluster
-    /// node that has not run it yet), EVAL, which loads the script again.
+    /// `script` by EVALSHA with `args` on `node`; on NOSCRIPT (a restarted or flushed Redis, or
+    /// a cluster node that has not run it yet), EVAL, which loads it again. `resend`: whether
+    /// the call may be sent again after a lost connection (see [`Publisher::call_with`]).
     async fn run_script(
         &self,
         node: Arc<Node>,
+        script: &Script,
         args: Vec<Bytes>,
+        resend: bool,
         asking: bool,
     ) -> Result<Value, PublishError> {
-        let cached = self.sha.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cached = script.sha.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sha = match cached {
             Some(sha) => sha,
             None => {
                 let load = vec![
                     Bytes::from_static(b"SCRIPT"),
                     Bytes::from_static(b"LOAD"),
-                    self.scripts.position.clone(),
+                    script.text.clone(),
                 ];
                 match node.publisher.call(load).await? {
                     Value::Bulk(Some(sha)) => {
-                        *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
+                        *script.sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
                         sha
                     }
                     other => {
@@ -738,23 +765,15 @@ impl RedisBroker {
         cmd.push(Bytes::from_static(b"EVALSHA"));
         cmd.push(sha);
         cmd.extend(args.iter().cloned());
-        // `resend` false: a script that ran but whose answer was lost must not run again, or
-        // the publication would get two offsets.
         let node = &node;
-        let once = |cmd| async move {
-            if asking {
-                node.publisher.call_with(cmd, false, true).await
-            } else {
-                node.publisher.call_once(cmd).await
-            }
-        };
-        match once(cmd).await {
+        let call = |cmd| node.publisher.call_with(cmd, resend, asking);
+        match call(cmd).await {
             Err(PublishError::Unavailable(e)) if e.starts_with("NOSCRIPT") => {
                 let mut cmd = Vec::with_capacity(args.len() + 2);
                 cmd.push(Bytes::from_static(b"EVAL"));
-                cmd.push(self.scripts.position.clone());
+                cmd.push(script.text.clone());
                 cmd.extend(args);
-                once(cmd).await
+                call(cmd).await
             }
             other => other,
         }
@@ -823,20 +842,20 @@ impl RedisBroker {
         args: Vec<Bytes>,
     ) -> Result<Value, String> {
         let ttl = self.presence_ttl.as_millis().max(1);
-        let mut cmd = Vec::with_capacity(12 + args.len());
-        cmd.push(Bytes::from_static(b"EVAL"));
-        cmd.push(self.scripts.presence.clone());
-        cmd.push(Bytes::from_static(b"5"));
-        cmd.extend(presence::keys(
+        let mut script_args = Vec::with_capacity(10 + args.len());
+        script_args.push(Bytes::from_static(b"5"));
+        script_args.extend(presence::keys(
             &self.shared.key_tag(topic),
             &self.shared.instance,
         ));
-        cmd.push(Bytes::from_static(op.as_bytes()));
-        cmd.push(self.shared.channel(topic));
-        cmd.push(Bytes::from(self.shared.instance.clone()));
-        cmd.push(Bytes::from(ttl.to_string()));
-        cmd.extend(args);
-        self.call(topic, cmd).await.map_err(|e| e.to_string())
+        script_args.push(Bytes::from_static(op.as_bytes()));
+        script_args.push(self.shared.channel(topic));
+        script_args.push(Bytes::from(self.shared.instance.clone()));
+        script_args.push(Bytes::from(ttl.to_string()));
+        script_args.extend(args);
+        self.call_script(topic, &self.scripts.presence, script_args)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Adds connection `conn` of `who` to `topic`'s presence.
