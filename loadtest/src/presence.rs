@@ -206,12 +206,13 @@ impl RedisDelta {
             .join(", ")
     }
 
-    /// Microseconds Redis spent in `name` per call of it (its own `usec`).
-    pub(crate) fn usec_per_call(&self, name: &str) -> Option<f64> {
-        self.commands
-            .get(name)
-            .filter(|(c, _)| *c > 0)
-            .map(|&(c, u)| u as f64 / c as f64)
+    /// Microseconds Redis spent in the commands `names`, every call together.
+    pub(crate) fn usec_in(&self, names: &[&str]) -> u64 {
+        names
+            .iter()
+            .filter_map(|k| self.commands.get(*k))
+            .map(|&(_, usec)| usec)
+            .sum()
     }
 }
 
@@ -747,7 +748,7 @@ pub(crate) fn report(r: &PresenceResult) -> String {
         let _ = writeln!(
             s,
             "Reads at {} members (users counted: {}; last full listing: {} users):\n\n\
-             | call | calls | median ms | p90 ms | max ms | Redis commands/call | Redis µs in EVAL/call |\n\
+             | call | calls | median ms | p90 ms | max ms | Redis commands/call | Redis µs in scripts/call |\n\
              |---|---:|---:|---:|---:|---|---:|",
             a.connections,
             counted.join(", "),
@@ -777,7 +778,9 @@ pub(crate) fn report(r: &PresenceResult) -> String {
                     e.1 += u;
                 }
             }
-            let eval_calls = redis.commands.get("eval").map_or(0, |e| e.0);
+            // The scripts' time, whether called by text or by SHA.
+            let script_usec = redis.usec_in(&["eval", "evalsha"]);
+            let scripts = script_usec > 0;
             let _ = writeln!(
                 s,
                 "| {name} | {n} | {} | {} | {} | {} | {} |",
@@ -785,12 +788,7 @@ pub(crate) fn report(r: &PresenceResult) -> String {
                 opt(quantile(&samples, 0.9), 3),
                 opt(quantile(&samples, 1.0), 3),
                 redis.breakdown(n),
-                opt(
-                    redis
-                        .usec_per_call("eval")
-                        .map(|u| u * eval_calls as f64 / n.max(1) as f64),
-                    1
-                ),
+                opt(scripts.then(|| script_usec as f64 / n.max(1) as f64), 1),
             );
         }
     }
@@ -839,7 +837,7 @@ mod tests {
         assert_eq!(d.calls_per(4), Some(6.0));
         assert_eq!(d.calls_per(0), None);
         assert!((d.cpu_us_per(4).unwrap() - 5_000.0).abs() < 1e-6);
-        assert_eq!(d.usec_per_call("eval"), Some(50.0));
+        assert_eq!(d.usec_in(&["eval", "evalsha"]), 1000);
         assert_eq!(d.breakdown(4), "eval 5.00, publish 1.00");
     }
 
