@@ -201,7 +201,11 @@ impl RedisDelta {
         }
         self.commands
             .iter()
-            .map(|(name, &(calls, _))| format!("{name} {:.2}", calls as f64 / n as f64))
+            .map(|(name, &(calls, _))| {
+                // Redis names a subcommand `script|load`: a `|` would end the Markdown cell.
+                let name = name.replace('|', " ");
+                format!("{name} {:.2}", calls as f64 / n as f64)
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -839,6 +843,13 @@ mod tests {
         assert!((d.cpu_us_per(4).unwrap() - 5_000.0).abs() < 1e-6);
         assert_eq!(d.usec_in(&["eval", "evalsha"]), 1000);
         assert_eq!(d.breakdown(4), "eval 5.00, publish 1.00");
+    }
+
+    #[test]
+    fn a_subcommand_in_the_breakdown_keeps_the_markdown_cell_whole() {
+        let before = RedisSnapshot::parse("");
+        let after = RedisSnapshot::parse("cmdstat_script|load:calls=1,usec=9\r\n");
+        assert_eq!(after.since(&before).breakdown(1), "script load 1.00");
     }
 
     #[test]
