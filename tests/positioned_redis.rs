@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum_realtime_kit::{TopicPolicy, WebsocketServiceBuilder};
+use axum_realtime_kit::{Position, TopicPolicy, WebsocketServiceBuilder};
 use serde_json::{Value, json};
 use support::chat::ChatHandler;
 use support::redis_server::{Listen, start_redis, start_redis_with, start_sentinel};
@@ -51,6 +51,16 @@ async fn instance_with(
     let server = serve_chat(service).await;
     support::wait_ready(&server.service).await;
     server
+}
+
+/// Publishes `{"n":<n>}` to `topic` through `on`; the topic keeps history, so it gets a
+/// position.
+async fn publish_n(on: &Server, topic: &str, n: u64) -> Position {
+    on.service
+        .publish(topic, &json!({ "n": n }))
+        .await
+        .unwrap()
+        .expect("a position")
 }
 
 /// The next frame, which must be the text frame `{"n":<n>}` exactly as published.
@@ -610,16 +620,7 @@ async fn with_redis_recovery_that_cannot_be_exact_is_refused_whole() {
     let a = instance_with(redis.url(), |b| b.recovery_max_publications(300)).await;
     let b = instance(redis.url()).await;
     let mut keep = support::connect(a.addr, "pos-e", BOB).await;
-    let publish = |n: u64| {
-        let service = b.service.clone();
-        async move {
-            service
-                .publish("pos-e", &json!({ "n": n }))
-                .await
-                .unwrap()
-                .expect("a position")
-        }
-    };
+    let publish = |n: u64| publish_n(&b, "pos-e", n);
 
     // More missed than a recovery re-sends (300 here).
     let mut c = rtk1(a.addr, "pos-e", None).await;
@@ -731,16 +732,7 @@ async fn a_foreign_publish_and_a_script_flush_leave_positions_contiguous() {
     let mut c = rtk1(a.addr, "pos-g", None).await;
     subscribed(&mut c, "pos-g").await;
     let mut plain = support::connect(a.addr, "pos-g", BOB).await;
-    let publish = |n: u64| {
-        let service = b.service.clone();
-        async move {
-            service
-                .publish("pos-g", &json!({ "n": n }))
-                .await
-                .unwrap()
-                .expect("a position")
-        }
-    };
+    let publish = |n: u64| publish_n(&b, "pos-g", n);
     let epoch = publish(1).await.epoch;
     assert_eq!(next_pub(&mut c, "pos-g").await, (1, epoch.clone(), 1));
     verbatim(&mut plain, 1).await;
@@ -853,16 +845,7 @@ async fn a_range_read_back_serves_the_next_recoveries_from_memory() {
     };
     let a = instance(redis.url()).await;
     let b = instance(redis.url()).await;
-    let publish = |n: u64| {
-        let service = b.service.clone();
-        async move {
-            service
-                .publish("pos-m", &json!({ "n": n }))
-                .await
-                .unwrap()
-                .expect("a position")
-        }
-    };
+    let publish = |n: u64| publish_n(&b, "pos-m", n);
     let epoch = publish(1).await.epoch;
     for n in 2..=100 {
         publish(n).await;
@@ -986,28 +969,18 @@ async fn a_client_recovers_on_an_instance_that_received_nothing_of_the_topic() {
     };
     let a = instance(redis.url()).await;
     let b = instance(redis.url()).await;
-    let publish = |on: &Server, topic: &'static str, n: u64| {
-        let service = on.service.clone();
-        async move {
-            service
-                .publish(topic, &json!({ "n": n }))
-                .await
-                .unwrap()
-                .expect("a position")
-        }
-    };
     let mut c = rtk1(a.addr, "pos-c1", None).await;
     subscribed(&mut c, "pos-c1").await;
-    let epoch = publish(&a, "pos-c1", 1).await.epoch;
+    let epoch = publish_n(&a, "pos-c1", 1).await.epoch;
     for n in 2..=10 {
-        publish(&a, "pos-c1", n).await;
+        publish_n(&a, "pos-c1", n).await;
     }
     for n in 1..=10 {
         assert_eq!(next_pub(&mut c, "pos-c1").await, (n, epoch.clone(), n));
     }
     c.abort();
     for n in 11..=510 {
-        publish(&a, "pos-c1", n).await;
+        publish_n(&a, "pos-c1", n).await;
     }
     // More are published while it reconnects: some between B's read and B's subscription.
     let publisher = {
@@ -1031,16 +1004,16 @@ async fn a_client_recovers_on_an_instance_that_received_nothing_of_the_topic() {
         .unwrap();
     // Live ones follow, whichever instance publishes them (the first one after a run B
     // missed brings that run in, in order).
-    publish(&a, "pos-c1", 701).await;
-    publish(&b, "pos-c1", 702).await;
+    publish_n(&a, "pos-c1", 701).await;
+    publish_n(&b, "pos-c1", 702).await;
     for n in 11..=702 {
         assert_eq!(next_pub(&mut c, "pos-c1").await, (n, epoch.clone(), n));
     }
 
     // Up to date: nothing re-sent, the next live one comes next.
-    let e2 = publish(&a, "pos-c2", 1).await.epoch;
+    let e2 = publish_n(&a, "pos-c2", 1).await.epoch;
     for n in 2..=5 {
-        publish(&a, "pos-c2", n).await;
+        publish_n(&a, "pos-c2", n).await;
     }
     let mut d = rtk1(b.addr, "pos-c2", Some((&e2, 5))).await;
     let s = subscribed(&mut d, "pos-c2").await;
@@ -1049,11 +1022,11 @@ async fn a_client_recovers_on_an_instance_that_received_nothing_of_the_topic() {
         (json!(true), json!(5)),
         "{s}"
     );
-    publish(&a, "pos-c2", 6).await;
+    publish_n(&a, "pos-c2", 6).await;
     assert_eq!(next_pub(&mut d, "pos-c2").await, (6, e2, 6));
 
     // Another epoch: refused, and the client continues in the stream's.
-    let e3 = publish(&a, "pos-c3", 1).await.epoch;
+    let e3 = publish_n(&a, "pos-c3", 1).await.epoch;
     let mut f = rtk1(b.addr, "pos-c3", Some(("another", 1))).await;
     let s = subscribed(&mut f, "pos-c3").await;
     assert_eq!(s["recovered"], false, "{s}");
@@ -1062,7 +1035,7 @@ async fn a_client_recovers_on_an_instance_that_received_nothing_of_the_topic() {
         (Some(&*e3), Some(1)),
         "{s}"
     );
-    publish(&a, "pos-c3", 2).await;
+    publish_n(&a, "pos-c3", 2).await;
     assert_eq!(next_pub(&mut f, "pos-c3").await, (2, e3, 2));
 
     let m = b.service.metrics();
