@@ -127,6 +127,17 @@ impl Shard {
         self.topics.len()
     }
 
+    /// Delivers `run`, consecutive publications of `topic` taken from the channel together,
+    /// the oldest handed over by the broker at `since` ([`deliver_run`](Self::deliver_run)).
+    fn apply_run(&mut self, topic: &str, run: &[Frames], since: Instant) {
+        let now = Instant::now();
+        let done = self.deliver_run(topic, run);
+        let end = Instant::now();
+        self.gate.record(done, end.saturating_duration_since(now));
+        self.metrics
+            .dispatch_lag(end.saturating_duration_since(since));
+    }
+
     pub(crate) fn apply(&mut self, cmd: Command) {
         match cmd {
             Command::Lost { topic } => {
@@ -356,13 +367,9 @@ impl Shard {
         let plain_key = topic_key(key, false);
         let rtk1_key = topic_key(key, frames.positioned);
         let mut late_rtk1: Option<PublicationFrames> = None;
-        let mut delivered = 0u64;
-        let mut delivered_bytes = 0u64;
-        let mut overflowed = 0u64;
-        let mut dropped = 0u64;
+        let mut counts = Counts::default();
         let mut lost: Vec<Arc<Conn>> = Vec::new();
         let mut tally = WriteTally::default();
-        let mut direct_writes = 0u64;
         for conn in subs {
             let (formatted, topic_key) = match frames.for_format(conn.format) {
                 Some(formatted) if conn.format == Format::Verbatim => (formatted, plain_key),
@@ -385,46 +392,116 @@ impl Shard {
                 Some(now) => conn.push_or_write(frame.clone(), topic_key, now, &mut tally),
                 None => conn.push(frame.clone(), topic_key),
             };
-            match pushed {
-                Push::Queued => {
-                    delivered += 1;
-                }
-                Push::Written => {
-                    delivered += 1;
-                    direct_writes += 1;
-                }
-                Push::QueuedDropping(n) => {
-                    delivered += 1;
-                    dropped += n;
-                    if conn.format == Format::Rtk1 {
-                        lost.push(conn.clone());
-                    }
-                }
-                Push::Overflow => overflowed += 1,
-                Push::Closed => {}
-            }
-            if matches!(
-                pushed,
-                Push::Queued | Push::Written | Push::QueuedDropping(_)
-            ) {
-                delivered_bytes += frame.len() as u64;
+            if counts.add(pushed, frame.len()) && conn.format == Format::Rtk1 {
+                lost.push(conn.clone());
             }
         }
-        for conn in &lost {
+        self.report(counts, tally, &lost)
+    }
+
+    /// [`deliver_frames`](Self::deliver_frames) for consecutive publications of `topic` that
+    /// waited in the shard's channel together (the shard is behind): every subscriber gets
+    /// them all, in order, queued under one lock ([`Conn::push_all`]), and its writer batches
+    /// them. Per subscriber, the lock, its state brought into the cache and the writer's
+    /// wake-up are paid once per run instead of once per publication.
+    pub(crate) fn deliver_run(&mut self, topic: &str, run: &[Frames]) -> Delivered {
+        let Some((key, subs)) = self.topics.get_key_value(topic) else {
+            return Delivered::default();
+        };
+        let plain_key = topic_key(key, false);
+        // `rtk1` envelopes framed here, per publication, for `rtk1` subscribers of publications
+        // framed for verbatim subscribers only (see `deliver_frames`); rarely any.
+        let mut late: Vec<Option<PublicationFrames>> = Vec::new();
+        let mut counts = Counts::default();
+        let mut lost: Vec<Arc<Conn>> = Vec::new();
+        for conn in subs {
+            let mut lost_one = false;
+            let frames = run.iter().enumerate().map(|(i, frames)| {
+                let topic_key = match conn.format {
+                    Format::Verbatim => plain_key,
+                    Format::Rtk1 => topic_key(key, frames.positioned),
+                };
+                let formatted = match frames.for_format(conn.format) {
+                    Some(formatted) => formatted,
+                    None => {
+                        if late.is_empty() {
+                            late.resize(run.len(), None);
+                        }
+                        late[i].get_or_insert_with(|| {
+                            let payload = frame::encoded_payload(frames.verbatim.plain());
+                            PublicationFrames::new(wire::rtk1_pub(
+                                topic,
+                                None,
+                                payload.unwrap_or_default(),
+                            ))
+                        })
+                    }
+                };
+                (formatted.for_subscriber(conn.deflate()).clone(), topic_key)
+            });
+            conn.push_all(frames, |pushed, len| lost_one |= counts.add(pushed, len));
+            if lost_one && conn.format == Format::Rtk1 {
+                lost.push(conn.clone());
+            }
+        }
+        self.report(counts, WriteTally::default(), &lost)
+    }
+
+    /// Reports what a delivery did to the metrics, and tells the connections in `lost` which
+    /// positioned frames they lost.
+    fn report(&mut self, counts: Counts, tally: WriteTally, lost: &[Arc<Conn>]) -> Delivered {
+        for conn in lost {
             self.report_lost(conn);
         }
-        self.metrics.add_deliveries(delivered, delivered_bytes);
+        self.metrics.add_deliveries(counts.delivered, counts.bytes);
         tally.report(&self.metrics);
-        if overflowed > 0 {
-            self.metrics.add_slow_consumers(overflowed);
+        if counts.overflowed > 0 {
+            self.metrics.add_slow_consumers(counts.overflowed);
         }
-        if dropped > 0 {
-            self.metrics.add_slow_consumer_drops(dropped);
+        if counts.dropped > 0 {
+            self.metrics.add_slow_consumer_drops(counts.dropped);
         }
         Delivered {
-            total: delivered,
-            direct: direct_writes,
+            total: counts.delivered,
+            direct: counts.direct,
         }
+    }
+}
+
+/// What a delivery did, frame by frame.
+#[derive(Debug, Default)]
+struct Counts {
+    delivered: u64,
+    bytes: u64,
+    direct: u64,
+    overflowed: u64,
+    dropped: u64,
+}
+
+impl Counts {
+    /// Counts a frame of `len` bytes that went as `pushed`; whether a slow-consumer policy
+    /// dropped frames to make room for it.
+    fn add(&mut self, pushed: Push, len: usize) -> bool {
+        match pushed {
+            Push::Queued => self.delivered += 1,
+            Push::Written => {
+                self.delivered += 1;
+                self.direct += 1;
+            }
+            Push::QueuedDropping(n) => {
+                self.delivered += 1;
+                self.dropped += n;
+            }
+            Push::Overflow => self.overflowed += 1,
+            Push::Closed => {}
+        }
+        if matches!(
+            pushed,
+            Push::Queued | Push::Written | Push::QueuedDropping(_)
+        ) {
+            self.bytes += len as u64;
+        }
+        matches!(pushed, Push::QueuedDropping(_))
     }
 }
 
@@ -446,10 +523,37 @@ pub(crate) fn spawn_shard(
     let mut shard = Shard::detached(interest, metrics);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(256);
-        // Commands are taken in batches so one wake-up serves many deliveries.
+        let mut run = Vec::new();
+        // Commands are taken in batches so one wake-up serves many deliveries; consecutive
+        // deliveries of one topic go out together ([`Shard::deliver_run`]).
         while rx.recv_many(&mut batch, 256).await > 0 {
-            for cmd in batch.drain(..) {
-                shard.apply(cmd);
+            let mut cmds = batch.drain(..).peekable();
+            while let Some(cmd) = cmds.next() {
+                let Command::Deliver {
+                    topic,
+                    frames,
+                    since,
+                } = cmd
+                else {
+                    shard.apply(cmd);
+                    continue;
+                };
+                let same_topic =
+                    |c: &Command| matches!(c, Command::Deliver { topic: t, .. } if *t == topic);
+                if !cmds.peek().is_some_and(same_topic) {
+                    shard.apply(Command::Deliver {
+                        topic,
+                        frames,
+                        since,
+                    });
+                    continue;
+                }
+                run.push(frames);
+                while let Some(Command::Deliver { frames, .. }) = cmds.next_if(same_topic) {
+                    run.push(frames);
+                }
+                shard.apply_run(&topic, &run, since);
+                run.clear();
             }
         }
     });
@@ -483,6 +587,48 @@ mod tests {
             1 << 20,
             SlowConsumerPolicy::Close,
         ))
+    }
+
+    /// A run of publications reaches every subscriber whole and in order, each in its format:
+    /// an `rtk1` subscriber of publications framed for verbatim subscribers only gets envelopes
+    /// framed here.
+    #[test]
+    fn a_run_of_publications_reaches_every_subscriber_in_order() {
+        let metrics = Arc::new(Metrics::default());
+        let mut shard = Shard::detached(Arc::new(Interest::default()), metrics);
+        let topic: Arc<str> = Arc::from("room");
+        let plain = conn(1);
+        let rtk1 = Arc::new(
+            Conn::new(Uuid::from_u128(2), 0, 1 << 20, SlowConsumerPolicy::Close)
+                .with_format(Format::Rtk1),
+        );
+        shard.subscribe(plain.clone(), topic.clone());
+        shard.subscribe(rtk1.clone(), topic.clone());
+        let payload = |n: u64| format!("{{\"n\":{n}}}");
+        let run: Vec<Frames> = (1..=3)
+            .map(|n| {
+                let frame = frame::encode_text(payload(n).as_bytes());
+                Frames::verbatim(PublicationFrames::new(frame))
+            })
+            .collect();
+        assert_eq!(
+            shard.deliver_run("room", &run),
+            Delivered {
+                total: 6,
+                direct: 0
+            }
+        );
+        let taken = |conn: &Conn| {
+            let mut batch = Vec::new();
+            conn.take(&mut batch);
+            batch
+        };
+        let verbatim: Vec<Bytes> = run.iter().map(|f| f.verbatim.plain().clone()).collect();
+        assert_eq!(taken(&plain), verbatim);
+        let envelopes: Vec<Bytes> = (1..=3)
+            .map(|n| wire::rtk1_pub("room", None, payload(n).as_bytes()))
+            .collect();
+        assert_eq!(taken(&rtk1), envelopes);
     }
 
     /// Random joins, leaves and removals against a plain model: after every step each topic's

@@ -234,6 +234,49 @@ impl Conn {
         self.push_locked(self.lock(), frame, topic, None)
     }
 
+    /// [`push`](Self::push) for several data frames, in order, under one lock: what a shard
+    /// pays per connection (the lock, the connection's state brought into the cache, the
+    /// writer's wake-up) is paid once for all of them. `each` hears how every frame went, with
+    /// its length.
+    pub(crate) fn push_all(
+        &self,
+        frames: impl IntoIterator<Item = (Bytes, TopicKey)>,
+        mut each: impl FnMut(Push, usize),
+    ) {
+        let mut st = self.lock();
+        let was_empty = !st.queue.pending();
+        let (mut queued, mut overflowed) = (false, false);
+        for (frame, topic) in frames {
+            let len = frame.len();
+            let pushed = match st
+                .queue
+                .push(frame, topic, self.limits, self.policy, Instant::now)
+            {
+                Queued::Yes { dropped } => {
+                    queued = true;
+                    if dropped > 0 {
+                        Push::QueuedDropping(dropped)
+                    } else {
+                        Push::Queued
+                    }
+                }
+                Queued::DroppedItself { dropped } => Push::QueuedDropping(dropped + 1),
+                Queued::Overflow => {
+                    overflowed = true;
+                    Push::Overflow
+                }
+                Queued::Closed => Push::Closed,
+            };
+            each(pushed, len);
+        }
+        drop(st);
+        if overflowed {
+            self.wake_all();
+        } else if was_empty && queued {
+            self.writer_wake.notify_one();
+        }
+    }
+
     /// Like [`push`](Self::push), but writes the frame to the socket at once when the [`gate`]
     /// allows it for this connection at `now` (nothing pending, writer idle, not batching),
     /// counting what it wrote into `tally`. Never blocks: a socket that does not take the whole
