@@ -128,10 +128,23 @@ impl Shard {
     }
 
     /// Delivers `run`, consecutive publications of `topic` taken from the channel together,
-    /// the oldest handed over by the broker at `since` ([`deliver_run`](Self::deliver_run)).
-    fn apply_run(&mut self, topic: &str, run: &[Frames], since: Instant) {
+    /// the oldest handed over by the broker at `since`: while the [`DirectGate`] allows direct
+    /// writes one by one, as if each had come alone; otherwise (the shard is busy) as one run
+    /// ([`deliver_run`](Self::deliver_run)). Leaves `run` empty.
+    fn apply_run(&mut self, topic: &Arc<str>, run: &mut Vec<Frames>, since: Instant) {
         let now = Instant::now();
+        if self.gate.allows(now, since) {
+            for frames in run.drain(..) {
+                self.apply(Command::Deliver {
+                    topic: topic.clone(),
+                    frames,
+                    since,
+                });
+            }
+            return;
+        }
         let done = self.deliver_run(topic, run);
+        run.clear();
         let end = Instant::now();
         self.gate.record(done, end.saturating_duration_since(now));
         self.metrics
@@ -552,8 +565,7 @@ pub(crate) fn spawn_shard(
                 while let Some(Command::Deliver { frames, .. }) = cmds.next_if(same_topic) {
                     run.push(frames);
                 }
-                shard.apply_run(&topic, &run, since);
-                run.clear();
+                shard.apply_run(&topic, &mut run, since);
             }
         }
     });
