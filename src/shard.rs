@@ -388,14 +388,7 @@ impl Shard {
                 Some(formatted) if conn.format == Format::Verbatim => (formatted, plain_key),
                 Some(formatted) => (formatted, rtk1_key),
                 None => {
-                    let late = late_rtk1.get_or_insert_with(|| {
-                        let payload = frame::encoded_payload(frames.verbatim.plain());
-                        PublicationFrames::new(wire::rtk1_pub(
-                            topic,
-                            None,
-                            payload.unwrap_or_default(),
-                        ))
-                    });
+                    let late = late_rtk1.get_or_insert_with(|| late_envelope(topic, frames));
                     (&*late, rtk1_key)
                 }
             };
@@ -440,14 +433,7 @@ impl Shard {
                         if late.is_empty() {
                             late.resize(run.len(), None);
                         }
-                        late[i].get_or_insert_with(|| {
-                            let payload = frame::encoded_payload(frames.verbatim.plain());
-                            PublicationFrames::new(wire::rtk1_pub(
-                                topic,
-                                None,
-                                payload.unwrap_or_default(),
-                            ))
-                        })
+                        late[i].get_or_insert_with(|| late_envelope(topic, frames))
                     }
                 };
                 (formatted.for_subscriber(conn.deflate()).clone(), topic_key)
@@ -516,6 +502,13 @@ impl Counts {
         }
         matches!(pushed, Push::QueuedDropping(_))
     }
+}
+
+/// The `rtk1` envelope, without a position, of a publication framed for verbatim subscribers
+/// only: for an `rtk1` subscriber that joined after it was framed.
+fn late_envelope(topic: &str, frames: &Frames) -> PublicationFrames {
+    let payload = frame::encoded_payload(frames.verbatim.plain());
+    PublicationFrames::new(wire::rtk1_pub(topic, None, payload.unwrap_or_default()))
 }
 
 /// The key a frame of the topic interned as `name` is queued under: its address, with

@@ -75,6 +75,18 @@ pub(crate) enum Push {
     Overflow,
 }
 
+/// What the shard hears of a data frame the queue took as `queued`.
+fn pushed(queued: Queued) -> Push {
+    match queued {
+        Queued::Yes { dropped: 0 } => Push::Queued,
+        Queued::Yes { dropped } => Push::QueuedDropping(dropped),
+        // The frame alone is larger than the bound: it is the one dropped.
+        Queued::DroppedItself { dropped } => Push::QueuedDropping(dropped + 1),
+        Queued::Overflow => Push::Overflow,
+        Queued::Closed => Push::Closed,
+    }
+}
+
 /// What a writer whose write makes no progress does next ([`Conn::writer_stalled`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stalled {
@@ -248,26 +260,12 @@ impl Conn {
         let (mut queued, mut overflowed) = (false, false);
         for (frame, topic) in frames {
             let len = frame.len();
-            let pushed = match st
+            let result = st
                 .queue
-                .push(frame, topic, self.limits, self.policy, Instant::now)
-            {
-                Queued::Yes { dropped } => {
-                    queued = true;
-                    if dropped > 0 {
-                        Push::QueuedDropping(dropped)
-                    } else {
-                        Push::Queued
-                    }
-                }
-                Queued::DroppedItself { dropped } => Push::QueuedDropping(dropped + 1),
-                Queued::Overflow => {
-                    overflowed = true;
-                    Push::Overflow
-                }
-                Queued::Closed => Push::Closed,
-            };
-            each(pushed, len);
+                .push(frame, topic, self.limits, self.policy, Instant::now);
+            queued |= matches!(result, Queued::Yes { .. });
+            overflowed |= result == Queued::Overflow;
+            each(pushed(result), len);
         }
         drop(st);
         if overflowed {
@@ -334,27 +332,14 @@ impl Conn {
     ) -> Push {
         let was_empty = !st.queue.pending();
         let now = || now.unwrap_or_else(Instant::now);
-        match st.queue.push(frame, topic, self.limits, self.policy, now) {
-            Queued::Yes { dropped } => {
-                drop(st);
-                if was_empty {
-                    self.writer_wake.notify_one();
-                }
-                if dropped > 0 {
-                    Push::QueuedDropping(dropped)
-                } else {
-                    Push::Queued
-                }
-            }
-            // The frame alone is larger than the bound: it is the one dropped.
-            Queued::DroppedItself { dropped } => Push::QueuedDropping(dropped + 1),
-            Queued::Overflow => {
-                drop(st);
-                self.wake_all();
-                Push::Overflow
-            }
-            Queued::Closed => Push::Closed,
+        let result = st.queue.push(frame, topic, self.limits, self.policy, now);
+        drop(st);
+        match result {
+            Queued::Yes { .. } if was_empty => self.writer_wake.notify_one(),
+            Queued::Overflow => self.wake_all(),
+            _ => {}
         }
+        pushed(result)
     }
 
     /// Queues a control frame (a pong, a ping) ahead of any queued data. Past
