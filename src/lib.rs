@@ -35,7 +35,8 @@
 //!   broker's order.
 //! - `shard`: topic maps, each owned by one task, and delivery to local subscribers.
 //! - `outbound`: each connection's byte-bounded queue, the one rule that decides between a
-//!   direct write and a batch, and the writer that drains the queue in vectored writes.
+//!   direct write and a batch, and the writer that drains the queue in as few writes as the
+//!   socket takes.
 //! - `frame`: the WebSocket codec; outbound frames are encoded once into shared `Bytes`.
 //! - `topic`: which topic names are allowed.
 //! - `config`, `metrics`, `shrink`: settings, counters, giving memory back after a peak.
@@ -56,7 +57,7 @@
 //! shard: for each local subscriber of the topic
 //!   ├─ quiet connection, gate open ─► one non-blocking write of the frame to its socket
 //!   └─ otherwise ─► push the same Bytes (a refcount) onto its queue ─► writer
-//! writer: wait write_delay while batching, then everything queued ─► one vectored write
+//! writer: wait write_delay while batching, then everything queued ─► as few writes as the socket takes
 //! ```
 //!
 //! # Feature flags

@@ -510,7 +510,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::queue::MAX_PENDING_CONTROL;
-    use super::writer::{TcpWriter, WriteTiming, write_frames};
+    use super::writer::{TcpWriter, WriteTiming, Wrote, write_frames};
     use super::*;
 
     const TEN_S: Duration = Duration::from_secs(10);
@@ -885,6 +885,50 @@ mod tests {
             .await
             .unwrap();
         assert!(reading.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn small_and_large_frames_reach_a_slow_reader_whole_and_in_order() {
+        let (socket, mut client) = tcp_pair().await;
+        // A small send buffer: the socket takes part of a batch at a time.
+        socket2::SockRef::from(&*socket)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        // Runs of small numbered frames (copied into one buffer per write) between large ones
+        // (written as they are).
+        let frames: Vec<Bytes> = (0..6000u32)
+            .map(|i| {
+                let len = if i % 1000 == 999 {
+                    20_000
+                } else {
+                    4 + i as usize % 200
+                };
+                let mut frame = i.to_be_bytes().to_vec();
+                frame.resize(len, (i % 251) as u8);
+                Bytes::from(frame)
+            })
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let total = expected.len();
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::with_capacity(total);
+            let mut chunk = [0u8; 1500];
+            while got.len() < total {
+                let n = tokio::io::AsyncReadExt::read(&mut client, &mut chunk)
+                    .await
+                    .unwrap();
+                assert!(n > 0, "closed after {} of {total} bytes", got.len());
+                got.extend_from_slice(&chunk[..n]);
+                tokio::task::yield_now().await;
+            }
+            got
+        });
+        let mut writer = TcpWriter(socket);
+        let wrote = write_frames(&mut writer, &frames, TIMING, &mut || false, &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(wrote, Wrote::All);
+        assert!(reading.await.unwrap() == expected, "bytes differ");
     }
 
     #[tokio::test]

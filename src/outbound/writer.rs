@@ -1,9 +1,10 @@
-//! The writer task: drains one connection's queue into its socket in vectored writes.
+//! The writer task: drains one connection's queue into its socket in as few writes as it takes.
 //!
 //! # Batching
 //! The writer wakes when the queue goes from empty to non-empty, waits `write_delay` first when
 //! the connection is batching ([`Pace::waits_first`](super::gate::Pace::waits_first)), then
-//! takes **everything** queued and sends it with as few system calls as the socket allows.
+//! takes **everything** queued and sends it with as few system calls as the socket allows: small
+//! frames copied into one buffer, larger ones in vectored writes ([`TcpWriter`]).
 //! Under load the writer wakes less often than frames arrive, so batches form by themselves.
 
 use std::future::poll_fn;
@@ -259,12 +260,24 @@ impl AsyncWrite for TcpWriter {
         self.poll_io(cx, |s| s.try_write(buf))
     }
 
+    /// Small frames are copied into one buffer and written with one plain `write`: the kernel
+    /// copies a contiguous buffer faster than it walks an iovec of small pieces, and one call
+    /// takes up to [`COALESCE_MAX`] bytes instead of [`MAX_IOV`] pieces.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_io(cx, |s| s.try_write_vectored(bufs))
+        self.poll_io(cx, |s| match coalescible(bufs) {
+            0 => s.try_write_vectored(bufs),
+            n => COALESCED.with_borrow_mut(|out| {
+                out.clear();
+                for buf in &bufs[..n] {
+                    out.extend_from_slice(buf);
+                }
+                s.try_write(out)
+            }),
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -281,9 +294,41 @@ impl AsyncWrite for TcpWriter {
     }
 }
 
+/// Most bytes [`TcpWriter`] copies into one buffer for one `write`.
+const COALESCE_MAX: usize = 64 * 1024;
+
+/// Frames up to this size, on average, are copied rather than handed to `writev`.
+const COALESCE_FRAME: usize = 256;
+
+thread_local! {
+    /// The worker thread's buffer for coalesced frames: filled and written within one poll.
+    static COALESCED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How many of `bufs`, from the first, to copy into one buffer: none when there is only one or
+/// they are large on average (a vectored write costs less then).
+fn coalescible(bufs: &[IoSlice<'_>]) -> usize {
+    if bufs.len() < 2 {
+        return 0;
+    }
+    let (mut n, mut total) = (0, 0);
+    for buf in bufs {
+        if total + buf.len() > COALESCE_MAX {
+            break;
+        }
+        total += buf.len();
+        n += 1;
+    }
+    if n < 2 || total > n * COALESCE_FRAME {
+        0
+    } else {
+        n
+    }
+}
+
 /// Most slices handed to one `writev`. The array lives on the stack only inside `poll`, so it
 /// does not enlarge the writer task.
-const MAX_IOV: usize = 128;
+const MAX_IOV: usize = 512;
 
 /// How [`write_frames`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,4 +430,33 @@ where
         }
     }
     Ok(Wrote::All)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slices(lens: &[usize]) -> Vec<Vec<u8>> {
+        lens.iter().map(|&n| vec![0; n]).collect()
+    }
+
+    fn coalesced(lens: &[usize]) -> usize {
+        let bufs = slices(lens);
+        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        coalescible(&slices)
+    }
+
+    #[test]
+    fn small_frames_are_copied_up_to_the_cap_and_large_ones_are_not() {
+        assert_eq!(coalesced(&[100]), 0, "one frame goes as it is");
+        assert_eq!(coalesced(&[100, 200, 300]), 3);
+        // Up to the cap, from the first.
+        let many = vec![COALESCE_FRAME; 1000];
+        assert_eq!(coalesced(&many), COALESCE_MAX / COALESCE_FRAME);
+        // Large on average: handed to `writev`.
+        let large = 2 * COALESCE_FRAME;
+        assert_eq!(coalesced(&[large, large, 10]), 0);
+        // A first frame larger than the cap leaves nothing to copy.
+        assert_eq!(coalesced(&[COALESCE_MAX + 1, 10, 10]), 0);
+    }
 }
