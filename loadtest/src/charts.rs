@@ -168,7 +168,7 @@ fn line_chart(
     pick: fn(&Point) -> f64,
     bound: Option<f64>,
 ) -> String {
-    let (w, h, left, right, top, bottom) = (760.0, 440.0, 80.0, 230.0, 40.0, 60.0);
+    let (w, h, left, right, top, bottom) = (800.0, 440.0, 80.0, 270.0, 40.0, 60.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let xs: Vec<f64> = series
         .iter()
