@@ -772,22 +772,28 @@ impl Dispatcher {
             // Kept in front of the cache: the next recovery from the same offset reads nothing.
             self.cache_read(&topic, epoch, entries, now);
         }
+        // Every join waiting here asked for the same range: it is framed once, and each join of
+        // the epoch read gets the same frames (a reference count each).
+        let framed = read.as_ref().and_then(|(epoch, entries)| {
+            let exact = entries.len() as u64 == to + 1 - from
+                && entries.iter().zip(from..).all(|((o, _), want)| *o == want);
+            exact.then(|| {
+                let position = |offset| Position {
+                    offset,
+                    epoch: epoch.clone(),
+                };
+                let frames = entries
+                    .iter()
+                    .map(|(o, p)| wire::rtk1_pub(&topic, Some(&position(*o)), p))
+                    .collect::<Vec<_>>();
+                (epoch, frames)
+            })
+        });
         for w in waiting {
-            let frames = read.as_ref().and_then(|(epoch, entries)| {
-                let exact = *epoch == w.since.0
-                    && entries.len() as u64 == to + 1 - from
-                    && entries.iter().zip(from..).all(|((o, _), want)| *o == want);
-                exact.then(|| {
-                    let position = |offset| Position {
-                        offset,
-                        epoch: epoch.clone(),
-                    };
-                    entries
-                        .iter()
-                        .map(|(o, p)| wire::rtk1_pub(&topic, Some(&position(*o)), p))
-                        .collect::<Vec<_>>()
-                })
-            });
+            let frames = framed
+                .as_ref()
+                .filter(|(epoch, _)| **epoch == w.since.0)
+                .map(|(_, frames)| frames.clone());
             let head = Some((to, frames.unwrap_or_default()));
             let since = Some(w.since);
             self.join(
