@@ -376,29 +376,18 @@ impl Shard {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return Delivered::default();
         };
-        // The interned name's address identifies the topic for conflation.
-        let plain_key = topic_key(key, false);
-        let rtk1_key = topic_key(key, frames.positioned);
-        let mut late_rtk1: Option<PublicationFrames> = None;
+        let mut late = None;
         let mut counts = Counts::default();
         let mut lost: Vec<Arc<Conn>> = Vec::new();
         let mut tally = WriteTally::default();
         for conn in subs {
-            let (formatted, topic_key) = match frames.for_format(conn.format) {
-                Some(formatted) if conn.format == Format::Verbatim => (formatted, plain_key),
-                Some(formatted) => (formatted, rtk1_key),
-                None => {
-                    let late = late_rtk1.get_or_insert_with(|| late_envelope(topic, frames));
-                    (&*late, rtk1_key)
-                }
-            };
-            // The plain frame, or the publication's one compressed frame (invariant 2).
-            let frame = formatted.for_subscriber(conn.deflate());
+            let (frame, topic_key) = frame_for(conn, key, frames, &mut late);
+            let len = frame.len();
             let pushed = match direct {
-                Some(now) => conn.push_or_write(frame.clone(), topic_key, now, &mut tally),
-                None => conn.push(frame.clone(), topic_key),
+                Some(now) => conn.push_or_write(frame, topic_key, now, &mut tally),
+                None => conn.push(frame, topic_key),
             };
-            if counts.add(pushed, frame.len()) && conn.format == Format::Rtk1 {
+            if counts.add(pushed, len) && conn.format == Format::Rtk1 {
                 lost.push(conn.clone());
             }
         }
@@ -414,30 +403,13 @@ impl Shard {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return Delivered::default();
         };
-        let plain_key = topic_key(key, false);
-        // `rtk1` envelopes framed here, per publication, for `rtk1` subscribers of publications
-        // framed for verbatim subscribers only (see `deliver_frames`); rarely any.
-        let mut late: Vec<Option<PublicationFrames>> = Vec::new();
+        // Per publication, the `rtk1` envelope framed here, if any (see `frame_for`).
+        let mut late: Vec<Option<PublicationFrames>> = vec![None; run.len()];
         let mut counts = Counts::default();
         let mut lost: Vec<Arc<Conn>> = Vec::new();
         for conn in subs {
             let mut lost_one = false;
-            let frames = run.iter().enumerate().map(|(i, frames)| {
-                let topic_key = match conn.format {
-                    Format::Verbatim => plain_key,
-                    Format::Rtk1 => topic_key(key, frames.positioned),
-                };
-                let formatted = match frames.for_format(conn.format) {
-                    Some(formatted) => formatted,
-                    None => {
-                        if late.is_empty() {
-                            late.resize(run.len(), None);
-                        }
-                        late[i].get_or_insert_with(|| late_envelope(topic, frames))
-                    }
-                };
-                (formatted.for_subscriber(conn.deflate()).clone(), topic_key)
-            });
+            let frames = (run.iter().zip(&mut late)).map(|(f, late)| frame_for(conn, key, f, late));
             conn.push_all(frames, |pushed, len| lost_one |= counts.add(pushed, len));
             if lost_one && conn.format == Format::Rtk1 {
                 lost.push(conn.clone());
@@ -502,6 +474,26 @@ impl Counts {
         }
         matches!(pushed, Push::QueuedDropping(_))
     }
+}
+
+/// What `conn` gets of the publication `frames` of the topic interned as `key`: the frame of
+/// its format ([`Frames::for_format`]), plain or the publication's one compressed frame
+/// (invariant 2), and the key it is queued under. An `rtk1` subscriber that joined after the
+/// publication was framed for verbatim subscribers only gets the envelope framed into `late`,
+/// once for all of them.
+fn frame_for(
+    conn: &Conn,
+    key: &Arc<str>,
+    frames: &Frames,
+    late: &mut Option<PublicationFrames>,
+) -> (Bytes, TopicKey) {
+    let formatted = match frames.for_format(conn.format) {
+        Some(formatted) => formatted,
+        None => late.get_or_insert_with(|| late_envelope(key, frames)),
+    };
+    // The interned name's address identifies the topic for conflation.
+    let topic_key = topic_key(key, conn.format == Format::Rtk1 && frames.positioned);
+    (formatted.for_subscriber(conn.deflate()).clone(), topic_key)
 }
 
 /// The `rtk1` envelope, without a position, of a publication framed for verbatim subscribers
