@@ -887,8 +887,10 @@ mod report {
                     " Socket.IO systems always publish through the server (a `send` event): \
                      their adapters' Redis channels carry their own encoding.",
                 );
+                // A rep that passed no step sustained nothing: it counts as 0, so a system
+                // that passes in a minority of reps has a median of 0, shown as "–".
                 let max = |r: &RunResult| match r {
-                    RunResult::Fanout(f) => f.max_sustainable_per_s,
+                    RunResult::Fanout(f) => Some(f.max_sustainable_per_s.unwrap_or(0.0)),
                     _ => None,
                 };
                 let best_step = |r: &RunResult| -> Option<crate::scenario::FanoutStep> {
@@ -918,13 +920,24 @@ mod report {
                 let highest =
                     f.offered_deliveries_per_s(f.rates.iter().cloned().fold(0.0, f64::max));
                 for sys in systems {
-                    let m = metric(sys, &max);
-                    let p50 = metric(sys, &|r| best_step(r).map(|s| s.latency.p50_ms));
-                    let p99 = metric(sys, &|r| best_step(r).map(|s| s.latency.p99_ms));
-                    let cpu = metric(sys, &|r| {
-                        best_step(r).and_then(|s| s.server_cpu_us_per_delivery)
-                    });
-                    let rss = metric(sys, &|r| best_step(r).and_then(|s| s.server_peak_rss_mib));
+                    let m = metric(sys, &max).filter(|&m| m > 0.0);
+                    // Latency, CPU and memory at each passing rep's best step; none when the
+                    // median rep passed nothing.
+                    let at_best = |g: &dyn Fn(&crate::scenario::FanoutStep) -> Option<f64>| {
+                        m.and_then(|_| metric(sys, &|r| best_step(r).and_then(|s| g(&s))))
+                    };
+                    let p50 = at_best(&|s| Some(s.latency.p50_ms));
+                    let p99 = at_best(&|s| Some(s.latency.p99_ms));
+                    let cpu = at_best(&|s| s.server_cpu_us_per_delivery);
+                    let rss = at_best(&|s| s.server_peak_rss_mib);
+                    let (none_passed, reps) = runs
+                        .iter()
+                        .filter(|r| r.system == sys)
+                        .filter_map(|r| match r.result.as_ref().ok()? {
+                            RunResult::Fanout(f) => Some(f.max_sustainable_per_s.is_none()),
+                            _ => None,
+                        })
+                        .fold((0, 0), |(n, all), none| (n + usize::from(none), all + 1));
                     let reorders = metric(sys, &|r| match r {
                         RunResult::Fanout(f) => {
                             Some(f.steps.iter().map(|s| s.reorders).sum::<u64>() as f64)
@@ -933,17 +946,22 @@ mod report {
                     });
                     let mut notes = Vec::new();
                     if m.is_some_and(|m| m >= 0.999 * highest) {
-                        notes.push("passed every step: the true maximum is higher");
+                        notes.push("passed every step: the true maximum is higher".to_owned());
                     }
                     if let (Some(m), Some(c)) = (m, ceiling) {
                         if !sys.is_limit() && m >= 0.8 * c {
                             notes.push(
-                                "client-bound: ≥ 80% of the limit server (the client's ceiling)",
+                                "client-bound: ≥ 80% of the limit server (the client's ceiling)"
+                                    .to_owned(),
                             );
                         }
                     }
-                    if m.is_none() {
-                        notes.push("no step passed");
+                    if none_passed == reps {
+                        notes.push("no step passed".to_owned());
+                    } else if none_passed > 0 {
+                        notes.push(format!(
+                            "no step passed in {none_passed} of {reps} reps, each counted as 0"
+                        ));
                     }
                     let note = notes.join("; ");
                     let _ = writeln!(
@@ -1186,6 +1204,32 @@ mod report {
             let ours = row(&compare(&args, &[run(&args, 1)]), "ours").to_owned();
             assert!(ours.starts_with("| ours | 1000 | 1.00 |"), "{ours}");
             assert!(!ours.contains("passed every step"), "{ours}");
+        }
+
+        #[test]
+        fn a_rep_that_passed_no_step_counts_as_zero() {
+            let args = compare_args(&["fanout", "--subscribers", "100", "--rates", "10,20"]);
+            let report = compare(&args, &[run(&args, 2), run(&args, 0), run(&args, 2)]);
+            let ours = row(&report, "ours");
+            assert!(ours.starts_with("| ours | 2000 | 1.00 |"), "{ours}");
+            assert!(
+                ours.contains("no step passed in 1 of 3 reps, each counted as 0"),
+                "{ours}"
+            );
+
+            let report = compare(&args, &[run(&args, 2), run(&args, 0), run(&args, 0)]);
+            let ours = row(&report, "ours");
+            assert!(ours.starts_with("| ours | – | – | – | – |"), "{ours}");
+            assert!(
+                ours.contains("no step passed in 2 of 3 reps, each counted as 0"),
+                "{ours}"
+            );
+
+            let report = compare(&args, &[run(&args, 0)]);
+            assert!(
+                row(&report, "ours").ends_with("| no step passed |"),
+                "{report}"
+            );
         }
 
         #[test]
