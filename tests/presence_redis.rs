@@ -1,13 +1,14 @@
 //! Presence across two instances sharing a Redis the test starts: the scenarios of
 //! `presence.rs` with one user's connections spread over both instances, a graceful shutdown
 //! that makes an instance's users leave at once, an instance killed with SIGKILL whose users
-//! leave once its entries expire, and a Redis that lost the entries getting them back.
+//! leave once its entries expire, a Redis that lost the entries getting them back, and the
+//! entries' TTLs set by the joins that create them.
 
 mod support;
 
 use std::time::Duration;
 
-use support::presence::{self as scenario, builder, expect_event, rtk1, wait_stats};
+use support::presence::{self as scenario, builder, close, expect_event, rtk1, wait_stats};
 use support::redis_server::start_redis;
 use support::{Server, serve_chat};
 
@@ -107,4 +108,84 @@ async fn an_instance_killed_with_sigkill_has_its_users_leave_once_its_entries_ex
         return;
     };
     scenario::a_killed_instances_users_leave(redis.url(), support::WAIT).await;
+}
+
+/// Every presence key Redis holds for `topic` expires (a PTTL above 0); the test names its
+/// topics so that only presence keys contain `:p:`.
+async fn every_presence_key_expires(r: &mut redis::aio::MultiplexedConnection, topic: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{topic}*:p:*"))
+        .query_async(r)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "no presence keys for {topic}");
+    for key in keys {
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(r).await.unwrap();
+        assert!(pttl > 0, "{key} has PTTL {pttl}");
+    }
+}
+
+/// How many `PEXPIRE` Redis ran since its statistics were reset.
+async fn pexpires(r: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(r)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_pexpire:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// A join into a topic whose entries were just renewed sets no TTL; every key a join creates
+/// (the topic's first entry, or the first of an instance) gets one, also after the topic
+/// emptied and filled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_sets_ttls_only_on_the_keys_it_creates() {
+    let Some(redis) = start_redis("presence_ttls") else {
+        return;
+    };
+    let mut r = redis.client().await;
+    let a = instance(redis.url(), Duration::from_secs(5)).await;
+    let b = instance(redis.url(), Duration::from_secs(5)).await;
+    let topic = "room-ttl";
+
+    let alice = rtk1(a.addr, topic, "alice").await;
+    wait_stats(&a.service, topic, 1, 1).await;
+    every_presence_key_expires(&mut r, topic).await;
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let bob = rtk1(a.addr, topic, "bob").await;
+    let alice_again = rtk1(a.addr, topic, "alice").await;
+    wait_stats(&a.service, topic, 2, 3).await;
+    assert_eq!(
+        pexpires(&mut r).await,
+        0,
+        "joins into live entries renewed TTLs"
+    );
+
+    // The first connection on `b`: its own hash is new.
+    let carol = rtk1(b.addr, topic, "carol").await;
+    wait_stats(&a.service, topic, 3, 4).await;
+    every_presence_key_expires(&mut r, topic).await;
+
+    // `b` empties (its hash goes) and fills again.
+    close(carol).await;
+    wait_stats(&a.service, topic, 2, 3).await;
+    let dave = rtk1(b.addr, topic, "dave").await;
+    wait_stats(&a.service, topic, 3, 4).await;
+    every_presence_key_expires(&mut r, topic).await;
+
+    // The topic empties (every key goes) and fills again.
+    for c in [alice, bob, alice_again, dave] {
+        close(c).await;
+    }
+    wait_stats(&a.service, topic, 0, 0).await;
+    let _erin = rtk1(a.addr, topic, "erin").await;
+    wait_stats(&a.service, topic, 1, 1).await;
+    every_presence_key_expires(&mut r, topic).await;
 }

@@ -22,6 +22,11 @@
 //! these are never taken for a payload; the subscriber hands them to presence, not to the
 //! subscribers, so clients that do not speak `rtk1` never see them.
 //!
+//! Every key expires a TTL after the last renewal (this instance's connections two TTLs, so
+//! that the cleanup still finds them). A renewal runs on each `refresh`, which comes every half
+//! TTL at most, and on an `add` only when the add created a key or this instance's expiry is
+//! less than half a TTL away: a join into a topic that already has entries costs no `PEXPIRE`.
+//!
 //! The script reads the time with `TIME` (Redis replicates scripts by their effects since 5.0,
 //! the only mode since 7.0). The keys of a dead instance are derived inside the script; they
 //! share the hash tag, so they live in the same slot.
@@ -71,14 +76,20 @@ end
 local op = ARGV[1]
 if op == 'add' then
   if redis.call('HSETNX', KEYS[2], ARGV[5], ARGV[6]) == 1 then
-    redis.call('INCR', KEYS[5])
+    -- A count going to 1 means the shared keys were just created (they empty together), a
+    -- hash of one entry that this instance's was: they get their TTL now. Otherwise the TTLs
+    -- set by this instance's last renewal still run for half a TTL or more.
+    local created = redis.call('INCR', KEYS[5]) == 1
     local n = redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
     redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
     if n == 1 then
       redis.call('PUBLISH', ARGV[2], '\255J' .. #ARGV[6] .. ' ' .. ARGV[6] .. ARGV[7])
     end
+    local renewed = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]) or '0')
+    if created or redis.call('HLEN', KEYS[2]) == 1 or renewed < now + ttl / 2 then
+      keep()
+    end
   end
-  keep()
   return 1
 elseif op == 'rem' then
   local user = redis.call('HGET', KEYS[2], ARGV[5])
