@@ -135,16 +135,24 @@ impl Shard {
         let now = Instant::now();
         if self.gate.allows(now, since) {
             for frames in run.drain(..) {
-                self.apply(Command::Deliver {
-                    topic: topic.clone(),
-                    frames,
-                    since,
-                });
+                self.deliver_one(topic, &frames, since);
             }
             return;
         }
         let done = self.deliver_run(topic, run);
         run.clear();
+        let end = Instant::now();
+        self.gate.record(done, end.saturating_duration_since(now));
+        self.metrics
+            .dispatch_lag(end.saturating_duration_since(since));
+    }
+
+    /// Delivers one publication of `topic`, handed over by the broker at `since`: written
+    /// directly where the [`DirectGate`] allows it, queued otherwise.
+    fn deliver_one(&mut self, topic: &str, frames: &Frames, since: Instant) {
+        let now = Instant::now();
+        let direct = self.gate.allows(now, since);
+        let done = self.deliver_frames(topic, frames, direct.then_some(now));
         let end = Instant::now();
         self.gate.record(done, end.saturating_duration_since(now));
         self.metrics
@@ -188,15 +196,7 @@ impl Shard {
                 topic,
                 frames,
                 since,
-            } => {
-                let now = Instant::now();
-                let direct = self.gate.allows(now, since);
-                let done = self.deliver_frames(&topic, &frames, direct.then_some(now));
-                let end = Instant::now();
-                self.gate.record(done, end.saturating_duration_since(now));
-                self.metrics
-                    .dispatch_lag(end.saturating_duration_since(since));
-            }
+            } => self.deliver_one(&topic, &frames, since),
             Command::Subscribe {
                 conn,
                 topic,
@@ -539,11 +539,7 @@ pub(crate) fn spawn_shard(
                 let same_topic =
                     |c: &Command| matches!(c, Command::Deliver { topic: t, .. } if *t == topic);
                 if !cmds.peek().is_some_and(same_topic) {
-                    shard.apply(Command::Deliver {
-                        topic,
-                        frames,
-                        since,
-                    });
+                    shard.deliver_one(&topic, &frames, since);
                     continue;
                 }
                 run.push(frames);
