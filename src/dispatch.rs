@@ -212,6 +212,7 @@ pub(crate) struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher without a frame bound (the benches' and tests' one).
+    #[cfg(any(test, feature = "__bench_api"))]
     pub(crate) fn new(shards: Arc<[mpsc::Sender<Command>]>) -> Self {
         Self::bounded(shards, usize::MAX, Arc::default())
     }

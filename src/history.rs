@@ -13,7 +13,7 @@
 //! docs/architecture.md). With Redis, Redis assigns positions and this store caches the
 //! publications the instance received ([`Streams::observe`]). Its operations:
 //! assign the next position and keep the frame ([`Streams::next_position`],
-//! [`Streams::keep`]), read a range for a recovery ([`Streams::recover`]), read a page
+//! [`Streams::keep`]), read a range for a recovery ([`Streams::recover_with`]), read a page
 //! ([`Streams::page`]), the top ([`Streams::top`]), remove ([`Streams::remove`]) and expire
 //! ([`Streams::sweep`]).
 //!
@@ -478,8 +478,8 @@ impl Streams {
         freed
     }
 
-    /// What a subscriber of `topic` gets: with `since` (an epoch and the last offset the client
-    /// has), every publication after it or none (`recovered: false`) — never part of them.
+    /// [`recover_with`](Self::recover_with) without a head read from the shared store (the
+    /// tests' entry).
     #[cfg(test)]
     pub(crate) fn recover(
         &mut self,
@@ -517,8 +517,10 @@ impl Streams {
         fits.then(|| (offset + 1, first - 1))
     }
 
-    /// [`recover`](Self::recover), with `head`: the `rtk1` frames of the publications from
-    /// `since`'s offset + 1 to `head.0`, read from the shared store.
+    /// What a subscriber of `topic` gets with `since` (an epoch and the last offset the client
+    /// has): every publication after it or none (`recovered: false`), never part of them; with
+    /// `head`, the `rtk1` frames of the publications from `since`'s offset + 1 to `head.0`, read
+    /// from the shared store.
     pub(crate) fn recover_with(
         &mut self,
         topic: &str,

@@ -351,6 +351,7 @@ impl Shard {
     }
 
     /// [`deliver_frames`](Self::deliver_frames) of one verbatim frame (the benches' entry).
+    #[cfg(any(test, feature = "__bench_api"))]
     pub(crate) fn deliver(
         &mut self,
         topic: &str,

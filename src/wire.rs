@@ -44,6 +44,7 @@ pub(crate) struct Frames {
 
 impl Frames {
     /// Verbatim only (no `rtk1` connection, no history).
+    #[cfg(any(test, feature = "__bench_api"))]
     pub(crate) fn verbatim(frame: PublicationFrames) -> Self {
         Self {
             verbatim: frame,

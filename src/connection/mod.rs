@@ -2,7 +2,7 @@
 //! clean up, `on_disconnect`.
 //!
 //! Every connection starts the same way, whether [`upgrade_handler`] accepted it or a bench
-//! drives one over a pipe: [`admit`] takes a connection slot, [`Admitted::join_and_spawn`]
+//! drives one over a pipe: [`admit`] takes a connection slot, [`Admitted::join_and_spawn_as`]
 //! spawns a new [`Conn`]'s task, which subscribes it to its topic (the caller waits for that),
 //! then waits for the upgraded socket and runs [`run`].
 //!
@@ -103,27 +103,17 @@ pub(crate) struct Opening {
     pub(crate) since: Option<(String, u64)>,
 }
 
-/// A spawned connection: its task, and a weak handle on its shared state.
+/// A spawned connection: its task, and a weak handle on its shared state (read by the benches).
+#[cfg_attr(not(any(test, feature = "__bench_api")), allow(dead_code))]
 pub(crate) struct Spawned {
     pub(crate) task: JoinHandle<()>,
     pub(crate) conn: Weak<Conn>,
 }
 
 impl<H: MessageHandler> Admitted<H> {
-    /// Spawns a new connection's task, which subscribes it to `topic`, then waits for `socket`
-    /// (the upgrade completing) and runs the connection; resolves once the subscription is in
-    /// place. A `socket` that resolves to `None` (the upgrade never completed) undoes the
-    /// subscription. The slot is released when the task ends.
-    ///
-    /// Subscribing comes first so that a client that saw the upgrade succeed receives everything
-    /// published from then on (with Redis: once Redis confirmed the subscription). What arrives
-    /// before the writer starts waits in the connection's bounded queue.
-    ///
-    /// The join runs in the spawned task, not in the caller's future: hyper drops the request's
-    /// future when the client hangs up before the 101, and a join dropped halfway would leave
-    /// the `Conn` in its shard and its Redis subscription behind, with no task left to remove
-    /// them and its slot released. The task finishes the join whatever becomes of the caller,
-    /// and then finds the upgrade failed and removes the connection.
+    /// [`join_and_spawn_as`](Self::join_and_spawn_as) for a plain connection without
+    /// permessage-deflate (the benches' entry).
+    #[cfg(any(test, feature = "__bench_api"))]
     pub(crate) async fn join_and_spawn<F>(
         self,
         topic: String,
@@ -137,8 +127,21 @@ impl<H: MessageHandler> Admitted<H> {
             .await
     }
 
-    /// [`join_and_spawn`](Self::join_and_spawn) for a connection opened as `opening` says, with
-    /// what was agreed about permessage-deflate.
+    /// Spawns a new connection's task, opened as `opening` says and with what was agreed about
+    /// permessage-deflate, which subscribes it to `topic`, then waits for `socket` (the upgrade
+    /// completing) and runs the connection; resolves once the subscription is in
+    /// place. A `socket` that resolves to `None` (the upgrade never completed) undoes the
+    /// subscription. The slot is released when the task ends.
+    ///
+    /// Subscribing comes first so that a client that saw the upgrade succeed receives everything
+    /// published from then on (with Redis: once Redis confirmed the subscription). What arrives
+    /// before the writer starts waits in the connection's bounded queue.
+    ///
+    /// The join runs in the spawned task, not in the caller's future: hyper drops the request's
+    /// future when the client hangs up before the 101, and a join dropped halfway would leave
+    /// the `Conn` in its shard and its Redis subscription behind, with no task left to remove
+    /// them and its slot released. The task finishes the join whatever becomes of the caller,
+    /// and then finds the upgrade failed and removes the connection.
     pub(crate) async fn join_and_spawn_as<F>(
         self,
         opening: Opening,
