@@ -76,17 +76,19 @@ end
 local op = ARGV[1]
 if op == 'add' then
   if redis.call('HSETNX', KEYS[2], ARGV[5], ARGV[6]) == 1 then
-    -- A count going to 1 means the shared keys were just created (they empty together), a
-    -- hash of one entry that this instance's was: they get their TTL now. Otherwise the TTLs
-    -- set by this instance's last renewal still run for half a TTL or more.
+    -- Keys this add created get their TTL now. A count going to 1 means the shared keys were
+    -- just created (they empty together); a hash of one entry means this instance's own hash
+    -- was just created.
+    -- Otherwise the TTLs set by this instance's last renewal run for half a TTL or more,
+    -- unless its expiry is nearer than that.
     local created = redis.call('INCR', KEYS[5]) == 1
     local n = redis.call('HINCRBY', KEYS[3], ARGV[6], 1)
     redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
     if n == 1 then
       redis.call('PUBLISH', ARGV[2], '\255J' .. #ARGV[6] .. ' ' .. ARGV[6] .. ARGV[7])
     end
-    local renewed = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]) or '0')
-    if created or redis.call('HLEN', KEYS[2]) == 1 or renewed < now + ttl / 2 then
+    local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]) or '0')
+    if created or redis.call('HLEN', KEYS[2]) == 1 or expiry < now + ttl / 2 then
       keep()
     end
   end
