@@ -55,7 +55,7 @@
 //!                                                  └─ ServerEvent ─► serialize once ─► broker
 //! broker ─► dispatcher: encode ONE frame (Bytes) ─► every shard, in the broker's order
 //! shard: for each local subscriber of the topic
-//!   ├─ quiet connection, gate open ─► one non-blocking write of the frame to its socket
+//!   ├─ quiet connection, gate open or few subscribers ─► one non-blocking write to its socket
 //!   └─ otherwise ─► push the same Bytes (a refcount) onto its queue ─► writer
 //! writer: wait write_delay while batching, then everything queued ─► as few writes as the socket takes
 //! ```

@@ -133,7 +133,8 @@ impl Shard {
     /// ([`deliver_run`](Self::deliver_run)). Leaves `run` empty.
     fn apply_run(&mut self, topic: &Arc<str>, run: &mut Vec<Frames>, since: Instant) {
         let now = Instant::now();
-        if self.gate.allows(now, since) {
+        // A run queued together batches whatever the fan-out: only an open gate splits it.
+        if self.gate.allows(now, since, usize::MAX) {
             for frames in run.drain(..) {
                 self.deliver_one(topic, &frames, since);
             }
@@ -151,8 +152,9 @@ impl Shard {
     /// directly where the [`DirectGate`] allows it, queued otherwise.
     fn deliver_one(&mut self, topic: &str, frames: &Frames, since: Instant) {
         let now = Instant::now();
-        let direct = self.gate.allows(now, since);
-        let done = self.deliver_frames(topic, frames, direct.then_some(now));
+        let done = self.deliver_with(topic, frames, |gate, subscribers| {
+            gate.allows(now, since, subscribers).then_some(now)
+        });
         let end = Instant::now();
         self.gate.record(done, end.saturating_duration_since(now));
         self.metrics
@@ -374,9 +376,21 @@ impl Shard {
         frames: &Frames,
         direct: Option<Instant>,
     ) -> Delivered {
+        self.deliver_with(topic, frames, |_, _| direct)
+    }
+
+    /// [`deliver_frames`](Self::deliver_frames), where `direct` decides from the gate and the
+    /// number of subscribers found whether (and with which time) frames are written directly.
+    fn deliver_with(
+        &mut self,
+        topic: &str,
+        frames: &Frames,
+        direct: impl FnOnce(&mut DirectGate, usize) -> Option<Instant>,
+    ) -> Delivered {
         let Some((key, subs)) = self.topics.get_key_value(topic) else {
             return Delivered::default();
         };
+        let direct = direct(&mut self.gate, subs.len());
         let mut late = None;
         let mut counts = Counts::default();
         let mut lost: Vec<Arc<Conn>> = Vec::new();

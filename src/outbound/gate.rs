@@ -8,7 +8,8 @@
 //!
 //! - **Per shard, [`DirectGate`]**: may this shard write frames to quiet connections itself
 //!   (one non-blocking `write` each, no writer task woken)? Yes while that would take less than
-//!   most of a core, and while the shard is not behind.
+//!   most of a core, or for a publication with a few subscribers; never while the shard is
+//!   behind.
 //! - **Per connection, [`Pace`]**: is this connection batching? A connection that wrote within
 //!   the last few milliseconds, or whose last write carried several frames, waits `write_delay`
 //!   before its next write so that frames collect ([`loaded`]). A batching connection gets no
@@ -32,6 +33,10 @@ const GATE_INITIAL_COST: Duration = Duration::from_micros(8);
 /// A delivery that waited longer than this in the shard's channel is queued for the writers
 /// instead of written directly: the shard is behind, and the writers batch.
 const DIRECT_MAX_LAG: Duration = Duration::from_millis(5);
+
+/// A publication with at most this many local subscribers (a user's devices, a small room) may
+/// be written directly while the gate is closed; see [`DirectGate::allows`].
+const FEW_SUBSCRIBERS: usize = 4;
 
 /// A writer that wrote within this long counts as under load and waits `write_delay` before its
 /// next write: it receives frames faster than one per 4 ms (250 per second).
@@ -80,12 +85,20 @@ impl DirectGate {
         }
     }
 
-    /// Whether a delivery starting `now`, of a message the broker handed over at `since`, may
-    /// write directly: the gate is open and the shard is not behind. Behind (the frame waited in
-    /// the channel), or writing directly at this rate would take most of a core: queue for the
+    /// Whether a delivery starting `now`, of a message the broker handed over at `since`, to
+    /// `subscribers` local subscribers, may write directly: the shard is not behind, and the
+    /// gate is open or the publication has [`FEW_SUBSCRIBERS`]. Behind (the frame waited in the
+    /// channel), or writing directly at this rate would take most of a core: queue for the
     /// writers, which batch, rather than spend a `write` per subscriber while the backlog grows.
-    pub(crate) fn allows(&mut self, now: Instant, since: Instant) -> bool {
-        self.is_open(now) && now.saturating_duration_since(since) < DIRECT_MAX_LAG
+    ///
+    /// The gate guards against large fan-outs: one publication written to 10 000 sockets holds
+    /// the shard for tens of milliseconds while the next ones wait. A publication with a few
+    /// subscribers takes microseconds, and queueing its frames batches nothing when every
+    /// connection has its own topic (per-user channels): each frame would still get a write of
+    /// its own, plus a writer's wake-up. The lag rule still queues them once the shard is behind.
+    pub(crate) fn allows(&mut self, now: Instant, since: Instant, subscribers: usize) -> bool {
+        let open = self.is_open(now) || subscribers <= FEW_SUBSCRIBERS;
+        open && now.saturating_duration_since(since) < DIRECT_MAX_LAG
     }
 
     /// Whether the gate is open at `now`; re-estimated once per window.
@@ -249,5 +262,30 @@ mod tests {
         gate.record(all_direct(100_000), ms(700));
         assert!(gate.is_open(window(4) + ms(50)));
         assert!(!gate.is_open(window(5)));
+    }
+
+    #[test]
+    fn a_closed_gate_still_lets_a_publication_with_few_subscribers_write_directly() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut gate = DirectGate::new(t0);
+        // 30 000 direct writes of 7 µs in a 100 ms window: two cores' worth. Closes.
+        gate.record(
+            Delivered {
+                total: 30_000,
+                direct: 30_000,
+            },
+            ms(210),
+        );
+        let now = t0 + GATE_WINDOW;
+        assert!(!gate.allows(now, now, 10_000), "a large fan-out queues");
+        assert!(!gate.allows(now, now, FEW_SUBSCRIBERS + 1));
+        assert!(gate.allows(now, now, 1), "one subscriber writes directly");
+        assert!(gate.allows(now, now, FEW_SUBSCRIBERS));
+        assert!(
+            !gate.allows(now, now - DIRECT_MAX_LAG, 1),
+            "a shard that is behind queues even for one subscriber"
+        );
+        assert!(!gate.is_open(now), "the gate itself stays closed");
     }
 }
