@@ -50,6 +50,20 @@ impl<T> ShrinkWhenSparse for Vec<T> {
     }
 }
 
+impl<A: smallvec::Array> ShrinkWhenSparse for smallvec::SmallVec<A> {
+    fn shrink_when_sparse(&mut self) {
+        if !self.spilled() || !sparse(self.len(), self.capacity()) {
+            return;
+        }
+        if self.len() <= self.inline_size() {
+            // Back into the inline slots: no heap storage at all.
+            self.shrink_to_fit();
+        } else {
+            self.grow(self.len() * 2);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +114,21 @@ mod tests {
         m.remove(&1);
         m.shrink_when_sparse();
         assert_eq!(m.capacity(), 0);
+    }
+
+    #[test]
+    fn a_small_vector_goes_back_inline_once_it_fits() {
+        let mut v: smallvec::SmallVec<[u32; 1]> = (0..1000).collect();
+        assert!(v.spilled());
+        v.truncate(200);
+        v.shrink_when_sparse();
+        assert!(v.spilled() && (400..1000).contains(&v.capacity()));
+        v.truncate(1);
+        v.shrink_when_sparse();
+        assert!(!v.spilled(), "one fits the inline slot");
+        assert_eq!(&v[..], &[0]);
+        v.clear();
+        v.shrink_when_sparse();
+        assert!(!v.spilled());
     }
 }
