@@ -326,9 +326,12 @@ fn coalescible(bufs: &[IoSlice<'_>]) -> usize {
     }
 }
 
-/// Most slices handed to one `writev`. The array lives on the stack only inside `poll`, so it
-/// does not enlarge the writer task.
+/// Most slices handed to one `writev`.
 const MAX_IOV: usize = 512;
+
+/// The slices of one `writev`, built inside `poll` so they do not enlarge the writer task. Only
+/// the slots used are written; a batch of more than 64 frames spills to the heap, once per write.
+type IoSlices<'a> = smallvec::SmallVec<[IoSlice<'a>; 64]>;
 
 /// How [`write_frames`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,13 +384,10 @@ where
             if idx + 1 == frames.len() {
                 return Pin::new(&mut *io).poll_write(cx, &frames[idx][offset..]);
             }
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for (k, f) in frames[idx..].iter().take(MAX_IOV).enumerate() {
-                slices[k] = IoSlice::new(if k == 0 { &f[offset..] } else { &f[..] });
-                n += 1;
-            }
-            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
+            let slices: IoSlices<'_> = (frames[idx..].iter().take(MAX_IOV).enumerate())
+                .map(|(k, f)| IoSlice::new(if k == 0 { &f[offset..] } else { &f[..] }))
+                .collect();
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices)
         });
         tokio::pin!(write);
         let mut waited = Duration::ZERO;
