@@ -252,7 +252,9 @@ pub(crate) struct PublicationFrames(Arc<Frames>);
 struct Frames {
     plain: Bytes,
     /// Per window size, 8 to 15 bits: `Some(None)` if the compressor failed (plain is sent).
-    compressed: [OnceLock<Option<Bytes>>; 8],
+    /// Allocated by the first subscriber that needs one: a publication nobody gets compressed
+    /// stays one small allocation.
+    compressed: OnceLock<Box<[OnceLock<Option<Bytes>>; 8]>>,
 }
 
 impl PublicationFrames {
@@ -281,7 +283,8 @@ impl PublicationFrames {
             return &self.0.plain;
         }
         let bits = agreed.server_window_bits.clamp(8, 15);
-        let compressed = self.0.compressed[usize::from(bits - 8)].get_or_init(|| {
+        let windows = self.0.compressed.get_or_init(Default::default);
+        let compressed = windows[usize::from(bits - 8)].get_or_init(|| {
             let opcode = frame::opcode_of(&self.0.plain)?;
             compress_frame(opcode, payload, bits)
         });
@@ -291,7 +294,7 @@ impl PublicationFrames {
     /// The compressed frame for a window of `bits`, if one was made (for tests).
     #[cfg(test)]
     pub(crate) fn compressed(&self, bits: u8) -> Option<&Bytes> {
-        self.0.compressed[usize::from(bits - 8)]
+        self.0.compressed.get()?[usize::from(bits - 8)]
             .get()
             .and_then(Option::as_ref)
     }

@@ -322,7 +322,9 @@ impl Dispatcher {
     fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>, bool) {
         let mut gap = false;
         let verbatim = self.frame_for(&msg.payload);
-        let now = Instant::now();
+        // Only a topic with history needs the time: a plain publication reads no clock here.
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(Instant::now);
         if let (Some(p), Some(end)) = (&msg.position, &self.end_epoch) {
             if self.streams.rolls_back(&msg.topic, p) {
                 // The store handed out an offset of this epoch again (a promoted replica that
@@ -338,7 +340,7 @@ impl Dispatcher {
             }
         }
         let position = match &msg.position {
-            Some(p) => match self.streams.observe(&msg.topic, p, now) {
+            Some(p) => match self.streams.observe(&msg.topic, p, now()) {
                 Observed::NoPolicy => None,
                 Observed::Follows => Some(p.clone()),
                 Observed::Gap => {
@@ -347,7 +349,7 @@ impl Dispatcher {
                 }
             },
             None if self.streams.enabled() && !self.broker_positions => {
-                self.streams.next_position(&msg.topic, now)
+                self.streams.next_position(&msg.topic, now())
             }
             None => None,
         };
@@ -360,7 +362,9 @@ impl Dispatcher {
             positioned: position.is_some(),
         };
         match &position {
-            Some(p) => self.streams.keep(&msg.topic, p.offset, frames.clone(), now),
+            Some(p) => self
+                .streams
+                .keep(&msg.topic, p.offset, frames.clone(), now()),
             None if self.streams.enabled() => self.metrics.unpositioned_publish(),
             None => {}
         }
