@@ -8,8 +8,8 @@
 //!
 //! - **Per shard, [`DirectGate`]**: may this shard write frames to quiet connections itself
 //!   (one non-blocking `write` each, no writer task woken)? Yes while that would take less than
-//!   most of a core, or for a publication with a few subscribers; never while the shard is
-//!   behind.
+//!   most of a core and the shard is not behind; and always for a publication with a few
+//!   subscribers.
 //! - **Per connection, [`Pace`]**: is this connection batching? A connection that wrote within
 //!   the last few milliseconds, or whose last write carried several frames, waits `write_delay`
 //!   before its next write so that frames collect ([`loaded`]). A batching connection gets no
@@ -34,8 +34,9 @@ const GATE_INITIAL_COST: Duration = Duration::from_micros(8);
 /// instead of written directly: the shard is behind, and the writers batch.
 const DIRECT_MAX_LAG: Duration = Duration::from_millis(5);
 
-/// A publication with at most this many local subscribers (a user's devices, a small room) may
-/// be written directly while the gate is closed; see [`DirectGate::allows`].
+/// A publication with at most this many local subscribers (a user's devices, a small room) is
+/// written directly even while the gate is closed or the shard is behind; see
+/// [`DirectGate::allows`].
 const FEW_SUBSCRIBERS: usize = 4;
 
 /// A writer that wrote within this long counts as under load and waits `write_delay` before its
@@ -86,19 +87,23 @@ impl DirectGate {
     }
 
     /// Whether a delivery starting `now`, of a message the broker handed over at `since`, to
-    /// `subscribers` local subscribers, may write directly: the shard is not behind, and the
-    /// gate is open or the publication has [`FEW_SUBSCRIBERS`]. Behind (the frame waited in the
-    /// channel), or writing directly at this rate would take most of a core: queue for the
-    /// writers, which batch, rather than spend a `write` per subscriber while the backlog grows.
+    /// `subscribers` local subscribers, may write directly: always with [`FEW_SUBSCRIBERS`] or
+    /// fewer; otherwise while the gate is open and the shard is not behind. Behind (the frame
+    /// waited in the channel), or writing directly at this rate would take most of a core: queue
+    /// for the writers, which batch, rather than spend a `write` per subscriber while the
+    /// backlog grows.
     ///
-    /// The gate guards against large fan-outs: one publication written to 10 000 sockets holds
+    /// Both rules guard against large fan-outs: one publication written to 10 000 sockets holds
     /// the shard for tens of milliseconds while the next ones wait. A publication with a few
     /// subscribers takes microseconds, and queueing its frames batches nothing when every
-    /// connection has its own topic (per-user channels): each frame would still get a write of
-    /// its own, plus a writer's wake-up. The lag rule still queues them once the shard is behind.
+    /// connection has its own topic (per-user channels): each frame still gets a write of its
+    /// own, plus a writer's wake-up, so a shard that fell behind would fall further behind. A
+    /// connection that receives frames fast enough to batch is batching by its own rule
+    /// ([`Pace`]) and gets no direct writes anyway.
     pub(crate) fn allows(&mut self, now: Instant, since: Instant, subscribers: usize) -> bool {
-        let open = self.is_open(now) || subscribers <= FEW_SUBSCRIBERS;
-        open && now.saturating_duration_since(since) < DIRECT_MAX_LAG
+        let open = self.is_open(now);
+        subscribers <= FEW_SUBSCRIBERS
+            || (open && now.saturating_duration_since(since) < DIRECT_MAX_LAG)
     }
 
     /// Whether the gate is open at `now`; re-estimated once per window.
@@ -265,7 +270,7 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_gate_still_lets_a_publication_with_few_subscribers_write_directly() {
+    fn a_publication_with_few_subscribers_writes_directly_whatever_the_gate_and_the_lag() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut gate = DirectGate::new(t0);
@@ -283,8 +288,17 @@ mod tests {
         assert!(gate.allows(now, now, 1), "one subscriber writes directly");
         assert!(gate.allows(now, now, FEW_SUBSCRIBERS));
         assert!(
-            !gate.allows(now, now - DIRECT_MAX_LAG, 1),
-            "a shard that is behind queues even for one subscriber"
+            gate.allows(now, now - DIRECT_MAX_LAG, 1),
+            "behind, one subscriber still writes directly"
+        );
+        let mut open = DirectGate::new(t0);
+        assert!(
+            open.allows(t0, t0, 10_000),
+            "an open gate lets a large fan-out write"
+        );
+        assert!(
+            !open.allows(t0 + DIRECT_MAX_LAG, t0, 10_000),
+            "but not once the shard is behind"
         );
         assert!(!gate.is_open(now), "the gate itself stays closed");
     }
