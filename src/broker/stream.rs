@@ -48,22 +48,19 @@ impl Stream {
             }
         }
         match self {
-            Stream::Tcp(s) => loop {
+            // Read through `AsyncRead`: a read that leaves room in `buf` emptied the socket, and
+            // tokio then waits for the next readiness instead of first trying a read that would
+            // block (`try_read_buf` makes that extra system call after every batch).
+            Stream::Tcp(s) => {
                 s.readable().await?;
                 room(buf);
-                match s.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    res => return res,
-                }
-            },
-            Stream::Unix(s) => loop {
+                tokio::io::AsyncReadExt::read_buf(s, buf).await
+            }
+            Stream::Unix(s) => {
                 s.readable().await?;
                 room(buf);
-                match s.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    res => return res,
-                }
-            },
+                tokio::io::AsyncReadExt::read_buf(s, buf).await
+            }
             #[cfg(feature = "redis-tls")]
             Stream::Tls(s) => {
                 room(buf);
