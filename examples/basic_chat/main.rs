@@ -398,16 +398,8 @@ async fn ready(State(state): State<ServerState>) -> impl IntoResponse {
 
 fn main() {
     alloc::tune();
-    // What `#[tokio::main]` builds, plus the allocator's idle hook. On one CPU (a pinned process,
-    // a container with a one-core quota) a current-thread runtime does the same work without
-    // handing tasks between threads, for less CPU per message (docs/performance-notes.md#one-cpu-runtime).
-    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
-    let mut builder = if one_cpu {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    let runtime = builder
+    // What `#[tokio::main]` builds, plus the allocator's idle hook.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(alloc::collect_when_idle)
         .build();
