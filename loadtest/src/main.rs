@@ -224,7 +224,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let outcome = rt.block_on(run(&cli));
+    // A signal ends the run by dropping it: every server and Redis it started is stopped on the
+    // way out, as at the end of a run, instead of outliving the harness.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            res = run(&cli) => res,
+            sig = stop_signal() => Err(format!("stopped by {sig}")),
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
         Ok((json, markdown)) => {
             println!("{markdown}");
@@ -244,7 +252,21 @@ fn main() {
             std::process::exit(1);
         }
     }
-    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+}
+
+/// The first SIGINT or SIGTERM, by name; pending forever where neither can be watched.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 fn target(ext: &External) -> Result<Target, String> {
