@@ -264,7 +264,7 @@ pub(crate) fn client_text_frame(payload: &[u8]) -> bytes::BytesMut {
     axum_realtime_kit::bench_api::masked_client_frame(payload, [0; 4])
 }
 
-/// Reads frames until the stream ends, recording every marked frame.
+/// Reads frames until the stream ends, recording every marked frame and answering pings.
 pub(crate) async fn read_loop(
     mut read: OwnedReadHalf,
     mut buf: Vec<u8>,
@@ -313,6 +313,15 @@ pub(crate) async fn read_loop(
             if opcode == 0x8 {
                 stats.closes.fetch_add(1, Relaxed);
                 return;
+            }
+            if opcode == 0x9 {
+                // A WebSocket ping, answered as any client would, or the server closes the
+                // connection a pong timeout later. The pong goes out through the shared socket:
+                // a server pings only a connection it has not heard from for a whole interval,
+                // so none of this client's frames is half-written meanwhile.
+                let pong =
+                    axum_realtime_kit::bench_api::client_frame(true, 0xA, payload, Some([0; 4]));
+                let _ = read.as_ref().try_write(&pong);
             }
             if opcode == 0x1 && sio.is_some() && !payload.starts_with(b"42") {
                 if payload == b"2" {
