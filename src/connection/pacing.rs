@@ -1,6 +1,7 @@
 //! The two clocks of a connection's reader: the server-side heartbeat, and the rate limit on
 //! what the client sends.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,9 +16,27 @@ pub(super) struct Heartbeat {
 }
 
 impl Heartbeat {
-    pub(super) fn new() -> Self {
+    /// A heartbeat whose first ping is due somewhere between half the `interval` and one and a
+    /// half intervals from now, spread evenly over consecutive connections.
+    ///
+    /// Clients that connect together (after a deploy, or a network blip) would otherwise be
+    /// pinged together, one interval later and every interval after that: each pong moves the
+    /// next ping a whole interval on, so a burst of connections stays a burst of pings for
+    /// good, and the shard that writes them stalls everyone else's deliveries meanwhile. Spread
+    /// over a whole interval, their pings then go out at an even rate; the spread is set once,
+    /// and after the first ping each connection keeps its own phase.
+    pub(super) fn new(interval: Duration) -> Self {
+        let now = Instant::now();
+        // The first deadline is `last_heard + interval`: place `last_heard` up to half an
+        // interval either side of now.
+        let f = spread(NEXT.fetch_add(1, Ordering::Relaxed));
+        let last_heard = if f < 0.5 {
+            now.checked_sub(interval.mul_f64(0.5 - f)).unwrap_or(now)
+        } else {
+            now + interval.mul_f64(f - 0.5)
+        };
         Self {
-            last_heard: Instant::now(),
+            last_heard,
             pinged_at: None,
         }
     }
@@ -46,6 +65,18 @@ impl Heartbeat {
     pub(super) fn timed_out(&self) -> bool {
         self.pinged_at.is_some()
     }
+}
+
+/// How many heartbeats were made, for [`spread`].
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// The `n`-th point of a sequence in `[0, 1)` whose consecutive points stay far apart (the
+/// fractional parts of `n` times the golden ratio): any run of consecutive connections covers
+/// the range about evenly, however few they are.
+fn spread(n: u64) -> f64 {
+    // 2^64 divided by the golden ratio; the top 53 bits of the product are the fraction.
+    const STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+    (n.wrapping_mul(STEP) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// What to do with one inbound message under the rate limit.
@@ -108,5 +139,44 @@ impl RateLimiter {
             Some(since) if now.duration_since(since) > grace => Admit::Close,
             Some(_) => Admit::Drop,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_hundred_consecutive_connections_spread_over_every_tenth() {
+        for start in [0, 1, 99, 12_345, u64::MAX - 50, 1 << 40] {
+            let mut tenths = [0; 10];
+            for i in 0..100 {
+                let f = spread(start.wrapping_add(i));
+                assert!((0.0..1.0).contains(&f), "{f}");
+                tenths[(f * 10.0) as usize] += 1;
+            }
+            assert!(
+                tenths.iter().all(|t| (7..=13).contains(t)),
+                "from {start}: {tenths:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_first_ping_is_due_between_half_an_interval_and_one_and_a_half() {
+        let interval = Duration::from_secs(30);
+        for _ in 0..50 {
+            let before = Instant::now();
+            let beat = Heartbeat::new(interval);
+            let due = beat.deadline(interval, Duration::from_secs(1)).unwrap();
+            assert!(due >= before + interval / 2, "{:?}", due - before);
+            assert!(
+                due <= Instant::now() + interval * 3 / 2,
+                "{:?}",
+                due - before
+            );
+        }
+        let off = Heartbeat::new(Duration::ZERO);
+        assert_eq!(off.deadline(Duration::ZERO, Duration::from_secs(1)), None);
     }
 }

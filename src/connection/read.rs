@@ -141,7 +141,7 @@ pub(super) async fn read_loop<H: MessageHandler>(
         inbound,
         buf,
         assembler: MessageAssembler::new(max),
-        heartbeat: Heartbeat::new(),
+        heartbeat: Heartbeat::new(config.ping_interval),
         limiter: config.rate_limit.map(|(_, burst)| RateLimiter::new(burst)),
     };
     // One timer for the connection's life, armed at the heartbeat's deadline (when disabled the
