@@ -439,7 +439,9 @@ impl<H: MessageHandler> WebsocketServiceBuilder<H> {
     /// Heartbeats: a client that sent nothing for `interval` is pinged, and closed if it then
     /// stays silent (no frame at all, pongs included) for `timeout` — a half-open TCP connection
     /// is found within `interval + timeout`. Default: 30 s and 30 s. `Duration::ZERO` as the
-    /// interval disables heartbeats. Pings are control frames, sent ahead of queued data.
+    /// interval disables heartbeats. Pings are control frames, sent ahead of queued data. A new
+    /// connection's first ping is due between half an `interval` and one and a half after its
+    /// upgrade, so clients that connect together are not pinged together.
     pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
         self.config.ping_interval = interval;
         self.config.pong_timeout = timeout;
