@@ -4,13 +4,14 @@
 //! one bounded channel. The [`Dispatcher`] frames the payload once — a WebSocket text frame in
 //! shared [`Bytes`], or a binary frame for a payload that is not UTF-8 (any program may publish
 //! on the instances' Redis channels, and a browser fails a connection on a text frame that is not
-//! UTF-8) — and sends that frame to every shard over each shard's FIFO command channel
-//! (invariant 2, encode once). A payload whose frame is larger than the outbound queue bound
-//! (`outbound_queue_bytes`) could never be queued for anyone and would close every subscriber it
-//! is queued for: it is dropped here, counted (`broker_oversized_drops`) and logged at most once
-//! every [`OVERSIZED_LOG_EVERY`]. Being a single task that awaits each send in turn, it keeps the
-//! broker's order for every shard (invariant 1), and it waits only when a shard's channel is
-//! full: never on a client (invariant 3).
+//! UTF-8) — and sends that frame to each shard holding the topic ([`Routes`]) over that shard's
+//! FIFO command channel (invariant 2, encode once). A payload whose frame is larger than the
+//! outbound queue bound (`outbound_queue_bytes`) could never be queued for anyone and would
+//! close every subscriber it is queued for: it is dropped here, counted
+//! (`broker_oversized_drops`) and logged at most once every [`OVERSIZED_LOG_EVERY`]. Being a
+//! single task that awaits each send in turn, it keeps the broker's order for every shard
+//! (invariant 1), and it waits only when a shard's channel is full: never on a client
+//! (invariant 3).
 //!
 //! # Positions and recovery
 //! The dispatcher also owns the in-process history ([`Streams`]): on a topic with a policy it
@@ -35,6 +36,7 @@ use crate::frame;
 use crate::history::{HistoryPage, Observed, Position, RecoveryLimits, Streams};
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
+use crate::routes::{self, Routes};
 use crate::shard::Command;
 use crate::wire::{self, Frames};
 
@@ -150,10 +152,12 @@ pub(crate) enum Request {
     },
 }
 
-/// Encodes each published payload once and hands the frame to every shard.
+/// Encodes each published payload once and hands the frame to the shards holding its topic.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
     shards: Arc<[mpsc::Sender<Command>]>,
+    /// Which shards hold each topic: a publication goes to those only.
+    routes: Arc<Routes>,
     /// The frame of the previous payload: an identical payload published again (to the same or
     /// another topic) reuses it instead of encoding it again. The payload is compared with the
     /// frame's own copy of it, so no slice of the broker's read buffer is kept: one would keep
@@ -226,6 +230,7 @@ impl Dispatcher {
     ) -> Self {
         Self {
             shards,
+            routes: Arc::new(Routes::everywhere()),
             last: None,
             max_frame,
             metrics,
@@ -248,6 +253,12 @@ impl Dispatcher {
             cold: ahash::AHashMap::new(),
             colds: mpsc::unbounded_channel(),
         }
+    }
+
+    /// Sends each publication only to the shards `routes` names for its topic.
+    pub(crate) fn routed(mut self, routes: Arc<Routes>) -> Self {
+        self.routes = routes;
+        self
     }
 
     /// Keeps history in `streams`, recovers within `recovery`, and frames for `rtk1` while
@@ -371,7 +382,8 @@ impl Dispatcher {
         (frames, position, gap)
     }
 
-    /// Sends one message to every shard, in order. Waits only when a shard's channel is full.
+    /// Sends one message to the shards holding its topic, in order. Waits only when a shard's
+    /// channel is full.
     pub(crate) async fn dispatch(&mut self, msg: Published) {
         self.dispatch_healing(msg, true).await;
     }
@@ -419,7 +431,11 @@ impl Dispatcher {
         if let Some(reply) = msg.reply.take() {
             let _ = reply.send(position);
         }
-        for shard in self.shards.iter() {
+        let routes = self.routes.shards_for(&msg.topic);
+        for (i, shard) in self.shards.iter().enumerate() {
+            if !routes::includes(routes, i) {
+                continue;
+            }
             if gap {
                 // Ahead of this publication: its subscribers missed the ones before it.
                 let topic = msg.topic.clone();
@@ -650,6 +666,7 @@ impl Dispatcher {
         prelude.push(wire::rtk1_subscribed(&topic, &recovery.subscribed));
         prelude.extend(recovery.frames);
         let cmd = Command::Subscribe {
+            expected: Some(self.routes.expect(&topic)),
             topic,
             max_topics,
             done,
@@ -967,6 +984,58 @@ mod tests {
             }
             _ => panic!("unexpected command"),
         }
+    }
+
+    /// A publication goes only to the shards holding its topic; while a subscribe the
+    /// dispatcher sent is on its way, to every shard, so the joining connection misses nothing
+    /// dispatched after it.
+    #[tokio::test]
+    async fn a_publication_goes_to_the_shards_of_its_topic_and_to_a_joining_one() {
+        let (tx0, mut rx0) = mpsc::channel(16);
+        let (tx1, mut rx1) = mpsc::channel(16);
+        let routes = Arc::new(Routes::new(2));
+        let mut d = Dispatcher::new(Arc::from(vec![tx0, tx1])).routed(routes.clone());
+        let publish = |n: u32| Published {
+            topic: Arc::from("t"),
+            payload: Bytes::from(n.to_string()),
+            since: Instant::now(),
+            position: None,
+            reply: None,
+        };
+        d.dispatch(publish(1)).await;
+        assert!(
+            rx0.try_recv().is_err() && rx1.try_recv().is_err(),
+            "nobody holds t"
+        );
+
+        let topic: Arc<str> = Arc::from("t");
+        routes.add(&topic, 1);
+        d.dispatch(publish(2)).await;
+        assert!(rx0.try_recv().is_err(), "shard 0 does not hold t");
+        assert_eq!(next(&mut rx1).unwrap()["deliver"], "2");
+
+        // A connection of shard 0 joins through the dispatcher.
+        let (mut req, _done) = join(0);
+        if let Request::Join { since, .. } = &mut req {
+            *since = None;
+        }
+        d.request(req).await;
+        let subscribe = rx0.try_recv().unwrap();
+        d.dispatch(publish(3)).await;
+        assert_eq!(
+            next(&mut rx0).unwrap()["deliver"],
+            "3",
+            "behind the subscribe"
+        );
+        assert_eq!(next(&mut rx1).unwrap()["deliver"], "3");
+
+        // Shard 0 applies it: its route is set, then the subscribe goes.
+        routes.add(&topic, 0);
+        drop(subscribe);
+        routes.remove(&topic, 1);
+        d.dispatch(publish(4)).await;
+        assert_eq!(next(&mut rx0).unwrap()["deliver"], "4");
+        assert!(rx1.try_recv().is_err(), "shard 1 no longer holds t");
     }
 
     /// The store hands out an offset of the epoch again (a failover to a replica that lacked

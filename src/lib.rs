@@ -31,8 +31,9 @@
 //! - `runtime`: wires shards, dispatcher and broker together; joins and leaves; connection
 //!   accounting; shutdown.
 //! - `broker`: where publishes go and deliveries come from (in-process; Redis with `REDIS_URL`).
-//! - `dispatch`: frames each published message once and hands the frame to every shard, in the
-//!   broker's order.
+//! - `dispatch`: frames each published message once and hands the frame to each shard holding
+//!   the topic, in the broker's order.
+//! - `routes`: which shards hold each topic.
 //! - `shard`: topic maps, each owned by one task, and delivery to local subscribers.
 //! - `outbound`: each connection's byte-bounded queue, the one rule that decides between a
 //!   direct write and a batch, and the writer that drains the queue in as few writes as the
@@ -53,7 +54,7 @@
 //! client ─GET /ws/{topic}─► WsAuth ─► validator ─► upgrade ─► connection (shard = id % N)
 //!   reader: frames ─► JSON ──────► MessageHandler ─┬─ direct reply ─► this connection's queue
 //!                                                  └─ ServerEvent ─► serialize once ─► broker
-//! broker ─► dispatcher: encode ONE frame (Bytes) ─► every shard, in the broker's order
+//! broker ─► dispatcher: encode ONE frame (Bytes) ─► each shard holding the topic, in order
 //! shard: for each local subscriber of the topic
 //!   ├─ quiet connection, gate open or few subscribers ─► one non-blocking write to its socket
 //!   └─ otherwise ─► push the same Bytes (a refcount) onto its queue ─► writer
@@ -155,6 +156,7 @@ mod listener;
 mod metrics;
 mod outbound;
 mod presence;
+mod routes;
 mod runtime;
 mod service;
 mod shard;

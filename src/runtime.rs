@@ -19,6 +19,7 @@ use crate::history::{HistoryPage, PolicyRule, Position, RecoveryLimits, Streams}
 use crate::metrics::Metrics;
 use crate::outbound::Conn;
 use crate::presence::{Identity, Presence};
+use crate::routes::{Routed, Routes};
 use crate::shard::{self, Command};
 use crate::wire::Format;
 
@@ -37,6 +38,8 @@ const PRESENCE_EVENTS: usize = 4096;
 #[derive(Debug)]
 pub(crate) struct Hub {
     shards: Arc<[mpsc::Sender<Command>]>,
+    /// Which shards hold each topic (set by the shards, read by the dispatcher).
+    routes: Arc<Routes>,
     pub(crate) broker: BrokerHandle,
     /// Requests to the dispatcher, the owner of the history.
     requests: mpsc::Sender<Request>,
@@ -99,9 +102,11 @@ impl Hub {
             };
             self.requests.send(req).await.is_ok()
         } else {
+            let topic = Arc::from(topic);
             let cmd = Command::Subscribe {
                 conn: conn.clone(),
-                topic: Arc::from(topic),
+                expected: Some(self.routes.expect(&topic)),
+                topic,
                 max_topics: self.max_topics,
                 done,
                 prelude: Vec::new(),
@@ -254,8 +259,17 @@ impl Runtime {
             ),
         };
         let interest = broker.interest();
-        let shards: Arc<[_]> = (0..config.shards.max(1))
-            .map(|_| shard::spawn_shard(config.shard_channel, interest.clone(), metrics.clone()))
+        let shard_count = config.shards.max(1);
+        let routes = Arc::new(Routes::new(shard_count));
+        let shards: Arc<[_]> = (0..shard_count)
+            .map(|shard| {
+                let interest = Arc::new(Routed {
+                    routes: routes.clone(),
+                    shard,
+                    broker: interest.clone(),
+                });
+                shard::spawn_shard(config.shard_channel, interest, metrics.clone())
+            })
             .collect();
         let rtk1_conns = Arc::new(AtomicUsize::new(0));
         let recovery = RecoveryLimits {
@@ -294,7 +308,8 @@ impl Runtime {
         }
         let mut dispatcher =
             Dispatcher::bounded(shards.clone(), config.outbound_queue_bytes, metrics.clone())
-                .with_positions(streams, recovery, rtk1_conns.clone());
+                .with_positions(streams, recovery, rtk1_conns.clone())
+                .routed(routes.clone());
         if let BrokerHandle::Redis(redis) = &broker {
             let reader = redis.clone();
             let fetch = Fetch(Arc::new(move |topic: Arc<str>, from, to| {
@@ -315,6 +330,7 @@ impl Runtime {
         tokio::spawn(dispatcher.run(pub_rx, req_rx));
         let hub = Arc::new(Hub {
             shards,
+            routes,
             broker,
             requests: req_tx,
             rtk1_conns,

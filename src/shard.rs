@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{
     Conn, Delivered, DirectGate, NO_TOPIC, POSITIONED, Push, TopicKey, WriteTally,
 };
+use crate::routes::Expected;
 use crate::shrink::ShrinkWhenSparse;
 use crate::wire::{self, Format, Frames};
 
@@ -49,7 +50,9 @@ pub(crate) enum Command {
     /// `prelude` is queued to the connection just before it joins (an `rtk1` connection's
     /// `subscribed` message and the publications it recovered), so it precedes every later
     /// delivery of the topic; `positioned` says the topic has history (a dropped prelude
-    /// frame must then be reported, as a dropped delivery would).
+    /// frame must then be reported, as a dropped delivery would). `expected` keeps the topic's
+    /// publications coming to every shard until this one is applied (see
+    /// [`Routes`](crate::routes::Routes)).
     Subscribe {
         conn: Arc<Conn>,
         topic: Arc<str>,
@@ -57,6 +60,7 @@ pub(crate) enum Command {
         done: oneshot::Sender<bool>,
         prelude: Vec<Bytes>,
         positioned: bool,
+        expected: Option<Expected>,
     },
     /// Remove the connection from one topic.
     Unsubscribe { conn_id: Uuid, topic: Arc<str> },
@@ -211,6 +215,7 @@ impl Shard {
                 done,
                 prelude,
                 positioned,
+                expected,
             } => {
                 let allowed = self.conns.get(&conn.id).is_none_or(|(_, joined)| {
                     joined.len() < max_topics || joined.iter().any(|(t, _)| *t == topic)
@@ -218,6 +223,9 @@ impl Shard {
                 if allowed && self.subscribe(conn.clone(), topic.clone()) {
                     self.queue_prelude(&conn, &topic, prelude, positioned);
                 }
+                // Applied: the shard's own route is set (if it kept the subscriber) before this
+                // lets the topic's publications go to its routes only.
+                drop(expected);
                 let _ = done.send(allowed);
             }
             Command::Unsubscribe { conn_id, topic } => {
