@@ -1,4 +1,4 @@
-//! The dispatcher: the one task between the broker and the shards.
+//! The dispatcher: the task between the broker and the shards.
 //!
 //! The broker hands over each message it receives as a [`Published`], in its own order, through
 //! one bounded channel. The [`Dispatcher`] frames the payload once — a WebSocket text frame in
@@ -12,6 +12,11 @@
 //! single task that awaits each send in turn, it keeps the broker's order for every shard
 //! (invariant 1), and it waits only when a shard's channel is full: never on a client
 //! (invariant 3).
+//!
+//! That framing and routing is a [`Fanout`]. A publication of a topic without a policy needs
+//! nothing else, so the Redis subscriber task that receives one delivers it with a `Fanout` of
+//! its own, sparing the dispatcher's wake-up; every publication of such a topic takes that way
+//! ([`Routes::direct`]), so their order is kept the same way.
 //!
 //! # Positions and recovery
 //! The dispatcher also owns the in-process history ([`Streams`]): on a topic with a policy it
@@ -152,9 +157,12 @@ pub(crate) enum Request {
     },
 }
 
-/// Encodes each published payload once and hands the frame to the shards holding its topic.
-#[derive(Debug)]
-pub(crate) struct Dispatcher {
+/// Frames each publication once and hands the frame to the shards holding its topic: all that
+/// delivering a publication of a topic without a policy takes. The dispatcher holds one, and so
+/// does each Redis subscriber task, which delivers such publications itself instead of handing
+/// each to the dispatcher ([`Routes::direct`]): one task wake-up less per publication.
+#[derive(Debug, Clone)]
+pub(crate) struct Fanout {
     shards: Arc<[mpsc::Sender<Command>]>,
     /// Which shards hold each topic: a publication goes to those only.
     routes: Arc<Routes>,
@@ -168,12 +176,140 @@ pub(crate) struct Dispatcher {
     metrics: Arc<Metrics>,
     /// Oversized payloads dropped since the last warning, and when that was.
     oversized: (u64, Option<Instant>),
-    /// The history of positioned topics.
-    streams: Streams,
-    recovery: RecoveryLimits,
     /// Connections speaking `rtk1` now: while there are none, topics without history are
     /// framed verbatim only.
     rtk1_conns: Arc<AtomicUsize>,
+    /// Some topics may have a policy: a publication without a position is counted.
+    policies: bool,
+}
+
+impl Fanout {
+    /// Frames `payload` once (or reuses the frames of an identical previous payload, its
+    /// compressed frame included): a text frame, or a binary one if the payload is not UTF-8.
+    pub(crate) fn frame_for(&mut self, payload: &Bytes) -> PublicationFrames {
+        if let Some(frames) = &self.last {
+            if frame::encoded_payload(frames.plain()) == Some(&payload[..]) {
+                return frames.clone();
+            }
+        }
+        let frame = if std::str::from_utf8(payload).is_ok() {
+            frame::encode_text(payload)
+        } else {
+            frame::encode(frame::OpCode::Binary, payload)
+        };
+        let frames = PublicationFrames::new(frame);
+        self.last = Some(frames.clone());
+        frames
+    }
+
+    /// Whether a payload of `len` bytes fits in an outbound queue; one that does not is counted
+    /// and warned about, at most once per [`OVERSIZED_LOG_EVERY`].
+    fn fits(&mut self, topic: &str, len: usize) -> bool {
+        if frame_len(len) <= self.max_frame {
+            return true;
+        }
+        self.metrics.broker_oversized_drop();
+        self.oversized.0 += 1;
+        let now = Instant::now();
+        if self
+            .oversized
+            .1
+            .is_none_or(|at| now.duration_since(at) >= OVERSIZED_LOG_EVERY)
+        {
+            tracing::warn!(
+                topic = %topic,
+                bytes = len,
+                max = self.max_frame,
+                dropped = self.oversized.0,
+                "broker payloads larger than the outbound queue bound dropped"
+            );
+            self.oversized = (0, Some(now));
+        }
+        false
+    }
+
+    /// Whether a connection speaks `rtk1`: a publication then needs its `rtk1` frame too.
+    fn rtk1_wanted(&self) -> bool {
+        self.rtk1_conns.load(Ordering::Relaxed) > 0
+    }
+
+    /// For a publication of `topic` that may skip the dispatcher, the shards to send it to
+    /// (see [`Routes::direct`]).
+    pub(crate) fn direct(&self, topic: &str) -> Option<u64> {
+        self.routes.direct(topic)
+    }
+
+    /// Frames a publication of a topic without a policy and sends it to `shards` (from
+    /// [`direct`](Self::direct)), in order; returns how long it waited for full shard
+    /// channels.
+    pub(crate) async fn deliver(
+        &mut self,
+        topic: Arc<str>,
+        payload: &Bytes,
+        since: Instant,
+        shards: u64,
+    ) -> Duration {
+        if shards == 0 || !self.fits(&topic, payload.len()) {
+            return Duration::ZERO;
+        }
+        if self.policies {
+            self.metrics.unpositioned_publish();
+        }
+        let frames = Frames {
+            verbatim: self.frame_for(payload),
+            rtk1: self
+                .rtk1_wanted()
+                .then(|| PublicationFrames::new(wire::rtk1_pub(&topic, None, payload))),
+            positioned: false,
+        };
+        self.send(&topic, &frames, since, false, shards).await
+    }
+
+    /// Sends `frames` to each of `shards` (preceded by `Lost` if `gap`); returns how long it
+    /// waited for full channels.
+    async fn send(
+        &self,
+        topic: &Arc<str>,
+        frames: &Frames,
+        since: Instant,
+        gap: bool,
+        shards: u64,
+    ) -> Duration {
+        let mut blocked = Duration::ZERO;
+        for (i, shard) in self.shards.iter().enumerate() {
+            if !routes::includes(shards, i) {
+                continue;
+            }
+            if gap {
+                // Ahead of this publication: its subscribers missed the ones before it.
+                let topic = topic.clone();
+                let _ = shard.send(Command::Lost { topic }).await;
+            }
+            let cmd = Command::Deliver {
+                topic: topic.clone(),
+                frames: frames.clone(),
+                since,
+            };
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = shard.try_send(cmd) {
+                let at = Instant::now();
+                let _ = shard.send(cmd).await;
+                blocked += at.elapsed();
+            }
+        }
+        blocked
+    }
+}
+
+/// Assigns positions and keeps the history of topics with a policy, serves joins and reads of
+/// it, and hands every publication that reaches it to the shards holding its topic.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    /// Framing and sending to the shards.
+    out: Fanout,
+    metrics: Arc<Metrics>,
+    /// The history of positioned topics.
+    streams: Streams,
+    recovery: RecoveryLimits,
     /// Positions come with the publications (Redis assigns them); the history is then a cache
     /// of the recent ones.
     broker_positions: bool,
@@ -229,18 +365,22 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            shards,
-            routes: Arc::new(Routes::everywhere()),
-            last: None,
-            max_frame,
+            out: Fanout {
+                shards,
+                routes: Arc::new(Routes::everywhere()),
+                last: None,
+                max_frame,
+                metrics: metrics.clone(),
+                oversized: (0, None),
+                rtk1_conns: Arc::default(),
+                policies: false,
+            },
             metrics,
-            oversized: (0, None),
             streams: Streams::new(None, 0),
             recovery: RecoveryLimits {
                 count: 300,
                 bytes: max_frame / 2,
             },
-            rtk1_conns: Arc::default(),
             broker_positions: false,
             fetch: None,
             end_epoch: None,
@@ -257,8 +397,14 @@ impl Dispatcher {
 
     /// Sends each publication only to the shards `routes` names for its topic.
     pub(crate) fn routed(mut self, routes: Arc<Routes>) -> Self {
-        self.routes = routes;
+        self.out.routes = routes;
         self
+    }
+
+    /// What delivers a publication of a topic without a policy, for a task that receives
+    /// publications to deliver such ones itself.
+    pub(crate) fn fanout(&self) -> Fanout {
+        self.out.clone()
     }
 
     /// Keeps history in `streams`, recovers within `recovery`, and frames for `rtk1` while
@@ -269,9 +415,10 @@ impl Dispatcher {
         recovery: RecoveryLimits,
         rtk1_conns: Arc<AtomicUsize>,
     ) -> Self {
+        self.out.policies = streams.enabled();
         self.streams = streams;
         self.recovery = recovery;
-        self.rtk1_conns = rtk1_conns;
+        self.out.rtk1_conns = rtk1_conns;
         self
     }
 
@@ -289,43 +436,9 @@ impl Dispatcher {
         self
     }
 
-    /// Frames `payload` once (or reuses the frames of an identical previous payload, its
-    /// compressed frame included): a text frame, or a binary one if the payload is not UTF-8.
+    /// [`Fanout::frame_for`].
     pub(crate) fn frame_for(&mut self, payload: &Bytes) -> PublicationFrames {
-        if let Some(frames) = &self.last {
-            if frame::encoded_payload(frames.plain()) == Some(&payload[..]) {
-                return frames.clone();
-            }
-        }
-        let frame = if std::str::from_utf8(payload).is_ok() {
-            frame::encode_text(payload)
-        } else {
-            frame::encode(frame::OpCode::Binary, payload)
-        };
-        let frames = PublicationFrames::new(frame);
-        self.last = Some(frames.clone());
-        frames
-    }
-
-    /// Counts a dropped oversized payload; warns at most once per [`OVERSIZED_LOG_EVERY`].
-    fn oversized(&mut self, msg: &Published) {
-        self.metrics.broker_oversized_drop();
-        self.oversized.0 += 1;
-        let now = Instant::now();
-        if self
-            .oversized
-            .1
-            .is_none_or(|at| now.duration_since(at) >= OVERSIZED_LOG_EVERY)
-        {
-            tracing::warn!(
-                topic = %msg.topic,
-                bytes = msg.payload.len(),
-                max = self.max_frame,
-                dropped = self.oversized.0,
-                "broker payloads larger than the outbound queue bound dropped"
-            );
-            self.oversized = (0, Some(now));
-        }
+        self.out.frame_for(payload)
     }
 
     /// Frames one publication in every format needed, assigning its position on a topic with
@@ -364,7 +477,7 @@ impl Dispatcher {
             }
             None => None,
         };
-        let rtk1 = (position.is_some() || self.rtk1_conns.load(Ordering::Relaxed) > 0).then(|| {
+        let rtk1 = (position.is_some() || self.out.rtk1_wanted()).then(|| {
             PublicationFrames::new(wire::rtk1_pub(&msg.topic, position.as_ref(), &msg.payload))
         });
         let frames = Frames {
@@ -423,32 +536,17 @@ impl Dispatcher {
                 return;
             }
         }
-        if frame_len(msg.payload.len()) > self.max_frame {
-            self.oversized(&msg);
+        if !self.out.fits(&msg.topic, msg.payload.len()) {
             return;
         }
         let (frames, position, gap) = self.frames_for(&msg);
         if let Some(reply) = msg.reply.take() {
             let _ = reply.send(position);
         }
-        let routes = self.routes.shards_for(&msg.topic);
-        for (i, shard) in self.shards.iter().enumerate() {
-            if !routes::includes(routes, i) {
-                continue;
-            }
-            if gap {
-                // Ahead of this publication: its subscribers missed the ones before it.
-                let topic = msg.topic.clone();
-                let _ = shard.send(Command::Lost { topic }).await;
-            }
-            let _ = shard
-                .send(Command::Deliver {
-                    topic: msg.topic.clone(),
-                    frames: frames.clone(),
-                    since: msg.since,
-                })
-                .await;
-        }
+        let shards = self.out.routes.shards_for(&msg.topic);
+        self.out
+            .send(&msg.topic, &frames, msg.since, gap, shards)
+            .await;
         if !self.ahead.is_empty() {
             self.release_ahead(&msg.topic).await;
         }
@@ -666,7 +764,7 @@ impl Dispatcher {
         prelude.push(wire::rtk1_subscribed(&topic, &recovery.subscribed));
         prelude.extend(recovery.frames);
         let cmd = Command::Subscribe {
-            expected: Some(self.routes.expect(&topic)),
+            expected: Some(self.out.routes.expect(&topic)),
             topic,
             max_topics,
             done,
@@ -674,7 +772,7 @@ impl Dispatcher {
             positioned: recovery.subscribed.recoverable,
             conn: conn.clone(),
         };
-        if let Some(shard) = self.shards.get(conn.shard) {
+        if let Some(shard) = self.out.shards.get(conn.shard) {
             let _ = shard.send(cmd).await;
         }
     }
@@ -993,7 +1091,7 @@ mod tests {
     async fn a_publication_goes_to_the_shards_of_its_topic_and_to_a_joining_one() {
         let (tx0, mut rx0) = mpsc::channel(16);
         let (tx1, mut rx1) = mpsc::channel(16);
-        let routes = Arc::new(Routes::new(2));
+        let routes = Arc::new(Routes::new(2, None));
         let mut d = Dispatcher::new(Arc::from(vec![tx0, tx1])).routed(routes.clone());
         let publish = |n: u32| Published {
             topic: Arc::from("t"),

@@ -1,16 +1,17 @@
-//! Which shards hold subscribers of each topic, so the dispatcher sends a publication only to
-//! those.
+//! Which shards hold subscribers of each topic, so a publication is sent only to those; and
+//! which topics have no policy, so their publications may skip the dispatcher.
 //!
 //! Connections are spread over the shards by id, not by topic, so a topic with one subscriber
 //! (a per-user channel) lives in one shard. Sending its publications to every shard would wake
 //! each shard task for a map lookup that finds nothing: with two shards, half the shard
 //! wake-ups of such a workload do no work. [`Routes`] keeps, per topic, the set of shards that
-//! have it in their map, and the dispatcher sends each publication to that set.
+//! have it in their map, and the task forwarding a publication (the dispatcher, or for a topic
+//! without a policy the Redis subscriber task that received it) sends it to that set.
 //!
 //! # Why no publication is lost to a stale set
 //! A shard sets its bit when a topic gains its first subscriber there and clears it when the
 //! topic loses its last, both while applying the command, before the subscriber is told it
-//! joined: a publication handed to the dispatcher after a join returned sees the bit. A join
+//! joined: a publication received after a join returned sees the bit. A join
 //! the dispatcher itself sends (an `rtk1` subscribe carrying recovered publications) must also
 //! receive every publication dispatched after it, before the shard has applied it: from the
 //! moment a subscribe is sent until its shard applies it, the topic is *expected* ([`Expected`])
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ahash::AHashMap;
 
+use crate::history::PolicyRule;
 use crate::shard::TopicInterest;
 use crate::shrink::ShrinkWhenSparse;
 
@@ -33,29 +35,52 @@ struct Route {
     shards: u64,
     /// Subscribes sent to a shard and not yet applied there.
     expected: u32,
+    /// The topic has no policy (no history, no presence): see [`Routes::direct`].
+    plain: bool,
 }
 
 /// Topic → the shards to send its publications to. Shared by the shards (which set and clear
-/// their bits), the senders of subscribes and the dispatcher (which reads it once per
-/// publication).
-#[derive(Debug)]
+/// their bits), the senders of subscribes and the tasks forwarding publications (which read it
+/// once per publication).
 pub(crate) struct Routes {
     /// `None`: every publication goes to every shard (more shards than bits, or a dispatcher
     /// driven without shards).
     map: Option<Mutex<AHashMap<Arc<str>, Route>>>,
+    /// The application's topic policies, if it has any: asked once per route, when a topic
+    /// gets one.
+    rule: Option<PolicyRule>,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes")
+            .field("map", &self.map)
+            .field("rule", &self.rule.is_some())
+            .finish()
+    }
 }
 
 impl Routes {
     /// Routes for `shards` shards; with more than 64, every publication goes to every shard.
-    pub(crate) fn new(shards: usize) -> Self {
+    /// `rule` tells which topics have a policy ([`direct`](Self::direct)).
+    pub(crate) fn new(shards: usize, rule: Option<PolicyRule>) -> Self {
         Self {
             map: (shards <= 64).then(|| Mutex::new(AHashMap::new())),
+            rule,
         }
     }
 
     /// Routes that send every publication to every shard.
     pub(crate) fn everywhere() -> Self {
-        Self { map: None }
+        Self {
+            map: None,
+            rule: None,
+        }
+    }
+
+    /// Whether `topic` has no policy.
+    fn is_plain(&self, topic: &str) -> bool {
+        self.rule.as_ref().is_none_or(|rule| rule(topic).is_none())
     }
 
     fn lock(map: &Mutex<AHashMap<Arc<str>, Route>>) -> MutexGuard<'_, AHashMap<Arc<str>, Route>> {
@@ -74,6 +99,27 @@ impl Routes {
             Some(route) if route.expected > 0 => ALL,
             Some(route) => route.shards,
         }
+    }
+
+    /// For a publication of a topic without a policy, the shards to send it to (as
+    /// [`shards_for`](Self::shards_for)); `None` for a topic with one, or if every publication
+    /// goes to every shard. Such a publication needs nothing of the dispatcher but its frame and
+    /// these shards, so whoever received it may deliver it: every publication of the topic takes
+    /// the same way, which keeps their order.
+    pub(crate) fn direct(&self, topic: &str) -> Option<u64> {
+        let map = self.map.as_ref()?;
+        if self.rule.is_none() {
+            return Some(self.shards_for(topic));
+        }
+        match Self::lock(map).get(topic) {
+            Some(route) if !route.plain => return None,
+            Some(route) if route.expected > 0 => return Some(ALL),
+            Some(route) => return Some(route.shards),
+            None => {}
+        }
+        // Nobody here subscribes to it: there is nothing to deliver, but a topic with history
+        // keeps its publications in the dispatcher's cache all the same.
+        self.is_plain(topic).then_some(0)
     }
 
     /// Shard `shard` has its first subscriber of `topic`.
@@ -101,8 +147,13 @@ impl Routes {
         let Some(map) = &self.map else {
             return;
         };
+        // The rule is the application's code: not run under the lock.
+        let plain = (!Self::lock(map).contains_key(topic)).then(|| self.is_plain(topic));
         let mut map = Self::lock(map);
-        let route = map.entry(topic.clone()).or_default();
+        let route = map.entry(topic.clone()).or_insert_with(|| Route {
+            plain: plain.unwrap_or_else(|| self.is_plain(topic)),
+            ..Route::default()
+        });
         change(route);
         if route.shards == 0 && route.expected == 0 {
             map.remove(topic);
@@ -170,7 +221,7 @@ mod tests {
 
     #[test]
     fn a_publication_goes_to_the_shards_that_hold_the_topic() {
-        let routes = Routes::new(4);
+        let routes = Routes::new(4, None);
         let t = topic("user:1");
         assert_eq!(routes.shards_for("user:1"), 0, "nobody subscribed");
         routes.add(&t, 2);
@@ -186,7 +237,7 @@ mod tests {
 
     #[test]
     fn an_expected_subscribe_sends_to_every_shard_until_it_is_applied() {
-        let routes = Arc::new(Routes::new(2));
+        let routes = Arc::new(Routes::new(2, None));
         let t = topic("room");
         routes.add(&t, 1);
         let expected = routes.expect(&t);
@@ -201,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_subscribe_dropped_unsent_leaves_nothing_behind() {
-        let routes = Arc::new(Routes::new(2));
+        let routes = Arc::new(Routes::new(2, None));
         drop(routes.expect(&topic("room")));
         assert_eq!(routes.shards_for("room"), 0);
         assert_eq!(routes.len(), 0);
@@ -213,7 +264,7 @@ mod tests {
         use crate::outbound::Conn;
         use crate::shard::{Command, Shard};
 
-        let routes = Arc::new(Routes::new(2));
+        let routes = Arc::new(Routes::new(2, None));
         let broker = Arc::new(Counting::default());
         let interest = Arc::new(Routed {
             routes: routes.clone(),
@@ -256,9 +307,48 @@ mod tests {
         }
     }
 
+    /// A topic without a policy may skip the dispatcher; one with a policy never does, whether
+    /// or not it has subscribers here. The rule is asked once per route, not per publication.
+    #[test]
+    fn only_topics_without_a_policy_are_delivered_directly() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let rule: PolicyRule = Arc::new(move |topic: &str| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let policy = crate::TopicPolicy::history(10, std::time::Duration::from_secs(1));
+            topic.starts_with("pos").then_some(policy)
+        });
+        let routes = Arc::new(Routes::new(2, Some(rule)));
+        assert_eq!(routes.direct("user:1"), Some(0), "plain, nobody here");
+        assert_eq!(
+            routes.direct("pos-a"),
+            None,
+            "history is kept without subscribers"
+        );
+        let (plain, positioned) = (topic("user:1"), topic("pos-a"));
+        routes.add(&plain, 1);
+        routes.add(&positioned, 1);
+        let before = asked.load(Ordering::Relaxed);
+        for _ in 0..10 {
+            assert_eq!(routes.direct("user:1"), Some(0b10));
+            assert_eq!(routes.direct("pos-a"), None);
+        }
+        assert_eq!(asked.load(Ordering::Relaxed), before, "decided when routed");
+        let expected = routes.expect(&plain);
+        assert_eq!(routes.direct("user:1"), Some(ALL));
+        drop(expected);
+        assert_eq!(
+            Routes::new(2, None).direct("pos-a"),
+            Some(0),
+            "no rule, no policy"
+        );
+        assert_eq!(Routes::new(65, None).direct("user:1"), None, "no map");
+    }
+
     #[test]
     fn without_a_map_every_shard_gets_every_publication() {
-        let routes = Routes::new(65);
+        let routes = Routes::new(65, None);
         routes.add(&topic("t"), 64);
         assert_eq!(routes.shards_for("t"), ALL);
         assert_eq!(Routes::everywhere().shards_for("t"), ALL);

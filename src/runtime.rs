@@ -260,7 +260,7 @@ impl Runtime {
         };
         let interest = broker.interest();
         let shard_count = config.shards.max(1);
-        let routes = Arc::new(Routes::new(shard_count));
+        let routes = Arc::new(Routes::new(shard_count, policy.clone()));
         let shards: Arc<[_]> = (0..shard_count)
             .map(|shard| {
                 let interest = Arc::new(Routed {
@@ -316,9 +316,9 @@ impl Runtime {
                 let redis = reader.clone();
                 Box::pin(async move { redis.read_range(&topic, from, to).await })
             }));
-            let redis = redis.clone();
+            let ender = redis.clone();
             let end_epoch = EndEpoch(Arc::new(move |topic: Arc<str>, epoch: String| {
-                let redis = redis.clone();
+                let redis = ender.clone();
                 tokio::spawn(async move {
                     if let Err(e) = redis.end_epoch(&topic, &epoch).await {
                         tracing::warn!(topic = %topic, error = %e, "ending an epoch in Redis failed");
@@ -326,6 +326,9 @@ impl Runtime {
                 });
             }));
             dispatcher = dispatcher.broker_positions(fetch).end_epoch(end_epoch);
+            // No connection exists yet, so no topic is subscribed: every publication of a
+            // topic takes the same way from the first.
+            redis.deliver_with(dispatcher.fanout());
         }
         tokio::spawn(dispatcher.run(pub_rx, req_rx));
         let hub = Arc::new(Hub {

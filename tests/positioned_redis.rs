@@ -14,7 +14,7 @@ use axum_realtime_kit::{Position, TopicPolicy, WebsocketServiceBuilder};
 use serde_json::{Value, json};
 use support::chat::ChatHandler;
 use support::redis_server::{Listen, start_redis, start_redis_with, start_sentinel};
-use support::rtk1::{Received, follow, next_pub, rtk1, subscribed};
+use support::rtk1::{Received, follow, next_pub, rtk1, rtk1_subscribed, subscribed};
 use support::{BOB, Client, Server, serve_chat};
 
 /// An instance on `url` whose topics starting with `pos` keep 5 000 publications for a minute
@@ -582,6 +582,57 @@ async fn clients_dropping_at_random_across_instances_get_every_publication_once_
         ma.insufficient_state_broker_gap + mb.insufficient_state_broker_gap,
         0
     );
+}
+
+/// Publications of a topic without a policy and of one with a policy, interleaved on one
+/// Redis connection, each reach every subscriber once and in order (the first are delivered by
+/// the subscriber task, the second through the history): verbatim clients get the payloads, an
+/// `rtk1` client a position on the positioned topic only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_positioned_publications_interleaved_arrive_once_in_order() {
+    const N: u64 = 2_000;
+    const TOPICS: [&str; 2] = ["pos-mix", "mix"];
+    let Some(redis) = start_redis("plain_and_positioned_publications_interleaved") else {
+        return;
+    };
+    let a = instance(redis.url()).await;
+    let b = instance(redis.url()).await;
+    let mut clients = Vec::new();
+    for topic in TOPICS {
+        let plain = support::connect(a.addr, topic, BOB).await;
+        let (c, _) = rtk1_subscribed(a.addr, topic, None).await;
+        clients.push((topic, plain, c));
+    }
+    let service = b.service.clone();
+    let publisher = tokio::spawn(async move {
+        for n in 1..=N {
+            for topic in TOPICS {
+                let p = service.publish(topic, &json!({ "n": n })).await.unwrap();
+                assert_eq!(p.is_some(), topic == "pos-mix");
+            }
+        }
+    });
+    for (topic, mut plain, mut c) in clients {
+        for n in 1..=N {
+            verbatim(&mut plain, n).await;
+            let m = c.recv_json().await;
+            assert_eq!(
+                (
+                    m["type"].as_str(),
+                    m["topic"].as_str(),
+                    m["d"]["n"].as_u64()
+                ),
+                (Some("pub"), Some(topic), Some(n)),
+                "{m}"
+            );
+            assert_eq!(m.get("o").is_some(), topic == "pos-mix", "{m}");
+        }
+    }
+    tokio::time::timeout(support::WAIT, publisher)
+        .await
+        .expect("publisher ends")
+        .unwrap();
+    assert_eq!(a.service.metrics().unpositioned_publishes, N);
 }
 
 /// Subscribes to `topic` on `addr` recovering from `since`, which must be refused: returns the

@@ -13,8 +13,10 @@
 //! # Subscribing
 //! One subscriber connection per instance, driven by our own small RESP2 reader so that
 //! - it reads continuously into one buffer (Redis never drops it for a full output buffer while
-//!   the dispatcher keeps up), and hands payloads on as `Bytes` slices of that buffer;
+//!   the dispatcher and shards keep up), and hands payloads on as `Bytes` slices of that buffer;
 //! - its hand-off to the dispatcher is a bounded channel (redis-rs's pub/sub stream is unbounded);
+//!   a publication of a topic without a policy skips the dispatcher: this task frames it and
+//!   sends it to the shards' bounded channels itself ([`Fanout`]);
 //! - subscriptions are reference-counted per instance (invariant 5, docs/architecture.md): a
 //!   topic is SUBSCRIBEd when its first shard gains a subscriber and UNSUBSCRIBEd when its last
 //!   shard loses one, changes coalesced into batched commands of at most [`BATCH`] channels;
@@ -23,9 +25,9 @@
 //! - a probe published on an instance-private channel every [`PROBE_INTERVAL`] must come back
 //!   within [`PROBE_TIMEOUT`], or the connection is rebuilt: this catches a connection that is
 //!   open but no longer delivering. Time the subscriber spends blocked handing messages to a
-//!   dispatcher that is behind does not count: it reads nothing then, so it could not see the
-//!   probe's answer. The broker counts as live (readiness) only while probes come
-//!   back, which proves the whole path: publisher → Redis → subscriber.
+//!   dispatcher or shard that is behind does not count: it reads nothing then, so it could not
+//!   see the probe's answer. The broker counts as live (readiness) only while probes come back,
+//!   which proves the whole path: publisher → Redis → subscriber.
 //!
 //! A publish that fails fails alone as long as the publishing connection stays: Redis's error
 //! reply, or a timeout on a connection that kept answering, leaves the others unaffected. Only a
@@ -59,7 +61,7 @@ use super::resp::{self, Value};
 use super::sentinel;
 use super::stream::Stream;
 use super::{PublishError, RedisSettings};
-use crate::dispatch::Published;
+use crate::dispatch::{Fanout, Published};
 use crate::history::{PolicyRule, Position, new_epoch};
 use crate::metrics::Metrics;
 use crate::presence::{Identity, PresencePage, PresenceStats};
@@ -228,6 +230,8 @@ pub(crate) struct Shared {
     /// Where the subscriber hands presence events (`join`/`leave` of a topic), once presence
     /// is wired ([`RedisBroker::on_presence`]).
     presence_events: std::sync::OnceLock<mpsc::Sender<(Arc<str>, Bytes)>>,
+    /// Delivers publications of topics without a policy straight to the shards.
+    fanout: std::sync::OnceLock<Fanout>,
     /// This instance's id in presence keys.
     instance: String,
     layout: Layout,
@@ -482,6 +486,7 @@ impl RedisBroker {
             prefix,
             stopped: AtomicBool::new(false),
             presence_events: std::sync::OnceLock::new(),
+            fanout: std::sync::OnceLock::new(),
             instance: format!("{instance:016x}"),
             layout,
         });
@@ -834,6 +839,12 @@ impl RedisBroker {
         let _ = self.shared.presence_events.set(events);
     }
 
+    /// The subscriber tasks deliver publications of topics without a policy with `fanout`
+    /// themselves; the others still go to the dispatcher. Set before any topic is subscribed.
+    pub(crate) fn deliver_with(&self, fanout: Fanout) {
+        let _ = self.shared.fanout.set(fanout);
+    }
+
     /// Runs the presence script on `topic`: `op` and its arguments.
     async fn presence_call(
         &self,
@@ -1042,6 +1053,8 @@ struct Subscriber {
     /// Topics whose slot turned out to live elsewhere, handed on together once the values read
     /// so far are handled (a slot that moves ends all of its subscriptions at once).
     moved: Vec<Arc<str>>,
+    /// This task's copy of [`Shared::fanout`], once set.
+    fanout: Option<Fanout>,
     metrics: Arc<Metrics>,
 }
 
@@ -1065,6 +1078,7 @@ impl Subscriber {
             pending_acks: AHashMap::new(),
             pending_unsubs: AHashMap::new(),
             moved: Vec::new(),
+            fanout: None,
             metrics,
         }
     }
@@ -1458,6 +1472,21 @@ impl Subscriber {
                     return Ok(());
                 }
                 let (position, payload) = positioned::parse(payload);
+                if self.fanout.is_none() {
+                    self.fanout = self.shared.fanout.get().cloned();
+                }
+                if let Some(fanout) = &mut self.fanout {
+                    if let Some(shards) = fanout.direct(&topic) {
+                        // A topic without a policy: the dispatcher would only frame it. Time
+                        // spent waiting for a full shard channel is not the probe's.
+                        let since = std::time::Instant::now();
+                        let blocked = fanout.deliver(topic, &payload, since, shards).await;
+                        if !blocked.is_zero() {
+                            probe.stalled(blocked);
+                        }
+                        return Ok(());
+                    }
+                }
                 let msg = Published {
                     topic,
                     payload,
@@ -1753,6 +1782,7 @@ mod tests {
             prefix: String::new(),
             stopped: AtomicBool::new(false),
             presence_events: std::sync::OnceLock::new(),
+            fanout: std::sync::OnceLock::new(),
             instance: "1".into(),
             layout: Layout::Single(node.clone()),
         });
@@ -2046,6 +2076,7 @@ mod cluster_tests {
             prefix: "app:".into(),
             stopped: AtomicBool::new(false),
             presence_events: std::sync::OnceLock::new(),
+            fanout: std::sync::OnceLock::new(),
             instance: "1".into(),
             layout: Layout::Cluster(Cluster::new(&spec, template).unwrap()),
         });
