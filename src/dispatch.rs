@@ -249,11 +249,15 @@ impl Fanout {
         since: Instant,
         shards: u64,
     ) -> Duration {
-        if shards == 0 || !self.fits(&topic, payload.len()) {
+        // Counted as the dispatcher counts them, whether or not a subscriber is here.
+        if !self.fits(&topic, payload.len()) {
             return Duration::ZERO;
         }
         if self.policies {
             self.metrics.unpositioned_publish();
+        }
+        if shards == 0 {
+            return Duration::ZERO;
         }
         let frames = Frames {
             verbatim: self.frame_for(payload),
