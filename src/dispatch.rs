@@ -259,14 +259,20 @@ impl Fanout {
         if shards == 0 {
             return Duration::ZERO;
         }
-        let frames = Frames {
-            verbatim: self.frame_for(payload),
-            rtk1: self
-                .rtk1_wanted()
-                .then(|| PublicationFrames::new(wire::rtk1_pub(&topic, None, payload))),
-            positioned: false,
-        };
+        let frames = self.frames(&topic, None, payload);
         self.send(&topic, &frames, since, false, shards).await
+    }
+
+    /// A publication at `position` (if it has one) framed in every format needed: verbatim,
+    /// and `rtk1` if it has a position or a connection speaks `rtk1`.
+    fn frames(&mut self, topic: &str, position: Option<&Position>, payload: &Bytes) -> Frames {
+        let rtk1 = (position.is_some() || self.rtk1_wanted())
+            .then(|| PublicationFrames::new(wire::rtk1_pub(topic, position, payload)));
+        Frames {
+            verbatim: self.frame_for(payload),
+            rtk1,
+            positioned: position.is_some(),
+        }
     }
 
     /// Sends `frames` to each of `shards` (preceded by `Lost` if `gap`); returns how long it
@@ -449,7 +455,6 @@ impl Dispatcher {
     /// history (and keeping it there).
     fn frames_for(&mut self, msg: &Published) -> (Frames, Option<Position>, bool) {
         let mut gap = false;
-        let verbatim = self.frame_for(&msg.payload);
         // Only a topic with history needs the time: a plain publication reads no clock here.
         let mut clock = None;
         let mut now = || *clock.get_or_insert_with(Instant::now);
@@ -481,14 +486,7 @@ impl Dispatcher {
             }
             None => None,
         };
-        let rtk1 = (position.is_some() || self.out.rtk1_wanted()).then(|| {
-            PublicationFrames::new(wire::rtk1_pub(&msg.topic, position.as_ref(), &msg.payload))
-        });
-        let frames = Frames {
-            verbatim,
-            rtk1,
-            positioned: position.is_some(),
-        };
+        let frames = self.out.frames(&msg.topic, position.as_ref(), &msg.payload);
         match &position {
             Some(p) => self
                 .streams

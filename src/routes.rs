@@ -39,6 +39,13 @@ struct Route {
     plain: bool,
 }
 
+impl Route {
+    /// The shards its publications go to: every one while a subscribe is on its way.
+    fn shards(&self) -> u64 {
+        if self.expected > 0 { ALL } else { self.shards }
+    }
+}
+
 /// Topic → the shards to send its publications to. Shared by the shards (which set and clear
 /// their bits), the senders of subscribes and the tasks forwarding publications (which read it
 /// once per publication).
@@ -94,11 +101,7 @@ impl Routes {
         let Some(map) = &self.map else {
             return ALL;
         };
-        match Self::lock(map).get(topic) {
-            None => 0,
-            Some(route) if route.expected > 0 => ALL,
-            Some(route) => route.shards,
-        }
+        Self::lock(map).get(topic).map_or(0, Route::shards)
     }
 
     /// For a publication of a topic without a policy, the shards to send it to (as
@@ -111,11 +114,8 @@ impl Routes {
         if self.rule.is_none() {
             return Some(self.shards_for(topic));
         }
-        match Self::lock(map).get(topic) {
-            Some(route) if !route.plain => return None,
-            Some(route) if route.expected > 0 => return Some(ALL),
-            Some(route) => return Some(route.shards),
-            None => {}
+        if let Some(route) = Self::lock(map).get(topic) {
+            return route.plain.then(|| route.shards());
         }
         // Nobody here subscribes to it: there is nothing to deliver, but a topic with history
         // keeps its publications in the dispatcher's cache all the same.
@@ -147,17 +147,23 @@ impl Routes {
         let Some(map) = &self.map else {
             return;
         };
-        // The rule is the application's code: not run under the lock.
-        let plain = (!Self::lock(map).contains_key(topic)).then(|| self.is_plain(topic));
-        let mut map = Self::lock(map);
-        let route = map.entry(topic.clone()).or_insert_with(|| Route {
-            plain: plain.unwrap_or_else(|| self.is_plain(topic)),
+        let mut routes = Self::lock(map);
+        // Read only if the topic has no route yet.
+        let mut plain = true;
+        if !routes.contains_key(topic) {
+            // The rule is the application's code: it runs outside the lock.
+            drop(routes);
+            plain = self.is_plain(topic);
+            routes = Self::lock(map);
+        }
+        let route = routes.entry(topic.clone()).or_insert(Route {
+            plain,
             ..Route::default()
         });
         change(route);
         if route.shards == 0 && route.expected == 0 {
-            map.remove(topic);
-            map.shrink_when_sparse();
+            routes.remove(topic);
+            routes.shrink_when_sparse();
         }
     }
 
