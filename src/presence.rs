@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::broker::BrokerHandle;
 use crate::frame;
 use crate::history::PolicyRule;
+use crate::routes::{self, Routes};
 use crate::shard::Command;
 
 /// Who a connection is, for presence: the user's id and the application's info about them
@@ -194,6 +195,8 @@ impl Local {
 pub(crate) struct Presence {
     rule: Option<PolicyRule>,
     shards: Arc<[mpsc::Sender<Command>]>,
+    /// Which shards hold each topic: an event goes only to those.
+    routes: Arc<Routes>,
     broker: BrokerHandle,
     /// Guarded by a std mutex: held for map updates only, never across an await.
     local: Mutex<Local>,
@@ -224,12 +227,14 @@ impl Presence {
     pub(crate) fn new(
         rule: Option<PolicyRule>,
         shards: Arc<[mpsc::Sender<Command>]>,
+        routes: Arc<Routes>,
         broker: BrokerHandle,
         grace: Duration,
     ) -> Self {
         Self {
             rule,
             shards,
+            routes,
             broker,
             local: Mutex::default(),
             grace,
@@ -340,9 +345,13 @@ impl Presence {
         self.deliver(topic.clone(), frame).await;
     }
 
-    /// Hands a `join`/`leave` frame to every shard.
+    /// Hands a `join`/`leave` frame to the shards that hold subscribers of `topic`.
     pub(crate) async fn deliver(&self, topic: Arc<str>, frame: Bytes) {
-        for shard in self.shards.iter() {
+        let to = self.routes.shards_for(&topic);
+        for (i, shard) in self.shards.iter().enumerate() {
+            if !routes::includes(to, i) {
+                continue;
+            }
             let cmd = Command::Presence {
                 topic: topic.clone(),
                 frame: frame.clone(),
@@ -551,6 +560,54 @@ mod tests {
         assert_eq!(local.remove("t", c1), None);
         assert!(matches!(local.remove("t", c2), Some(Change::Last(..))));
         assert!(local.topics.is_empty() && local.by_conn.is_empty());
+    }
+
+    #[tokio::test]
+    async fn events_go_only_to_the_shards_that_hold_the_topic() {
+        let (txs, mut rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| mpsc::channel(8)).unzip();
+        let (published, _keep) = mpsc::channel(1);
+        let routes = Arc::new(Routes::new(3, None));
+        let presence = Presence::new(
+            None,
+            txs.into(),
+            routes.clone(),
+            BrokerHandle::Local(crate::broker::local::LocalBroker::new(published, false)),
+            Duration::ZERO,
+        );
+        let topic: Arc<str> = Arc::from("room");
+        let received = |rxs: &mut Vec<mpsc::Receiver<Command>>| -> Vec<usize> {
+            let mut got = Vec::new();
+            for (i, rx) in rxs.iter_mut().enumerate() {
+                while let Ok(cmd) = rx.try_recv() {
+                    assert!(matches!(cmd, Command::Presence { .. }));
+                    got.push(i);
+                }
+            }
+            got
+        };
+
+        presence
+            .deliver(topic.clone(), Bytes::from_static(b"x"))
+            .await;
+        assert_eq!(received(&mut rxs), Vec::<usize>::new(), "no shard holds it");
+
+        routes.add(&topic, 1);
+        presence
+            .deliver(topic.clone(), Bytes::from_static(b"x"))
+            .await;
+        assert_eq!(received(&mut rxs), vec![1]);
+
+        // While a subscribe is on its way, every shard gets the event.
+        let expected = routes.expect(&topic);
+        presence
+            .deliver(topic.clone(), Bytes::from_static(b"x"))
+            .await;
+        assert_eq!(received(&mut rxs), vec![0, 1, 2]);
+        drop(expected);
+        presence
+            .deliver(topic.clone(), Bytes::from_static(b"x"))
+            .await;
+        assert_eq!(received(&mut rxs), vec![1]);
     }
 
     #[test]

@@ -279,6 +279,7 @@ impl Runtime {
         let presence = Arc::new(Presence::new(
             policy.clone(),
             shards.clone(),
+            routes.clone(),
             broker.clone(),
             config.presence_grace,
         ));
