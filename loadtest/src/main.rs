@@ -371,7 +371,57 @@ struct CompareRun {
     result: Result<RunResult, String>,
 }
 
+/// Refuses a run that would need more open files than this process may hold, before anything
+/// starts: the client holds every subscriber and every publishing connection, and a server
+/// (which inherits the limit) as many. A run that found out halfway would report the systems
+/// it reached and fail the others on refused connections.
+fn check_open_files(args: &CompareArgs) -> Result<(), String> {
+    let Some(fanout) = args.scenario.fanout() else {
+        return Ok(());
+    };
+    let limit = system::raise_open_files_limit();
+    let instances = match &args.scenario {
+        CompareScenario::SharedRedis(_) => 2,
+        _ => 1,
+    };
+    let too_many: Vec<String> = args
+        .systems
+        .iter()
+        .filter_map(|&sys| {
+            let needed = open_files_needed(&fanout, sys, instances);
+            (needed > limit).then(|| format!("{} needs about {needed}", sys.name()))
+        })
+        .collect();
+    if too_many.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "not enough open files: {} with {} subscribers and {} topics, and this process may \
+         hold {limit} (the hard limit of `ulimit -n`). Lower --subscribers or --topics, raise \
+         the limit, or leave those systems out.",
+        too_many.join(", "),
+        fanout.subscribers,
+        fanout.topics.max(1),
+    ))
+}
+
+/// Descriptors the client holds in a fan-out run of `sys`: its subscribers (on every instance),
+/// one publishing connection per topic where messages enter through a server (the Socket.IO
+/// servers, whose adapters carry their own encoding, or `--via ws`), and some to spare for
+/// Redis and the runtime.
+fn open_files_needed(fanout: &FanoutArgs, sys: System, instances: usize) -> u64 {
+    let through_server =
+        sys.proto() == client::Proto::SocketIo || matches!(fanout.via, scenario::Via::Ws);
+    let publishers = if through_server {
+        fanout.topics.max(1)
+    } else {
+        1
+    };
+    (fanout.subscribers * instances + publishers + 64) as u64
+}
+
 async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
+    check_open_files(args)?;
     let root = workspace_root();
     if !args.no_build {
         system::build_all(&root, &args.systems).map_err(|e| e.to_string())?;
@@ -1202,6 +1252,18 @@ mod report {
             assert!(ours.starts_with("| ours | 2000 | 1.00 |"), "{ours}");
             assert!(ours.contains("passed every step"), "{ours}");
             assert!(report.contains("| 2000 | 2000 | ours | 2000 |"), "{report}");
+        }
+
+        #[test]
+        fn a_run_counts_the_publishing_connections_a_socketio_server_needs() {
+            let args = compare_args(&["notifications", "--topics", "10000"]);
+            let f = args.scenario.fanout().unwrap();
+            // Ours is published to through Redis; Socket.IO through one connection per topic.
+            assert_eq!(crate::open_files_needed(&f, System::Ours, 1), 10_065);
+            assert_eq!(crate::open_files_needed(&f, System::SocketIo, 1), 20_064);
+            let args = compare_args(&["shared-redis", "--subscribers", "1000"]);
+            let f = args.scenario.fanout().unwrap();
+            assert_eq!(crate::open_files_needed(&f, System::Ours, 2), 2_065);
         }
 
         #[test]

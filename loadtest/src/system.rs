@@ -400,6 +400,32 @@ pub(crate) fn start_system(
     Ok(proc)
 }
 
+/// Raises this process's soft limit of open files to its hard limit (servers started later
+/// inherit it) and returns the limit in force.
+pub(crate) fn raise_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only read or write the local `rlimit` given.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return u64::MAX;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 /// CPU seconds (user + system) a process has used, all its threads, those that ended included:
 /// read from the process's CPU-time clock in nanoseconds, or (where the clock cannot be read) in
 /// `/proc/<pid>/stat`'s 10 ms ticks, too coarse for a step of a few seconds at a few thousand
