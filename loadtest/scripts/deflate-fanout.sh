@@ -8,6 +8,7 @@
 #   loadtest/scripts/deflate-fanout.sh 3 "1000 10000" 100000 1024 5
 #
 # The publish rate is DELIVERIES_PER_S / subscribers, so every run delivers as many messages.
+# CLIENT_THREADS sets the load client's worker threads (1 by default); it inflates every message.
 #
 # Loopback only; everything it starts it stops.
 set -euo pipefail
@@ -33,7 +34,7 @@ for subs in $counts; do
             flag=()
             [ "$mode" = deflate ] && flag=(--deflate)
             echo "== $subs subscribers, $mode, rep $rep/$reps"
-            ./target/release/loadtest fanout --addr "127.0.0.1:$port" --redis "127.0.0.1:$rport" \
+            ./target/release/loadtest --client-threads "${CLIENT_THREADS:-1}" fanout --addr "127.0.0.1:$port" --redis "127.0.0.1:$rport" \
                 --server-pid "$spid" --subscribers "$subs" --payload "$payload" --json-payload \
                 --rates "$rate" --step-secs "$secs" --no-stop "${flag[@]}" 2>&1 | grep -E '^\|' | tail -1 || true
             # Let the server close the previous run's connections.

@@ -14,8 +14,7 @@
 //! and the moment it again has every offset up to the one that was live when the reconnection
 //! began. It reports the time until every client got there (p50, p99, max), the delivered
 //! fraction once publishing has stopped, the server's recovery counters (`/metrics`) and the
-//! history reads the server made from Redis (`INFO commandstats`: the read script runs as
-//! `EVAL`, publications as `EVALSHA`).
+//! history reads the server made from Redis (its `rtk_broker_history_reads_total`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -303,7 +302,8 @@ pub(crate) struct RecoveryRep {
     pub(crate) gaps_healed: f64,
     /// Ranges of history the instance the clients reconnect to read from Redis over the
     /// reconnection (its `rtk_broker_history_reads_total`; the `EVAL` calls Redis counts include
-    /// presence joins and leaves), and publications (`EVALSHA` of the position script).
+    /// presence joins and leaves), and publications given a position over the same time (the
+    /// live offset's advance: `EVALSHA` counts the presence scripts too).
     pub(crate) store_reads: u64,
     pub(crate) store_publishes: u64,
     /// Server CPU seconds from the reconnection's start to the end of the drain.
@@ -561,59 +561,6 @@ async fn run_witness(
     Some(())
 }
 
-/// `INFO commandstats`: calls per command.
-async fn redis_calls(redis: SocketAddr) -> std::collections::HashMap<String, u64> {
-    let mut out = std::collections::HashMap::new();
-    let Ok(mut s) = TcpStream::connect(redis).await else {
-        return out;
-    };
-    let req = b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n";
-    if tokio::io::AsyncWriteExt::write_all(&mut s, req)
-        .await
-        .is_err()
-    {
-        return out;
-    }
-    let mut buf = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 8192];
-        loop {
-            let n = s.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            // `$<len>\r\n<body>\r\n`.
-            let text = std::str::from_utf8(&buf).ok()?;
-            let (len, body) = text.strip_prefix('$')?.split_once("\r\n")?;
-            let len: usize = len.parse().ok()?;
-            if body.len() >= len {
-                return Some(body[..len].to_string());
-            }
-        }
-    };
-    let Ok(Some(body)) = tokio::time::timeout(Duration::from_secs(5), read).await else {
-        return out;
-    };
-    for line in body.lines() {
-        // cmdstat_eval:calls=12,usec=…
-        let Some((name, stats)) = line
-            .strip_prefix("cmdstat_")
-            .and_then(|l| l.split_once(':'))
-        else {
-            continue;
-        };
-        let calls = stats
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("calls="))
-            .and_then(|c| c.parse().ok());
-        if let Some(calls) = calls {
-            out.insert(name.to_string(), calls);
-        }
-    }
-    out
-}
-
 /// Percentile `q` of sorted `v` (nearest rank), in milliseconds.
 fn pct(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
@@ -633,11 +580,7 @@ struct Instances {
 }
 
 /// One repetition against a fresh server.
-async fn rep(
-    args: &RecoveryArgs,
-    instances: Instances,
-    redis: SocketAddr,
-) -> Result<RecoveryRep, String> {
+async fn rep(args: &RecoveryArgs, instances: Instances) -> Result<RecoveryRep, String> {
     let (addr, pid) = (instances.first, instances.again_pid);
     let token = token_for(0, 1);
     let (tx, rx) = watch::channel(Phase::Connected);
@@ -696,7 +639,6 @@ async fn rep(
     let _ = tx.send(Phase::Drop);
     tokio::time::sleep(Duration::from_millis(args.outage_ms)).await;
 
-    let calls0 = redis_calls(redis).await;
     let metrics0 = crate::soak::scrape(instances.again)
         .await
         .unwrap_or_default();
@@ -749,7 +691,6 @@ async fn rep(
     let harness_cpu_s = system::cpu_seconds(std::process::id())
         .zip(harness0)
         .map(|(b, a)| b - a);
-    let calls1 = redis_calls(redis).await;
     let metrics1 = crate::soak::scrape(instances.again)
         .await
         .unwrap_or_default();
@@ -789,10 +730,6 @@ async fn rep(
         |m0: &std::collections::HashMap<String, f64>,
          m1: &std::collections::HashMap<String, f64>,
          k: &str| { m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0) };
-    let calls = |k: &str| {
-        let count = |m: &std::collections::HashMap<String, u64>| m.get(k).copied().unwrap_or(0);
-        count(&calls1).saturating_sub(count(&calls0))
-    };
     Ok(RecoveryRep {
         clients: args.clients,
         connect_failures: outs.iter().filter(|o| !o.connected).count(),
@@ -836,7 +773,7 @@ async fn rep(
         recovered_publications: delta(&metrics0, &metrics1, "rtk_recovered_publications_total"),
         gaps_healed: delta(&metrics0, &metrics1, "rtk_broker_gaps_healed_total"),
         store_reads: delta(&metrics0, &metrics1, "rtk_broker_history_reads_total").max(0.0) as u64,
-        store_publishes: calls("evalsha"),
+        store_publishes: final_offset.saturating_sub(target),
         server_cpu_s,
         harness_cpu_s,
     })
@@ -874,7 +811,7 @@ pub(crate) async fn recovery(root: &Path, args: &RecoveryArgs) -> Result<Recover
             again: again.addr,
             again_pid: again.pid(),
         };
-        let res = rep(args, instances, redis.addr).await;
+        let res = rep(args, instances).await;
         server.stop();
         if let Some(o) = other.as_mut() {
             o.stop();
