@@ -286,10 +286,7 @@ impl Fanout {
         shards: u64,
     ) -> Duration {
         let mut blocked = Duration::ZERO;
-        for (i, shard) in self.shards.iter().enumerate() {
-            if !routes::includes(shards, i) {
-                continue;
-            }
+        for shard in routes::selected(&self.shards, shards) {
             if gap {
                 // Ahead of this publication: its subscribers missed the ones before it.
                 let topic = topic.clone();

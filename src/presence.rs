@@ -347,11 +347,7 @@ impl Presence {
 
     /// Hands a `join`/`leave` frame to the shards that hold subscribers of `topic`.
     pub(crate) async fn deliver(&self, topic: Arc<str>, frame: Bytes) {
-        let to = self.routes.shards_for(&topic);
-        for (i, shard) in self.shards.iter().enumerate() {
-            if !routes::includes(to, i) {
-                continue;
-            }
+        for shard in routes::selected(&self.shards, self.routes.shards_for(&topic)) {
             let cmd = Command::Presence {
                 topic: topic.clone(),
                 frame: frame.clone(),

@@ -174,9 +174,14 @@ impl Routes {
     }
 }
 
-/// Whether the bits `shards` (from [`Routes::shards_for`]) include shard `shard`.
-pub(crate) fn includes(shards: u64, shard: usize) -> bool {
-    shards == ALL || shards & bit(shard) != 0
+/// The shards (their senders, in shard order) that the bits `to` (from
+/// [`Routes::shards_for`]) name.
+pub(crate) fn selected<T>(shards: &[T], to: u64) -> impl Iterator<Item = &T> {
+    shards
+        .iter()
+        .enumerate()
+        .filter(move |&(i, _)| to == ALL || to & bit(i) != 0)
+        .map(|(_, shard)| shard)
 }
 
 fn bit(shard: usize) -> u64 {
