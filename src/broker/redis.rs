@@ -1183,6 +1183,15 @@ impl Subscriber {
         let (probe_tx, mut probe_failed) = mpsc::channel::<()>(4);
         let mut tick = tokio::time::interval(PROBE_RETRY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The rare wake-ups stay armed from one read to the next. A `Notified` joins its
+        // `Notify`'s list of waiters when first polled and leaves it when dropped, each under
+        // the `Notify`'s lock: armed anew for every read, the four of them cost more than the
+        // read of a small publication.
+        let (node, dispatch) = (self.node.clone(), self.dispatch.clone());
+        let mut wake = std::pin::pin!(node.wake.notified());
+        let mut reconnect = std::pin::pin!(node.reconnect.notified());
+        let mut stop = std::pin::pin!(node.stop.notified());
+        let mut closed = std::pin::pin!(dispatch.closed());
         loop {
             // Everything complete in the buffer first.
             loop {
@@ -1217,7 +1226,8 @@ impl Subscriber {
                     Ok(_) => {}
                     Err(e) => return Lost::Io(e),
                 },
-                _ = self.node.wake.notified() => {
+                _ = &mut wake => {
+                    wake.set(node.wake.notified());
                     let mut out = Vec::new();
                     self.reconcile(&mut out);
                     if !out.is_empty() {
@@ -1255,9 +1265,9 @@ impl Subscriber {
                         self.send_probe(probe_tx.clone());
                     }
                 }
-                _ = self.node.reconnect.notified() => return Lost::Failover,
-                _ = self.dispatch.closed() => return Lost::Shutdown,
-                _ = self.node.stop.notified() => return Lost::Shutdown,
+                _ = &mut reconnect => return Lost::Failover,
+                _ = &mut closed => return Lost::Shutdown,
+                _ = &mut stop => return Lost::Shutdown,
             }
         }
     }
