@@ -165,6 +165,15 @@ impl CompareScenario {
         }
     }
 
+    /// The numbers of instances carrying the subscribers, one arrangement each, run in this
+    /// order within every rep: one, then two sharing one Redis for `shared-redis`.
+    fn arrangements(&self) -> &'static [usize] {
+        match self {
+            Self::SharedRedis(_) => &[1, 2],
+            _ => &[1],
+        }
+    }
+
     fn title(&self) -> &'static str {
         match self {
             Self::Fanout(_) => "Fan-out",
@@ -380,10 +389,13 @@ fn check_open_files(args: &CompareArgs) -> Result<(), String> {
         return Ok(());
     };
     let limit = system::raise_open_files_limit();
-    let instances = match &args.scenario {
-        CompareScenario::SharedRedis(_) => 2,
-        _ => 1,
-    };
+    let instances = args
+        .scenario
+        .arrangements()
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1);
     let too_many: Vec<String> = args
         .systems
         .iter()
@@ -451,10 +463,7 @@ async fn compare(args: &CompareArgs) -> Result<(String, String), String> {
     };
     let redis_url = format!("redis://{}/", redis.addr);
     let mut runs = Vec::new();
-    let arrangements: &[usize] = match &args.scenario {
-        CompareScenario::SharedRedis(_) => &[1, 2],
-        _ => &[1],
-    };
+    let arrangements = args.scenario.arrangements();
     for rep in 0..args.reps.max(1) {
         for (&sys, &instances) in args
             .systems
