@@ -17,7 +17,9 @@
 //! sparsely touched; the first load fills every page that holds a long-lived block (the router,
 //! the broker's channels, the metrics registry), and the allocator cannot return the free part
 //! of a page that still holds one. That happens once, not per load, so the report shows idle RSS
-//! before the first client too, but the check is against the start after one round.
+//! before the first client too, but the check is against the start after one round. The round
+//! also sends each room as many chat messages as its history keeps, so the history is as full at
+//! the start as it is at the end.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -285,8 +287,43 @@ fn spawn_churners(
         .collect()
 }
 
+/// Chat messages each room of `basic_chat` keeps for recovery (its topic policy for `general` and
+/// `random`).
+const ROOM_HISTORY: usize = 1_000;
+
+/// Sends `n` chat messages to `room`, shaped as the churners' are, on one connection that reads
+/// whatever it is sent, then closes it with a handshake: the server has handled every message
+/// once its close comes back.
+async fn fill_history(addr: SocketAddr, room: &str, n: usize) -> Result<(), String> {
+    let path = format!("/ws/{room}?token={}", token_for(0, 1));
+    let Ok((101, Some((stream, _)))) = client::handshake(addr, &path).await else {
+        return Err(format!(
+            "the warm-up round could not join {room} to fill its history"
+        ));
+    };
+    let (mut read, mut write) = stream.into_split();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let msg = format!(r#"{{"SendMessage":{{"room":"{room}","text":"churn"}}}}"#);
+    let frame = client::client_text_frame(msg.as_bytes());
+    for _ in 0..n {
+        write
+            .write_all(&frame)
+            .await
+            .map_err(|e| format!("filling the history of {room}: {e}"))?;
+    }
+    let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
+    let _ = write.write_all(&close).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+    Ok(())
+}
+
 /// The warm-up round: as many subscribers as stayers, the churning clients and the publishes,
-/// for [`SoakArgs::warm_round_length`]; then every client leaves.
+/// for [`SoakArgs::warm_round_length`]; then every client leaves. It also fills each room's
+/// history: the churners' chat messages fill it over a long run and the server keeps it, within
+/// its bound, after everyone has left, so a start with it half full would read as growth.
 async fn warm_round(addr: SocketAddr, redis: SocketAddr, args: &SoakArgs) -> Result<(), String> {
     let secs = args.warm_round_length();
     let paths = vec![format!("/ws/general?token={}", token_for(0, 1)); args.stayers];
@@ -300,15 +337,23 @@ async fn warm_round(addr: SocketAddr, redis: SocketAddr, args: &SoakArgs) -> Res
     let mut publisher = Publisher::redis(redis, vec!["general".into()], args.payload)
         .await
         .map_err(|e| e.to_string())?;
-    let published = publisher
-        .run(args.rate, Duration::from_secs_f64(secs))
-        .await;
+    let fill = async {
+        for room in ["general", "random"] {
+            fill_history(addr, room, ROOM_HISTORY).await?;
+        }
+        Ok::<(), String>(())
+    };
+    let (published, filled) = tokio::join!(
+        publisher.run(args.rate, Duration::from_secs_f64(secs)),
+        fill
+    );
     stop.store(true, Relaxed);
     for c in churners {
         let _ = tokio::time::timeout(Duration::from_secs(15), c).await;
     }
     // Dropping a write half ends that subscriber's connection.
     drop(writers);
+    filled?;
     published.map(drop).map_err(|e| e.to_string())
 }
 
