@@ -206,6 +206,23 @@ async fn sample(addr: SocketAddr, pid: u32, start: Instant) -> Sample {
     }
 }
 
+/// A masked close frame with code 1000.
+const CLOSE_NORMAL: [u8; 8] = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
+
+/// The chat message a client of the soak sends to `room`.
+fn chat_frame(room: &str) -> bytes::BytesMut {
+    let msg = format!(r#"{{"SendMessage":{{"room":"{room}","text":"churn"}}}}"#);
+    client::client_text_frame(msg.as_bytes())
+}
+
+/// Reads and discards whatever the server sends on `read`, until it ends.
+fn drain(mut read: tokio::net::tcp::OwnedReadHalf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+}
+
 /// One short-lived client after another until `stop`.
 async fn churner(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>, churn: Arc<Churn>) {
     let mut rng = Rng(seed | 1);
@@ -229,28 +246,18 @@ async fn churner(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>, churn: Arc<
             continue;
         };
         churn.connections.fetch_add(1, Relaxed);
-        let (mut read, mut write) = stream.into_split();
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; 16 * 1024];
-            while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
-        });
+        let (read, mut write) = stream.into_split();
+        let reader = drain(read);
         let life = Duration::from_millis(200 + rng.below(2800));
-        if !room.is_empty() && rng.below(3) == 0 {
-            let msg = format!(r#"{{"SendMessage":{{"room":"{room}","text":"churn"}}}}"#);
-            if write
-                .write_all(&client::client_text_frame(msg.as_bytes()))
-                .await
-                .is_ok()
-            {
-                churn.messages.fetch_add(1, Relaxed);
-            }
+        if !room.is_empty() && rng.below(3) == 0 && write.write_all(&chat_frame(room)).await.is_ok()
+        {
+            churn.messages.fetch_add(1, Relaxed);
         }
         tokio::time::sleep(life).await;
         match rng.below(3) {
             0 => {
-                // Close handshake: masked close 1000, then wait for the server to finish.
-                let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
-                let _ = write.write_all(&close).await;
+                // Close handshake, then wait for the server to finish.
+                let _ = write.write_all(&CLOSE_NORMAL).await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
                 churn.close_handshakes.fetch_add(1, Relaxed);
             }
@@ -291,7 +298,7 @@ fn spawn_churners(
 /// `random`).
 const ROOM_HISTORY: usize = 1_000;
 
-/// Sends `n` chat messages to `room`, shaped as the churners' are, on one connection that reads
+/// Sends `n` chat messages to `room`, the churners' [`chat_frame`], on one connection that reads
 /// whatever it is sent, then closes it with a handshake: the server has handled every message
 /// once its close comes back.
 async fn fill_history(addr: SocketAddr, room: &str, n: usize) -> Result<(), String> {
@@ -301,21 +308,16 @@ async fn fill_history(addr: SocketAddr, room: &str, n: usize) -> Result<(), Stri
             "the warm-up round could not join {room} to fill its history"
         ));
     };
-    let (mut read, mut write) = stream.into_split();
-    let reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
-    });
-    let msg = format!(r#"{{"SendMessage":{{"room":"{room}","text":"churn"}}}}"#);
-    let frame = client::client_text_frame(msg.as_bytes());
+    let (read, mut write) = stream.into_split();
+    let reader = drain(read);
+    let frame = chat_frame(room);
     for _ in 0..n {
         write
             .write_all(&frame)
             .await
             .map_err(|e| format!("filling the history of {room}: {e}"))?;
     }
-    let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
-    let _ = write.write_all(&close).await;
+    let _ = write.write_all(&CLOSE_NORMAL).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
     Ok(())
 }
